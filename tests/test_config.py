@@ -1,0 +1,67 @@
+import pytest
+
+from mtseg.config import Config, ConfigError, coerce_value, load_config, save_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.lr=0.01", "model.backbone=resnet50", "tasks.names=[semantic, boundary]", "weighting.static.semantic=2"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == 0.01
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.tasks.names == ["semantic", "boundary"]
+    assert cfg.weighting.static == {"semantic": 2.0}
+
+
+def test_yaml_file_and_resolved_copy(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\nmodel:\n  decoder: aspp\n")
+    cfg = load_config(str(path), ["train.epochs=5"])
+    assert cfg.train.epochs == 5 and cfg.model.decoder == "aspp"
+    out = tmp_path / "run" / "config.yaml"
+    save_config(cfg, str(out))
+    assert load_config(str(out)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=0.1", "train.lrr: unknown key"),
+        ("nosection.x=1", "nosection.x: unknown key"),
+        ("train.lr=abc", "train.lr: expected a number"),
+        ("train.lr=-1", "train.lr: -1.0 is below the minimum"),
+        ("model.backbone=vgg", "model.backbone: 'vgg' is not one of"),
+        ("tasks.names=[semantic, depth]", "tasks.names: 'depth' is not one of"),
+        ("train.epochs=1.5", "train.epochs: expected an integer"),
+        ("train.amp=maybe", "train.amp: expected true or false"),
+        ("train.lr", "an override is key=value"),
+        ("weighting.static.depth=1", "weighting.static.depth: unknown task"),
+    ],
+)
+def test_bad_override_is_one_line_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_bad_yaml_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batchsize: 3\n")
+    with pytest.raises(ConfigError, match=r"^data.batchsize: unknown key; data has .*batch_size"):
+        load_config(str(path))
+
+
+def test_missing_file_and_cross_field_checks(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="tasks.names"):
+        load_config(None, ["tasks.names=[boundary]"])
+    with pytest.raises(ConfigError, match="needs at least two tasks"):
+        load_config(None, ["tasks.names=[semantic]", "weighting.name=pcgrad"])
+
+
+def test_coerce_value_for_search_spaces():
+    assert coerce_value("model.decoder_channels", "128") == 128
+    with pytest.raises(ConfigError, match="model.decoder"):
+        coerce_value("model.decoder", "unet")
