@@ -48,6 +48,8 @@ class DataConfig:
     max_bad_fraction: float = _f(0.05, min=0.0, max=1.0, help="share of bad images that fails a shard run")
     images_per_shard: int = _f(256, min=1)
     unlabeled_uri: str = _f("", help="optional sharded images without labels, used by the reconstruction task")
+    map_num_cpus: float = _f(0.5, min=0.0, help="CPUs reserved by each Ray Data read/decode task")
+    rows_per_read_task: int = _f(32, min=1, help="images per Ray Data read task in the training stream")
 
 
 @dataclass
@@ -103,6 +105,7 @@ class TrainConfig:
     log_every_steps: int = _f(10, min=1)
     max_failures: int = _f(3, min=-1)
     val_max_images: int = _f(0, min=0, help="0 = whole val split")
+    log_image_ids: bool = _f(False, help="audit the data order: write each step's image ids to <run dir>/image_ids/")
 
 
 @dataclass

@@ -295,6 +295,132 @@ def check_access(uri: str) -> None:
         raise StorageError(f"{uri}: not writable")
 
 
+# ---------------------------------------------------------------------------- fault-tolerant filesystem
+
+
+class _UploadOnClose:
+    """A writable file that buffers in memory and uploads the whole object on close, with retries.
+
+    A streamed upload interrupted half-way can leave a truncated object (or fail the whole
+    checkpoint); one PUT of the complete bytes, retried with backoff, cannot.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str):
+        import io
+
+        self._fs, self._path, self._buf = fs, path, io.BytesIO()
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self._buf.write(data)
+
+    def tell(self) -> int:
+        return self._buf.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = self._buf.getvalue()
+
+        def _put():
+            with self._fs.open_output_stream(self._path) as out:
+                out.write(data)
+
+        retry(_put, what=self._path)
+        self.closed = True
+
+
+class RetryingFileSystemHandler(pafs.FileSystemHandler):
+    """Wraps a pyarrow filesystem so every operation retries transient errors with backoff.
+
+    Given to Ray Train as ``RunConfig(storage_filesystem=...)``: checkpoint uploads and the
+    checkpoint manager's bookkeeping survive an object store that is down for a few seconds.
+    """
+
+    def __init__(self, fs: pafs.FileSystem, attempts: int = 8):
+        self.fs = fs
+        self.attempts = attempts
+
+    def __eq__(self, other):
+        return isinstance(other, RetryingFileSystemHandler) and self.fs.equals(other.fs)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def _r(self, fn, what):
+        return retry(fn, what=what, attempts=self.attempts)
+
+    def get_type_name(self):
+        return "retrying+" + self.fs.type_name
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self._r(lambda: self.fs.get_file_info(paths), str(paths[:1]))
+
+    def get_file_info_selector(self, selector):
+        return self._r(lambda: self.fs.get_file_info(selector), selector.base_dir)
+
+    def create_dir(self, path, recursive):
+        return self._r(lambda: self.fs.create_dir(path, recursive=recursive), path)
+
+    def delete_dir(self, path):
+        return self._r(lambda: self.fs.delete_dir(path), path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        return self._r(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok), path)
+
+    def delete_root_dir_contents(self):
+        return self._r(lambda: self.fs.delete_dir_contents("/", accept_root_dir=True), "/")
+
+    def delete_file(self, path):
+        return self._r(lambda: self.fs.delete_file(path), path)
+
+    def move(self, src, dest):
+        return self._r(lambda: self.fs.move(src, dest), src)
+
+    def copy_file(self, src, dest):
+        return self._r(lambda: self.fs.copy_file(src, dest), src)
+
+    def open_input_stream(self, path):
+        import pyarrow as pa
+
+        data = self._r(lambda: self.fs.open_input_stream(path).read(), path)
+        return pa.BufferReader(data)
+
+    def open_input_file(self, path):
+        import pyarrow as pa
+
+        data = self._r(lambda: self.fs.open_input_file(path).read(), path)
+        return pa.BufferReader(data)
+
+    def open_output_stream(self, path, metadata):
+        import pyarrow as pa
+
+        return pa.PythonFile(_UploadOnClose(self.fs, path), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise NotImplementedError("append is not supported on object storage")
+
+
+def retrying_filesystem(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """``fs`` wrapped so each operation retries transient storage errors (see RetryingFileSystemHandler)."""
+    return pafs.PyFileSystem(RetryingFileSystemHandler(fs))
+
+
 __all__ = [
     "StorageError",
     "check_access",
@@ -310,6 +436,7 @@ __all__ = [
     "redact",
     "resolve",
     "retry",
+    "retrying_filesystem",
     "s3_client",
     "s3_endpoint",
     "s3_filesystem",

@@ -1,0 +1,157 @@
+"""The sharded dataset's table of contents: ``<root>/<split>/manifest.json``.
+
+``mtseg data shard`` writes the manifest last, after every shard is complete, so a manifest's
+presence means the split is ready to read. Readers (the Ray Data pipeline, evaluation) load it
+with :func:`read_manifest`, which checks its shape and fails with one line naming the file and
+what is wrong, and find the shard files with :func:`shard_uris`.
+
+Manifest keys:
+
+* ``schema_version``: :data:`SCHEMA_VERSION`, bumped when the shard row layout changes;
+* ``split``: the split name (``train2017``);
+* ``categories``: the annotation file's COCO categories (``id``, ``name``, ``supercategory``),
+  in COCO id order; :meth:`mtseg.data.categories.CategoryIndex.from_categories` takes them;
+* ``counts``: images listed / written / skipped, annotations written / skipped, crowd, shards;
+* ``shards``: ``[{"path": "shard-00000.parquet", "rows", "bytes", "sha256"}]``, paths relative
+  to the split directory;
+* ``skipped``: per-reason counts of skipped images and annotations plus the first few
+  examples (``details``), so nothing bad is dropped silently;
+* ``source``: where it came from (COCO root, annotation file and its sha256) and the
+  ``images_per_shard`` used.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mtseg import storage
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+_REQUIRED_KEYS = ("schema_version", "split", "categories", "counts", "shards", "skipped")
+_SHARD_KEYS = ("path", "rows", "bytes", "sha256")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable or malformed; the message names the file."""
+
+
+def manifest_uri(root: str, split: str) -> str:
+    """URI of the manifest of ``split`` under dataset ``root``."""
+    return storage.join(root, split, MANIFEST_NAME)
+
+
+def validate_manifest(manifest: dict, where: str = "manifest") -> dict:
+    """Check a manifest's shape; return it unchanged.
+
+    Args:
+        manifest: the parsed manifest.
+        where: what to call it in error messages (usually its URI).
+
+    Returns:
+        ``manifest``.
+
+    Raises:
+        ManifestError: a key is missing or has the wrong type, or the schema version is not
+            :data:`SCHEMA_VERSION`.
+    """
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
+    missing = [k for k in _REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ManifestError(f"{where}: missing keys {missing}")
+    version = manifest["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where}: schema_version {version!r} is not supported (this mtseg reads {SCHEMA_VERSION}); re-run `mtseg data shard`"
+        )
+    categories = manifest["categories"]
+    if not isinstance(categories, list) or not categories:
+        raise ManifestError(f"{where}: 'categories' must be a non-empty list")
+    for cat in categories:
+        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
+            raise ManifestError(f"{where}: every category needs 'id' and 'name', got {cat!r}")
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise ManifestError(f"{where}: 'shards' must be a list")
+    for entry in shards:
+        if not isinstance(entry, dict) or any(k not in entry for k in _SHARD_KEYS):
+            raise ManifestError(f"{where}: every shard entry needs {list(_SHARD_KEYS)}, got {entry!r}")
+        if "/" in entry["path"] or entry["path"].startswith("."):
+            # Paths are relative names inside the split directory; anything else could escape it.
+            raise ManifestError(f"{where}: shard path {entry['path']!r} must be a plain file name")
+    if not isinstance(manifest["counts"], dict) or not isinstance(manifest["skipped"], dict):
+        raise ManifestError(f"{where}: 'counts' and 'skipped' must be objects")
+    return manifest
+
+
+def read_manifest(root: str, split: str) -> dict:
+    """Load and validate ``<root>/<split>/manifest.json``.
+
+    Args:
+        root: dataset root, a local directory or ``s3://bucket/prefix``.
+        split: split name, e.g. ``train2017``.
+
+    Returns:
+        The manifest as a dict.
+
+    Raises:
+        ManifestError: the manifest is missing (the split was never sharded or the run did
+            not finish), not JSON, or malformed.
+        mtseg.storage.StorageError: the store itself failed (endpoint down, access denied).
+    """
+    uri = manifest_uri(root, split)
+    if not storage.exists(uri):
+        raise ManifestError(f"{uri}: no manifest; run `mtseg data shard --split {split}` (a manifest is written only when every shard is complete)")
+    try:
+        manifest = json.loads(storage.read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{uri}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    validate_manifest(manifest, uri)
+    if manifest["split"] != split:
+        raise ManifestError(f"{uri}: manifest is for split {manifest['split']!r}, expected {split!r}")
+    return manifest
+
+
+def write_manifest(root: str, split: str, manifest: dict) -> str:
+    """Validate ``manifest`` and write it atomically to ``<root>/<split>/manifest.json``.
+
+    Args:
+        root: dataset root, a local directory or ``s3://bucket/prefix``.
+        split: split name.
+        manifest: the manifest dict.
+
+    Returns:
+        The manifest's URI.
+    """
+    uri = manifest_uri(root, split)
+    validate_manifest(manifest, uri)
+    storage.write_bytes(uri, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    return uri
+
+
+def shard_uris(root: str, split: str, manifest: dict) -> list[str]:
+    """Full URIs of a manifest's shards, in manifest order.
+
+    Args:
+        root: dataset root the manifest was read from.
+        split: split name.
+        manifest: a manifest from :func:`read_manifest`.
+
+    Returns:
+        One URI per shard (``<root>/<split>/shard-00000.parquet`` ...).
+    """
+    return [storage.join(root, split, entry["path"]) for entry in manifest["shards"]]
+
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "ManifestError",
+    "manifest_uri",
+    "read_manifest",
+    "shard_uris",
+    "validate_manifest",
+    "write_manifest",
+]

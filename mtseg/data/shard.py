@@ -1,0 +1,581 @@
+"""COCO (images + instances JSON, local or ``s3://``) → parquet shards + ``manifest.json``.
+
+One row per image: the original file bytes, untouched, and the image's annotations with the
+segmentation converted to compressed RLE by pycocotools (polygons, multi-part polygons and
+uncompressed crowd RLE alike), so readers decode every mask the same way. The row layout is
+:data:`SHARD_SCHEMA`; the manifest is described in :mod:`mtseg.data.manifest`.
+
+Guarantees:
+
+* **Atomic.** Every object goes through :func:`mtseg.storage.write_bytes` (a temp file +
+  rename locally, a single PUT on S3), so no half-written shard ever sits under its final
+  name. The manifest is written last: its presence means the split is complete.
+* **Resumable.** Shard boundaries are fixed (sorted image ids, chunked), and after each shard
+  a small sidecar (``_progress/shard-NNNNN.json``: fingerprint, rows, bytes, sha256 and what
+  was skipped) is written. A re-run skips every shard whose sidecar matches this input and
+  whose file has the recorded size and row count (read from the parquet footer only).
+  The ``_`` prefix keeps the sidecars out of parquet dataset discovery.
+* **Never silent.** Bad input is skipped, counted per reason and listed (first few examples)
+  in the manifest: missing, corrupt or truncated images, images whose size disagrees with the
+  JSON, degenerate polygons, invalid RLE, annotations pointing at unknown images or
+  categories. More than ``max_bad_fraction`` bad images fails the run (:class:`ShardError`).
+  Storage failures (endpoint down, access denied) are not "bad input" and stop the run.
+* **Flat memory.** Images are read one shard at a time; only the annotation JSON is held whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from mtseg import storage
+from mtseg.data.manifest import SCHEMA_VERSION, write_manifest
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.int64()),
+        pa.field("file_name", pa.string()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("image", pa.binary()),
+        pa.field(
+            "annotations",
+            pa.list_(
+                pa.struct(
+                    [
+                        pa.field("id", pa.int64()),
+                        pa.field("category_id", pa.int32()),
+                        pa.field("iscrowd", pa.int8()),
+                        pa.field("bbox", pa.list_(pa.float64())),
+                        pa.field("area", pa.float64()),
+                        pa.field("segmentation_size", pa.list_(pa.int32())),
+                        pa.field("segmentation_counts", pa.binary()),
+                    ]
+                )
+            ),
+        ),
+    ],
+    metadata={"mtseg.schema_version": str(SCHEMA_VERSION)},
+)
+"""Parquet schema of a shard row (the data contract shared with the Ray Data pipeline)."""
+
+# Small row groups let a reader stream a shard a few dozen images at a time.
+ROW_GROUP_SIZE = 64
+PROGRESS_DIR = "_progress"
+# Enough examples to find the bad files, bounded so a badly broken dataset keeps a small manifest.
+MAX_DETAILS = 200
+_DETAILS_PER_SHARD = 50
+
+
+class ShardError(ValueError):
+    """Sharding cannot proceed (unusable annotation file, too many bad images); one line, names the split."""
+
+
+@dataclass
+class _Tally:
+    """What was skipped, and why, in one shard (or in the annotation file as a whole)."""
+
+    images: Counter = field(default_factory=Counter)
+    annotations: Counter = field(default_factory=Counter)
+    details: list = field(default_factory=list)
+
+    def image(self, reason: str, entry: Any, detail: str = "") -> None:
+        self.images[reason] += 1
+        self._detail({"kind": "image", "reason": reason, "image_id": _get(entry, "id"), "file_name": _get(entry, "file_name"), "detail": detail})
+
+    def annotation(self, reason: str, ann: Any, detail: str = "") -> None:
+        self.annotations[reason] += 1
+        self._detail({"kind": "annotation", "reason": reason, "annotation_id": _get(ann, "id"), "image_id": _get(ann, "image_id"), "detail": detail})
+
+    def _detail(self, item: dict) -> None:
+        if len(self.details) < _DETAILS_PER_SHARD:
+            self.details.append({k: v for k, v in item.items() if v not in (None, "")})
+
+    def merge(self, other: dict) -> None:
+        self.images.update(other.get("images", {}))
+        self.annotations.update(other.get("annotations", {}))
+        self.details.extend(other.get("details", []))
+
+    def to_dict(self, limit: int = _DETAILS_PER_SHARD) -> dict:
+        return {"images": dict(sorted(self.images.items())), "annotations": dict(sorted(self.annotations.items())), "details": self.details[:limit]}
+
+
+def _get(obj: Any, key: str) -> Any:
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+
+
+# ----------------------------------------------------------------------------- annotation file
+
+
+def _load_coco(raw: bytes, where: str, tally: _Tally) -> tuple[COCO, list[dict], list[int]]:
+    """Parse and clean the instances JSON; index it with pycocotools.
+
+    Returns (coco, categories sorted by id, valid image ids sorted). Malformed or duplicate
+    image entries and annotations pointing at unknown images/categories are counted in
+    ``tally`` and left out of the index.
+    """
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ShardError(f"{where}: not a COCO instances file (no 'images' list)")
+    categories = data.get("categories")
+    if not isinstance(categories, list) or not categories:
+        raise ShardError(f"{where}: no 'categories' (a COCO instances file lists its categories)")
+    cat_ids: set[int] = set()
+    clean_cats = []
+    for cat in categories:
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise ShardError(f"{where}: category entry {cat!r} needs an integer 'id' and a 'name'")
+        if cat["id"] in cat_ids:
+            raise ShardError(f"{where}: duplicate category id {cat['id']}")
+        cat_ids.add(cat["id"])
+        clean_cats.append({"id": cat["id"], "name": cat["name"], "supercategory": str(cat.get("supercategory") or cat["name"])})
+    clean_cats.sort(key=lambda c: c["id"])
+
+    images: dict[int, dict] = {}
+    for entry in data["images"]:
+        problem = _image_entry_problem(entry)
+        if problem:
+            tally.image("malformed_entry", entry, problem)
+        elif entry["id"] in images:
+            tally.image("duplicate_image_id", entry)
+        else:
+            images[entry["id"]] = entry
+
+    annotations = []
+    raw_anns = data.get("annotations", [])  # image_info files (COCO test) have none
+    if not isinstance(raw_anns, list):
+        raise ShardError(f"{where}: 'annotations' must be a list")
+    for ann in raw_anns:
+        if not isinstance(ann, dict) or not _is_int(ann.get("image_id")) or not _is_int(ann.get("id")):
+            tally.annotation("malformed_annotation", ann, "needs integer 'id' and 'image_id'")
+        elif ann["image_id"] not in images:
+            tally.annotation("unknown_image", ann)
+        elif not _is_int(ann.get("category_id")) or ann["category_id"] not in cat_ids:
+            tally.annotation("unknown_category", ann, f"category_id {ann.get('category_id')!r}")
+        else:
+            annotations.append(ann)
+
+    coco = COCO()
+    coco.dataset = {"images": list(images.values()), "annotations": annotations, "categories": clean_cats}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco, clean_cats, sorted(images)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _image_entry_problem(entry: Any) -> str:
+    if not isinstance(entry, dict):
+        return "not an object"
+    if not _is_int(entry.get("id")):
+        return "needs an integer 'id'"
+    name = entry.get("file_name")
+    if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
+        return f"bad file_name {name!r}"
+    for key in ("height", "width"):
+        if not _is_int(entry.get(key)) or entry[key] <= 0:
+            return f"needs a positive integer '{key}'"
+    return ""
+
+
+# ----------------------------------------------------------------------------- segmentations
+
+
+def _rle_string_sum(counts: bytes) -> int | None:
+    """Sum of the run lengths of a compressed RLE string, or None if it is malformed.
+
+    Checked before pycocotools touches the string: its decoder trusts the runs and would write
+    past the mask when they add up to more than height x width.
+    """
+    total, runs, pos, n = 0, [], 0, len(counts)
+    while pos < n:
+        x, k, more = 0, 0, True
+        while more:
+            if pos >= n:
+                return None
+            c = counts[pos] - 48
+            if c < 0 or c > 63:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            pos += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+        total += x
+    return total
+
+
+def _shoelace(poly: list) -> float:
+    xs, ys = poly[0::2], poly[1::2]
+    return 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
+
+
+def _to_rle(segm: Any, height: int, width: int, tally: _Tally, ann: dict) -> dict | None:
+    """A COCO segmentation (polygons, uncompressed or compressed RLE) → compressed RLE, or None (counted)."""
+    if isinstance(segm, list):
+        parts = [segm] if segm and all(isinstance(v, (int, float)) for v in segm) else segm  # flat single polygon
+        valid = []
+        for poly in parts:
+            if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly):
+                tally.annotation("malformed_polygon", ann)
+                return None
+            # < 3 points or zero area: also guards pycocotools reading a 4-number "polygon" as a box.
+            if len(poly) >= 6 and len(poly) % 2 == 0 and _shoelace(poly) > 0:
+                valid.append([float(v) for v in poly])
+        if not valid:
+            tally.annotation("degenerate_polygon", ann, f"{len(parts)} part(s), none with 3+ points and nonzero area")
+            return None
+        if len(valid) < len(parts):
+            tally.annotations["degenerate_polygon_part_dropped"] += len(parts) - len(valid)
+        return mask_utils.merge(mask_utils.frPyObjects(valid, height, width))
+    if isinstance(segm, dict) and "counts" in segm:
+        size = segm.get("size")
+        if not isinstance(size, list) or [*size] != [height, width]:
+            tally.annotation("invalid_rle", ann, f"size {size!r} != image [{height}, {width}]")
+            return None
+        counts = segm["counts"]
+        if isinstance(counts, list):  # uncompressed, as COCO stores crowd regions
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+                tally.annotation("invalid_rle", ann, "uncompressed counts must be non-negative and sum to height*width")
+                return None
+            return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        if isinstance(counts, str):
+            counts = counts.encode("ascii", errors="replace")
+        if isinstance(counts, bytes) and _rle_string_sum(counts) == height * width:
+            return {"size": [height, width], "counts": counts}
+        tally.annotation("invalid_rle", ann, "compressed counts do not decode to height*width pixels")
+        return None
+    tally.annotation("missing_segmentation", ann)
+    return None
+
+
+def _annotation_rows(coco: COCO, entry: dict, tally: _Tally) -> list[dict]:
+    height, width = entry["height"], entry["width"]
+    rows = []
+    for ann in sorted(coco.imgToAnns.get(entry["id"], []), key=lambda a: a["id"]):
+        iscrowd = ann.get("iscrowd", 0)
+        if iscrowd not in (0, 1):
+            tally.annotation("malformed_annotation", ann, f"iscrowd {iscrowd!r}")
+            continue
+        rle = _to_rle(ann.get("segmentation"), height, width, tally, ann)
+        if rle is None:
+            continue
+        mask_area = float(mask_utils.area(rle))
+        if mask_area <= 0:
+            tally.annotation("empty_mask", ann)
+            continue
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+            bbox = mask_utils.toBbox(rle).tolist()
+        area = ann.get("area")
+        # COCOeval buckets objects by the annotation's own area, so keep it when it is usable.
+        area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) and area > 0 else mask_area
+        rows.append(
+            {
+                "id": ann["id"],
+                "category_id": ann["category_id"],
+                "iscrowd": int(iscrowd),
+                "bbox": [float(v) for v in bbox],
+                "area": area,
+                "segmentation_size": [height, width],
+                "segmentation_counts": bytes(rle["counts"]),
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def _read_image(image_uri: str, entry: dict) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") for a good image, or (None, reason, detail). Storage outages raise."""
+    try:
+        data = storage.read_bytes(image_uri)
+    except storage.StorageError as e:
+        if str(e).endswith(": not found"):
+            return None, "missing_file", ""
+        raise
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode every pixel: a header alone says nothing about truncation
+            size = img.size
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        text = (str(e).splitlines() or [type(e).__name__])[0]
+        return None, ("truncated_image" if "truncated" in text.lower() else "corrupt_image"), text
+    if size != (entry["width"], entry["height"]):
+        return None, "size_mismatch", f"file is {size[0]}x{size[1]}, JSON says {entry['width']}x{entry['height']}"
+    return data, "", ""
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+_SHARD_FILE = re.compile(r"shard-(\d{5})\.(parquet|json)$")
+
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def _remove_stale(split_uri: str, shard_files: set[str], num_chunks: int, log: Callable[[str], None]) -> None:
+    """Delete shard files and sidecars of an earlier run that this run does not produce.
+
+    They appear when a split is re-sharded with another ``images_per_shard`` or fewer images;
+    left in place, anything that globs the directory would read images twice.
+
+    Args:
+        split_uri: the split's output directory.
+        shard_files: names of the shards this run lists in its manifest.
+        num_chunks: number of shard slots this run has (sidecars below it are kept, including
+            those of slots whose every image was bad and so have no shard file).
+        log: receives one line per removed file.
+    """
+    for uri in storage.list_files(split_uri) + storage.list_files(storage.join(split_uri, PROGRESS_DIR)):
+        name = uri.rsplit("/", 1)[-1]
+        match = _SHARD_FILE.match(name)
+        if not match:
+            continue
+        stale = name not in shard_files if match.group(2) == "parquet" else int(match.group(1)) >= num_chunks
+        if stale:
+            storage.delete(uri)
+            log(f"removed stale {name} from an earlier run")
+
+
+def _fingerprint(annotations_sha256: str, image_ids: list[int]) -> str:
+    # Same annotation file + same images in this shard ⇒ same shard; anything else is rewritten.
+    text = f"v{SCHEMA_VERSION}|{annotations_sha256}|" + ",".join(map(str, image_ids))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _completed(split_uri: str, index: int, fingerprint: str) -> dict | None:
+    """The sidecar of a shard that is already complete for this input, else None."""
+    sidecar_uri = storage.join(split_uri, PROGRESS_DIR, _shard_name(index).replace(".parquet", ".json"))
+    try:
+        if not storage.exists(sidecar_uri):
+            return None
+        sidecar = json.loads(storage.read_bytes(sidecar_uri))
+    except (storage.StorageError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("fingerprint") != fingerprint:
+        return None
+    if sidecar.get("rows", 0) == 0:
+        return sidecar
+    fs, path = storage.resolve(storage.join(split_uri, _shard_name(index)))
+    try:
+        info = fs.get_file_info(path)
+        if info.size != sidecar.get("bytes"):
+            return None
+        with fs.open_input_file(path) as f:  # footer only; the images are not read again
+            if pq.read_metadata(f).num_rows != sidecar.get("rows"):
+                return None
+    except Exception:  # noqa: BLE001 - missing or unreadable shard: write it again
+        return None
+    return sidecar
+
+
+def _write_shard(rows: list[dict]) -> bytes:
+    table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=ROW_GROUP_SIZE)
+    return buf.getvalue()
+
+
+def _build_shard(coco: COCO, coco_root: str, split: str, image_ids: list[int], workers: int) -> tuple[list[dict], _Tally]:
+    tally = _Tally()
+    entries = [coco.imgs[i] for i in image_ids]
+    uris = [storage.join(coco_root, split, *e["file_name"].split("/")) for e in entries]
+    # Threads overlap the object-store round trips; a shard's worth of bytes is the memory bound.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(_read_image, uris, entries))
+    rows = []
+    for entry, (data, reason, detail) in zip(entries, results):
+        if data is None:
+            tally.image(reason, entry, detail)
+            continue
+        rows.append(
+            {
+                "image_id": entry["id"],
+                "file_name": entry["file_name"],
+                "height": entry["height"],
+                "width": entry["width"],
+                "image": data,
+                "annotations": _annotation_rows(coco, entry, tally),
+            }
+        )
+    return rows, tally
+
+
+def _check_bad_share(split: str, bad: int, listed: int, max_bad_fraction: float, reasons: Counter) -> None:
+    if bad > max_bad_fraction * listed:
+        raise ShardError(
+            f"split {split}: {bad} of {listed} images are bad ({bad / listed:.1%}), more than max_bad_fraction={max_bad_fraction:g}; "
+            f"reasons: {dict(sorted(reasons.items()))}"
+        )
+
+
+def shard_coco(
+    coco_root: str,
+    split: str,
+    out_uri: str,
+    *,
+    images_per_shard: int = 256,
+    max_bad_fraction: float = 0.05,
+    workers: int = 8,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Shard one COCO split into parquet files plus a manifest.
+
+    Reads ``<coco_root>/annotations/instances_<split>.json`` and the images under
+    ``<coco_root>/<split>/``; writes ``<out_uri>/<split>/shard-NNNNN.parquet``, per-shard
+    sidecars under ``<out_uri>/<split>/_progress/`` and, last, ``<out_uri>/<split>/manifest.json``.
+    Shards already complete for this input (from an interrupted run) are not written again.
+
+    Args:
+        coco_root: COCO root, a local directory or ``s3://bucket/prefix``.
+        split: split name, e.g. ``train2017``.
+        out_uri: dataset root to write, a local directory or ``s3://bucket/prefix``.
+        images_per_shard: images per shard (the last shard may have fewer).
+        max_bad_fraction: largest tolerated share of bad images (missing, corrupt, truncated,
+            wrong size, malformed or duplicate entries) among those listed, in [0, 1].
+        workers: threads reading and decoding images concurrently.
+        log: receives one progress line per shard.
+
+    Returns:
+        The manifest (also written to ``<out_uri>/<split>/manifest.json``).
+
+    Raises:
+        ShardError: bad arguments, an unusable annotation file, or more bad images than
+            ``max_bad_fraction`` allows.
+        mtseg.storage.StorageError: the store failed (endpoint down, access denied).
+    """
+    if not isinstance(split, str) or not split or "/" in split:
+        raise ShardError(f"split: must be a plain name like 'train2017', got {split!r}")
+    if not _is_int(images_per_shard) or images_per_shard < 1:
+        raise ShardError(f"images_per_shard: must be an integer >= 1, got {images_per_shard!r}")
+    if not isinstance(max_bad_fraction, (int, float)) or not 0.0 <= max_bad_fraction <= 1.0:
+        raise ShardError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction!r}")
+    if not _is_int(workers) or workers < 1:
+        raise ShardError(f"workers: must be an integer >= 1, got {workers!r}")
+
+    ann_uri = storage.join(coco_root, "annotations", f"instances_{split}.json")
+    if not storage.exists(ann_uri):
+        raise ShardError(f"split {split}: annotation file {ann_uri} not found")
+    raw = storage.read_bytes(ann_uri)
+    annotations_sha256 = hashlib.sha256(raw).hexdigest()
+    file_tally = _Tally()
+    coco, categories, image_ids = _load_coco(raw, ann_uri, file_tally)
+    listed = len(coco.dataset["images"]) + sum(file_tally.images.values())
+    annotations_listed = len(coco.dataset["annotations"]) + sum(file_tally.annotations.values())
+    del raw
+    if listed == 0:
+        raise ShardError(f"split {split}: {ann_uri} lists no images")
+    _check_bad_share(split, sum(file_tally.images.values()), listed, max_bad_fraction, file_tally.images)
+
+    split_uri = storage.join(out_uri, split)
+    chunks = [image_ids[i : i + images_per_shard] for i in range(0, len(image_ids), images_per_shard)]
+    log(f"{split}: {listed} images listed, {len(chunks)} shard(s) of up to {images_per_shard} -> {split_uri}")
+
+    total = _Tally()
+    total.merge(file_tally.to_dict())
+    shards, counts = [], Counter()
+    for index, chunk in enumerate(chunks):
+        name = _shard_name(index)
+        fingerprint = _fingerprint(annotations_sha256, chunk)
+        sidecar = _completed(split_uri, index, fingerprint)
+        if sidecar is not None:
+            log(f"{split}: {name} already complete ({sidecar['rows']} rows), skipped")
+        else:
+            rows, tally = _build_shard(coco, coco_root, split, chunk, workers)
+            sidecar = {
+                "fingerprint": fingerprint,
+                "path": name if rows else None,
+                "rows": len(rows),
+                "bytes": 0,
+                "sha256": None,
+                "counts": {
+                    "annotations": sum(len(r["annotations"]) for r in rows),
+                    "crowd_annotations": sum(a["iscrowd"] for r in rows for a in r["annotations"]),
+                    "images_without_annotations": sum(not r["annotations"] for r in rows),
+                },
+                "skipped": tally.to_dict(),
+            }
+            if rows:  # a shard whose every image is bad is recorded, not written
+                data = _write_shard(rows)
+                del rows
+                sidecar.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+                storage.write_bytes(storage.join(split_uri, name), data)
+            # The sidecar goes after its shard: a crash in between only costs rewriting the shard.
+            storage.write_bytes(
+                storage.join(split_uri, PROGRESS_DIR, name.replace(".parquet", ".json")),
+                json.dumps(sidecar, sort_keys=True).encode(),
+            )
+            skipped = sum(sidecar["skipped"]["images"].values())
+            log(f"{split}: {name} written ({sidecar['rows']} rows, {skipped} image(s) skipped, {sidecar['bytes'] / 1e6:.1f} MB)")
+        total.merge(sidecar["skipped"])
+        counts.update(sidecar["counts"])
+        if sidecar["path"]:
+            shards.append({k: sidecar[k] for k in ("path", "rows", "bytes", "sha256")})
+        _check_bad_share(split, sum(total.images.values()), listed, max_bad_fraction, total.images)
+
+    _remove_stale(split_uri, {s["path"] for s in shards}, len(chunks), log)
+    image_skips = sum(total.images.values())
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "split": split,
+        "categories": categories,
+        "counts": {
+            "images_listed": listed,
+            "images": sum(s["rows"] for s in shards),
+            "images_skipped": image_skips,
+            "images_without_annotations": counts["images_without_annotations"],
+            "annotations_listed": annotations_listed,
+            "annotations": counts["annotations"],
+            "annotations_skipped": sum(v for k, v in total.annotations.items() if not k.endswith("_part_dropped")),
+            "crowd_annotations": counts["crowd_annotations"],
+            "shards": len(shards),
+        },
+        "shards": shards,
+        "skipped": total.to_dict(limit=MAX_DETAILS),
+        "source": {
+            "coco_root": storage.redact(str(coco_root)),
+            "annotation_file": storage.redact(ann_uri),
+            "annotations_sha256": annotations_sha256,
+            "images_per_shard": images_per_shard,
+            "max_bad_fraction": max_bad_fraction,
+        },
+    }
+    uri = write_manifest(out_uri, split, manifest)
+    log(
+        f"{split}: {manifest['counts']['images']} images in {len(shards)} shard(s), "
+        f"{image_skips} image(s) and {manifest['counts']['annotations_skipped']} annotation(s) skipped -> {uri}"
+    )
+    return manifest
+
+
+__all__ = ["PROGRESS_DIR", "ROW_GROUP_SIZE", "SHARD_SCHEMA", "ShardError", "shard_coco"]

@@ -1,0 +1,42 @@
+"""Evaluation metrics: accumulators with reset / update / compute that combine across workers.
+
+- :class:`ConfusionMatrix` (mIoU, pixel accuracy), :class:`BoundaryF1`, :class:`PSNR`
+  (:mod:`mtseg.metrics.dense`);
+- :class:`CocoMaskEvaluator`: official pycocotools mask AP with per-image matching in
+  parallel (:mod:`mtseg.metrics.coco`);
+- :class:`PanopticQuality` over things (:mod:`mtseg.metrics.panoptic`);
+- :class:`Evaluator`: the validation metrics of a multi-task model in one dict.
+"""
+
+from mtseg.metrics.base import SumMetric
+from mtseg.metrics.coco import (
+    CocoMaskEvaluator,
+    accumulate_eval_imgs,
+    coco_gt_from_rows,
+    evaluate_image_shard,
+    masks_to_coco_results,
+    merge_eval_imgs,
+    ray_map,
+)
+from mtseg.metrics.dense import PSNR, BoundaryF1, ConfusionMatrix, label_boundaries
+from mtseg.metrics.evaluator import Evaluator
+from mtseg.metrics.panoptic import PanopticQuality, gt_segments_from_coco, segments_from_results
+
+__all__ = [
+    "BoundaryF1",
+    "CocoMaskEvaluator",
+    "ConfusionMatrix",
+    "Evaluator",
+    "PSNR",
+    "PanopticQuality",
+    "SumMetric",
+    "accumulate_eval_imgs",
+    "coco_gt_from_rows",
+    "evaluate_image_shard",
+    "gt_segments_from_coco",
+    "label_boundaries",
+    "masks_to_coco_results",
+    "merge_eval_imgs",
+    "ray_map",
+    "segments_from_results",
+]

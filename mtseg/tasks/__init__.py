@@ -1,0 +1,125 @@
+"""Tasks of the multi-task model: one module per task, and the registry that names them.
+
+Adding a task is one new module implementing :class:`~mtseg.tasks.base.Task` and one
+line in :data:`TASKS`::
+
+    tasks = build_tasks(cfg, categories)              # {name: Task}, in cfg.tasks.names order
+    images = model_inputs(batch, tasks, cfg, train=True)
+    outputs = model(images)
+    losses = compute_losses(tasks, outputs, batch)    # {name: scalar tensor}
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from mtseg.tasks.base import Task, TaskMetric
+from mtseg.tasks.boundary import BoundaryTask
+from mtseg.tasks.instance import InstanceTask
+from mtseg.tasks.reconstruction import ReconstructionTask
+from mtseg.tasks.semantic import SemanticTask
+from mtseg.tasks.supercategory import SupercategoryTask
+
+if TYPE_CHECKING:
+    from mtseg.config import Config
+    from mtseg.data.categories import CategoryIndex
+
+TASKS: dict[str, type[Task]] = {
+    "semantic": SemanticTask,
+    "supercategory": SupercategoryTask,
+    "boundary": BoundaryTask,
+    "instance": InstanceTask,
+    "reconstruction": ReconstructionTask,
+}
+
+
+def build_tasks(cfg: Config, categories: CategoryIndex) -> dict[str, Task]:
+    """Build the configured task set.
+
+    Args:
+        cfg: resolved config; ``cfg.tasks.names`` picks and orders the tasks.
+        categories: the dataset's label spaces (from the shard manifest).
+
+    Returns:
+        ``{name: Task}`` in ``cfg.tasks.names`` order.
+    """
+    unknown = [n for n in cfg.tasks.names if n not in TASKS]
+    if unknown:
+        raise ValueError(f"tasks.names: unknown task {unknown[0]!r}; tasks are {', '.join(TASKS)}")
+    return {name: TASKS[name].from_config(cfg, categories) for name in cfg.tasks.names}
+
+
+def model_inputs(
+    batch: dict[str, torch.Tensor],
+    tasks: dict[str, Task],
+    cfg: Config | None = None,
+    train: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The image tensor to feed the model, after every task's input transform.
+
+    With the reconstruction task and ``train=True`` random patches are masked and the
+    mask is stored in ``batch["recon_mask"]`` (B, 1, H, W); ``batch["image"]`` itself is
+    left untouched (it is the reconstruction target). With ``train=False`` nothing changes.
+
+    Args:
+        batch: a training batch (see the data contract); ``"image"`` is required.
+        tasks: from :func:`build_tasks`.
+        cfg: unused; accepted so callers can pass the run config uniformly (the tasks
+            already hold their settings).
+        train: whether this is a training step.
+        generator: random source for the masks (reproducible runs and tests).
+
+    Returns:
+        (B, 3, H, W) float images in [0, 1].
+    """
+    if "image" not in batch:
+        raise KeyError(f"model_inputs: the batch has no 'image' (has {', '.join(sorted(batch))})")
+    images = batch["image"]
+    for task in tasks.values():
+        images = task.transform_inputs(images, batch, train=train, generator=generator)
+    return images
+
+
+def compute_losses(
+    tasks: dict[str, Task], outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per-task losses; stateless.
+
+    Args:
+        tasks: from :func:`build_tasks`.
+        outputs: the model's ``{task: output}`` at input resolution.
+        batch: the batch with every task's ``target_keys``.
+
+    Returns:
+        ``{task: scalar float32 tensor}`` in ``tasks`` order.
+    """
+    losses = {}
+    for name, task in tasks.items():
+        if name not in outputs:
+            raise KeyError(f"compute_losses: the model returned no {name!r} output (has {', '.join(outputs)})")
+        losses[name] = task.loss(outputs[name], batch)
+    return losses
+
+
+def build_metrics(tasks: dict[str, Task]) -> dict[str, TaskMetric]:
+    """A fresh metric per task, ``{task: TaskMetric}``."""
+    return {name: task.metric() for name, task in tasks.items()}
+
+
+__all__ = [
+    "TASKS",
+    "BoundaryTask",
+    "InstanceTask",
+    "ReconstructionTask",
+    "SemanticTask",
+    "SupercategoryTask",
+    "Task",
+    "TaskMetric",
+    "build_metrics",
+    "build_tasks",
+    "compute_losses",
+    "model_inputs",
+]

@@ -1,0 +1,249 @@
+"""The training and evaluation loop, as library functions that run with or without Ray.
+
+``train_fn_per_worker`` (mtseg/train/trainer.py) is a thin wrapper: it builds a
+:class:`TrainState`, feeds :func:`train_one_epoch` with the worker's slice of the Ray Data
+stream and calls :func:`evaluate`. Tests call the same functions on plain iterables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtseg.config import Config
+from mtseg.data.categories import CategoryIndex
+from mtseg.fusion import fuse_instances, fuse_semantic, instances_to_coco
+from mtseg.models import build_model
+from mtseg.tasks import build_tasks, compute_losses, model_inputs
+from mtseg.train.optim import build_optimizer, build_scheduler
+from mtseg.weighting import build_weighting, sync_gradients
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds, plus the objects that own it.
+
+    Attributes:
+        epoch: current epoch, 0-based.
+        step: optimiser steps taken since the start of the run.
+        epoch_rows: images each worker has consumed in the current epoch (every worker
+            consumes the same number per step, so one integer locates the whole stream).
+    """
+
+    cfg: Config
+    categories: CategoryIndex
+    model: nn.Module
+    tasks: dict
+    strategy: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    total_steps: int
+    epoch: int = 0
+    step: int = 0
+    epoch_rows: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def module(self) -> nn.Module:
+        """The bare model (unwrapped from DistributedDataParallel)."""
+        return getattr(self.model, "module", self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "weighting": self.strategy.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "epoch_rows": self.epoch_rows,
+            "best": dict(self.best),
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.strategy.load_state_dict(state["weighting"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.epoch_rows = int(state["epoch_rows"])
+        self.best = dict(state.get("best", {}))
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+
+    def meta(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "epoch_rows": self.epoch_rows}
+
+
+def build_state(
+    cfg: Config,
+    categories: CategoryIndex,
+    total_steps: int,
+    device: torch.device,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+) -> TrainState:
+    """Model, tasks, weighting strategy, optimiser and schedule for a run.
+
+    Args:
+        wrap_model: e.g. ``ray.train.torch.prepare_model`` (moves to device, wraps in DDP).
+    """
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, categories).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if wrap_model is not None:
+        model = wrap_model(model)
+    tasks = build_tasks(cfg, categories)
+    strategy = build_weighting(cfg.weighting, list(tasks)).to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + [p for p in strategy.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.train)
+    scheduler = build_scheduler(optimizer, total_steps, cfg.train)
+    return TrainState(cfg, categories, model, tasks, strategy, optimizer, scheduler, device, total_steps)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _no_sync(model: nn.Module):
+    # Gradients are averaged once per optimiser step by sync_gradients (after the weighting
+    # strategy has combined the tasks), not by DDP's hooks during backward.
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.ndim == 4 and k == "image":
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def train_one_epoch(
+    state: TrainState,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    on_step: Callable[[TrainState, dict[str, float], list[int]], None] | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Run ``steps`` optimiser steps over ``batches`` (``train.grad_accum`` batches per step).
+
+    Args:
+        batches: this worker's training batches, already positioned at ``state.epoch_rows``.
+        steps: optimiser steps to take in this (rest of the) epoch; every worker takes the same.
+        on_step: called after each optimiser step with (state, metrics, image ids of the step).
+
+    Returns:
+        Mean loss per task over the steps taken.
+    """
+    cfg = state.cfg
+    state.model.train()
+    accum = cfg.train.grad_accum
+    shared = list(state.module.shared_parameters())
+    all_params = [p for p in state.model.parameters() if p.requires_grad] + [
+        p for p in state.strategy.parameters() if p.requires_grad
+    ]
+    sums: dict[str, float] = {}
+    it: Iterator = iter(batches)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step_losses: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        ids: list[int] = []
+        images = 0
+        state.optimizer.zero_grad(set_to_none=True)
+        for _ in range(accum):
+            batch = to_device(next(it), state.device, cfg.model.channels_last)
+            ids.extend(int(i) for i in batch["image_id"].tolist())
+            images += int(batch["image"].shape[0])
+            with _no_sync(state.model):
+                with _autocast(state.device, cfg.train.amp):
+                    inputs = model_inputs(batch, state.tasks, cfg, train=True, generator=generator)
+                    outputs = state.model(inputs)
+                    losses = compute_losses(state.tasks, {k: v.float() for k, v in outputs.items()}, batch)
+                weights = state.strategy.backward(losses, shared)
+            for name, value in losses.items():
+                step_losses[name] = step_losses.get(name, 0.0) + float(value.detach()) / accum
+        if accum > 1:
+            for p in all_params:
+                if p.grad is not None:
+                    p.grad.div_(accum)
+        sync_gradients(all_params)
+        grad_norm = 0.0
+        if cfg.train.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(all_params, cfg.train.grad_clip))
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        state.epoch_rows += images
+        for name, value in step_losses.items():
+            sums[name] = sums.get(name, 0.0) + value
+        if on_step is not None:
+            dt = max(time.perf_counter() - t0, 1e-9)
+            metrics = {f"train/loss/{k}": v for k, v in step_losses.items()}
+            metrics.update({f"train/weight/{k}": float(w) for k, w in weights.items()})
+            metrics["train/loss"] = sum(step_losses.values())
+            metrics["train/lr"] = state.optimizer.param_groups[0]["lr"]
+            metrics["train/img_per_s"] = images / dt
+            metrics["train/grad_norm"] = grad_norm
+            on_step(state, metrics, ids)
+    return {k: v / max(1, steps) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict_batch(state_or_model, batch: dict[str, torch.Tensor], tasks: dict, cfg: Config, categories: CategoryIndex):
+    """Forward + fusion for one batch: (outputs, semantic map, per-image instances)."""
+    model = state_or_model
+    inputs = model_inputs(batch, tasks, cfg, train=False)
+    outputs = {k: v.float() for k, v in model(inputs).items()}
+    semantic = fuse_semantic(outputs, categories, hierarchical=cfg.tasks.hierarchical)
+    instances = fuse_instances(outputs, semantic, categories) if "instance" in outputs else None
+    return outputs, semantic, instances
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    tasks: dict,
+    cfg: Config,
+    categories: CategoryIndex,
+    evaluator,
+    device: torch.device,
+) -> None:
+    """Feed this worker's validation batches to ``evaluator`` (a metrics.Evaluator).
+
+    The caller merges evaluators across workers and computes: one implementation of the
+    metrics serves training validation and ``mtseg evaluate``.
+    """
+    model.eval()
+    for batch in batches:
+        batch = to_device(batch, device, cfg.model.channels_last)
+        with _autocast(device, cfg.train.amp):
+            outputs, semantic, instances = predict_batch(model, batch, tasks, cfg, categories)
+        results = None
+        if instances is not None:
+            results = []
+            for i, inst in enumerate(instances):
+                h, w = (int(x) for x in batch["orig_size"][i].tolist())
+                results.extend(instances_to_coco(inst, int(batch["image_id"][i]), categories, orig_size=(h, w)))
+        evaluator.process(batch, outputs, semantic, results)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()

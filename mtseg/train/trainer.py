@@ -1,0 +1,353 @@
+"""Distributed training on Ray Train (V2): ``TorchTrainer`` + a thin ``train_fn_per_worker``.
+
+Run it with ``mtseg train --config jobs/configs/demo.yaml [key=value ...]`` or submit
+``jobs/train.py`` through the Ray Jobs API. The worker function only wires library pieces
+together (mtseg/train/loop.py runs without Ray):
+
+* data: each worker streams its slice of a deterministic epoch plan (mtseg/train/data.py)
+  with Ray Data, from the position recorded in the checkpoint;
+* model: ``ray.train.torch.prepare_model`` (DDP, device placement); gradients are combined by
+  the weighting strategy and averaged once per step (mtseg/weighting);
+* checkpoints: every ``train.checkpoint_every_steps`` and at each epoch end, through
+  ``ray.train.report``; Ray Train keeps the best ``train.keep_checkpoints`` by ``val/miou``
+  and always the latest, and restores them after a worker or node failure
+  (``FailureConfig``) or when the same run name is started again (its snapshot in storage);
+* storage: ``storage_path`` is a local dir or ``s3://``, reached through a filesystem that
+  retries transient errors, so an object store that is down for a few seconds is survived.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from mtseg import storage
+from mtseg.config import Config, config_from_dict, to_yaml
+from mtseg.data.categories import CategoryIndex
+from mtseg.data.manifest import read_manifest, shard_uris
+from mtseg.data.pipeline import SampleTransform, to_torch
+from mtseg.train import checkpoint as ckpt
+from mtseg.train.data import plan_epoch, steps_per_epoch, worker_stream
+from mtseg.train.loop import TrainState, build_state, evaluate, train_one_epoch
+
+VAL_METRIC = "val/miou"
+
+
+def run_uri(cfg: Config) -> str:
+    """Where a run's checkpoints and results live: ``<storage_path>/<run_name>``."""
+    return storage.join(cfg.train.storage_path, cfg.train.run_name)
+
+
+def local_run_dir(cfg: Config) -> str:
+    """A local directory for the run's TensorBoard events and reports (the run dir itself when local)."""
+    if storage.is_s3(cfg.train.storage_path):
+        return os.path.abspath(os.path.join("runs", cfg.train.run_name))
+    return os.path.abspath(run_uri(cfg))
+
+
+class DataPlan:
+    """The training and validation splits as this worker sees them."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.train_manifest = read_manifest(cfg.data.uri, cfg.data.train_split)
+        self.val_manifest = read_manifest(cfg.data.uri, cfg.data.val_split)
+        self.categories = CategoryIndex.from_categories(self.train_manifest["categories"])
+        self.train_shards = list(zip(shard_uris(cfg.data.uri, cfg.data.train_split, self.train_manifest),
+                                     (int(s["rows"]) for s in self.train_manifest["shards"])))
+        self.val_shards = list(zip(shard_uris(cfg.data.uri, cfg.data.val_split, self.val_manifest),
+                                   (int(s["rows"]) for s in self.val_manifest["shards"])))
+        if cfg.train.val_max_images:
+            self.val_shards = _truncate(self.val_shards, cfg.train.val_max_images)
+        self.train_images = sum(n for _, n in self.train_shards)
+
+    def steps_per_epoch(self, world_size: int) -> int:
+        t = self.cfg.train
+        return steps_per_epoch(self.train_images, world_size, self.cfg.data.batch_size, t.grad_accum)
+
+    def train_batches(self, epoch: int, start: int, world_size: int, rank: int):
+        cfg = self.cfg
+        segments = plan_epoch(self.train_shards, seed=cfg.train.seed, epoch=epoch, world_size=world_size, rank=rank, start=start)
+        transform = SampleTransform.from_config(self.categories, cfg, train=True, epoch=epoch, seed=cfg.train.seed)
+        return _iterate(worker_stream(segments, transform, rows_per_task=cfg.data.rows_per_read_task,
+                                      num_cpus=cfg.data.map_num_cpus), cfg.data.batch_size, drop_last=True)
+
+    def val_batches(self, world_size: int, rank: int):
+        cfg = self.cfg
+        segments = plan_epoch(self.val_shards, seed=0, epoch=0, world_size=world_size, rank=rank,
+                              shuffle=False, drop_remainder=False)
+        transform = SampleTransform.from_config(self.categories, cfg, train=False)
+        return _iterate(worker_stream(segments, transform, rows_per_task=cfg.data.rows_per_read_task,
+                                      num_cpus=cfg.data.map_num_cpus), cfg.data.batch_size, drop_last=False)
+
+    @functools.cached_property
+    def coco_gt(self):
+        """COCO ground truth of the validation images, from the shards' annotations (no images read)."""
+        import pyarrow.parquet as pq
+
+        from mtseg.metrics import coco_gt_from_rows
+
+        rows = []
+        for uri, n in self.val_shards:
+            fs, path = storage.resolve(uri)
+            table = pq.read_table(path, filesystem=fs, columns=["image_id", "height", "width", "annotations"])
+            rows.extend(table.slice(0, n).to_pylist())
+        return coco_gt_from_rows(rows, self.val_manifest["categories"])
+
+
+def _truncate(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
+    out, left = [], limit
+    for path, n in shards:
+        if left <= 0:
+            break
+        out.append((path, min(n, left)))
+        left -= n
+    return out
+
+
+def _iterate(ds, batch_size: int, drop_last: bool):
+    if ds is None:
+        return iter(())
+    return (to_torch({k: v for k, v in b.items()}) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _restore(state: TrainState, run: str, log) -> bool:
+    """Load the latest complete checkpoint: Ray's, else the newest complete one in storage."""
+    import ray.train
+
+    reported = ray.train.get_checkpoint()
+    if reported is not None:
+        with reported.as_directory() as d:
+            try:
+                loaded, meta = ckpt.load(d)
+                state.load_state_dict(loaded)
+                log(f"[train] resumed from {reported.path} (epoch {meta['epoch']}, step {meta['step']})")
+                return True
+            except ckpt.CheckpointError as e:
+                log(f"[train] latest reported checkpoint is unusable: {e}")
+    found = ckpt.latest_valid(run, log=log)
+    if found is None:
+        return False
+    uri, meta = found
+    with tempfile.TemporaryDirectory() as d:
+        loaded, meta = ckpt.load(ckpt.download(uri, d))
+    state.load_state_dict(loaded)
+    log(f"[train] resumed from {uri} (epoch {meta['epoch']}, step {meta['step']})")
+    return True
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point: thin wiring of the library functions."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from mtseg.metrics import Evaluator
+
+    cfg = config_from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.set_num_threads(max(1, int(round(cfg.train.cpus_per_worker))))
+    device = ray.train.torch.get_device()
+
+    plan = DataPlan(cfg)
+    per_epoch = plan.steps_per_epoch(world)
+    if per_epoch < 1:
+        raise ValueError(f"data.batch_size: {cfg.data.batch_size} x {world} workers exceeds the {plan.train_images} training images")
+    total_steps = per_epoch * cfg.train.epochs
+    state = build_state(cfg, plan.categories, total_steps, device, wrap_model=ray.train.torch.prepare_model)
+    _restore(state, run_uri(cfg), log)
+    rows_per_step = cfg.data.batch_size * cfg.train.grad_accum
+    # Chosen on the driver: a worker's working directory is Ray's, not the user's.
+    local_dir = config.get("local_dir") or local_run_dir(cfg)
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(local_dir, "tensorboard"), purge_step=state.step or None)
+    id_log = None
+    if cfg.train.log_image_ids:
+        os.makedirs(os.path.join(local_dir, "image_ids"), exist_ok=True)
+        id_log = open(os.path.join(local_dir, "image_ids", f"rank{rank}.jsonl"), "a")
+
+    last_val: dict[str, float] = dict(state.best.get("last_val", {})) if isinstance(state.best.get("last_val"), dict) else {}
+    config_yaml = to_yaml(cfg)
+
+    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
+        metrics = {**metrics, "train/epoch": state.epoch, "train/step": state.step, "train/total_steps": total_steps,
+                   "train/epoch_rows": state.epoch_rows}
+        metrics.setdefault(VAL_METRIC, last_val.get(VAL_METRIC, 0.0))
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0:
+                state.best["last_val"] = dict(last_val)
+                ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics}, config_yaml)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+    def on_step(st: TrainState, metrics: dict[str, float], ids: list[int]) -> None:
+        if id_log is not None:
+            id_log.write(json.dumps({"epoch": st.epoch, "step": st.step, "ids": ids}) + "\n")
+            id_log.flush()
+        every = cfg.train.checkpoint_every_steps
+        at_checkpoint = bool(every) and st.step % every == 0 and st.epoch_rows < per_epoch * rows_per_step
+        if st.step % cfg.train.log_every_steps == 0 or at_checkpoint:
+            metrics = _all_reduce_mean(metrics, device)
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, st.step)
+            report(metrics, with_checkpoint=at_checkpoint)
+
+    while state.epoch < cfg.train.epochs:
+        done = state.epoch_rows // rows_per_step
+        if done < per_epoch:
+            batches = plan.train_batches(state.epoch, state.epoch_rows, world, rank)
+            train_one_epoch(state, batches, steps=per_epoch - done, on_step=on_step,
+                            generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + state.step * world + rank))
+        state.strategy.on_epoch_end()
+        # Validation: every worker evaluates its part, the accumulators merge across workers.
+        evaluator = Evaluator(plan.categories, cfg.tasks.names, coco_gt=plan.coco_gt if "instance" in cfg.tasks.names else None)
+        evaluate(state.model, plan.val_batches(world, rank), state.tasks, cfg, plan.categories, evaluator, device)
+        evaluator.all_reduce()
+        val = evaluator.compute()
+        last_val = {k: float(v) for k, v in val.items() if isinstance(v, (int, float))}
+        if writer is not None:
+            for k, v in last_val.items():
+                writer.add_scalar(k, v, state.step)
+            writer.flush()
+        log("[val] epoch {}: {}".format(state.epoch + 1, "  ".join(f"{k}={v:.4f}" for k, v in sorted(last_val.items()))))
+        state.epoch += 1
+        state.epoch_rows = 0
+        report(dict(last_val), with_checkpoint=True)
+    if writer is not None:
+        writer.close()
+    if id_log is not None:
+        id_log.close()
+
+
+# ---------------------------------------------------------------------------- driver side
+
+
+def _progress_callback():
+    from ray.train import UserCallback
+
+    class Progress(UserCallback):
+        """Prints one progress line per report on the driver: epoch, step, loss, img/s, ETA."""
+
+        def __init__(self):
+            self.t0 = None
+            self.step0 = 0
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0] if metrics else {}
+            step, total = int(m.get("train/step", 0)), int(m.get("train/total_steps", 0)) or 1
+            if self.t0 is None:
+                self.t0, self.step0 = time.monotonic(), step
+            rate = (step - self.step0) / max(time.monotonic() - self.t0, 1e-6)
+            eta = (total - step) / rate if rate > 0 else float("nan")
+            parts = [f"epoch {int(m.get('train/epoch', 0)) + ('train/loss' in m)}", f"step {step}/{total}"]
+            if "train/loss" in m:
+                parts += [f"loss {m['train/loss']:.4f}", f"{m.get('train/img_per_s', 0.0):.1f} img/s/worker"]
+            else:
+                parts.append(f"val/miou {m.get(VAL_METRIC, 0.0):.4f}")
+            if eta == eta:
+                parts.append(f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+            if checkpoint is not None:
+                parts.append(f"checkpoint {os.path.basename(checkpoint.path)}")
+            print("[train] " + "  ".join(parts), flush=True)
+
+    return Progress()
+
+
+def preflight(cfg: Config) -> DataPlan:
+    """Everything that can fail before a worker starts: storage reachable, dataset readable."""
+    storage.check_access(cfg.train.storage_path)
+    storage.check_access(cfg.data.uri)
+    plan = DataPlan(cfg)
+    if plan.steps_per_epoch(cfg.train.num_workers) < 1:
+        raise ValueError(
+            f"data.batch_size: {cfg.data.batch_size} x {cfg.train.num_workers} workers x train.grad_accum "
+            f"{cfg.train.grad_accum} exceeds the {plan.train_images} training images"
+        )
+    return plan
+
+
+def run_training(cfg: Config, *, restart: bool = False, log=print):
+    """Train ``cfg`` on the Ray cluster this process is connected to (``ray.init`` first).
+
+    Starting a run whose name already has checkpoints in ``storage_path`` resumes it;
+    ``restart=True`` deletes them and starts over.
+
+    Returns:
+        The ``ray.train.Result`` (metrics of the last report, best checkpoints).
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    preflight(cfg)
+    run = run_uri(cfg)
+    if restart:
+        log(f"[train] --restart: deleting {run}")
+        storage.delete(run, recursive=True)
+    elif ckpt.list_checkpoints(run):
+        log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
+    storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())
+
+    fs, path = storage.resolve(cfg.train.storage_path)
+    if storage.is_s3(cfg.train.storage_path):
+        fs = storage.retrying_filesystem(fs)
+    use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and _cluster_has_gpus())
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "local_dir": local_run_dir(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=VAL_METRIC,
+                checkpoint_score_order="max",
+            ),
+            callbacks=[_progress_callback()],
+        ),
+    )
+    return trainer.fit()
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,201 @@
+"""The stream: synth -> shard -> manifest -> batches, without Ray, through Ray Data, and from SeaweedFS."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from mtseg.config import load_config
+from mtseg.data.categories import IGNORE_INDEX
+from mtseg.data.manifest import ManifestError, read_manifest
+from mtseg.data.pipeline import (
+    BATCH_KEYS,
+    SampleTransform,
+    build_stream,
+    categories_of,
+    iter_local_batches,
+    read_split,
+    shard_order,
+    to_torch,
+)
+from mtseg.data.shard import shard_coco
+from mtseg.data.synth import synthesize
+
+SPLIT = "train2017"
+N_IMAGES = 20
+SIZE = 32
+
+DTYPES = {
+    "image": torch.float32, "semantic": torch.int64, "supercategory": torch.int64, "boundary": torch.float32,
+    "center": torch.float32, "offset": torch.float32, "thing_mask": torch.float32, "image_id": torch.int64,
+    "orig_size": torch.int64,
+}
+
+
+def _shapes(b, s):
+    return {
+        "image": (b, 3, s, s), "semantic": (b, s, s), "supercategory": (b, s, s), "boundary": (b, s, s),
+        "center": (b, 1, s, s), "offset": (b, 2, s, s), "thing_mask": (b, s, s), "image_id": (b,), "orig_size": (b, 2),
+    }
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    synthesize(str(root), train=N_IMAGES, val=0, size=48, seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def shards(coco_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shards"))
+    shard_coco(coco_root, SPLIT, out, images_per_shard=6, log=lambda _: None)
+    return out
+
+
+@pytest.fixture
+def cfg():
+    return load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "tasks.patch_size=4"])
+
+
+def _collect(batches):
+    out = {}
+    for b in batches:
+        for k, v in b.items():
+            out.setdefault(k, []).append(v)
+    cat = {k: torch.cat(v) for k, v in out.items()}
+    order = torch.argsort(cat["image_id"])
+    return {k: v[order] for k, v in cat.items()}
+
+
+def test_local_stream_follows_the_batch_contract(shards, cfg):
+    batches = list(iter_local_batches(shards, SPLIT, None, cfg, train=True))
+    assert [len(b["image_id"]) for b in batches] == [8, 8, 4]
+    for b in batches:
+        assert set(b) == set(BATCH_KEYS)
+        for k, shape in _shapes(len(b["image_id"]), SIZE).items():
+            assert tuple(b[k].shape) == shape, k
+            assert b[k].dtype == DTYPES[k], k
+    allb = _collect(batches)
+    assert len(set(allb["image_id"].tolist())) == N_IMAGES
+    assert allb["orig_size"].tolist() == [[48, 48]] * N_IMAGES
+    assert 0.0 <= allb["image"].min() and allb["image"].max() <= 1.0
+    sem = allb["semantic"]
+    assert ((sem >= 0) & (sem < 7) | (sem == IGNORE_INDEX)).all()  # 6 synthetic classes + background
+    assert (sem > 0).any() and (allb["boundary"] > 0).any() and (allb["center"] == 1.0).any()
+
+
+def test_images_without_annotations_give_background_targets(shards, cfg):
+    allb = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=False))
+    empty = (allb["semantic"] == 0).flatten(1).all(1)
+    assert empty.any(), "the synthetic set has images without objects"
+    assert not allb["center"][empty].any() and not allb["offset"][empty].any()
+
+
+def test_validation_is_deterministic_and_training_reproducible(shards, cfg):
+    a = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=False))
+    b = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=False, batch_size=3))
+    for k in BATCH_KEYS:
+        assert torch.equal(a[k], b[k]), k
+    t1 = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=True, epoch=1, seed=5))
+    t2 = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=True, epoch=1, seed=5))
+    t3 = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=True, epoch=2, seed=5))
+    assert torch.equal(t1["image"], t2["image"]) and torch.equal(t1["semantic"], t2["semantic"])
+    assert not torch.equal(t1["image"], t3["image"])
+
+
+def test_limit_drop_last_and_shard_subset(shards, cfg):
+    assert sum(len(b["image_id"]) for b in iter_local_batches(shards, SPLIT, None, cfg, train=False, limit=11)) == 11
+    sizes = [len(b["image_id"]) for b in iter_local_batches(shards, SPLIT, None, cfg, train=False, drop_last=True)]
+    assert sizes == [8, 8]
+    manifest = read_manifest(shards, SPLIT)
+    first = manifest["shards"][0]
+    n = sum(len(b["image_id"]) for b in iter_local_batches(shards, SPLIT, None, cfg, train=False, shards=[first["path"]]))
+    assert n == first["rows"]
+    with pytest.raises(ValueError, match="not listed in the manifest"):
+        next(iter_local_batches(shards, SPLIT, None, cfg, train=False, shards=["shard-99999.parquet"]))
+
+
+def test_shard_order_is_a_seeded_permutation(shards):
+    manifest = read_manifest(shards, SPLIT)
+    paths = [s["path"] for s in manifest["shards"]]
+    orders = [shard_order(manifest, seed=0, epoch=e) for e in range(6)]
+    assert all(sorted(o) == sorted(paths) for o in orders)
+    assert orders[0] == shard_order(manifest, seed=0, epoch=0)
+    assert len({tuple(o) for o in orders}) > 1
+
+
+def test_missing_split_fails_clearly(shards, cfg):
+    with pytest.raises(ManifestError, match="no manifest"):
+        next(iter_local_batches(shards, "val2017", None, cfg, train=False))
+
+
+def test_sample_transform_pickles_and_names_bad_images(shards, cfg):
+    cats = categories_of(read_manifest(shards, SPLIT))
+    fn = pickle.loads(pickle.dumps(SampleTransform.from_config(cats, cfg, train=True)))
+    with pytest.raises(ValueError, match="image 77: image: cannot decode"):
+        fn.sample(b"garbage", [], 77, 48, 48)
+    out = fn.sample(_jpeg(48, 40), [], 78, 48, 40)
+    assert out["image"].shape == (3, SIZE, SIZE) and out["orig_size"].tolist() == [48, 40]
+    with pytest.raises(ValueError, match="image 79: decoded size"):
+        fn.sample(_jpeg(48, 40), [], 79, 48, 48)
+    batch = to_torch(fn.__call__(_rows([(_jpeg(48, 48), 1)])))
+    assert batch["image"].shape == (1, 3, SIZE, SIZE)
+
+
+def _jpeg(h, w):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _rows(items):
+    import pyarrow as pa
+
+    from mtseg.data.shard import SHARD_SCHEMA
+
+    rows = [
+        {"image_id": iid, "file_name": f"{iid}.jpg", "height": 48, "width": 48, "image": img, "annotations": []}
+        for img, iid in items
+    ]
+    return pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
+
+
+# ---------------------------------------------------------------------------- Ray Data
+
+
+@pytest.mark.slow
+def test_ray_stream_matches_the_local_path(ray_local, shards, cfg):
+    ds, manifest = read_split(shards, SPLIT)
+    stream = build_stream(ds, categories_of(manifest), cfg, train=False)
+    got = _collect(stream.iter_torch_batches(batch_size=cfg.data.batch_size))
+    want = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=False))
+    for k in BATCH_KEYS:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+    # Training draws depend on (seed, epoch, image_id) only, not on which worker decoded what.
+    train = build_stream(read_split(shards, SPLIT)[0], categories_of(manifest), cfg, train=True, epoch=3, seed=1)
+    got_t = _collect(train.iter_torch_batches(batch_size=5))
+    want_t = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=True, epoch=3, seed=1))
+    assert torch.equal(got_t["image"], want_t["image"]) and torch.equal(got_t["offset"], want_t["offset"])
+
+
+@pytest.mark.slow
+def test_synth_shard_stream_round_trip_through_seaweedfs(ray_local, s3_bucket, coco_root, shards, cfg):
+    manifest = shard_coco(coco_root, SPLIT, s3_bucket, images_per_shard=7, log=lambda _: None)
+    assert read_manifest(s3_bucket, SPLIT)["shards"] == manifest["shards"]
+    ds, manifest = read_split(s3_bucket, SPLIT, shards=shard_order(manifest, seed=0, epoch=0))
+    stream = build_stream(ds, categories_of(manifest), cfg, train=False)
+    got = _collect(stream.iter_torch_batches(batch_size=cfg.data.batch_size))
+    assert len(got["image_id"]) == N_IMAGES
+    # Same bytes in, same batches out: S3 shards give what the local shards give.
+    want = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=False))
+    for k in BATCH_KEYS:
+        assert torch.equal(got[k], want[k]), k
+    # The non-Ray path reads S3 too.
+    assert sum(len(b["image_id"]) for b in iter_local_batches(s3_bucket, SPLIT, None, cfg, train=False)) == N_IMAGES

@@ -1,0 +1,399 @@
+"""COCO → parquet shards + manifest: round trip, COCO's quirks, bad input, threshold, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from mtseg import storage
+from mtseg.data import shard as shard_mod
+from mtseg.data.manifest import SCHEMA_VERSION, ManifestError, read_manifest, shard_uris
+from mtseg.data.shard import SHARD_SCHEMA, ShardError, shard_coco
+from mtseg.data.synth import synthesize
+
+SPLIT = "train2017"
+
+
+def _ann_file(root) -> str:
+    return os.path.join(root, "annotations", f"instances_{SPLIT}.json")
+
+
+def _load(root) -> dict:
+    with open(_ann_file(root)) as f:
+        return json.load(f)
+
+
+def _save(root, data: dict) -> None:
+    with open(_ann_file(root), "w") as f:
+        json.dump(data, f)
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    """20 synthetic 32-px images: polygons, multi-part polygons, RLE, crowd, grayscale, empty images."""
+    root = tmp_path / "coco"
+    synthesize(str(root), train=20, val=0, size=32, seed=1)
+    return str(root)
+
+
+def _rows(out, split=SPLIT) -> list[dict]:
+    manifest = read_manifest(out, split)
+    rows = []
+    for uri in shard_uris(out, split, manifest):
+        rows.extend(pq.read_table(uri).to_pylist())
+    return rows
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def test_round_trip(coco_root, tmp_path):
+    out = str(tmp_path / "shards")
+    manifest = shard_coco(coco_root, SPLIT, out, images_per_shard=7, log=_quiet)
+    source = COCO(_ann_file(coco_root))
+
+    assert manifest == read_manifest(out, SPLIT)
+    assert manifest["schema_version"] == SCHEMA_VERSION and manifest["split"] == SPLIT
+    assert manifest["categories"] == sorted(source.dataset["categories"], key=lambda c: c["id"])
+    assert [s["path"] for s in manifest["shards"]] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert [s["rows"] for s in manifest["shards"]] == [7, 7, 6]
+    counts = manifest["counts"]
+    assert counts["images_listed"] == counts["images"] == 20 and counts["images_skipped"] == 0
+    assert counts["annotations"] == counts["annotations_listed"] == len(source.anns) and counts["annotations_skipped"] == 0
+    assert counts["crowd_annotations"] == sum(a["iscrowd"] for a in source.anns.values()) > 0
+    assert counts["images_without_annotations"] > 0 and counts["shards"] == 3
+    assert manifest["skipped"] == {"images": {}, "annotations": {}, "details": []}
+
+    for entry, uri in zip(manifest["shards"], shard_uris(out, SPLIT, manifest)):
+        data = storage.read_bytes(uri)
+        assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert pq.read_schema(uri).remove_metadata().equals(SHARD_SCHEMA.remove_metadata())
+
+    rows = _rows(out)
+    assert [r["image_id"] for r in rows] == sorted(source.imgs)
+    for row in rows:
+        img = source.imgs[row["image_id"]]
+        with open(os.path.join(coco_root, SPLIT, img["file_name"]), "rb") as f:
+            assert row["image"] == f.read()  # original bytes, untouched
+        assert (row["file_name"], row["height"], row["width"]) == (img["file_name"], img["height"], img["width"])
+        assert [a["id"] for a in row["annotations"]] == sorted(source.getAnnIds(imgIds=row["image_id"]))
+        for ann in row["annotations"]:
+            src = source.anns[ann["id"]]
+            rle = {"size": ann["segmentation_size"], "counts": ann["segmentation_counts"]}
+            np.testing.assert_array_equal(mask_utils.decode(rle), source.annToMask(src))
+            assert (ann["category_id"], ann["iscrowd"], ann["bbox"], ann["area"]) == (src["category_id"], src["iscrowd"], src["bbox"], src["area"])
+
+
+def test_coco_quirks_are_kept(coco_root, tmp_path):
+    """Grayscale JPEGs, images without annotations, uncompressed crowd RLE, multi-part polygons, id gaps."""
+    data = _load(coco_root)
+    # A flat (non-nested) polygon, as some exporters write it.
+    poly = next(a for a in data["annotations"] if isinstance(a["segmentation"], list) and len(a["segmentation"]) == 1)
+    poly["segmentation"] = poly["segmentation"][0]
+    _save(coco_root, data)
+    out = str(tmp_path / "shards")
+    manifest = shard_coco(coco_root, SPLIT, out, log=_quiet)
+    assert manifest["counts"]["images_skipped"] == 0 and manifest["counts"]["annotations_skipped"] == 0
+    ids = [c["id"] for c in manifest["categories"]]
+    assert ids != list(range(1, len(ids) + 1)) and all(c["supercategory"] for c in manifest["categories"])
+
+    source = COCO(_ann_file(coco_root))
+    rows = {r["image_id"]: r for r in _rows(out)}
+    modes = {Image.open(io.BytesIO(r["image"])).mode for r in rows.values()}
+    assert "L" in modes
+    assert any(not r["annotations"] for r in rows.values())
+    crowd = [a for r in rows.values() for a in r["annotations"] if a["iscrowd"]]
+    assert crowd and all(isinstance(source.anns[a["id"]]["segmentation"]["counts"], list) for a in crowd)
+    multipart = [a for a in source.anns.values() if isinstance(a["segmentation"], list) and len(a["segmentation"]) > 1]
+    assert multipart
+    flat = rows[poly["image_id"]]["annotations"]
+    stored = next(a for a in flat if a["id"] == poly["id"])
+    assert mask_utils.area({"size": stored["segmentation_size"], "counts": stored["segmentation_counts"]}) == poly["area"]
+
+
+def _break(coco_root) -> dict:
+    """Inject every kind of bad input; return {name: image entry or annotation} for the checks."""
+    data = _load(coco_root)
+    images = {i["id"]: i for i in data["images"]}
+    with_anns = sorted({a["image_id"] for a in data["annotations"] if not a["iscrowd"]})
+    corrupt, truncated, missing, mismatched, host = (images[i] for i in with_anns[:5])
+    path = lambda img: os.path.join(coco_root, SPLIT, img["file_name"])  # noqa: E731
+    with open(path(corrupt), "wb") as f:
+        f.write(b"this is not an image at all" * 4)
+    with open(path(truncated), "rb") as f:
+        blob = f.read()
+    with open(path(truncated), "wb") as f:
+        f.write(blob[: len(blob) // 2])
+    os.remove(path(missing))
+    Image.new("RGB", (mismatched["width"] + 3, mismatched["height"])).save(path(mismatched), format="JPEG")
+
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    h, w = host["height"], host["width"]
+
+    def ann(seg, **kw):
+        nonlocal next_id
+        a = {"id": next_id, "image_id": host["id"], "category_id": data["categories"][0]["id"], "segmentation": seg, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1.0}
+        a.update(kw)
+        next_id += 1
+        data["annotations"].append(a)
+        return a
+
+    bad = {
+        "corrupt": corrupt,
+        "truncated": truncated,
+        "missing": missing,
+        "mismatched": mismatched,
+        "two_points": ann([[1, 1, 5, 5]]),
+        "collinear": ann([[0, 0, 4, 4, 8, 8]]),
+        "unknown_image": ann([[0, 0, 4, 0, 4, 4]], image_id=987654321),
+        "unknown_category": ann([[0, 0, 4, 0, 4, 4]], category_id=2),  # a gap in the synthetic ids
+        "bad_rle_sum": ann({"size": [h, w], "counts": [3, 4]}, iscrowd=1),
+        "bad_rle_size": ann({"size": [h + 1, w], "counts": [(h + 1) * w]}, iscrowd=1),
+        "bad_rle_string": ann({"size": [h, w], "counts": "zzzz"}),
+        "part_dropped": ann([[0, 0, 6, 0, 6, 6, 0, 6], [1, 1, 2, 2]]),
+    }
+    _save(coco_root, data)
+    return bad
+
+
+def test_bad_input_is_skipped_counted_and_reported(coco_root, tmp_path):
+    bad = _break(coco_root)
+    out = str(tmp_path / "shards")
+    manifest = shard_coco(coco_root, SPLIT, out, images_per_shard=6, max_bad_fraction=0.25, log=_quiet)
+
+    skipped = manifest["skipped"]
+    assert skipped["images"] == {"corrupt_image": 1, "missing_file": 1, "size_mismatch": 1, "truncated_image": 1}
+    assert skipped["annotations"] == {
+        "degenerate_polygon": 2,
+        "degenerate_polygon_part_dropped": 1,
+        "invalid_rle": 3,
+        "unknown_category": 1,
+        "unknown_image": 1,
+    }
+    counts = manifest["counts"]
+    assert counts["images_listed"] == 20 and counts["images"] == 16 and counts["images_skipped"] == 4
+    assert counts["annotations_skipped"] == 7
+    by_reason = {}
+    for d in skipped["details"]:
+        by_reason.setdefault(d["reason"], []).append(d)
+    assert by_reason["missing_file"][0]["file_name"] == bad["missing"]["file_name"]
+    assert by_reason["corrupt_image"][0]["image_id"] == bad["corrupt"]["id"]
+    assert by_reason["unknown_image"][0]["annotation_id"] == bad["unknown_image"]["id"]
+
+    rows = {r["image_id"]: r for r in _rows(out)}
+    assert len(rows) == 16
+    for name in ("corrupt", "truncated", "missing", "mismatched"):
+        assert bad[name]["id"] not in rows
+    host_ids = {a["id"] for a in rows[bad["two_points"]["image_id"]]["annotations"]}
+    assert bad["part_dropped"]["id"] in host_ids  # one good part left: kept
+    assert not host_ids & {bad[k]["id"] for k in ("two_points", "collinear", "bad_rle_sum", "bad_rle_size", "bad_rle_string")}
+
+
+def test_too_many_bad_images_fails_with_one_line(coco_root, tmp_path):
+    _break(coco_root)  # 4 bad images of 20
+    out = str(tmp_path / "shards")
+    with pytest.raises(ShardError) as info:
+        shard_coco(coco_root, SPLIT, out, images_per_shard=50, max_bad_fraction=0.1, log=_quiet)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "train2017" in msg and "4 of 20" in msg and "max_bad_fraction=0.1" in msg
+    assert not storage.exists(os.path.join(out, SPLIT, "manifest.json"))
+
+
+def test_malformed_entries_count_as_bad(coco_root, tmp_path):
+    data = _load(coco_root)
+    data["images"].append(dict(data["images"][0]))  # duplicate id
+    data["images"].append({"id": 5, "file_name": "../escape.jpg", "height": 32, "width": 32})
+    data["images"].append({"id": "x"})
+    data["annotations"].append({"category_id": 1})
+    _save(coco_root, data)
+    manifest = shard_coco(coco_root, SPLIT, str(tmp_path / "out"), max_bad_fraction=0.2, log=_quiet)
+    assert manifest["skipped"]["images"] == {"duplicate_image_id": 1, "malformed_entry": 2}
+    assert manifest["skipped"]["annotations"] == {"malformed_annotation": 1}
+    assert manifest["counts"]["images_listed"] == 23 and manifest["counts"]["images"] == 20
+
+
+def _mtimes(out) -> dict[str, int]:
+    split_dir = os.path.join(out, SPLIT)
+    return {n: os.stat(os.path.join(split_dir, n)).st_mtime_ns for n in os.listdir(split_dir) if n.endswith(".parquet")}
+
+
+def _written(log: list[str]) -> list[str]:
+    return [line.split()[1] for line in log if " written (" in line]
+
+
+def test_resume_rewrites_only_missing_shards(coco_root, tmp_path):
+    out = str(tmp_path / "shards")
+    first = shard_coco(coco_root, SPLIT, out, images_per_shard=5, log=_quiet)
+    os.remove(os.path.join(out, SPLIT, "manifest.json"))
+    os.remove(os.path.join(out, SPLIT, "shard-00002.parquet"))
+    before = _mtimes(out)
+
+    log: list[str] = []
+    second = shard_coco(coco_root, SPLIT, out, images_per_shard=5, log=log.append)
+    assert _written(log) == ["shard-00002.parquet"]
+    assert sum("already complete" in line for line in log) == 3
+    assert second == first
+    after = _mtimes(out)
+    assert all(after[n] == t for n, t in before.items())
+
+
+def test_resume_after_crash(coco_root, tmp_path, monkeypatch):
+    out = str(tmp_path / "shards")
+    real_write = storage.write_bytes
+    calls = []
+
+    def crash_on_third_shard(uri, data):
+        if uri.endswith(".parquet"):
+            calls.append(uri)
+            if len(calls) == 3:
+                raise RuntimeError("simulated crash")
+        real_write(uri, data)
+
+    monkeypatch.setattr(shard_mod.storage, "write_bytes", crash_on_third_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        shard_coco(coco_root, SPLIT, out, images_per_shard=5, log=_quiet)
+    monkeypatch.setattr(shard_mod.storage, "write_bytes", real_write)
+    assert not os.path.exists(os.path.join(out, SPLIT, "manifest.json"))
+    assert sorted(_mtimes(out)) == ["shard-00000.parquet", "shard-00001.parquet"]  # nothing half-written
+    assert not [n for n in os.listdir(os.path.join(out, SPLIT)) if ".tmp" in n]
+
+    log: list[str] = []
+    manifest = shard_coco(coco_root, SPLIT, out, images_per_shard=5, log=log.append)
+    assert _written(log) == ["shard-00002.parquet", "shard-00003.parquet"]
+    assert manifest["counts"]["images"] == 20
+
+
+def test_shard_without_sidecar_is_rewritten(coco_root, tmp_path):
+    # A crash between a shard and its sidecar: the shard cannot be trusted as complete.
+    out = str(tmp_path / "shards")
+    shard_coco(coco_root, SPLIT, out, images_per_shard=10, log=_quiet)
+    os.remove(os.path.join(out, SPLIT, "_progress", "shard-00001.json"))
+    log: list[str] = []
+    shard_coco(coco_root, SPLIT, out, images_per_shard=10, log=log.append)
+    assert _written(log) == ["shard-00001.parquet"]
+
+
+def test_changed_input_rewrites_everything(coco_root, tmp_path):
+    out = str(tmp_path / "shards")
+    shard_coco(coco_root, SPLIT, out, images_per_shard=10, log=_quiet)
+    data = _load(coco_root)
+    data["annotations"] = data["annotations"][1:]
+    _save(coco_root, data)
+    log: list[str] = []
+    manifest = shard_coco(coco_root, SPLIT, out, images_per_shard=10, log=log.append)
+    assert _written(log) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert manifest["counts"]["annotations"] == len(data["annotations"])
+
+
+def test_shard_of_only_bad_images_is_recorded_not_written(coco_root, tmp_path):
+    data = _load(coco_root)
+    first = min(data["images"], key=lambda i: i["id"])
+    os.remove(os.path.join(coco_root, SPLIT, first["file_name"]))
+    out = str(tmp_path / "shards")
+    manifest = shard_coco(coco_root, SPLIT, out, images_per_shard=1, max_bad_fraction=0.1, log=_quiet)
+    assert len(manifest["shards"]) == 19 and "shard-00000.parquet" not in _mtimes(out)
+    log: list[str] = []
+    assert shard_coco(coco_root, SPLIT, out, images_per_shard=1, max_bad_fraction=0.1, log=log.append) == manifest
+    assert not _written(log) and "shard-00000.parquet already complete (0 rows)" in log[1]
+
+
+def test_reshard_with_other_size_removes_stale_shards(coco_root, tmp_path):
+    out = str(tmp_path / "shards")
+    shard_coco(coco_root, SPLIT, out, images_per_shard=5, log=_quiet)
+    manifest = shard_coco(coco_root, SPLIT, out, images_per_shard=10, log=_quiet)
+    assert sorted(_mtimes(out)) == [s["path"] for s in manifest["shards"]] == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert sorted(os.listdir(os.path.join(out, SPLIT, "_progress"))) == ["shard-00000.json", "shard-00001.json"]
+    assert len(_rows(out)) == 20
+
+
+def test_storage_outage_is_fatal_not_bad_input(coco_root, tmp_path, monkeypatch):
+    real_read = storage.read_bytes
+
+    def denied(uri):
+        if uri.endswith(".jpg"):
+            raise storage.StorageError(f"{uri}: access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+        return real_read(uri)
+
+    monkeypatch.setattr(shard_mod.storage, "read_bytes", denied)
+    with pytest.raises(storage.StorageError, match="access denied"):
+        shard_coco(coco_root, SPLIT, str(tmp_path / "out"), max_bad_fraction=1.0, log=_quiet)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"images_per_shard": 0}, "images_per_shard"),
+        ({"max_bad_fraction": 1.5}, "max_bad_fraction"),
+        ({"workers": 0}, "workers"),
+    ],
+)
+def test_bad_arguments(coco_root, tmp_path, kwargs, match):
+    with pytest.raises(ShardError, match=match):
+        shard_coco(coco_root, SPLIT, str(tmp_path / "out"), log=_quiet, **kwargs)
+
+
+def test_unusable_annotation_file(coco_root, tmp_path):
+    out = str(tmp_path / "out")
+    with pytest.raises(ShardError, match="instances_test2017.json not found"):
+        shard_coco(coco_root, "test2017", out, log=_quiet)
+    with open(_ann_file(coco_root), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ShardError, match="not valid JSON"):
+        shard_coco(coco_root, SPLIT, out, log=_quiet)
+    _save(coco_root, {"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]})
+    with pytest.raises(ShardError, match="lists no images"):
+        shard_coco(coco_root, SPLIT, out, log=_quiet)
+    _save(coco_root, {"images": [], "annotations": []})
+    with pytest.raises(ShardError, match="categories"):
+        shard_coco(coco_root, SPLIT, out, log=_quiet)
+
+
+def test_read_manifest_errors(tmp_path):
+    with pytest.raises(ManifestError, match="no manifest"):
+        read_manifest(str(tmp_path), SPLIT)
+    path = tmp_path / SPLIT / "manifest.json"
+    path.parent.mkdir()
+    path.write_text("[]")
+    with pytest.raises(ManifestError, match="JSON object"):
+        read_manifest(str(tmp_path), SPLIT)
+    path.write_text(json.dumps({"schema_version": 99, "split": SPLIT, "categories": [], "counts": {}, "shards": [], "skipped": {}}))
+    with pytest.raises(ManifestError, match="schema_version 99"):
+        read_manifest(str(tmp_path), SPLIT)
+
+
+@pytest.mark.slow
+def test_s3_round_trip_and_resume(tmp_path, s3_bucket):
+    local = tmp_path / "coco"
+    synthesize(str(local), train=12, val=0, size=32, seed=2)
+    src = storage.join(s3_bucket, "coco")
+    for dirpath, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(src, os.path.relpath(path, local)), f.read())
+    os.remove(local / SPLIT / sorted(os.listdir(local / SPLIT))[0])  # the S3 copy is what is read
+
+    out = storage.join(s3_bucket, "shards")
+    manifest = shard_coco(src, SPLIT, out, images_per_shard=5, log=_quiet)
+    assert manifest == read_manifest(out, SPLIT)
+    assert manifest["counts"]["images"] == 12 and len(manifest["shards"]) == 3
+    for entry, uri in zip(manifest["shards"], shard_uris(out, SPLIT, manifest)):
+        assert hashlib.sha256(storage.read_bytes(uri)).hexdigest() == entry["sha256"]
+
+    storage.delete(storage.join(out, SPLIT, "manifest.json"))
+    storage.delete(storage.join(out, SPLIT, "shard-00001.parquet"))
+    log: list[str] = []
+    again = shard_coco(src, SPLIT, out, images_per_shard=5, log=log.append)
+    assert _written(log) == ["shard-00001.parquet"]
+    assert again == manifest

@@ -1,0 +1,157 @@
+"""Targets on hand-built masks: a square's boundary ring, center and offsets; crowd; classes."""
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
+from mtseg.data.targets import TARGET_KEYS, build_targets, decode_annotations, empty_targets
+
+CATEGORIES = [
+    {"id": 1, "name": "person", "supercategory": "person"},
+    {"id": 3, "name": "car", "supercategory": "vehicle"},
+    {"id": 8, "name": "truck", "supercategory": "vehicle"},
+]
+
+
+@pytest.fixture
+def cats():
+    return CategoryIndex.from_categories(CATEGORIES)
+
+
+def _square(h, w, y0, x0, side):
+    m = np.zeros((h, w), np.uint8)
+    m[y0 : y0 + side, x0 : x0 + side] = 1
+    return m
+
+
+def _targets(masks, labels, crowd, cats, width=1, sigma=1.5):
+    return build_targets(
+        np.asarray(masks, np.uint8), np.asarray(labels), np.asarray(crowd, bool), cats, boundary_width=width, center_sigma=sigma
+    )
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_square_boundary_is_the_inner_ring_of_the_given_width(cats, width):
+    sq = _square(32, 32, 8, 10, 11)
+    t = _targets([sq], [1], [False], cats, width=width)
+    inner = np.zeros_like(sq)
+    inner[8 + width : 19 - width, 10 + width : 21 - width] = 1
+    expected = sq.astype(bool) & ~inner.astype(bool)
+    np.testing.assert_array_equal(t["boundary"].astype(bool), expected)
+    assert t["boundary"].dtype == np.float32
+
+
+def test_square_center_peaks_at_its_centroid_and_offsets_point_there(cats):
+    sq = _square(32, 32, 8, 10, 11)  # rows 8..18, cols 10..20 -> centroid (13, 15)
+    t = _targets([sq], [2], [False], cats, sigma=2.0)
+    center = t["center"]
+    assert center.shape == (1, 32, 32) and center.dtype == np.float32
+    assert center[0, 13, 15] == pytest.approx(1.0)
+    assert np.unravel_index(center[0].argmax(), (32, 32)) == (13, 15)
+    assert center[0, 13, 17] == pytest.approx(np.exp(-4 / 8), rel=1e-5)
+
+    ys, xs = np.nonzero(sq)
+    offset = t["offset"]
+    np.testing.assert_allclose(offset[0, ys, xs], 13 - ys)
+    np.testing.assert_allclose(offset[1, ys, xs], 15 - xs)
+    # Every instance pixel plus its offset lands on the centroid; outside it is zero.
+    np.testing.assert_array_equal(offset[:, sq == 0], 0)
+    np.testing.assert_array_equal(t["thing_mask"], sq.astype(np.float32))
+    assert t["semantic"][13, 15] == 2 and t["semantic"][0, 0] == 0
+
+
+def test_crowd_is_ignored_where_no_instance_covers_it(cats):
+    crowd = _square(24, 24, 2, 2, 12)
+    person = _square(24, 24, 6, 6, 4)  # inside the crowd region
+    t = _targets([crowd, person], [1, 1], [True, False], cats)
+    sem = t["semantic"]
+    assert sem[3, 3] == IGNORE_INDEX
+    assert sem[7, 7] == 1  # the instance wins over the crowd region
+    assert t["supercategory"][3, 3] == IGNORE_INDEX
+    assert sem[20, 20] == 0
+    # A crowd region has no center and no offsets and is not a thing.
+    assert t["thing_mask"][3, 3] == 0 and t["thing_mask"][7, 7] == 1
+    assert t["offset"][:, 3, 3].tolist() == [0, 0]
+    assert np.unravel_index(t["center"][0].argmax(), (24, 24)) == (8, 8)  # only the person's center
+    assert t["center"].max() == pytest.approx(1.0)
+
+
+def test_two_adjacent_classes_have_a_boundary_between_them(cats):
+    left = np.zeros((16, 16), np.uint8)
+    left[:, :8] = 1
+    right = 1 - left  # together they cover the image: no background edge anywhere
+    t = _targets([left, right], [1, 2], [False, False], cats, width=1)
+    b = t["boundary"].astype(bool)
+    expected = np.zeros((16, 16), bool)
+    expected[:, 7:9] = True  # one pixel each side of the class change, none at the image border
+    np.testing.assert_array_equal(b, expected)
+
+
+def test_supercategory_follows_the_hierarchy(cats):
+    car, truck, person = _square(16, 16, 0, 0, 4), _square(16, 16, 8, 8, 4), _square(16, 16, 0, 10, 4)
+    t = _targets([car, truck, person], [cats.class_of(3), cats.class_of(8), cats.class_of(1)], [False] * 3, cats)
+    vehicle = cats.supercategories.index("vehicle") + 1
+    person_super = cats.supercategories.index("person") + 1
+    assert t["supercategory"][1, 1] == vehicle
+    assert t["supercategory"][9, 9] == vehicle
+    assert t["supercategory"][1, 11] == person_super
+    assert t["supercategory"][15, 0] == 0
+    assert t["semantic"][1, 1] != t["semantic"][9, 9]  # car and truck differ as classes
+
+
+def test_smaller_instance_is_painted_over_a_larger_one(cats):
+    big, small = _square(16, 16, 0, 0, 12), _square(16, 16, 4, 4, 3)
+    t = _targets([small, big], [1, 2], [False, False], cats)  # order in the list must not matter
+    assert t["semantic"][5, 5] == 1 and t["semantic"][1, 1] == 2
+    assert t["center"][0, 5, 5] == pytest.approx(1.0)
+
+
+def test_no_instances_gives_all_background(cats):
+    t = _targets(np.zeros((0, 8, 10)), [], [], cats)
+    ref = empty_targets(8, 10)
+    assert set(t) == set(TARGET_KEYS)
+    for k in TARGET_KEYS:
+        assert t[k].dtype == ref[k].dtype and t[k].shape == ref[k].shape
+        assert not t[k].any()
+
+
+def test_bad_inputs_fail_with_a_clear_message(cats):
+    sq = _square(8, 8, 0, 0, 2)[None]
+    with pytest.raises(ValueError, match="labels"):
+        _targets(sq, [9], [False], cats)
+    with pytest.raises(ValueError, match="masks"):
+        _targets(sq[0], [1], [False], cats)
+    with pytest.raises(ValueError, match="boundary_width"):
+        _targets(sq, [1], [False], cats, width=0)
+
+
+def _ann(mask, category_id, iscrowd=0, ann_id=1):
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {
+        "id": ann_id,
+        "category_id": category_id,
+        "iscrowd": iscrowd,
+        "segmentation_size": list(rle["size"]),
+        "segmentation_counts": rle["counts"],
+    }
+
+
+def test_decode_annotations_round_trips_rle_and_drops_unknown_categories(cats):
+    a, b = _square(10, 12, 1, 1, 3), _square(10, 12, 5, 6, 4)
+    anns = [_ann(a, 3), _ann(b, 1, iscrowd=1, ann_id=2), _ann(a, 99, ann_id=3)]
+    masks, labels, crowd = decode_annotations(anns, 10, 12, cats)
+    assert masks.shape == (2, 10, 12) and masks.dtype == np.uint8
+    np.testing.assert_array_equal(masks[0], a)
+    np.testing.assert_array_equal(masks[1], b)
+    assert labels.tolist() == [cats.class_of(3), cats.class_of(1)]
+    assert crowd.tolist() == [False, True]
+
+
+def test_decode_annotations_empty_and_size_mismatch(cats):
+    masks, labels, crowd = decode_annotations([], 4, 5, cats)
+    assert masks.shape == (0, 4, 5) and labels.shape == (0,) and crowd.shape == (0,)
+    masks, _, _ = decode_annotations(None, 4, 5, cats)
+    assert masks.shape == (0, 4, 5)
+    with pytest.raises(ValueError, match="annotation 7: mask size"):
+        decode_annotations([_ann(_square(6, 6, 0, 0, 2), 1, ann_id=7)], 4, 5, cats)

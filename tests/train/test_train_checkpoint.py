@@ -1,0 +1,58 @@
+"""Checkpoints are complete or absent: a partial upload is never loaded."""
+
+import os
+
+import pytest
+import torch
+
+from mtseg.train import checkpoint as ckpt
+from mtseg.train.optim import lr_factor
+from mtseg.config import load_config
+
+
+def _save(root, name, step):
+    d = os.path.join(root, name)
+    ckpt.save(d, {"w": torch.full((3,), float(step))}, {"epoch": 0, "step": step, "epoch_rows": step * 4}, "a: 1\n")
+    return d
+
+
+def test_roundtrip(tmp_path):
+    d = _save(str(tmp_path), "checkpoint_a", 5)
+    state, meta = ckpt.load(d)
+    assert meta["step"] == 5 and torch.equal(state["w"], torch.full((3,), 5.0))
+
+
+def test_truncated_state_is_rejected(tmp_path):
+    d = _save(str(tmp_path), "checkpoint_a", 5)
+    with open(os.path.join(d, ckpt.STATE_FILE), "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ckpt.CheckpointError, match="does not match its hash"):
+        ckpt.load(d)
+
+
+def test_missing_meta_is_rejected(tmp_path):
+    d = _save(str(tmp_path), "checkpoint_a", 5)
+    os.unlink(os.path.join(d, ckpt.META_FILE))
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.verify(d)
+
+
+def test_latest_valid_walks_back_past_partial_uploads(tmp_path):
+    run = str(tmp_path)
+    _save(run, "checkpoint_2026-01-01_00-00-01", 10)
+    newer = _save(run, "checkpoint_2026-01-01_00-00-02", 20)
+    newest = _save(run, "checkpoint_2026-01-01_00-00-03", 30)
+    with open(os.path.join(newer, ckpt.STATE_FILE), "r+b") as f:  # upload cut short
+        f.truncate(7)
+    os.unlink(os.path.join(newest, ckpt.META_FILE))                # meta never arrived
+    uri, meta = ckpt.latest_valid(run, log=lambda *a: None)
+    assert meta["step"] == 10 and uri.endswith("00-00-01")
+
+
+def test_lr_schedule_warmup_then_decay():
+    cfg = load_config(None, ["train.warmup_steps=4", "train.schedule=poly"]).train
+    factors = [lr_factor(s, 20, cfg) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    cfg = load_config(None, ["train.warmup_steps=0", "train.schedule=cosine"]).train
+    assert lr_factor(0, 10, cfg) == 1.0 and lr_factor(10, 10, cfg) == pytest.approx(0.0)
