@@ -41,6 +41,9 @@ def _errors():
         errors.append(CheckpointError)
     except ImportError:  # pragma: no cover
         pass
+    from mtseg.submit import SubmitError
+
+    errors.append(SubmitError)
     return tuple(errors)
 
 
@@ -156,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=0.01")
     train.set_defaults(fn=cmd_train)
+
+    from mtseg import submit
+
+    submit.add_parsers(sub)
+
+    from mtseg import evaluate, predict
+
+    evaluate.add_parser(sub)
+    predict.add_parser(sub)
     return p
 
 

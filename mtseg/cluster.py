@@ -231,13 +231,15 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     ``env`` is shipped to every worker through the job's runtime_env (storage endpoint and
     credentials), so Ray Data readers and Train workers reach the same object store.
     """
+    apply_loopback_env()
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        enable_token_auth_for_client()  # before Ray is imported: it reads the mode once
     import ray
 
-    apply_loopback_env()
     if ray.is_initialized():
         return ray.get_runtime_context()
     runtime_env = {"env_vars": dict(env)} if env else None
-    address = os.environ.get("RAY_ADDRESS")
     if address:
         return ray.init(address=address, runtime_env=runtime_env, **kwargs)
     return ray.init(
@@ -247,6 +249,19 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
         runtime_env=runtime_env,
         **kwargs,
     )
+
+
+def enable_token_auth_for_client() -> None:
+    """Send Ray's auth token when one is available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+
+    Ray 2.60 clusters have token authentication on, but a client that connects to an
+    existing cluster only sends the token when ``RAY_AUTH_MODE=token``.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(path):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @dataclass

@@ -253,6 +253,7 @@ def test_panoptic_quality_perfect_empty_and_errors():
     pq = PanopticQuality(num_classes=3)
     pq.update(segs, segs)
     pq.update([], [])  # an image with nothing: no change
+    pq.update([(np.zeros(s, dtype=bool), 1)], [])  # an empty predicted segment is not a FP
     assert pq.compute()["pq"] == 1.0
     other = PanopticQuality.from_state(pq.state_dict())
     other.merge(pq)
@@ -326,7 +327,10 @@ def _perfect_batch(cats: CategoryIndex, seed: int = 0):
     image = torch.rand(b, 3, h, w, generator=g)
     batch = {"image": image, "semantic": semantic, "supercategory": supercat, "boundary": boundary,
              "image_id": torch.tensor([10, 11]), "orig_size": torch.tensor([[16, 16], [20, 24]])}
-    onehot = lambda t, n: torch.nn.functional.one_hot(t.clamp(max=n - 1), n).permute(0, 3, 1, 2).float() * 10
+
+    def onehot(t: torch.Tensor, n: int) -> torch.Tensor:  # confident logits for class map t
+        return torch.nn.functional.one_hot(t.clamp(max=n - 1), n).permute(0, 3, 1, 2).float() * 10
+
     outputs = {
         "semantic": onehot(semantic, cats.num_classes),
         "supercategory": onehot(supercat, cats.num_supercategories),

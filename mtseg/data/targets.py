@@ -43,7 +43,8 @@ def decode_annotations(
 
     Args:
         annotations: the row's ``annotations`` entries (``category_id``, ``iscrowd``,
-            ``segmentation_size`` [h, w], ``segmentation_counts`` compressed RLE bytes);
+            ``segmentation_size`` [h, w], ``segmentation_counts`` compressed RLE bytes, or str
+            as in COCO JSON);
             None or empty for an image without labels.
         height: image height in pixels; every mask must have this size.
         width: image width in pixels.
@@ -68,7 +69,9 @@ def decode_annotations(
                 f"annotation {ann.get('id')}: mask size {size} differs from the image size {[height, width]}"
             )
         counts = ann["segmentation_counts"]
-        rles.append({"size": size, "counts": counts if isinstance(counts, bytes) else bytes(counts)})
+        # bytes as stored in shards; str as in COCO JSON's compressed RLE
+        counts = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+        rles.append({"size": size, "counts": counts})
         labels.append(label)
         crowd.append(bool(ann.get("iscrowd", 0)))
     if not rles:
@@ -196,7 +199,7 @@ def _boundary(segments: np.ndarray, width: int) -> np.ndarray:
     h, w = segments.shape
     if not segments.any():
         return np.zeros((h, w), np.float32)
-    x = torch.from_numpy(segments).to(torch.float64)[None, None]  # exact for ids < 2**53
+    x = torch.from_numpy(segments).to(torch.float32)[None, None]  # exact for ids < 2**24
     x = F.pad(x, (width, width, width, width), mode="replicate")
     k = 2 * width + 1
     hi = F.max_pool2d(x, k, stride=1)

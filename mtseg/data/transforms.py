@@ -99,7 +99,9 @@ def apply_joint(
         image: uint8 (3, H, W).
         masks: (N, H, W) binary masks of the same H, W; N may be 0.
         seed: when given, the random draws are made from this seed (in a forked RNG, so the
-            global torch RNG is left as it was); None uses the global RNG.
+            global torch RNG is left as it was); None uses the global RNG. The draws go
+            through torch's process-wide CPU generator, so threads must not share it while
+            this runs (Ray tasks and DataLoader workers run one sample at a time).
 
     Returns:
         ``image`` uint8 (3, S, S) and ``masks`` uint8 numpy (N, S, S).
@@ -116,16 +118,13 @@ def apply_joint(
     if seed is None:
         out_img, out_msk = transform(img, msk)
     else:
-        # v2 draws from torch's global RNG; fork it so a per-image seed does not leak out.
+        # v2 draws from torch's global CPU generator; fork it so a per-image seed does not leak
+        # out. Seed only that generator: torch.manual_seed also queues a seed for every
+        # accelerator backend, recording a stack trace each time (half the cost of a 64 px image).
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             out_img, out_msk = transform(img, msk)
     return out_img.as_subclass(torch.Tensor), out_msk.as_subclass(torch.Tensor).numpy()
 
 
-def to_float_image(image: torch.Tensor) -> np.ndarray:
-    """uint8 (3, H, W) -> float32 numpy (3, H, W) in [0, 1] (the batch contract's ``image``)."""
-    return image.numpy().astype(np.float32) * np.float32(1.0 / 255.0)
-
-
-__all__ = ["CROP_RATIO", "apply_joint", "build_transform", "decode_image", "sample_seed", "to_float_image"]
+__all__ = ["CROP_RATIO", "apply_joint", "build_transform", "decode_image", "sample_seed"]

@@ -40,7 +40,7 @@ def _as_bool_array(mask: Any) -> np.ndarray:
 
 
 def _paint(segments: Sequence[Segment], shape: tuple[int, int] | None, what: str) -> tuple[np.ndarray | None, list[int]]:
-    """Segments -> id map (0 = none, n + 1 = segment n) and their classes; rejects overlaps."""
+    """Segments -> id map (0 = none, k = k-th non-empty segment) and their classes; rejects overlaps."""
     id_map = None if shape is None else np.zeros(shape, dtype=np.int64)
     classes = []
     for n, (mask, cls) in enumerate(segments):
@@ -49,10 +49,12 @@ def _paint(segments: Sequence[Segment], shape: tuple[int, int] | None, what: str
             id_map = np.zeros(m.shape, dtype=np.int64)
         if m.shape != id_map.shape:
             raise ValueError(f"{what}[{n}]: mask shape {m.shape} != {id_map.shape}")
+        if not m.any():
+            continue  # an empty segment can neither match nor be wrong
         if (id_map[m] != 0).any():
             raise ValueError(f"{what}[{n}]: overlaps an earlier segment (segments must be disjoint)")
-        id_map[m] = n + 1
         classes.append(int(cls))
+        id_map[m] = len(classes)
     return id_map, classes
 
 
@@ -75,7 +77,7 @@ class PanopticQuality(SumMetric):
         self.things = tuple(sorted({int(c) for c in (things if things is not None else range(1, num_classes))}))
         bad = [c for c in self.things if not 0 <= c < num_classes]
         if bad or not self.things:
-            raise ValueError(f"things: must be a non-empty subset of 0..{num_classes - 1}, got {list(things or [])}")
+            raise ValueError(f"things: must be a non-empty subset of 0..{num_classes - 1}, got {list(self.things)}")
         self.iou_threshold = float(iou_threshold)
         self._is_thing = np.zeros(self.num_classes, dtype=bool)
         self._is_thing[list(self.things)] = True
@@ -166,7 +168,10 @@ class PanopticQuality(SumMetric):
             sq = np.where(present, np.where(tp > 0, iou_sum / np.maximum(tp, 1), 0.0), np.nan)
             rq = np.where(present, tp / denom, np.nan)
         n = int(present.sum())
-        mean = (lambda v: float(v[present].mean())) if n else (lambda v: math.nan)
+
+        def mean(values: np.ndarray) -> float:
+            return float(values[present].mean()) if n else math.nan
+
         return {
             "pq": mean(pq), "sq": mean(sq), "rq": mean(rq),
             "pq_per_class": [float(v) for v in pq], "num_classes_evaluated": n,

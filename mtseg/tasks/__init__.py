@@ -96,12 +96,10 @@ def compute_losses(
     Returns:
         ``{task: scalar float32 tensor}`` in ``tasks`` order.
     """
-    losses = {}
-    for name, task in tasks.items():
-        if name not in outputs:
-            raise KeyError(f"compute_losses: the model returned no {name!r} output (has {', '.join(outputs)})")
-        losses[name] = task.loss(outputs[name], batch)
-    return losses
+    missing = [name for name in tasks if name not in outputs]
+    if missing:
+        raise KeyError(f"compute_losses: the model returned no {missing[0]!r} output (has {', '.join(outputs)})")
+    return {name: task.loss(outputs[name], batch) for name, task in tasks.items()}
 
 
 def build_metrics(tasks: dict[str, Task]) -> dict[str, TaskMetric]:

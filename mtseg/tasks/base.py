@@ -66,6 +66,10 @@ class Task(ABC):
 
     name: ClassVar[str]
     target_keys: ClassVar[tuple[str, ...]]
+    # Hidden width of the head relative to the decoder's. Heads predicting a few channels
+    # (edges, centers, offsets, RGB) do with half, as Panoptic-DeepLab's instance head does;
+    # this keeps the multi-task step close to the single-task one.
+    head_width: ClassVar[float] = 1.0
 
     @classmethod
     @abstractmethod
@@ -79,7 +83,7 @@ class Task(ABC):
 
     def build_head(self, in_channels: int) -> nn.Module:
         """The head: shared decoder feature ``(B, in_channels, h, w)`` -> ``(B, out_channels, h, w)``."""
-        return conv_head(in_channels, self.out_channels)
+        return conv_head(in_channels, self.out_channels, head_hidden(in_channels, self.head_width))
 
     def transform_inputs(
         self, images: torch.Tensor, batch: dict[str, torch.Tensor], *, train: bool, generator: torch.Generator | None
@@ -121,12 +125,25 @@ def conv_head(in_channels: int, out_channels: int, hidden: int | None = None) ->
     )
 
 
+def head_hidden(in_channels: int, width: float) -> int:
+    """Hidden channels of a head: ``width * in_channels``, at least 16 (or ``in_channels`` if smaller)."""
+    return min(in_channels, max(16, int(round(in_channels * width))))
+
+
 def image_weights(batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
     """Per-image weight ``(B, 1, 1)`` from ``batch["labeled"]``, or None when every image is labeled."""
     labeled = batch.get("labeled")
     if labeled is None:
         return None
     return labeled.to(device=like.device, dtype=torch.float32).reshape(-1, 1, 1)
+
+
+def labeled_mask(batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
+    """``(B, 1, 1)`` bool of labeled images, or None when all are labeled."""
+    labeled = batch.get("labeled")
+    if labeled is None:
+        return None
+    return labeled.to(device=like.device, dtype=torch.bool).reshape(-1, 1, 1)
 
 
 def valid_pixels(batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
@@ -168,6 +185,9 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, image_weigh
 class ConfusionMatrix(TaskMetric):
     """Confusion matrix over ``num_classes`` (bincount), ignoring :data:`IGNORE_INDEX`.
 
+    Subclasses implement ``update`` (which output and target to compare) on top of
+    :meth:`update_labels`.
+
     ``compute`` gives ``miou`` (mean over classes present in prediction or target) and
     ``pixel_acc``.
     """
@@ -184,9 +204,6 @@ class ConfusionMatrix(TaskMetric):
             valid &= keep
         idx = target[valid].to(torch.int64) * n + pred[valid].to(torch.int64)
         self._add(torch.bincount(idx, minlength=n * n).reshape(-1))
-
-    def update(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError  # the task's metric subclass says which target to use
 
     def matrix(self) -> torch.Tensor:
         n = self.num_classes
@@ -205,11 +222,3 @@ class ConfusionMatrix(TaskMetric):
             "miou": float(iou.mean()) if present.any() else 0.0,
             "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
         }
-
-
-def labeled_mask(batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
-    """``(B, 1, 1)`` bool of labeled images, or None when all are labeled."""
-    labeled = batch.get("labeled")
-    if labeled is None:
-        return None
-    return labeled.to(device=like.device, dtype=torch.bool).reshape(-1, 1, 1)

@@ -77,6 +77,7 @@ class BoundaryTask(Task):
     """Per-pixel edge detection (crowd pixels are not counted)."""
 
     name: ClassVar[str] = "boundary"
+    head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("boundary",)
 
     @classmethod

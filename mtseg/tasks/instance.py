@@ -52,6 +52,7 @@ class InstanceTask(Task):
     center_weight: float = 200.0
     offset_weight: float = 0.01
     name: ClassVar[str] = "instance"
+    head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("center", "offset", "thing_mask")
 
     @classmethod

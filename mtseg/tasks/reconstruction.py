@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtseg.tasks.base import Task, TaskMetric, conv_head
+from mtseg.tasks.base import Task, TaskMetric, conv_head, head_hidden
 
 # The model's input normalisation mean (ImageNet); masked pixels are set to it.
 MASK_FILL = (0.485, 0.456, 0.406)
@@ -101,6 +101,7 @@ class ReconstructionTask(Task):
     patch_size: int = 8
     mask_ratio: float = 0.5
     name: ClassVar[str] = "reconstruction"
+    head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("image",)
 
     @classmethod
@@ -112,7 +113,7 @@ class ReconstructionTask(Task):
         return 3
 
     def build_head(self, in_channels: int) -> nn.Module:
-        return nn.Sequential(conv_head(in_channels, 3), nn.Sigmoid())
+        return nn.Sequential(conv_head(in_channels, 3, head_hidden(in_channels, self.head_width)), nn.Sigmoid())
 
     def transform_inputs(
         self, images: torch.Tensor, batch: dict[str, torch.Tensor], *, train: bool, generator: torch.Generator | None

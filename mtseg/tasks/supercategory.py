@@ -75,6 +75,7 @@ class SupercategoryTask(Task):
     class_to_super: tuple[int, ...]
     hierarchical: bool = True
     name: ClassVar[str] = "supercategory"
+    head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("supercategory",)
     _index_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

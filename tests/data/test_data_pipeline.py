@@ -11,13 +11,19 @@ from mtseg.data.categories import IGNORE_INDEX
 from mtseg.data.manifest import ManifestError, read_manifest
 from mtseg.data.pipeline import (
     BATCH_KEYS,
+    CHUNK_ROWS,
+    CONTRACT_DTYPES,
+    ChunkedTransform,
     SampleTransform,
     build_stream,
     categories_of,
     iter_local_batches,
+    iter_torch,
+    label_dtype,
     read_split,
     shard_order,
     to_torch,
+    wire_spec,
 )
 from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
@@ -30,7 +36,7 @@ DTYPES = {
     "image": torch.float32, "semantic": torch.int64, "supercategory": torch.int64, "boundary": torch.float32,
     "center": torch.float32, "offset": torch.float32, "thing_mask": torch.float32, "image_id": torch.int64,
     "orig_size": torch.int64,
-}
+}  # the batch contract, spelled out independently of the module under test
 
 
 def _shapes(b, s):
@@ -140,8 +146,56 @@ def test_sample_transform_pickles_and_names_bad_images(shards, cfg):
     assert out["image"].shape == (3, SIZE, SIZE) and out["orig_size"].tolist() == [48, 40]
     with pytest.raises(ValueError, match="image 79: decoded size"):
         fn.sample(_jpeg(48, 40), [], 79, 48, 48)
-    batch = to_torch(fn.__call__(_rows([(_jpeg(48, 48), 1)])))
-    assert batch["image"].shape == (1, 3, SIZE, SIZE)
+    rows = _rows([(_jpeg(48, 48), i) for i in range(CHUNK_ROWS + 3)])
+    assert fn(rows)["image_id"].tolist() == list(range(CHUNK_ROWS + 3))
+    chunks = list(ChunkedTransform(fn)(rows))
+    assert [len(c["image_id"]) for c in chunks] == [CHUNK_ROWS, 3]
+    assert to_torch(chunks[1])["image"].shape == (3, 3, SIZE, SIZE)
+    with pytest.raises(ValueError, match="missing columns"):
+        fn(rows.drop_columns(["annotations"]))
+
+
+def test_wire_layout_is_exact_and_to_torch_gives_the_contract(shards, cfg):
+    cats = categories_of(read_manifest(shards, SPLIT))
+    fn = SampleTransform.from_config(cats, cfg, train=False)
+    spec = wire_spec(SIZE, cats)
+    import pyarrow.parquet as pq
+
+    path = shards + "/" + SPLIT + "/" + read_manifest(shards, SPLIT)["shards"][0]["path"]
+    rows = pq.read_table(path).slice(0, 4)
+    wire = fn(rows)
+    for k, (shape, dtype) in spec.items():
+        assert wire[k].shape == (4, *shape) and wire[k].dtype == dtype, k
+    # The same image straight through build_targets, in float: the wire loses nothing that matters.
+    from mtseg.data.targets import build_targets, decode_annotations
+    from mtseg.data.transforms import apply_joint, decode_image
+
+    row = rows.to_pylist()[0]
+    masks, labels, crowd = decode_annotations(row["annotations"], row["height"], row["width"], cats)
+    px, masks = apply_joint(fn._transform, decode_image(row["image"]), masks)
+    ref = build_targets(masks, labels, crowd, cats, boundary_width=cfg.tasks.boundary_width, center_sigma=cfg.tasks.center_sigma)
+    # Read-only inputs, as Ray hands them out, must convert without copies being forgotten.
+    for v in wire.values():
+        v.setflags(write=False)
+    batch = to_torch(wire)
+    for k, dtype in CONTRACT_DTYPES.items():
+        assert batch[k].dtype == dtype, k
+    for k in ("semantic", "supercategory", "boundary", "offset", "thing_mask"):
+        np.testing.assert_array_equal(batch[k][0].numpy(), ref[k].astype(batch[k].numpy().dtype), err_msg=k)
+    np.testing.assert_allclose(batch["center"][0].numpy(), ref["center"], atol=1e-3)
+    np.testing.assert_allclose(batch["image"][0].numpy(), px.numpy() / 255.0, atol=1e-6)
+    assert batch["image_id"].tolist()[0] == row["image_id"]
+    # Already-converted batches pass through unchanged.
+    again = to_torch(batch)
+    assert all(torch.equal(again[k], batch[k]) for k in batch)
+
+
+def test_label_dtype_widens_for_large_label_spaces():
+    from mtseg.data.categories import CategoryIndex
+
+    small = CategoryIndex.from_categories([{"id": i, "name": str(i), "supercategory": "s"} for i in range(1, 81)])
+    large = CategoryIndex.from_categories([{"id": i, "name": str(i), "supercategory": "s"} for i in range(1, 300)])
+    assert label_dtype(small) == np.uint8 and label_dtype(large) == np.int32
 
 
 def _jpeg(h, w):
@@ -173,14 +227,17 @@ def _rows(items):
 def test_ray_stream_matches_the_local_path(ray_local, shards, cfg):
     ds, manifest = read_split(shards, SPLIT)
     stream = build_stream(ds, categories_of(manifest), cfg, train=False)
-    got = _collect(stream.iter_torch_batches(batch_size=cfg.data.batch_size))
+    got = _collect(iter_torch(stream, cfg.data.batch_size))
     want = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=False))
     for k in BATCH_KEYS:
         assert got[k].dtype == want[k].dtype, k
         assert torch.equal(got[k], want[k]), k
+    # One fused read + map task per shard, nothing materialized: what a task holds is bounded
+    # by one shard, however many shards there are.
+    assert f"ReadParquet->MapBatches(ChunkedTransform): {len(manifest['shards'])} tasks executed" in stream.stats()
     # Training draws depend on (seed, epoch, image_id) only, not on which worker decoded what.
     train = build_stream(read_split(shards, SPLIT)[0], categories_of(manifest), cfg, train=True, epoch=3, seed=1)
-    got_t = _collect(train.iter_torch_batches(batch_size=5))
+    got_t = _collect(iter_torch(train, 5))
     want_t = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=True, epoch=3, seed=1))
     assert torch.equal(got_t["image"], want_t["image"]) and torch.equal(got_t["offset"], want_t["offset"])
 
@@ -191,7 +248,7 @@ def test_synth_shard_stream_round_trip_through_seaweedfs(ray_local, s3_bucket, c
     assert read_manifest(s3_bucket, SPLIT)["shards"] == manifest["shards"]
     ds, manifest = read_split(s3_bucket, SPLIT, shards=shard_order(manifest, seed=0, epoch=0))
     stream = build_stream(ds, categories_of(manifest), cfg, train=False)
-    got = _collect(stream.iter_torch_batches(batch_size=cfg.data.batch_size))
+    got = _collect(iter_torch(stream, cfg.data.batch_size))
     assert len(got["image_id"]) == N_IMAGES
     # Same bytes in, same batches out: S3 shards give what the local shards give.
     want = _collect(iter_local_batches(shards, SPLIT, None, cfg, train=False))

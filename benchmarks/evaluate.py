@@ -1,0 +1,271 @@
+"""Evaluation throughput: Ray Data batch inference vs a plain loop, and COCOeval time per 1,000 instances.
+
+Run (about three minutes on 2 CPUs)::
+
+    .venv/bin/python benchmarks/evaluate.py                  # 320 synthetic 64 px images
+    .venv/bin/python benchmarks/evaluate.py --images 1024 --passes 3
+
+Inference, same model and same images on both sides, each doing the whole evaluation work
+per image (decode + resize + targets, forward, fusion, per-batch metric updates):
+
+* ``ray_data``: :func:`mtseg.evaluate.build_eval_dataset` on a local Ray with 2 CPUs, the
+  actor plan ``mtseg evaluate`` picks by default (:func:`mtseg.evaluate.plan_actors`),
+  iterated to the last per-batch state; the actors' start (process, imports, model load)
+  is inside the timing, as it is in a real run;
+* ``plain``: one process, torch on every core, :func:`mtseg.data.pipeline.iter_local_batches`
+  feeding :func:`mtseg.train.loop.evaluate` (training validation's loop) and one Evaluator.
+
+Both read the same parquet shards from local disk. The model is the demo's (resnet18 + FPN,
+five tasks) at random init: throughput does not depend on what the weights learned. Each
+side makes one warm-up pass, then ``--passes`` timed passes; the sides alternate pass by pass
+so that background load on a shared machine hits both alike; images/s is the median.
+
+COCOeval: ground truth from the same shards, detections made from it (each object detected
+``--detections-per-object`` times with masks shifted by up to two pixels and falling scores,
+one false positive per image), scored by plain single-process pycocotools (``evaluate`` +
+``accumulate`` + ``summarize``) and by ``CocoMaskEvaluator.compute`` with the per-image
+matching in Ray tasks (the two must agree exactly); time per 1,000 detected instances.
+
+One JSON line goes to stdout and to ``benchmarks/results/evaluate.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "evaluate.json")
+SPLIT = "val2017"
+
+
+def _make_checkpoint(directory: str, data_uri: str, batch_size: int) -> str:
+    from mtseg.config import load_config, to_yaml
+    from mtseg.data.manifest import read_manifest
+    from mtseg.data.pipeline import categories_of
+    from mtseg.models import build_model
+    from mtseg.train import checkpoint as ckpt
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs", "demo.yaml")
+    cfg = load_config(config, [f"data.uri={data_uri}", f"data.batch_size={batch_size}"])
+    categories = categories_of(read_manifest(data_uri, SPLIT))
+    torch.manual_seed(0)
+    model = build_model(cfg, categories)
+    ckpt.save(directory, {"model": model.state_dict()}, {"step": 0, "categories": categories.to_categories()}, to_yaml(cfg))
+    return directory
+
+
+def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt) -> tuple[int, float]:
+    """Training validation's loop in one process over the split; (images, seconds)."""
+    from mtseg.data.pipeline import iter_local_batches
+    from mtseg.metrics import Evaluator
+    from mtseg.predict import build_inference_model
+    from mtseg.tasks import build_tasks
+    from mtseg.train.loop import evaluate
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    cfg, cats = loaded.cfg, loaded.categories
+    model = build_inference_model(cfg, cats, loaded.model_state)
+    tasks = build_tasks(cfg, cats)
+    evaluator = Evaluator(cats, cfg.tasks.names, coco_gt=coco_gt)
+    images = 0
+    for batch in iter_local_batches(data_uri, SPLIT, cats, cfg, False, batch_size=batch_size):
+        evaluate(model, [batch], tasks, cfg, cats, evaluator, torch.device("cpu"))
+        images += int(batch["image_id"].shape[0])
+    return images, time.perf_counter() - start
+
+
+def ray_pass(loaded, data_uri: str, batch_size: int) -> tuple[int, float, dict]:
+    """``mtseg evaluate``'s pipeline, default actor plan, to the last per-batch state; (images, seconds, plan)."""
+    import ray
+
+    from mtseg.evaluate import build_eval_dataset, plan_actors
+
+    start = time.perf_counter()
+    plan = plan_actors(ray.cluster_resources())
+    ds, _ = build_eval_dataset(loaded, data_uri, SPLIT, batch_size=batch_size, plan=plan)
+    images = sum(int(row["images"]) for row in ds.iter_rows())
+    return images, time.perf_counter() - start, plan
+
+
+def ground_truth(data_uri: str):
+    """The split's COCO ground truth, from the shards' annotation columns (no pixels read)."""
+    import pyarrow.parquet as pq
+
+    from mtseg import storage
+    from mtseg.data.manifest import read_manifest, shard_uris
+    from mtseg.metrics import coco_gt_from_rows
+
+    manifest = read_manifest(data_uri, SPLIT)
+    rows = []
+    for uri in shard_uris(data_uri, SPLIT, manifest):
+        fs, path = storage.resolve(uri)
+        rows += pq.read_table(path, filesystem=fs, columns=["image_id", "height", "width", "annotations"]).to_pylist()
+    return coco_gt_from_rows(rows, manifest["categories"])
+
+
+def _fake_detections(gt, copies: int, seed: int = 0) -> list[dict]:
+    """Detections derived from the ground truth, as a detector's output looks.
+
+    Every object is detected ``copies`` times (its mask shifted by up to two pixels, scores
+    falling with each copy: one good match and near-duplicates), and every image has one
+    false positive (another image's object pasted in).
+    """
+    from pycocotools import mask as mask_utils
+
+    rng = np.random.default_rng(seed)
+    anns_by_image: dict[int, list[dict]] = {}
+    for ann in gt.dataset["annotations"]:
+        anns_by_image.setdefault(int(ann["image_id"]), []).append(ann)
+    image_ids = sorted(gt.imgs)
+    results = []
+    for n, image_id in enumerate(image_ids):
+        h, w = int(gt.imgs[image_id]["height"]), int(gt.imgs[image_id]["width"])
+        objects = [(a, k) for a in anns_by_image.get(image_id, []) if not a["iscrowd"] for k in range(copies)]
+        donor = [a for a in anns_by_image.get(image_ids[(n + 1) % len(image_ids)], []) if not a["iscrowd"]][:1]
+        for ann, k in objects + [(a, copies) for a in donor]:
+            m = mask_utils.decode(gt.annToRLE(ann))
+            if m.shape != (h, w):
+                continue
+            m = np.roll(m, tuple(int(v) for v in rng.integers(-2, 3, size=2)), axis=(0, 1))
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            results.append({"image_id": int(image_id), "category_id": int(ann["category_id"]),
+                            "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                            "score": float(rng.uniform(0.5, 1.0) / (1 + k))})
+    return results
+
+
+def coco_timing(gt, shards: int, copies: int) -> dict:
+    """Seconds per 1,000 detections: single-process pycocotools vs CocoMaskEvaluator + ray_map.
+
+    The Ray side runs twice: the first call pays for the task workers' imports, the second
+    is what every later evaluation in the same cluster costs.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    from mtseg.metrics import CocoMaskEvaluator, ray_map
+
+    results = _fake_detections(gt, copies)
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        ev = COCOeval(gt, gt.loadRes([dict(r) for r in results]), iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    single_s = time.perf_counter() - start
+
+    ray_s = []
+    for _ in range(2):
+        start = time.perf_counter()
+        dist = CocoMaskEvaluator(gt)
+        dist.update(results)
+        dist.compute(num_shards=shards, executor=ray_map(num_cpus=1))
+        ray_s.append(time.perf_counter() - start)
+        if not np.array_equal(dist.stats, ev.stats):
+            raise AssertionError(f"distributed COCOeval {dist.stats} != single-process {ev.stats}")
+    per_k = 1000.0 / len(results)
+    return {
+        "images": len(gt.imgs),
+        "gt_instances": len(gt.dataset["annotations"]),
+        "detections": len(results),
+        "mask_ap": round(float(ev.stats[0]), 4),
+        "single_process_s": round(single_s, 3),
+        "ray_tasks_first_s": round(ray_s[0], 3),
+        "ray_tasks_s": round(ray_s[1], 3),
+        "ray_shards": shards,
+        "single_process_s_per_1000_instances": round(single_s * per_k, 3),
+        "ray_tasks_s_per_1000_instances": round(ray_s[1] * per_k, 3),
+        "stats_identical": True,
+    }
+
+
+def _median_rate(runs: list[tuple[int, float]]) -> float:
+    return statistics.median(n / t for n, t in runs)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=320, help="synthetic validation images")
+    parser.add_argument("--size", type=int, default=64, help="synthetic image side, pixels")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images-per-shard", type=int, default=64)
+    parser.add_argument("--passes", type=int, default=2, help="timed passes per side (after one warm-up)")
+    parser.add_argument("--coco-shards", type=int, default=4, help="Ray tasks for the COCO per-image matching")
+    parser.add_argument("--detections-per-object", type=int, default=8, help="detections made from each object")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+
+    from mtseg.cluster import init_local_ray
+    from mtseg.data.shard import shard_coco
+    from mtseg.data.synth import synthesize
+    from mtseg.predict import load_checkpoint
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mtseg-bench-eval-") as tmp:
+        coco_root, data_uri = os.path.join(tmp, "coco"), os.path.join(tmp, "shards")
+        synthesize(coco_root, train=0, val=args.images, size=args.size, seed=0)
+        manifest = shard_coco(coco_root, SPLIT, data_uri, images_per_shard=args.images_per_shard, log=lambda _: None)
+        loaded = load_checkpoint(_make_checkpoint(os.path.join(tmp, "run", "checkpoint_000000"), data_uri, args.batch_size))
+        gt = ground_truth(data_uri)  # built once, outside the timings, as training validation does
+        init_local_ray(num_cpus=2, log_to_driver=False)
+        try:
+            plain_runs, ray_runs, plan = [], [], {}
+            for _ in range(args.passes + 1):  # the first pass of each side is the warm-up
+                plain_runs.append(plain_pass(loaded, data_uri, args.batch_size, gt))
+                n, seconds, plan = ray_pass(loaded, data_uri, args.batch_size)
+                ray_runs.append((n, seconds))
+            coco = coco_timing(gt, args.coco_shards, args.detections_per_object)
+        finally:
+            ray.shutdown()
+
+    plain_rate, ray_rate = _median_rate(plain_runs[1:]), _median_rate(ray_runs[1:])
+    result = {
+        "benchmark": "evaluate",
+        "images": args.images,
+        "image_px": args.size,
+        "model_px": loaded.cfg.data.image_size,
+        "model": f"{loaded.cfg.model.backbone}+{loaded.cfg.model.decoder}, tasks {','.join(loaded.cfg.tasks.names)}",
+        "batch_size": args.batch_size,
+        "shards": len(manifest["shards"]),
+        "cpus": os.cpu_count(),
+        "ray_plan": {k: plan[k] for k in ("actors", "device", "num_cpus", "threads")},
+        "ray_data_images_per_s": round(ray_rate, 2),
+        "plain_loop_images_per_s": round(plain_rate, 2),
+        "ratio": round(ray_rate / plain_rate, 3),
+        "target_ratio": 0.9,
+        "ray_passes_images_per_s": [round(n / t, 2) for n, t in ray_runs[1:]],
+        "plain_passes_images_per_s": [round(n / t, 2) for n, t in plain_runs[1:]],
+        "warmup_images_per_s": {"ray_data": round(ray_runs[0][0] / ray_runs[0][1], 2),
+                                "plain": round(plain_runs[0][0] / plain_runs[0][1], 2)},
+        "cocoeval": coco,
+        "cocoeval_s_per_1000_instances": coco["single_process_s_per_1000_instances"],
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,489 @@
+"""``mtseg evaluate``: a checkpoint's metrics on a whole split, with Ray Data batch inference.
+
+    mtseg evaluate --checkpoint s3://bucket/runs/demo/checkpoint_000012 --data s3://bucket/shards --split val2017
+
+The pipeline streams; nothing but small per-batch metric states reaches the driver::
+
+    read_parquet(split shards)  ─ streaming, S3 or local
+      └ map_batches(EvalPreprocess)      CPU tasks (fused with the read, one per shard): decode +
+                                         resize (the validation transform) + targets, plus each
+                                         image's ground truth as a JSON row
+      └ map_batches(EvalActor)           actor pool, model loaded once per actor (one GPU each
+                                         when the cluster has GPUs): forward + fusion + the
+                                         per-batch Evaluator -> one row {state, gt}
+    driver: ground truth from the gt rows, per-batch states merged into one Evaluator,
+            COCO mask AP with the per-image matching in parallel Ray tasks (official numbers)
+
+The per-batch work is :func:`mtseg.train.loop.evaluate` feeding a
+:class:`mtseg.metrics.Evaluator`: the very code training validation runs, so the two report
+the same numbers for the same model and images. Each actor evaluates a batch against that
+batch's own ground truth (built from the rows it received), so no actor needs the whole
+split's annotations; the driver merges the states (sums for the dense metrics and PQ, COCO
+results with compressed RLE masks for mask AP) and runs ``CocoMaskEvaluator.compute`` with
+``ray_map``, which equals a single-process pycocotools run bit for bit.
+
+Results go to ``metrics.json`` and ``metrics.md`` beside the checkpoint (or ``--out``), and
+the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+
+from mtseg import storage
+from mtseg.data.categories import CategoryIndex
+from mtseg.predict import LoadedCheckpoint, PredictError, build_inference_model, load_checkpoint
+
+# torch, Ray and the data pipeline are imported where used, so that building the CLI parser
+# (which imports this module) stays fast.
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from mtseg.data.pipeline import SampleTransform
+
+#: Shard columns that make up an image's ground truth (everything but the pixels).
+GT_COLUMNS = ("image_id", "height", "width", "annotations")
+
+#: Images per preprocessed chunk (the unit that travels to the actors).
+PREPROCESS_CHUNK_ROWS = 16
+
+#: CPUs a read + decode task reserves: Ray Data's default for a read task, which the decode
+#: map keeps so that the two fuse into one task per shard.
+PREPROCESS_TASK_CPUS = 1.0
+
+#: Images per COCO matching task, roughly: enough to amortise a task's start.
+IMAGES_PER_COCO_SHARD = 64
+
+METRICS_JSON = "metrics.json"
+METRICS_MD = "metrics.md"
+
+
+def _gt_row(row: dict) -> dict:
+    """A shard row's ground truth as JSON-able values (RLE counts bytes -> ASCII str)."""
+    anns = []
+    for a in row.get("annotations") or ():
+        a = dict(a)
+        counts = a.get("segmentation_counts")
+        if isinstance(counts, (bytes, bytearray)):
+            a["segmentation_counts"] = counts.decode("ascii")
+        anns.append(a)
+    return {"image_id": int(row["image_id"]), "height": int(row["height"]), "width": int(row["width"]), "annotations": anns}
+
+
+@dataclass(frozen=True)
+class EvalPreprocess:
+    """Ray Data UDF (CPU tasks): shard rows -> the stream's wire layout plus a ``gt`` column.
+
+    A generator over chunks of :data:`PREPROCESS_CHUNK_ROWS` images, so that it can take a
+    whole block (``batch_size=None``, which lets Ray fuse it with the read) without holding a
+    shard's decoded images at once.
+
+    Attributes:
+        transform: the validation :class:`~mtseg.data.pipeline.SampleTransform` (``train=False``).
+    """
+
+    transform: SampleTransform
+
+    def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
+        from mtseg.data.pipeline import READ_COLUMNS
+
+        for start in range(0, batch.num_rows, PREPROCESS_CHUNK_ROWS):
+            cols = {c: batch.column(c).slice(start, PREPROCESS_CHUNK_ROWS).to_pylist() for c in READ_COLUMNS}
+            rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
+            out = self.transform.stack([
+                self.transform.sample(r["image"], r["annotations"], r["image_id"], r["height"], r["width"]) for r in rows
+            ])
+            out["gt"] = np.array([json.dumps(_gt_row(r)) for r in rows], dtype=object)
+            yield out
+
+
+class EvalActor:
+    """Ray Data UDF (actor pool): batch -> one row with the batch's Evaluator state.
+
+    The model is built and its weights loaded once, in the constructor.
+
+    Args:
+        cfg: the run's config as a dict (``Config.to_dict()``).
+        categories: COCO categories of the label space (``CategoryIndex.to_categories()``).
+        model_state: the model's ``state_dict``, or an ObjectRef to it: the driver reads the
+            checkpoint once and every actor fetches the weights from the object store.
+        device: ``cpu`` or ``cuda``.
+        num_threads: torch intra-op threads (CPU actors).
+        prefix: metric key namespace.
+    """
+
+    def __init__(self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu",
+                 num_threads: int = 1, prefix: str = "val"):
+        import ray
+        import torch
+
+        from mtseg.config import config_from_dict
+        from mtseg.tasks import build_tasks
+
+        if isinstance(model_state, ray.ObjectRef):
+            model_state = ray.get(model_state)
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(num_threads)))
+        self.cfg = config_from_dict(cfg)
+        self.coco_categories = list(categories)
+        self.categories = CategoryIndex.from_categories(self.coco_categories)
+        self.device = torch.device(device)
+        self.model = build_inference_model(self.cfg, self.categories, model_state, self.device)
+        self.tasks = build_tasks(self.cfg, self.categories)
+        self.prefix = prefix
+        self.with_instances = "instance" in self.cfg.tasks.names
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from mtseg.data.pipeline import BATCH_KEYS, to_torch
+        from mtseg.metrics import Evaluator, coco_gt_from_rows
+        from mtseg.train.loop import evaluate
+
+        gt_json = [str(s) for s in batch["gt"]]
+        tensors = to_torch({k: batch[k] for k in BATCH_KEYS})  # wire layout -> batch contract
+        coco_gt = None
+        if self.with_instances:
+            coco_gt = coco_gt_from_rows([json.loads(s) for s in gt_json], self.coco_categories)
+        evaluator = Evaluator(self.categories, self.cfg.tasks.names, coco_gt=coco_gt, prefix=self.prefix)
+        evaluate(self.model, [tensors], self.tasks, self.cfg, self.categories, evaluator, self.device)
+        return {
+            "state": np.array([pickle.dumps(evaluator.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)], dtype=object),
+            "gt": np.array(["[" + ",".join(gt_json) + "]"], dtype=object),
+            "images": np.array([len(gt_json)], dtype=np.int64),
+        }
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one checkpoint on one split.
+
+    Attributes:
+        metrics: ``{"val/miou": ..., "val/mask_ap": ..., ...}`` (NaN where undefined).
+        images: images evaluated.
+        checkpoint: checkpoint directory URI.
+        data: dataset root.
+        split: split name.
+        timing: ``inference_s`` (streaming pipeline, first read to last state),
+            ``images_per_s``, ``metrics_s`` (merge + COCO matching + accumulate), ``total_s``.
+        setup: how the pipeline ran (actors, device, batch size, COCO shards).
+        files: URIs of the written ``metrics.json`` and ``metrics.md`` (empty if not written).
+    """
+
+    metrics: dict[str, float]
+    images: int
+    checkpoint: str
+    data: str
+    split: str
+    timing: dict[str, float] = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict; undefined metrics (NaN) become null."""
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.metrics.items()}
+        return {"checkpoint": self.checkpoint, "data": self.data, "split": self.split, "images": self.images,
+                "metrics": clean, "timing": self.timing, "setup": self.setup}
+
+    def table(self) -> str:
+        """The markdown report: what was evaluated, then one row per metric."""
+        from mtseg.report import metrics_table
+
+        s = self.setup
+        lines = [
+            f"# Evaluation of `{self.checkpoint}`",
+            "",
+            f"Split `{self.split}` of `{self.data}`: {self.images} images; "
+            f"{s.get('actors', '?')} {s.get('device', '?')} inference actor(s), batch {s.get('batch_size', '?')}; "
+            f"{self.timing.get('images_per_s', 0.0):.1f} images/s; metrics {self.timing.get('metrics_s', 0.0):.1f}s "
+            f"(COCO matching in {s.get('coco_shards', 1)} Ray tasks).",
+            "",
+            metrics_table(self.metrics),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurrency: int | None = None,
+                actor_cpus: float | None = None, preprocess_cpus: float = PREPROCESS_TASK_CPUS) -> dict[str, Any]:
+    """How many inference actors, with which resources.
+
+    GPU actors take one GPU each, one actor per GPU by default. CPU actors run one torch
+    thread each, one actor per CPU by default (several single-threaded forwards use small
+    images' convolutions better than one multi-threaded forward). Either way the actors
+    together reserve at most the cluster's CPUs minus ``preprocess_cpus``: the read +
+    decode tasks feeding them need that much free to be scheduled at all, and with every
+    CPU held by an actor the stream would stall forever.
+
+    Args:
+        resources: ``ray.cluster_resources()``.
+        use_gpu: ``auto`` (GPUs when the cluster has them), ``true`` or ``false``.
+        concurrency: number of actors; default as above.
+        actor_cpus: CPUs each actor reserves; default its share of the CPUs left over (at most 1).
+        preprocess_cpus: CPUs one read + decode task reserves.
+
+    Returns:
+        ``{"actors", "device", "num_cpus", "num_gpus", "threads"}``.
+
+    Raises:
+        PredictError: GPUs asked for and absent, or bad numbers.
+    """
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 0))
+    if use_gpu not in ("auto", "true", "false"):
+        raise PredictError(f"--use-gpu: expected auto, true or false, got {use_gpu!r}")
+    if use_gpu == "true" and gpus == 0:
+        raise PredictError("--use-gpu true: the Ray cluster has no GPUs")
+    if concurrency is not None and concurrency < 1:
+        raise PredictError(f"--concurrency: must be >= 1, got {concurrency}")
+    if actor_cpus is not None and actor_cpus < 0:
+        raise PredictError(f"--actor-cpus: must be >= 0, got {actor_cpus}")
+    on_gpu = gpus > 0 and use_gpu != "false"
+    actors = concurrency or (gpus if on_gpu else max(1, int(cpus)))
+    if actor_cpus is None:
+        actor_cpus = max(0.0, min(1.0, (cpus - preprocess_cpus) / actors))
+    if actors * actor_cpus > max(0.0, cpus - preprocess_cpus) + 1e-9:
+        raise PredictError(
+            f"{actors} actors x {actor_cpus} CPUs leave less than the {preprocess_cpus} CPU a read + decode task "
+            f"needs on a cluster of {cpus:g} CPUs; lower --concurrency or --actor-cpus"
+        )
+    return {
+        "actors": actors,
+        "device": "cuda" if on_gpu else "cpu",
+        "num_cpus": round(actor_cpus, 4),
+        "num_gpus": 1.0 if on_gpu else 0.0,
+        "threads": max(1, int(actor_cpus)),
+    }
+
+
+def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int,
+                       plan: dict[str, Any], limit: int | None = None, prefix: str = "val"):
+    """The lazy Ray Dataset of per-batch evaluator states (see the module docstring).
+
+    Args:
+        loaded: the checkpoint.
+        data_uri: dataset root.
+        split: split name.
+        batch_size: images per model forward.
+        plan: from :func:`plan_actors`.
+        limit: evaluate the first ``limit`` images only.
+        prefix: metric key namespace.
+
+    Returns:
+        (dataset with rows ``{"state", "gt", "images"}``, the split's manifest).
+    """
+    import ray
+    import ray.data
+
+    from mtseg.data.pipeline import SampleTransform, read_split
+
+    cfg = loaded.cfg
+    ds, manifest = read_split(data_uri, split)
+    if limit:
+        ds = ds.limit(int(limit))
+    transform = SampleTransform.from_config(loaded.categories, cfg, train=False)
+    # As in the training stream: the preprocessing fuses with the read, one task per shard.
+    ds = ds.map_batches(EvalPreprocess(transform), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    state_ref = ray.put(loaded.model_state)
+    return ds.map_batches(
+        EvalActor,
+        fn_constructor_kwargs={"cfg": cfg.to_dict(), "categories": loaded.categories.to_categories(),
+                               "model_state": state_ref, "device": plan["device"], "num_threads": plan["threads"],
+                               "prefix": prefix},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_cpus=plan["num_cpus"],
+        num_gpus=plan["num_gpus"],
+    ), manifest
+
+
+def _check_label_space(loaded: LoadedCheckpoint, manifest: dict, where: str) -> None:
+    data = CategoryIndex.from_categories(manifest["categories"])
+    if data.coco_ids != loaded.categories.coco_ids:
+        raise PredictError(
+            f"{where}: its categories (COCO ids {list(data.coco_ids)[:8]}...) differ from the checkpoint's "
+            f"({list(loaded.categories.coco_ids)[:8]}...); evaluate on data with the label space the model was trained on"
+        )
+
+
+def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int | None = None,
+                    concurrency: int | None = None, actor_cpus: float | None = None, use_gpu: str = "auto",
+                    limit: int | None = None, coco_shards: int | None = None, prefix: str = "val",
+                    log: Callable[[str], None] = print) -> EvaluationResult:
+    """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
+
+    Args:
+        loaded: from :func:`mtseg.predict.load_checkpoint`.
+        data_uri: dataset root (local or ``s3://``).
+        split: split name.
+        batch_size: images per forward pass; default the run's ``data.batch_size``.
+        concurrency: inference actors; default one per GPU, else one per CPU.
+        actor_cpus: CPUs each actor reserves; default see :func:`plan_actors`.
+        use_gpu: ``auto``, ``true`` or ``false``.
+        limit: only the first ``limit`` images.
+        coco_shards: Ray tasks for the COCO per-image matching; default by image count and CPUs.
+        prefix: metric key namespace.
+        log: progress lines.
+
+    Returns:
+        An :class:`EvaluationResult` (nothing written).
+
+    Raises:
+        PredictError: bad arguments, a label space that differs from the checkpoint's, or an
+            empty split.
+    """
+    from mtseg.data.manifest import read_manifest
+    from mtseg.metrics import Evaluator, coco_gt_from_rows, ray_map
+
+    batch_size = int(batch_size or loaded.cfg.data.batch_size)
+    if batch_size < 1:
+        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise PredictError(f"--limit: must be >= 1, got {limit}")
+    manifest = read_manifest(data_uri, split)
+    _check_label_space(loaded, manifest, storage.join(data_uri, split))
+    resources = _cluster_resources()
+    plan = plan_actors(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
+    ds, manifest = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit, prefix=prefix)
+    log(f"[evaluate] {storage.join(data_uri, split)}: {plan['actors']} {plan['device']} actor(s), batch {batch_size}")
+
+    t0 = time.monotonic()
+    states: list[bytes] = []
+    gt_rows: list[dict] = []
+    images = 0
+    for row in ds.iter_rows():
+        states.append(row["state"])
+        gt_rows.extend(json.loads(row["gt"]))
+        images += int(row["images"])
+    inference_s = time.monotonic() - t0
+    if images == 0:
+        raise PredictError(f"{storage.join(data_uri, split)}: no images to evaluate")
+    log(f"[evaluate] {images} images in {inference_s:.1f}s ({images / inference_s:.1f} img/s); computing metrics")
+
+    t1 = time.monotonic()
+    names = loaded.cfg.tasks.names
+    coco_gt = coco_gt_from_rows(gt_rows, manifest["categories"]) if "instance" in names else None
+    evaluator = Evaluator(loaded.categories, names, coco_gt=coco_gt, prefix=prefix)
+    for blob in states:
+        part = Evaluator(loaded.categories, names, coco_gt=coco_gt, prefix=prefix)
+        part.load_state_dict(pickle.loads(blob))
+        evaluator.merge(part)
+    shards = coco_shards or max(1, min(math.ceil(images / IMAGES_PER_COCO_SHARD), 2 * int(resources.get("CPU", 1))))
+    metrics = evaluator.compute(num_shards=shards, executor=ray_map(num_cpus=1))
+    metrics_s = time.monotonic() - t1
+    return EvaluationResult(
+        metrics=metrics, images=images, checkpoint=loaded.uri, data=data_uri, split=split,
+        timing={"inference_s": round(inference_s, 3), "images_per_s": round(images / inference_s, 2),
+                "metrics_s": round(metrics_s, 3), "total_s": round(inference_s + metrics_s, 3)},
+        setup={"actors": plan["actors"], "device": plan["device"], "actor_cpus": plan["num_cpus"],
+               "batch_size": batch_size, "coco_shards": shards, "limit": limit},
+    )
+
+
+def write_results(result: EvaluationResult, out: str) -> list[str]:
+    """Write ``metrics.json`` and ``metrics.md`` into ``out`` (local or ``s3://``); returns their URIs."""
+    json_uri, md_uri = storage.join(out, METRICS_JSON), storage.join(out, METRICS_MD)
+    storage.write_bytes(json_uri, (json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n").encode())
+    storage.write_bytes(md_uri, result.table().encode())
+    result.files = [json_uri, md_uri]
+    return result.files
+
+
+def evaluate_checkpoint(checkpoint: str, data_uri: str | None = None, split: str | None = None, *,
+                        out: str | None = None, log: Callable[[str], None] = print, **options: Any) -> EvaluationResult:
+    """Load a checkpoint, evaluate it on a split, write ``metrics.json`` + ``metrics.md``.
+
+    Args:
+        checkpoint: checkpoint directory or run directory (its newest complete checkpoint),
+            local or ``s3://``.
+        data_uri: dataset root; default the run's ``data.uri``.
+        split: split name; default the run's ``data.val_split``.
+        out: where the two files go; default the checkpoint directory itself.
+        log: progress lines.
+        **options: :func:`evaluate_loaded` keyword arguments (batch_size, concurrency,
+            actor_cpus, use_gpu, limit, coco_shards, prefix).
+
+    Returns:
+        The :class:`EvaluationResult`, with ``files`` set.
+    """
+    loaded = load_checkpoint(checkpoint, data_uri=data_uri)
+    data_uri = data_uri or loaded.cfg.data.uri
+    split = split or loaded.cfg.data.val_split
+    result = evaluate_loaded(loaded, data_uri, split, log=log, **options)
+    write_results(result, out or loaded.uri)
+    return result
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``mtseg evaluate``: prints the table; exit 2 on a usage error."""
+    from mtseg.cli import _storage_env
+    from mtseg.cluster import init_local_ray
+
+    try:
+        # Everything that can fail on bad input fails before Ray starts.
+        loaded = load_checkpoint(args.checkpoint, data_uri=args.data)
+        data_uri = args.data or loaded.cfg.data.uri
+        split = args.split or loaded.cfg.data.val_split
+        from mtseg.data.manifest import read_manifest
+
+        _check_label_space(loaded, read_manifest(data_uri, split), storage.join(data_uri, split))
+        if args.address:
+            os.environ["RAY_ADDRESS"] = args.address
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        init_local_ray(env=_storage_env(), log_to_driver=False)
+        result = evaluate_loaded(loaded, data_uri, split, batch_size=args.batch_size, concurrency=args.concurrency,
+                                 actor_cpus=args.actor_cpus, use_gpu=args.use_gpu, limit=args.limit,
+                                 log=lambda line: print(line, file=sys.stderr))
+    except PredictError as e:
+        print(f"mtseg: error: {e}", file=sys.stderr)
+        return 2
+    files = write_results(result, args.out or loaded.uri)
+    print(result.table())
+    print(f"written: {', '.join(files)}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``mtseg evaluate`` to the CLI's sub-command parsers."""
+    p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a split (Ray Data batch inference)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (local or s3://)")
+    p.add_argument("--data", default=None, help="dataset root (default: the run's data.uri)")
+    p.add_argument("--split", default=None, help="split name (default: the run's data.val_split)")
+    p.add_argument("--out", default=None, help="where metrics.json and metrics.md go (default: the checkpoint directory)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: data.batch_size)")
+    p.add_argument("--concurrency", type=int, default=None, help="inference actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--actor-cpus", type=float, default=None,
+                   help="CPUs each actor reserves (default: its share of the CPUs the read + decode tasks leave)")
+    p.add_argument("--use-gpu", default="auto", choices=("auto", "true", "false"))
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.set_defaults(fn=cmd_evaluate)
+    return p
+
+
+__all__ = [
+    "PREPROCESS_TASK_CPUS",
+    "EvalActor",
+    "EvalPreprocess",
+    "EvaluationResult",
+    "add_parser",
+    "build_eval_dataset",
+    "evaluate_checkpoint",
+    "evaluate_loaded",
+    "plan_actors",
+    "write_results",
+]

@@ -1,0 +1,269 @@
+"""Fusion: the task heads' outputs -> the final semantic map and COCO instance results.
+
+* :func:`fuse_semantic`: the category head's argmax, restricted to the categories of
+  each pixel's argmax supercategory (hierarchical consistency), with low-confidence
+  pixels on predicted boundaries snapped to a more confident neighbour's label.
+* :func:`fuse_instances`: Panoptic-DeepLab grouping (Cheng et al. 2020): instance centers
+  are the local maxima of the center heatmap (keypoint NMS by max-pooling), every thing
+  pixel votes for the nearest center through its predicted offset, and each instance
+  takes the majority category of the semantic map over its pixels.
+* :func:`instances_to_coco`: instances -> COCO result dicts (compressed RLE, COCO
+  category id, score) ready for ``COCO.loadRes`` / ``COCOeval``.
+
+All categories are things (COCO instance annotations only), so every non-background
+pixel of the semantic map belongs to some instance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
+
+# Pixels per chunk when measuring pixel-to-center distances: bounds memory at
+# chunk x top_k floats for large images.
+_DISTANCE_CHUNK = 65536
+
+
+def _check_classes(logits: torch.Tensor, categories: CategoryIndex) -> None:
+    if logits.ndim != 4 or logits.shape[1] != categories.num_classes:
+        raise ValueError(
+            f"fusion: semantic output must be (B, {categories.num_classes}, H, W) for this dataset, "
+            f"got {tuple(logits.shape)}"
+        )
+
+
+@torch.no_grad()
+def fuse_semantic(
+    outputs: dict[str, torch.Tensor],
+    categories: CategoryIndex,
+    hierarchical: bool = True,
+    *,
+    boundary_threshold: float | None = 0.5,
+) -> torch.Tensor:
+    """Final per-pixel category map.
+
+    Args:
+        outputs: model outputs; ``"semantic"`` (B, K+1, H, W) is required, ``"supercategory"``
+            (B, S+1, H, W) and ``"boundary"`` (B, 1, H, W) are used when present.
+        categories: the dataset's label spaces (the category -> supercategory map).
+        hierarchical: restrict each pixel's category to its argmax supercategory, so the
+            two maps always agree (background only where the supercategory is background).
+        boundary_threshold: on pixels whose boundary probability exceeds it, take the label
+            of the most confident non-boundary 3x3 neighbour when that neighbour is more
+            confident than the pixel (upsampled logits blur across edges); None disables.
+
+    Returns:
+        (B, H, W) int64 category indices, 0 = background.
+    """
+    if "semantic" not in outputs:
+        raise KeyError("fuse_semantic: outputs have no 'semantic'")
+    logits = outputs["semantic"].float()
+    _check_classes(logits, categories)
+    if hierarchical and "supercategory" in outputs:
+        sup = outputs["supercategory"]
+        if sup.shape[1] != categories.num_supercategories:
+            raise ValueError(
+                f"fusion: supercategory output must have {categories.num_supercategories} channels, got {sup.shape[1]}"
+            )
+        class_to_super = torch.tensor(categories.class_to_super, device=logits.device)
+        allowed = class_to_super.view(1, -1, 1, 1) == sup.argmax(1, keepdim=True)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    pred = logits.argmax(1)
+    if boundary_threshold is not None and "boundary" in outputs:
+        edge = torch.sigmoid(outputs["boundary"][:, 0].float()) > boundary_threshold
+        confidence = torch.softmax(logits, dim=1).amax(1)
+        pred = _snap_edges(pred, confidence, edge)
+    return pred
+
+
+def _snap_edges(pred: torch.Tensor, confidence: torch.Tensor, edge: torch.Tensor) -> torch.Tensor:
+    """Give edge pixels the label of their most confident non-edge 3x3 neighbour, if more confident."""
+    if not edge.any():
+        return pred
+    b, h, w = pred.shape
+    donor = confidence.masked_fill(edge, -1.0)
+    donor = F.pad(donor[:, None], (1, 1, 1, 1), value=-1.0)
+    conf_n = F.unfold(donor, 3).view(b, 9, h, w)
+    labels_n = F.unfold(F.pad(pred[:, None].double(), (1, 1, 1, 1)), 3).view(b, 9, h, w)
+    best_conf, best = conf_n.max(1)
+    best_label = labels_n.gather(1, best[:, None])[:, 0].long()
+    return torch.where(edge & (best_conf > confidence), best_label, pred)
+
+
+@torch.no_grad()
+def find_centers(
+    heatmap: torch.Tensor, *, threshold: float, nms_kernel: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoint NMS on one center heatmap.
+
+    Args:
+        heatmap: (H, W) predicted center heatmap.
+        threshold: minimum peak value.
+        nms_kernel: max-pool window (odd); a peak must be the maximum of its window.
+        top_k: keep at most this many peaks, highest first.
+
+    Returns:
+        ``(centers (N, 2) float (y, x), scores (N,))``, highest score first.
+    """
+    if nms_kernel < 1 or nms_kernel % 2 == 0:
+        raise ValueError(f"fuse_instances: nms_kernel must be a positive odd number, got {nms_kernel}")
+    pooled = F.max_pool2d(heatmap[None, None], nms_kernel, stride=1, padding=nms_kernel // 2)[0, 0]
+    peaks = (heatmap == pooled) & (heatmap > threshold)
+    ys, xs = peaks.nonzero(as_tuple=True)
+    scores = heatmap[ys, xs]
+    order = scores.argsort(descending=True, stable=True)[:top_k]
+    centers = torch.stack([ys[order], xs[order]], dim=1).to(heatmap.dtype)
+    return centers, scores[order]
+
+
+@torch.no_grad()
+def fuse_instances(
+    outputs: dict[str, torch.Tensor],
+    semantic_map: torch.Tensor,
+    categories: CategoryIndex,
+    *,
+    threshold: float = 0.1,
+    nms_kernel: int = 7,
+    top_k: int = 200,
+) -> list[list[dict]]:
+    """Group thing pixels into instances (Panoptic-DeepLab).
+
+    Args:
+        outputs: model outputs; ``"instance"`` (B, 3, H, W) = center heatmap, dy, dx is
+            required; ``"semantic"`` logits, when present, score each instance.
+        semantic_map: (B, H, W) fused category map (:func:`fuse_semantic`), 0 = background.
+        categories: the dataset's label spaces.
+        threshold: minimum center heatmap value of an instance center.
+        nms_kernel: keypoint-NMS window (odd), pixels.
+        top_k: most centers kept per image.
+
+    Returns:
+        Per image, a list of ``{"mask": bool ndarray (H, W), "category": contiguous index,
+        "score": float}``, highest score first. The score is the center's heatmap value
+        times the mean probability of the instance's category over its mask.
+    """
+    if "instance" not in outputs:
+        raise KeyError("fuse_instances: outputs have no 'instance'")
+    inst = outputs["instance"].float()
+    if inst.ndim != 4 or inst.shape[1] != 3:
+        raise ValueError(f"fuse_instances: instance output must be (B, 3, H, W), got {tuple(inst.shape)}")
+    if semantic_map.shape != inst.shape[:1] + inst.shape[2:]:
+        raise ValueError(f"fuse_instances: semantic_map {tuple(semantic_map.shape)} does not match {tuple(inst.shape)}")
+    probs = None
+    if "semantic" in outputs:
+        _check_classes(outputs["semantic"], categories)
+        probs = torch.softmax(outputs["semantic"].float(), dim=1)
+    results = []
+    for b in range(inst.shape[0]):
+        centers, center_scores = find_centers(inst[b, 0], threshold=threshold, nms_kernel=nms_kernel, top_k=top_k)
+        sem = semantic_map[b]
+        owner = _assign_pixels(inst[b, 1:3], (sem > 0) & (sem != IGNORE_INDEX), centers)
+        image_probs = None if probs is None else probs[b]
+        results.append(_label_instances(owner, sem, center_scores, image_probs, categories.num_classes))
+    return results
+
+
+def _label_instances(
+    owner: torch.Tensor, sem: torch.Tensor, center_scores: torch.Tensor, probs: torch.Tensor | None, num_classes: int
+) -> list[dict]:
+    """Majority category, score and mask of every center that received pixels.
+
+    Votes and scores are computed for all instances at once on the tensors' device; only
+    the owner map crosses to the host, once per image.
+    """
+    n = len(center_scores)
+    if n == 0:
+        return []
+    ys, xs = (owner >= 0).nonzero(as_tuple=True)
+    ids = owner[ys, xs]
+    votes = torch.bincount(ids * num_classes + sem[ys, xs], minlength=n * num_classes).view(n, num_classes)
+    votes[:, 0] = 0  # background never labels an instance
+    area = torch.bincount(ids, minlength=n)
+    category = votes.argmax(1)
+    score = center_scores.float()
+    if probs is not None:
+        class_prob = probs[category[ids], ys, xs]
+        score = score * torch.zeros(n, device=score.device).index_add_(0, ids, class_prob) / area.clamp_min(1)
+    owner_np = owner.cpu().numpy()
+    instances = [
+        {"mask": owner_np == k, "category": c, "score": s}
+        for k, (c, s, a) in enumerate(zip(category.tolist(), score.tolist(), area.tolist()))
+        if a > 0  # a center no pixel voted for (e.g. a duplicate peak) is dropped
+    ]
+    instances.sort(key=lambda d: d["score"], reverse=True)
+    return instances
+
+
+def _assign_pixels(offset: torch.Tensor, things: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """(H, W) index of the center each thing pixel's offset points nearest to; -1 elsewhere."""
+    owner = torch.full(things.shape, -1, dtype=torch.int64, device=things.device)
+    if len(centers) == 0:
+        return owner
+    ys, xs = things.nonzero(as_tuple=True)
+    if len(ys) == 0:
+        return owner
+    voted = torch.stack([ys + offset[0, ys, xs], xs + offset[1, ys, xs]], dim=1)  # (N, 2) predicted centers
+    # Exact distances (no matmul shortcut), so that equidistant centers tie exactly and
+    # argmin sends all of an instance's pixels to the same one.
+    nearest = torch.cat(
+        [
+            torch.cdist(chunk, centers, compute_mode="donot_use_mm_for_euclid_dist").argmin(1)
+            for chunk in voted.split(_DISTANCE_CHUNK)
+        ]
+    )
+    owner[ys, xs] = nearest
+    return owner
+
+
+def instances_to_coco(
+    instances: list[dict],
+    image_id: int,
+    categories: CategoryIndex,
+    orig_size: tuple[int, int] | torch.Tensor | None = None,
+) -> list[dict]:
+    """COCO result dicts for one image.
+
+    Args:
+        instances: one image's list from :func:`fuse_instances`.
+        image_id: the COCO image id.
+        categories: maps contiguous categories back to COCO ids.
+        orig_size: (height, width) of the original image; masks predicted at another size
+            (the whole image resized, not cropped) are resized to it, nearest neighbour.
+
+    Returns:
+        ``[{"image_id", "category_id" (COCO id), "segmentation" (compressed RLE, counts
+        as str), "score"}]``. No "bbox": ``COCO.loadRes`` would take a box's area for the
+        area ranges of the mask evaluation.
+    """
+    size = None
+    if orig_size is not None:
+        size = tuple(int(v) for v in (orig_size.tolist() if torch.is_tensor(orig_size) else orig_size))
+    results = []
+    for inst in instances:
+        mask = inst["mask"]
+        mask = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"instances_to_coco: a mask must be (H, W), got shape {mask.shape}")
+        if size is not None and mask.shape != size:
+            mask = _resize_mask(mask, size)
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode("ascii")
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": categories.coco_id_of(int(inst["category"])),
+                "segmentation": rle,
+                "score": float(inst["score"]),
+            }
+        )
+    return results
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
+    # "nearest-exact" samples pixel centers (as PIL and OpenCV do); plain "nearest" shifts by half a pixel.
+    return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].numpy() > 0.5

@@ -1,0 +1,741 @@
+"""``mtseg predict``: a trained checkpoint applied to image files, with pictures a person reads.
+
+    mtseg predict --checkpoint s3://bucket/runs/demo/checkpoint_000012 photos/ cat.jpg s3://bucket/more/ --out preds/
+
+For every readable image (any size; RGB, grayscale, palette or RGBA; JPEG, PNG, WebP, GIF)::
+
+    <out>/<name>_overlay.png        final (fused) segmentation over the image, instance outlines,
+                                    and a legend of the category names present
+    <out>/<name>_supercategory.png  supercategory map over the image, with its legend
+    <out>/<name>_boundary.png       boundary probability
+    <out>/<name>_center.png         instance center heatmap
+    <out>/<name>_reconstruction.png the self-supervised reconstruction
+    <out>/<name>_instances.json     the image's instances as COCO results (compressed RLE)
+
+one PNG per task the model has, plus ``coco_results.json`` (all instances) and ``summary.json``
+(image ids, sources, sizes, and every file that was skipped with the reason). An unreadable
+file is reported and skipped; the others still run.
+
+Images go through the validation transform (a plain resize to ``data.image_size``), the model
+and the fusion (:func:`mtseg.train.loop.predict_batch`, the code validation uses), and every
+output is resized back to the image's own size: label maps with nearest neighbour, probability
+maps bilinearly, instance masks inside :func:`mtseg.fusion.instances_to_coco`.
+
+This module also owns loading a checkpoint for inference (:func:`load_checkpoint`,
+:func:`build_inference_model`), which ``mtseg evaluate`` shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow.fs as pafs
+import yaml
+
+from mtseg import storage
+from mtseg.config import Config, ConfigError, config_from_dict
+from mtseg.data.categories import CategoryIndex
+
+# torch, PIL and the model code are imported where used: `mtseg <any command>` builds this
+# module's argument parser, and should not pay seconds of torch import for it.
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from torch import nn
+
+#: File name endings a directory or prefix listing picks up (named files are always tried).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+#: Instances drawn in the overlay (the COCO results keep every instance, as COCOeval wants).
+OVERLAY_SCORE_THRESHOLD = 0.5
+
+#: Files read and decoded ahead of the model, in threads (decoding and S3 reads release the GIL).
+READ_THREADS = 4
+
+
+class PredictError(ValueError):
+    """Bad input to ``mtseg predict`` / ``mtseg evaluate``; the message says what was wrong."""
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint, ready to build a model from.
+
+    Attributes:
+        uri: the checkpoint directory (after resolving a run directory to its latest one).
+        cfg: the run's resolved config (the checkpoint's ``config.yaml``).
+        categories: the label space the model was trained on.
+        meta: the checkpoint's ``meta.json``.
+        model_state: the model's ``state_dict`` (CPU tensors).
+    """
+
+    uri: str
+    cfg: Config
+    categories: CategoryIndex
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor] = field(repr=False)
+
+
+def resolve_checkpoint(uri: str) -> str:
+    """The checkpoint directory ``uri`` names: itself, or a run directory's newest complete checkpoint.
+
+    Args:
+        uri: a checkpoint directory (``state.pt`` + ``meta.json``), or a run directory holding
+            Ray Train ``checkpoint_*`` directories; local or ``s3://``.
+
+    Returns:
+        The checkpoint directory's URI.
+
+    Raises:
+        PredictError: neither a checkpoint nor a run with a complete checkpoint.
+    """
+    from mtseg.train import checkpoint as ckpt
+
+    uri = str(uri).rstrip("/")
+    if storage.exists(storage.join(uri, ckpt.META_FILE)):
+        return uri
+    if ckpt.list_checkpoints(uri):
+        found = ckpt.latest_valid(uri, log=lambda *a: None)
+        if found is None:
+            raise PredictError(f"{uri}: the run has no complete checkpoint")
+        return found[0]
+    raise PredictError(f"{uri}: not a checkpoint directory (no {ckpt.META_FILE}) nor a run with checkpoint_* directories")
+
+
+def _parent(uri: str) -> str:
+    return posixpath.dirname(uri.rstrip("/")) if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
+
+
+def _read_config(uri: str) -> Config:
+    """The checkpoint's config.yaml; a Ray Train checkpoint without one falls back to its run's."""
+    from mtseg.train import checkpoint as ckpt
+
+    for where in (storage.join(uri, ckpt.CONFIG_FILE), storage.join(_parent(uri), ckpt.CONFIG_FILE)):
+        if storage.exists(where):
+            try:
+                data = yaml.safe_load(storage.read_bytes(where).decode())
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+            return config_from_dict(data or {})
+    raise PredictError(f"{uri}: no {ckpt.CONFIG_FILE} in the checkpoint or its run directory")
+
+
+def _checkpoint_categories(meta: dict[str, Any], cfg: Config, data_uri: str | None) -> CategoryIndex:
+    """The label space: the checkpoint's own record, else a manifest of the run's data, else of ``data_uri``."""
+    if meta.get("categories"):
+        return CategoryIndex.from_categories(meta["categories"])
+    from mtseg.data.manifest import ManifestError, read_manifest
+
+    errors = []
+    for root in dict.fromkeys(r for r in (cfg.data.uri, data_uri) if r):
+        # The trainer builds its label space from the training split; COCO's val split has the same.
+        for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
+            try:
+                return CategoryIndex.from_categories(read_manifest(root, split)["categories"])
+            except (ManifestError, storage.StorageError) as e:
+                errors.append(str(e))
+    raise PredictError(
+        f"the checkpoint records no categories and no dataset manifest could be read ({errors[0]}); "
+        "pass a dataset with the model's label space with --data"
+    )
+
+
+def load_checkpoint(uri: str, *, categories: CategoryIndex | None = None, data_uri: str | None = None) -> LoadedCheckpoint:
+    """Download (if remote), verify and load a checkpoint for inference.
+
+    Args:
+        uri: checkpoint directory or run directory, local or ``s3://`` (see :func:`resolve_checkpoint`).
+        categories: the label space; default the checkpoint's ``meta.json`` ``categories``,
+            else the training split's manifest under the run's ``data.uri``, else under ``data_uri``.
+        data_uri: a dataset root to read the label space from when the checkpoint does not
+            record it and the run's own dataset cannot be read.
+
+    Returns:
+        A :class:`LoadedCheckpoint`; the optimiser state is dropped.
+
+    Raises:
+        PredictError: not a checkpoint, or no label space found.
+        mtseg.train.checkpoint.CheckpointError: incomplete or corrupt (hash mismatch).
+        mtseg.config.ConfigError: its config.yaml is invalid.
+    """
+    from mtseg.train import checkpoint as ckpt
+
+    uri = resolve_checkpoint(uri)
+    cfg = _read_config(uri)
+    if storage.is_s3(uri):
+        with tempfile.TemporaryDirectory(prefix="mtseg-ckpt-") as tmp:
+            state, meta = ckpt.load(ckpt.download(uri, tmp))
+    else:
+        state, meta = ckpt.load(storage.resolve(uri)[1])
+    if "model" not in state:
+        raise ckpt.CheckpointError(f"{uri}: {ckpt.STATE_FILE} has no 'model' state")
+    if categories is None:
+        categories = _checkpoint_categories(meta, cfg, data_uri)
+    return LoadedCheckpoint(uri=uri, cfg=cfg, categories=categories, meta=meta, model_state=state["model"])
+
+
+def build_inference_model(cfg: Config, categories: CategoryIndex, model_state: dict[str, torch.Tensor],
+                          device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model in eval mode on ``device``.
+
+    Args:
+        cfg: the run's config (backbone, decoder, tasks).
+        categories: the label space it was trained on.
+        model_state: the model's ``state_dict``.
+        device: where to run it.
+
+    Returns:
+        The model, ``eval()``, on ``device`` (channels_last when the config asks).
+
+    Raises:
+        mtseg.train.checkpoint.CheckpointError: the weights do not fit the model the config
+            and label space describe (e.g. a dataset with another number of categories).
+    """
+    import torch
+
+    from mtseg.models import build_model
+    from mtseg.train import checkpoint as ckpt
+
+    # The backbone weights file named in the config was only the training's starting point.
+    model = build_model(_without_backbone_weights(cfg), categories)
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ckpt.CheckpointError(
+            f"checkpoint weights do not fit a {cfg.model.backbone}+{cfg.model.decoder} model for "
+            f"{categories.num_classes - 1} categories and tasks {cfg.tasks.names}: {detail}"
+        ) from None
+    model = model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def _without_backbone_weights(cfg: Config) -> Config:
+    if not cfg.model.weights:
+        return cfg
+    data = cfg.to_dict()
+    data["model"]["weights"] = ""
+    return config_from_dict(data)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``; PredictError if CUDA is asked for and absent."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PredictError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        return torch.device(name)
+    raise PredictError(f"--device {name!r}: expected auto, cpu or cuda")
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+@dataclass
+class ImagePrediction:
+    """One image's outputs, at the image's own size.
+
+    Attributes:
+        image_id: the id used in the COCO results.
+        semantic: (H, W) int64 fused class map (0 = background, CategoryIndex order).
+        supercategory: (H, W) int64 supercategory map, when the model has the task.
+        boundary: (H, W) float32 boundary probability, when the model has the task.
+        center: (H, W) float32 instance center heatmap, when the model has the task.
+        reconstruction: (H, W, 3) uint8 reconstructed image, when the model has the task.
+        instances: COCO result dicts (``segmentation`` compressed RLE at (H, W)).
+    """
+
+    image_id: int
+    semantic: np.ndarray
+    supercategory: np.ndarray | None = None
+    boundary: np.ndarray | None = None
+    center: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None
+    instances: list[dict] = field(default_factory=list)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W); ``nearest`` for labels (as float: exact below 2**24)."""
+    import torch.nn.functional as F
+
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if mode == "nearest":
+        return F.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
+    return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+class Predictor:
+    """A trained model plus the pre- and post-processing that maps images to :class:`ImagePrediction`.
+
+    Args:
+        cfg: the run's config.
+        categories: the label space the model was trained on.
+        model: from :func:`build_inference_model`.
+        device: where ``model`` lives.
+        checkpoint_uri: where the weights came from (recorded in outputs).
+    """
+
+    def __init__(self, cfg: Config, categories: CategoryIndex, model: nn.Module, device: torch.device,
+                 checkpoint_uri: str = ""):
+        import torch
+
+        from mtseg.data.transforms import build_transform
+        from mtseg.tasks import build_tasks
+
+        self.cfg = cfg
+        self.categories = categories
+        self.model = model
+        self.device = torch.device(device)
+        self.checkpoint_uri = checkpoint_uri
+        self.tasks = build_tasks(cfg, categories)
+        self._resize_in = build_transform(cfg.data.image_size, train=False)
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, *, device: str = "auto", data_uri: str | None = None) -> "Predictor":
+        """Load ``uri`` (see :func:`load_checkpoint`) onto ``device`` (see :func:`pick_device`)."""
+        dev = pick_device(device)
+        loaded = load_checkpoint(uri, data_uri=data_uri)
+        model = build_inference_model(loaded.cfg, loaded.categories, loaded.model_state, dev)
+        return cls(loaded.cfg, loaded.categories, model, dev, checkpoint_uri=loaded.uri)
+
+    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 (3, H, W) images of any sizes -> float (B, 3, S, S) in [0, 1].
+
+        The validation transform (resize to ``data.image_size``) and the stream's own uint8 ->
+        float conversion (:func:`mtseg.data.pipeline.to_torch`), so that an image gives the
+        model exactly the input it gets in ``mtseg evaluate`` and training validation.
+        """
+        import torch
+
+        from mtseg.data.pipeline import to_torch
+
+        resized = torch.stack([self._resize_in(im) for im in images])
+        return to_torch({"image": resized.numpy()})["image"]
+
+    def predict(self, images: Sequence[torch.Tensor], image_ids: Sequence[int]) -> list[ImagePrediction]:
+        """Run a batch of decoded images of any sizes.
+
+        Args:
+            images: uint8 (3, H, W) RGB tensors (:func:`mtseg.data.transforms.decode_image`).
+            image_ids: the id each image gets in its COCO results.
+
+        Returns:
+            One :class:`ImagePrediction` per image, every map at that image's size.
+        """
+        import torch
+
+        from mtseg.fusion import instances_to_coco
+        from mtseg.train.loop import _autocast, predict_batch
+
+        if len(images) != len(image_ids):
+            raise ValueError(f"predict: {len(images)} images but {len(image_ids)} ids")
+        if not images:
+            return []
+        batch = {"image": self.preprocess(images).to(self.device)}
+        if self.cfg.model.channels_last:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), _autocast(self.device, self.cfg.train.amp):
+            outputs, semantic, instances = predict_batch(self.model, batch, self.tasks, self.cfg, self.categories)
+        outputs = {k: v.float().cpu() for k, v in outputs.items()}
+        semantic = semantic.cpu()
+        preds = []
+        for i, (image, image_id) in enumerate(zip(images, image_ids)):
+            size = (int(image.shape[1]), int(image.shape[2]))
+            pred = ImagePrediction(image_id=int(image_id), semantic=_resize(semantic[i:i + 1], size, "nearest")[0].numpy())
+            if "supercategory" in outputs:
+                pred.supercategory = _resize(outputs["supercategory"][i].argmax(0, keepdim=True), size, "nearest")[0].numpy()
+            if "boundary" in outputs:
+                pred.boundary = _resize(torch.sigmoid(outputs["boundary"][i, :1]), size, "bilinear")[0].numpy()
+            if "instance" in outputs:
+                pred.center = _resize(outputs["instance"][i, :1].clamp(0, 1), size, "bilinear")[0].clamp(0, 1).numpy()
+            if "reconstruction" in outputs:
+                rec = _resize(outputs["reconstruction"][i].clamp(0, 1), size, "bilinear").clamp(0, 1)
+                pred.reconstruction = (rec.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            if instances is not None:
+                pred.instances = instances_to_coco(instances[i], int(image_id), self.categories, orig_size=size)
+            preds.append(pred)
+        return preds
+
+
+# ---------------------------------------------------------------------------- pictures
+
+
+def _font(height: int):
+    from PIL import ImageFont
+
+    # Readable on a 32 px thumbnail and on a 4000 px photo alike.
+    return ImageFont.load_default(size=int(min(48, max(11, height // 28))))
+
+
+def legend_image(entries: Sequence[tuple[int, str]], height: int) -> "Image.Image":
+    """A colour legend: one row per (label index, name), colours as :func:`mtseg.report.colorize`.
+
+    Args:
+        entries: the labels shown, with their names.
+        height: height of the picture it accompanies (sets the font size).
+
+    Returns:
+        A white RGB PIL image.
+    """
+    from PIL import Image, ImageDraw
+
+    from mtseg.report import palette
+
+    colours = palette(256)
+    font = _font(height)
+    row = int(font.size * 1.5)
+    width = max([int(font.getlength(name)) for _, name in entries] + [font.size * 4]) + row + 12
+    img = Image.new("RGB", (width, row * max(1, len(entries)) + 6), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for n, (index, name) in enumerate(entries):
+        y = 3 + n * row
+        draw.rectangle([4, y + 2, 4 + row - 6, y + row - 4], fill=tuple(int(c) for c in colours[index]), outline=(0, 0, 0))
+        draw.text((row + 4, y + (row - font.size) // 2), name, fill=(0, 0, 0), font=font)
+    return img
+
+
+def _beside(picture: np.ndarray, legend) -> "Image.Image":
+    from PIL import Image
+
+    left = Image.fromarray(picture)
+    canvas = Image.new("RGB", (left.width + legend.width, max(left.height, legend.height)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(legend, (left.width, 0))
+    return canvas
+
+
+def _outlines(image: np.ndarray, instances: Iterable[dict], threshold: float) -> np.ndarray:
+    """White outlines of the instances scoring at least ``threshold`` (masks decoded from their RLE)."""
+    from pycocotools import mask as mask_utils
+
+    out = image.copy()
+    for inst in instances:
+        if float(inst["score"]) < threshold:
+            continue
+        m = mask_utils.decode(inst["segmentation"]).astype(bool)
+        inner = m.copy()
+        inner[1:, :] &= m[:-1, :]
+        inner[:-1, :] &= m[1:, :]
+        inner[:, 1:] &= m[:, :-1]
+        inner[:, :-1] &= m[:, 1:]
+        out[m & ~inner] = (255, 255, 255)
+    return out
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> RGB, black..yellow as :func:`mtseg.report.heatmap`, on a fixed scale.
+
+    ``report.heatmap`` stretches min..max, which would show a flat, empty map as full of signal.
+    """
+    v = np.clip(values.astype(np.float32), 0.0, 1.0)
+    return np.stack([v * 255, v * 220, v * 40], -1).round().astype(np.uint8)
+
+
+def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex,
+           score_threshold: float = OVERLAY_SCORE_THRESHOLD) -> dict[str, "Image.Image"]:
+    """The pictures of one prediction.
+
+    Args:
+        image: (H, W, 3) uint8 RGB, the original image.
+        pred: its prediction (maps at (H, W)).
+        categories: names for the legends.
+        score_threshold: lowest instance score outlined in the overlay.
+
+    Returns:
+        ``{"overlay": ..., "supercategory": ..., "boundary": ..., "center": ..., "reconstruction": ...}``
+        (PIL images; only the outputs the model has).
+    """
+    from PIL import Image
+
+    from mtseg.report import blend
+
+    h = image.shape[0]
+    present = [int(c) for c in np.unique(pred.semantic) if 0 < c < categories.num_classes]
+    overlay = _outlines(blend(image, pred.semantic), pred.instances, score_threshold)
+    pictures = {"overlay": _beside(overlay, legend_image([(0, "background")] + [(c, categories.names[c - 1]) for c in present], h))}
+    if pred.supercategory is not None:
+        supers = [int(s) for s in np.unique(pred.supercategory) if 0 < s < categories.num_supercategories]
+        pictures["supercategory"] = _beside(
+            blend(image, pred.supercategory),
+            legend_image([(0, "background")] + [(s, categories.supercategories[s - 1]) for s in supers], h),
+        )
+    if pred.boundary is not None:
+        pictures["boundary"] = Image.fromarray(_heat(pred.boundary))
+    if pred.center is not None:
+        pictures["center"] = Image.fromarray(_heat(pred.center))
+    if pred.reconstruction is not None:
+        pictures["reconstruction"] = Image.fromarray(pred.reconstruction)
+    return pictures
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def find_images(inputs: Sequence[str]) -> list[str]:
+    """Expand files, directories and ``s3://`` prefixes into a list of image sources.
+
+    Args:
+        inputs: image files (tried whatever their name), directories and ``s3://`` prefixes
+            (their files ending in :data:`IMAGE_EXTENSIONS`, recursively, sorted).
+
+    Returns:
+        Sources in the order given, each once.
+
+    Raises:
+        PredictError: no inputs, or an input that does not exist.
+    """
+    if not inputs:
+        raise PredictError("no images given: name image files, directories or s3:// prefixes")
+    sources: list[str] = []
+    for item in inputs:
+        item = str(item)
+        fs, path = storage.resolve(item)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            sources.append(item)
+        elif info.type == pafs.FileType.Directory or (storage.is_s3(item) and info.type == pafs.FileType.NotFound
+                                                       and storage.list_files(item, recursive=True)):
+            found = [f for f in storage.list_files(item, recursive=True) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            if not found:
+                print(f"[predict] {item}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found", file=sys.stderr)
+            sources.extend(found)
+        else:
+            raise PredictError(f"{item}: no such file or directory")
+    return list(dict.fromkeys(sources))
+
+
+def read_image(source: str) -> torch.Tensor:
+    """Read and decode one image file or object to uint8 RGB (3, H, W).
+
+    Raises:
+        ValueError: unreadable or not a decodable image (the message names the source).
+    """
+    from mtseg.data.transforms import decode_image
+
+    try:
+        return decode_image(storage.read_bytes(source))
+    except (ValueError, storage.StorageError, OSError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _output_names(sources: Sequence[str]) -> list[str]:
+    """A distinct file stem per source (``name``, ``name-2``, ... when names repeat)."""
+    seen: dict[str, int] = {}
+    names = []
+    for src in sources:
+        stem = os.path.splitext(posixpath.basename(src.rstrip("/")))[0] or "image"
+        n = seen.get(stem, 0) + 1
+        seen[stem] = n
+        names.append(stem if n == 1 else f"{stem}-{n}")
+    return names
+
+
+class Progress:
+    """A one-line progress report on stderr (rewritten in place on a terminal)."""
+
+    def __init__(self, total: int, what: str = "predict", stream=None, enabled: bool = True):
+        self.total, self.what, self.stream, self.enabled = total, what, stream or sys.stderr, enabled
+        self.start = time.monotonic()
+        self._last_printed = -1
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, done: int, skipped: int) -> None:
+        """Report ``done`` of ``total`` handled (``skipped`` of them failed)."""
+        if not self.enabled:
+            return
+        step = max(1, self.total // 10)
+        if not self._tty and done < self.total and done // step == self._last_printed // step:
+            return
+        self._last_printed = done
+        rate = (done - skipped) / max(time.monotonic() - self.start, 1e-9)
+        line = f"[{self.what}] {done}/{self.total} images, {skipped} skipped, {rate:.1f} img/s"
+        end = "" if self._tty and done < self.total else "\n"
+        print(("\r" if self._tty else "") + line, end=end, file=self.stream, flush=True)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+@dataclass
+class PredictSummary:
+    """What ``predict_images`` did.
+
+    Attributes:
+        images: ``[{"image_id", "source", "name", "height", "width", "instances", "files"}]``.
+        skipped: ``[{"source", "error"}]``.
+        out: the output directory.
+        seconds: wall time.
+    """
+
+    images: list[dict]
+    skipped: list[dict]
+    out: str
+    seconds: float
+
+
+def _png(picture) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def predict_images(
+    checkpoint: str,
+    inputs: Sequence[str],
+    out: str,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    data_uri: str | None = None,
+    score_threshold: float = OVERLAY_SCORE_THRESHOLD,
+    progress: bool = True,
+    predictor: Predictor | None = None,
+) -> PredictSummary:
+    """Predict every image of ``inputs`` and write the pictures and COCO results into ``out``.
+
+    Args:
+        checkpoint: checkpoint or run directory, local or ``s3://``.
+        inputs: image files, directories, ``s3://`` prefixes (see :func:`find_images`).
+        out: output directory, local or ``s3://``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: images per forward pass; default the run's ``data.batch_size``.
+        data_uri: dataset to read the label space from when the checkpoint lacks it.
+        score_threshold: lowest instance score outlined in the overlays.
+        progress: print a progress line on stderr.
+        predictor: an already loaded model (then ``checkpoint``/``device`` are not used).
+
+    Returns:
+        A :class:`PredictSummary`; its content is also written to ``<out>/summary.json``.
+
+    Raises:
+        PredictError: no images, bad device or batch size.
+    """
+    t0 = time.monotonic()
+    sources = find_images(inputs)
+    if predictor is None:
+        predictor = Predictor.from_checkpoint(checkpoint, device=device, data_uri=data_uri)
+    batch_size = int(batch_size or predictor.cfg.data.batch_size)
+    if batch_size < 1:
+        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
+    names = _output_names(sources)
+    bar = Progress(len(sources), enabled=progress)
+    images: list[dict] = []
+    skipped: list[dict] = []
+    all_results: list[dict] = []
+    chunks = [list(range(i, min(i + batch_size, len(sources)))) for i in range(0, len(sources), batch_size)]
+
+    def _read(i: int):
+        try:
+            return read_image(sources[i])
+        except ValueError as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        pending = [pool.submit(_read, i) for i in chunks[0]] if chunks else []
+        for n, chunk in enumerate(chunks):
+            decoded = [f.result() for f in pending]
+            # Read the next batch while this one runs through the model.
+            pending = [pool.submit(_read, i) for i in chunks[n + 1]] if n + 1 < len(chunks) else []
+            ok = []
+            for i, item in zip(chunk, decoded):
+                if isinstance(item, Exception):
+                    skipped.append({"source": sources[i], "error": str(item)})
+                    print(f"[predict] skipping {storage.redact(str(item))}", file=sys.stderr)
+                else:
+                    ok.append((i, item))
+            # Ids follow input order, so a file keeps its id whatever else fails.
+            preds = predictor.predict([im for _, im in ok], [i + 1 for i, _ in ok])
+            for (i, image), pred in zip(ok, preds):
+                pictures = render(image.permute(1, 2, 0).numpy(), pred, predictor.categories, score_threshold)
+                files = []
+                for kind, picture in pictures.items():
+                    files.append(f"{names[i]}_{kind}.png")
+                    storage.write_bytes(storage.join(out, files[-1]), _png(picture))
+                files.append(f"{names[i]}_instances.json")
+                storage.write_bytes(storage.join(out, files[-1]), json.dumps(pred.instances).encode())
+                all_results.extend(pred.instances)
+                images.append({"image_id": pred.image_id, "source": sources[i], "name": names[i],
+                               "height": int(image.shape[1]), "width": int(image.shape[2]),
+                               "instances": len(pred.instances), "files": files})
+            bar.update(chunk[-1] + 1, len(skipped))
+    storage.write_bytes(storage.join(out, "coco_results.json"), json.dumps(all_results).encode())
+    summary = PredictSummary(images=images, skipped=skipped, out=out, seconds=time.monotonic() - t0)
+    record = {"checkpoint": predictor.checkpoint_uri or checkpoint, "images": images, "skipped": skipped,
+              "categories": predictor.categories.to_categories(), "seconds": round(summary.seconds, 3)}
+    storage.write_bytes(storage.join(out, "summary.json"), (json.dumps(record, indent=1) + "\n").encode())
+    return summary
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``mtseg predict``: exit 0 when every image ran, 1 when some were skipped, 2 on a usage error."""
+    try:
+        summary = predict_images(args.checkpoint, args.images, args.out, device=args.device,
+                                 batch_size=args.batch_size, data_uri=args.data, score_threshold=args.score_threshold,
+                                 progress=not args.quiet)
+    except PredictError as e:
+        print(f"mtseg: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[predict] {len(summary.images)} images -> {summary.out} ({len(summary.skipped)} skipped) "
+          f"in {summary.seconds:.1f}s")
+    for s in summary.skipped:
+        print(f"[predict] skipped {storage.redact(s['error'])}")
+    return 1 if summary.skipped else 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``mtseg predict`` to the CLI's sub-command parsers."""
+    p = subparsers.add_parser("predict", help="segment image files with a trained checkpoint (PNG overlays + COCO results)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (local or s3://)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR_OR_URI", help="image files, directories or s3:// prefixes")
+    p.add_argument("--out", required=True, help="output directory (local or s3://)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's data.batch_size)")
+    p.add_argument("--data", default=None, help="dataset root to read the label space from, when neither the checkpoint nor the run's data.uri has it")
+    p.add_argument("--score-threshold", type=float, default=OVERLAY_SCORE_THRESHOLD,
+                   help="lowest instance score outlined in the overlays (the JSON keeps all)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(fn=cmd_predict)
+    return p
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImagePrediction",
+    "LoadedCheckpoint",
+    "PredictError",
+    "PredictSummary",
+    "Predictor",
+    "Progress",
+    "add_parser",
+    "build_inference_model",
+    "find_images",
+    "load_checkpoint",
+    "pick_device",
+    "predict_images",
+    "read_image",
+    "render",
+    "resolve_checkpoint",
+]

@@ -1,0 +1,766 @@
+"""Run mtseg's jobs on a Ray cluster through the Ray Jobs API, and manage them.
+
+    mtseg submit train --config jobs/configs/demo.yaml train.epochs=2 --wait
+    mtseg submit prepare --config jobs/configs/demo.yaml --coco-root s3://bucket/coco
+    mtseg submit evaluate -- --checkpoint s3://bucket/runs/demo
+    mtseg jobs list | status ID | logs ID [--follow] | stop ID [--wait]
+
+``submit`` sends ``jobs/<script>.py`` with the project as its ``working_dir`` (code only: data,
+runs and virtual environments stay behind), the storage endpoint and credentials as
+environment variables taken *by name* from the submitting shell (their values are never
+printed), and the entrypoint's own resources. The config is loaded and validated here first,
+so a bad key or value never reaches the cluster.
+
+Where the cluster is, in order: ``--address``, ``RAY_API_SERVER_ADDRESS``, ``RAY_ADDRESS`` (as
+``ray job submit`` reads them), then the head that ``mtseg cluster up`` started. The address is
+the head's dashboard URL (``http://HEAD:8265``), which serves the Jobs API.
+
+Ray's token authentication stays on: the token is read like Ray reads it (``RAY_AUTH_TOKEN``,
+else the file named by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) and sent as a
+bearer header on every request, whether or not ``RAY_AUTH_MODE`` is set in this shell. A
+missing or wrong token fails with one line saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as _dt
+import os
+import re
+import secrets
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator, Mapping, Sequence
+
+# What each `mtseg submit NAME` runs. The training, tuning and evaluation drivers only
+# coordinate (the work runs in Ray Train workers, Tune trials and Ray Data actors), so they
+# reserve nothing and Ray runs them on the head; the prepare driver shards COCO itself and the
+# predict driver runs the model, so each reserves a CPU and lands on a node that has one (a
+# worker when the head advertises no CPUs, as in cluster/aws.yaml).
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job mtseg knows how to submit.
+
+    Args:
+        script: the entry script, relative to the project root.
+        entrypoint_num_cpus: CPUs the driver process reserves (0 = runs on the head, reserves nothing).
+        help: one line for ``mtseg submit --help``.
+        takes_config: the script takes ``--config FILE`` and ``key=value`` overrides; otherwise
+            it takes its own arguments (``mtseg submit evaluate -- --checkpoint ...``).
+        command: the ``mtseg`` subcommand the script runs, whose parser checks the arguments
+            before submission (skipped while that subcommand does not exist).
+    """
+
+    script: str
+    entrypoint_num_cpus: float
+    help: str
+    takes_config: bool = True
+    command: str | None = None
+
+
+JOBS: dict[str, JobSpec] = {
+    "prepare": JobSpec("jobs/prepare_data.py", 1.0, "shard COCO into parquet shards + manifest at data.uri"),
+    "train": JobSpec("jobs/train.py", 0.0, "distributed training (Ray Train)", command="train"),
+    "tune": JobSpec("jobs/tune.py", 0.0, "task-weighting / architecture search (Ray Tune)", command="tune"),
+    "evaluate": JobSpec("jobs/evaluate.py", 0.0, "metrics of a checkpoint (Ray Data batch inference)",
+                        takes_config=False, command="evaluate"),
+    "predict": JobSpec("jobs/predict.py", 1.0, "predictions on image files", takes_config=False, command="predict"),
+}
+
+# Passed to the job by name, from the submitting environment, when set there.
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+# Kept out of the uploaded working_dir on top of .gitignore (which Ray also honours): the
+# patterns are anchored at the project root, so the package's own mtseg/data/ stays in.
+WORKING_DIR_EXCLUDES = (
+    "/.git",
+    "/.venv",
+    "/venv",
+    "/runs",
+    "/data",
+    "/ray_results",
+    "/build",
+    "/htmlcov",
+    "/.pytest_cache",
+    "/benchmarks/results",
+    "__pycache__",
+    "*.egg-info",
+    "*.pyc",
+)
+
+ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# `mtseg submit --wait` and `mtseg jobs logs --follow` exit with the job's outcome; 2 stays
+# mtseg's own "bad input" code (bad config, missing token, unreachable cluster).
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+# A head that has just started answers HTTP before its job agent has registered; submissions
+# in that window fail with this message and succeed a moment later.
+_AGENT_NOT_READY = "No available agent"
+
+
+class SubmitError(RuntimeError):
+    """A job could not be submitted or managed; the message is one line naming what was wrong."""
+
+
+# ---------------------------------------------------------------------------- address and token
+
+
+def resolve_address(address: str | None = None, *, environ: Mapping[str, str] | None = None,
+                    stack_dir: str | None = None) -> str:
+    """The Ray Jobs API address to use: the head's dashboard URL.
+
+    Args:
+        address: explicit address (``--address``); wins over everything else.
+        environ: environment to read (default ``os.environ``).
+        stack_dir: state dir of ``mtseg cluster up`` (default ``runs/stack``), the last resort.
+
+    Returns:
+        The URL with no trailing slash, e.g. ``http://127.0.0.1:8265``.
+
+    Raises:
+        SubmitError: no address anywhere, or one that is not an ``http(s)://`` URL (a GCS
+            address ``host:6379`` or a ``ray://`` client address does not serve the Jobs API).
+    """
+    environ = os.environ if environ is None else environ
+    candidates = [("--address", address), *((k, environ.get(k)) for k in ADDRESS_ENV_VARS)]
+    found = next(((src, v.strip().rstrip("/")) for src, v in candidates if v and v.strip()), None)
+    if found is None:
+        from mtseg.cluster import DEFAULT_STACK_DIR, LocalStack
+
+        stack = LocalStack.load(stack_dir or DEFAULT_STACK_DIR)
+        if not stack.ray:
+            raise SubmitError(
+                "no Ray address: pass --address http://HEAD:8265, set RAY_API_SERVER_ADDRESS or RAY_ADDRESS, "
+                "or start a local head with `mtseg cluster up`"
+            )
+        found = ("mtseg cluster up", stack.env()["RAY_API_SERVER_ADDRESS"])
+    source, url = found
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise SubmitError(
+            f"{source}={url}: the Jobs API is the head's dashboard URL, e.g. http://HEAD:8265 "
+            "(a GCS address host:6379 or a ray:// address does not serve it)"
+        )
+    return url
+
+
+def load_token(environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+    """Find the Ray auth token the way Ray itself does.
+
+    Args:
+        environ: environment to read (default ``os.environ``).
+
+    Returns:
+        ``(token, source)``; ``token`` is None when there is none, ``source`` names where it came
+        from (``RAY_AUTH_TOKEN``, a file path, or ``none``) and is safe to print.
+
+    Raises:
+        SubmitError: ``RAY_AUTH_TOKEN_PATH`` names a file that is missing or empty (Ray treats
+            that as a misconfiguration rather than falling back, and so do we).
+    """
+    environ = os.environ if environ is None else environ
+    token = (environ.get("RAY_AUTH_TOKEN") or "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        token = _read_token_file(Path(path).expanduser())
+        if not token:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path}: the token file is missing or empty")
+        return token, path
+    default = DEFAULT_TOKEN_PATH.expanduser()
+    token = _read_token_file(default)
+    return (token, str(default)) if token else (None, "none")
+
+
+def _read_token_file(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _without_env(names: Sequence[str]) -> Iterator[None]:
+    # JobSubmissionClient lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is
+    # given; hide them while it is built so that --address wins, as the CLI documents.
+    saved = {k: os.environ.pop(k) for k in names if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _quiet_ray_logs() -> Iterator[None]:
+    # While packaging the working_dir Ray logs INFO lines per ignore file and per upload (again
+    # on every retry), warns that .git is now excluded by default (mtseg excludes it anyway), and
+    # logs when a log stream closes; mtseg prints its own one-line summaries instead.
+    import logging
+
+    levels = {
+        "ray._private.runtime_env.packaging": logging.WARNING,
+        "ray._private.runtime_env.working_dir": logging.ERROR,
+        "ray.dashboard.modules.dashboard_sdk": logging.WARNING,
+        "ray.dashboard.modules.job.sdk": logging.WARNING,
+    }
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+class JobsClient:
+    """A Ray ``JobSubmissionClient`` with mtseg's address and token rules and one-line errors.
+
+    Every Ray error (auth, connection, HTTP) is turned into a :class:`SubmitError` whose message
+    names the address and what to do, and never contains the token or storage secrets.
+
+    Args:
+        address: see :func:`resolve_address`.
+        token: the auth token; default :func:`load_token`. Pass ``""`` to send none.
+    """
+
+    def __init__(self, address: str | None = None, *, token: str | None = None):
+        from ray.job_submission import JobSubmissionClient
+
+        self.address = resolve_address(address)
+        if token is None:
+            token, self.token_source = load_token()
+        else:
+            self.token_source = "argument" if token else "none"
+        self._token = token or None
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
+        with self._errors(), _without_env(ADDRESS_ENV_VARS):
+            self._client = JobSubmissionClient(self.address, headers=headers)
+
+    # -------------------------------------------------------------------- errors
+
+    def _redact(self, text: str) -> str:
+        from mtseg.storage import redact
+
+        text = redact(text)
+        return text.replace(self._token, "***") if getattr(self, "_token", None) else text
+
+    @contextlib.contextmanager
+    def _errors(self, job: str | None = None) -> Iterator[None]:
+        import requests
+        from ray.exceptions import AuthenticationError
+
+        try:
+            yield
+        except SubmitError:
+            raise
+        except AuthenticationError as e:
+            raise SubmitError(self._auth_message(str(e))) from None
+        except (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout):
+            raise SubmitError(
+                f"cannot reach the Ray Jobs API at {self.address}: is the head running and its dashboard port reachable?"
+            ) from None
+        except (RuntimeError, ValueError) as e:
+            text = self._redact(str(e)).strip()
+            if job and re.search(r"status code 404|does not exist|not found", text, re.I):
+                raise SubmitError(f"job {job} not found on the Ray cluster at {self.address}") from None
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise SubmitError(f"Ray Jobs API at {self.address}: {first}") from None
+
+    def _auth_message(self, text: str) -> str:
+        head = f"Ray Jobs API at {self.address} refused the request"
+        if "Authentication required" in text or not self._token:
+            return f"{head}: missing auth token (set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+        return (
+            f"{head}: wrong auth token (from {self.token_source}); "
+            "set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token"
+        )
+
+    # -------------------------------------------------------------------- jobs
+
+    def submit_job(self, *, agent_wait_s: float = 60.0, **kwargs: Any) -> str:
+        """``JobSubmissionClient.submit_job``, retried while a freshly started head's agent registers.
+
+        Returns:
+            The submission id.
+        """
+        deadline = time.monotonic() + agent_wait_s
+        with _quiet_ray_logs():
+            while True:
+                try:
+                    with self._errors():
+                        return self._client.submit_job(**kwargs)
+                except SubmitError as e:
+                    if _AGENT_NOT_READY not in str(e):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise SubmitError(
+                            f"Ray Jobs API at {self.address}: the head's job agent did not come up within "
+                            f"{agent_wait_s:.0f}s (another Ray on the same machine holding its port? see "
+                            "dashboard_agent.log in the head's session logs)"
+                        ) from None
+                time.sleep(1.0)
+
+    def status(self, submission_id: str) -> str:
+        """The job's status name (``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED``, ``STOPPED``)."""
+        with self._errors(submission_id):
+            return str(self._client.get_job_status(submission_id).value)
+
+    def info(self, submission_id: str):
+        """The job's ``JobDetails`` (status, message, entrypoint, times, metadata)."""
+        with self._errors(submission_id):
+            return self._client.get_job_info(submission_id)
+
+    def logs(self, submission_id: str) -> str:
+        """The job's driver log so far."""
+        with self._errors(submission_id):
+            return self._client.get_job_logs(submission_id)
+
+    def list_jobs(self) -> list:
+        """Every job the cluster knows, oldest first."""
+        with self._errors():
+            jobs = self._client.list_jobs()
+        return sorted(jobs, key=lambda j: (j.start_time or 0, j.submission_id or ""))
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask the cluster to stop a job. Returns True if it was still running."""
+        with self._errors(submission_id):
+            return bool(self._client.stop_job(submission_id))
+
+    def wait(self, submission_id: str, *, timeout: float | None = None, poll_s: float = 1.0) -> str:
+        """Block until the job reaches a terminal status and return it.
+
+        Raises:
+            SubmitError: ``timeout`` seconds passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(submission_id)
+            if status in TERMINAL:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise SubmitError(f"job {submission_id} still {status} after {timeout:.0f}s")
+            time.sleep(poll_s)
+
+    def follow(self, submission_id: str, out: IO[str] | None = None, *, poll_s: float = 1.0) -> str:
+        """Stream the job's log to ``out`` until the job ends; return its terminal status.
+
+        Streams over the Jobs API websocket; if that breaks (a proxy that drops websockets, a
+        restarted dashboard), falls back to polling the log and printing what is new.
+        """
+        out = out or sys.stdout
+        progress = [0]  # characters written so far, kept when the stream breaks half-way
+        try:
+            with _quiet_ray_logs():
+                asyncio.run(self._tail(submission_id, out, progress))
+        except Exception:  # noqa: BLE001 - any websocket failure: poll instead (which reports real errors)
+            pass
+        written = progress[0]
+        # The websocket closes when the driver exits, a moment before the status is final; the
+        # polling loop also prints anything the stream missed.
+        while True:
+            status = self.status(submission_id)
+            text = self.logs(submission_id)
+            if len(text) > written:
+                out.write(self._redact(text[written:]))
+                out.flush()
+                written = len(text)
+            if status in TERMINAL:
+                return status
+            time.sleep(poll_s)
+
+    async def _tail(self, submission_id: str, out: IO[str], progress: list[int]) -> None:
+        async for chunk in self._client.tail_job_logs(submission_id):
+            out.write(self._redact(chunk))
+            out.flush()
+            progress[0] += len(chunk)
+
+
+def client(address: str | None = None, *, token: str | None = None) -> JobsClient:
+    """A :class:`JobsClient` for the cluster at ``address`` (see :func:`resolve_address`).
+
+    Raises:
+        SubmitError: no address, cluster unreachable, or the token is missing or wrong.
+    """
+    return JobsClient(address, token=token)
+
+
+# ---------------------------------------------------------------------------- what is submitted
+
+
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The project directory that becomes the job's ``working_dir``.
+
+    The nearest directory at or above ``start`` (default: the current directory) holding both
+    ``pyproject.toml`` and ``jobs/``; else the checkout mtseg itself was imported from.
+
+    Raises:
+        SubmitError: neither is a project checkout.
+    """
+    here = Path(start or os.getcwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "pyproject.toml").is_file() and (d / "jobs").is_dir():
+            return d
+    pkg_parent = Path(__file__).resolve().parent.parent
+    if (pkg_parent / "pyproject.toml").is_file() and (pkg_parent / "jobs").is_dir():
+        return pkg_parent
+    raise SubmitError(f"{here}: not inside an mtseg checkout (no pyproject.toml + jobs/ here or above); pass working_dir")
+
+
+def storage_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The storage variables (:data:`STORAGE_ENV_VARS`) that are set in ``environ``, to pass on."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in STORAGE_ENV_VARS if environ.get(k)}
+
+
+def _relative_to_root(path: str, root: Path, what: str) -> str:
+    full = Path(path).expanduser()
+    full = (full if full.is_absolute() else Path.cwd() / full).resolve()
+    try:
+        rel = full.relative_to(root)
+    except ValueError:
+        raise SubmitError(
+            f"{what} {path}: outside the project {root}, which is all the cluster receives; put it under jobs/configs/"
+        ) from None
+    # The matcher Ray itself applies to runtime_env excludes, so the check agrees with the upload.
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    spec = PathSpec.from_lines("gitwildmatch", WORKING_DIR_EXCLUDES)
+    if spec.match_file(rel.as_posix()):
+        raise SubmitError(f"{what} {path}: in a directory that is not uploaded to the cluster; put it under jobs/configs/")
+    return rel.as_posix()
+
+
+def build_entrypoint(script: str, config_rel: str | None = None, overrides: Sequence[str] = (),
+                     script_args: Sequence[str] = ()) -> str:
+    """The shell command the job runs, e.g. ``python jobs/train.py --config jobs/configs/demo.yaml train.lr=0.01``."""
+    parts = ["python", script, *(["--config", config_rel] if config_rel else []), *script_args, *overrides]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def check_arguments(name: str, argv: Sequence[str]) -> None:
+    """Parse ``argv`` with the parser of the job's ``mtseg`` subcommand, as the job will.
+
+    Raises:
+        SubmitError: the arguments are wrong (the message is argparse's, on one line).
+    """
+    import io
+
+    from mtseg.cli import build_parser
+
+    command = JOBS[name].command
+    parser = build_parser()
+    choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    if not command or command not in choices:
+        return
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parser.parse_args([command, *argv])
+    except SystemExit as e:
+        if e.code:
+            lines = [line for line in err.getvalue().splitlines() if line.strip()]
+            reason = lines[-1].split("error: ", 1)[-1] if lines else "bad arguments"
+            raise SubmitError(f"{name}: {reason} (checked before submission)") from None
+
+
+def build_runtime_env(working_dir: str | os.PathLike, env_vars: Mapping[str, str]) -> dict[str, Any]:
+    """The job's runtime_env: the project as working_dir, minus data and caches, plus ``env_vars``."""
+    env = dict(env_vars)
+    # mtseg's driver calls ray.init(runtime_env={"env_vars": <storage vars>}) so that its own
+    # workers get them when it runs outside a job; inside a job those keys are already in the
+    # job's runtime_env, and Ray refuses the duplicate (printing both values) unless told to
+    # let the driver's identical values win.
+    env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    return {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
+
+
+def make_submission_id(name: str, run_name: str) -> str:
+    """``mtseg-<job>-<run>-<UTC time>-<4 hex>``: readable in ``mtseg jobs list``, unique per submit."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe_run = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-")[:40] or "run"
+    return f"mtseg-{name}-{safe_run}-{stamp}-{secrets.token_hex(2)}"
+
+
+def _warn_local_paths(name: str, cfg, log) -> None:
+    from mtseg.storage import is_s3
+
+    # A relative local path on the cluster lands in the job's scratch working_dir, gone with the job.
+    paths = {"data.uri": cfg.data.uri}
+    if name != "prepare":
+        paths["train.storage_path"] = cfg.train.storage_path
+    for key, value in paths.items():
+        if value and not is_s3(value) and not os.path.isabs(value):
+            log(f"[submit] warning: {key}={value!r} is a relative local path on the cluster; use s3://... to keep it")
+
+
+def submit(
+    name: str,
+    config_path: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    address: str | None = None,
+    wait: bool = False,
+    working_dir: str | os.PathLike | None = None,
+    submission_id: str | None = None,
+    script_args: Sequence[str] = (),
+    entrypoint_num_cpus: float | None = None,
+    entrypoint_num_gpus: float | None = None,
+    entrypoint_memory: int | None = None,
+    entrypoint_resources: Mapping[str, float] | None = None,
+    pass_storage_env: bool = True,
+    token: str | None = None,
+    out: IO[str] | None = None,
+    log=None,
+) -> str:
+    """Validate the job locally, then submit ``jobs/<script>.py`` through the Ray Jobs API.
+
+    Args:
+        name: a key of :data:`JOBS` (``prepare``, ``train``, ``tune``, ``evaluate``, ``predict``).
+        config_path: the YAML config, inside the project (the cluster sees only the project);
+            None runs on the built-in defaults. Only for jobs that take a config.
+        overrides: dotted ``key=value`` overrides, validated here and passed to the script.
+        address: Jobs API address (see :func:`resolve_address`).
+        wait: follow the job's log to ``out`` until it ends (its outcome:
+            ``client(address).status(id)``).
+        working_dir: the directory uploaded as the job's working_dir; default :func:`project_root`.
+        submission_id: default :func:`make_submission_id`.
+        script_args: arguments for the entry script (after ``--config``, before the overrides).
+        entrypoint_num_cpus: CPUs reserved by the driver; default the job's :class:`JobSpec`.
+        entrypoint_num_gpus: GPUs reserved by the driver; default 0.
+        entrypoint_memory: bytes of memory reserved by the driver; default none.
+        entrypoint_resources: custom resources reserved by the driver.
+        pass_storage_env: pass :data:`STORAGE_ENV_VARS` set in this shell to the job; False
+            leaves the cluster's own (instance role, Kubernetes Secret) in charge.
+        token: the Ray auth token; default :func:`load_token`.
+        out: where ``wait`` writes the log (default stdout).
+        log: one-line progress messages (default: print to stderr).
+
+    Returns:
+        The submission id.
+
+    Raises:
+        ConfigError: the config or an override is wrong (nothing was sent).
+        SubmitError: unknown job, missing entry script, bad script arguments, config outside the
+            project, no or wrong token, cluster unreachable, or the cluster refused the job.
+    """
+    from mtseg.config import load_config
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if name not in JOBS:
+        raise SubmitError(f"unknown job {name!r}; jobs are {', '.join(JOBS)}")
+    spec = JOBS[name]
+    root = Path(working_dir).resolve() if working_dir else project_root()
+    if not (root / spec.script).is_file():
+        raise SubmitError(f"{spec.script} not found in {root}: the {name!r} job is not available in this checkout")
+
+    config_rel = None
+    if spec.takes_config:
+        # Resolved here exactly as the job will resolve it, so a bad config stops now.
+        cfg = load_config(config_path, list(overrides))
+        config_rel = _relative_to_root(config_path, root, "config") if config_path else None
+        _warn_local_paths(name, cfg, log)
+        run_name = cfg.train.run_name
+    else:
+        if config_path or overrides:
+            raise SubmitError(f"{name}: takes no --config or key=value overrides; pass its own arguments after --")
+        run_name = "run"
+    check_arguments(name, [*(["--config", config_rel] if config_rel else []), *script_args, *overrides])
+
+    env_vars = storage_env() if pass_storage_env else {}
+    entrypoint = build_entrypoint(spec.script, config_rel, overrides, script_args)
+    sid = submission_id or make_submission_id(name, run_name)
+    jobs = client(address, token=token)
+    log(f"[submit] {name} -> {jobs.address} (auth token from {jobs.token_source}; uploading {root})")
+    if pass_storage_env:
+        log(f"[submit] storage settings passed by name: {', '.join(env_vars) or 'none set in this shell'}")
+    else:
+        log("[submit] storage settings: the cluster's own (--no-storage-env)")
+    submitted = jobs.submit_job(
+        entrypoint=entrypoint,
+        submission_id=sid,
+        runtime_env=build_runtime_env(root, env_vars),
+        metadata={"mtseg.job": name, "mtseg.config": config_rel or "", "mtseg.run_name": run_name},
+        entrypoint_num_cpus=spec.entrypoint_num_cpus if entrypoint_num_cpus is None else entrypoint_num_cpus,
+        entrypoint_num_gpus=entrypoint_num_gpus or None,
+        entrypoint_memory=entrypoint_memory or None,
+        entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
+    )
+    log(f"[submit] submitted {submitted}: {entrypoint}")
+    if wait:
+        jobs.follow(submitted, out)
+    return submitted
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _resource(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a resource is NAME=AMOUNT, e.g. accelerator_type:A10G=0.01") from None
+
+
+def _fmt_time(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return _dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _follow_and_exit(jobs: JobsClient, sid: str) -> int:
+    try:
+        status = jobs.follow(sid, sys.stdout)
+    except KeyboardInterrupt:
+        print(f"\nmtseg: stopped following; job {sid} keeps running (mtseg jobs stop {sid})", file=sys.stderr)
+        return 130
+    print(f"[submit] job {sid} {status}", file=sys.stderr)
+    return EXIT_CODES.get(status, 1)
+
+
+def cmd_submit(args) -> int:
+    """``mtseg submit NAME ...``."""
+    spec = JOBS[args.job]
+    script_args: list[str] = []
+    if args.job == "prepare":
+        script_args += ["--coco-root", args.coco_root]
+    if getattr(args, "restart", False):
+        script_args.append("--restart")
+    if spec.takes_config:
+        config, overrides = args.config, args.overrides
+    else:
+        config, overrides = None, []
+        script_args += args.script_args
+    sid = submit(
+        args.job, config, overrides,
+        address=args.address, wait=False, working_dir=args.working_dir, submission_id=args.submission_id,
+        script_args=script_args, entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus,
+        entrypoint_memory=args.memory, entrypoint_resources=dict(args.resource or []),
+        pass_storage_env=not args.no_storage_env,
+    )
+    print(sid, flush=True)
+    if not args.wait:
+        print(f"# follow it: mtseg jobs logs {sid} --follow", file=sys.stderr)
+        return 0
+    return _follow_and_exit(client(args.address), sid)
+
+
+def cmd_jobs(args) -> int:
+    """``mtseg jobs list|status|logs|stop``."""
+    jobs = client(args.address)
+    if args.action == "list":
+        rows = [("SUBMISSION_ID", "STATUS", "START", "END", "ENTRYPOINT")]
+        for j in jobs.list_jobs():
+            entry = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."
+            rows.append((j.submission_id or j.job_id or "-", str(j.status.value), _fmt_time(j.start_time), _fmt_time(j.end_time), entry))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        return 0
+    if not args.id:
+        raise SubmitError(f"jobs {args.action}: a submission id is required")
+    if args.action == "status":
+        info = jobs.info(args.id)
+        print(f"{args.id}: {info.status.value}")
+        if info.message:
+            print(f"message: {info.message}")
+        print(f"entrypoint: {info.entrypoint}")
+        print(f"start: {_fmt_time(info.start_time)}  end: {_fmt_time(info.end_time)}")
+        for k, v in sorted((info.metadata or {}).items()):
+            print(f"{k}: {v}")
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return _follow_and_exit(jobs, args.id)
+        sys.stdout.write(jobs._redact(jobs.logs(args.id)))
+        return 0
+    # stop
+    was_running = jobs.stop(args.id)
+    print(f"{args.id}: stop requested" if was_running else f"{args.id}: was not running ({jobs.status(args.id)})")
+    if args.wait and was_running:
+        print(f"{args.id}: {jobs.wait(args.id)}")
+    return 0
+
+
+def add_parsers(subparsers) -> None:
+    """Add the ``submit`` and ``jobs`` commands to mtseg's argparse ``subparsers``."""
+    address_help = ("Ray Jobs API address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                    "RAY_ADDRESS, then the head of `mtseg cluster up`)")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default=None, help=address_help)
+    common.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED, 3 STOPPED")
+    common.add_argument("--submission-id", default=None, help="default mtseg-<job>-<run_name>-<UTC time>-<hex>")
+    common.add_argument("--working-dir", default=None, help="directory uploaded as the job's working_dir (default: this checkout)")
+    common.add_argument("--no-storage-env", action="store_true",
+                        help="do not pass this shell's AWS_* storage settings; the cluster's own apply (instance role, Secret)")
+    common.add_argument("--num-cpus", type=float, default=None, help="CPUs the driver reserves (default: per job; 0 = on the head)")
+    common.add_argument("--num-gpus", type=float, default=None, help="GPUs the driver reserves (default 0)")
+    common.add_argument("--memory", type=int, default=None, help="bytes of memory the driver reserves")
+    common.add_argument("--resource", type=_resource, action="append", metavar="NAME=AMOUNT",
+                        help="custom resource the driver reserves (repeatable)")
+
+    submit_p = subparsers.add_parser("submit", help="run a job on a Ray cluster through the Ray Jobs API")
+    jobs_sub = submit_p.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, spec in JOBS.items():
+        p = jobs_sub.add_parser(name, parents=[common], help=spec.help, description=f"{spec.help}: submits {spec.script}")
+        if spec.takes_config:
+            p.add_argument("--config", default=None, help="YAML config inside the project (jobs/configs/*.yaml); validated before submission")
+            p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=0.01")
+        else:
+            p.add_argument("script_args", nargs="*", metavar="-- ARG",
+                           help=f"arguments of `mtseg {spec.command}`, after --, e.g. -- --checkpoint s3://bucket/runs/demo")
+        if name == "prepare":
+            p.add_argument("--coco-root", required=True, help="COCO root with images and annotations (a path on the cluster or s3://...)")
+        if name == "train":
+            p.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
+        p.set_defaults(fn=cmd_submit)
+
+    jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
+    jobs.add_argument("action", choices=("list", "status", "logs", "stop"))
+    jobs.add_argument("id", nargs="?", default=None, help="submission id (all but list)")
+    jobs.add_argument("--address", default=None, help=address_help)
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit with its outcome")
+    jobs.add_argument("--wait", action="store_true", help="stop: wait until the job has stopped")
+    jobs.set_defaults(fn=cmd_jobs)
+
+
+__all__ = [
+    "EXIT_CODES",
+    "JOBS",
+    "STORAGE_ENV_VARS",
+    "WORKING_DIR_EXCLUDES",
+    "JobSpec",
+    "JobsClient",
+    "SubmitError",
+    "add_parsers",
+    "build_entrypoint",
+    "build_runtime_env",
+    "check_arguments",
+    "client",
+    "load_token",
+    "make_submission_id",
+    "project_root",
+    "resolve_address",
+    "storage_env",
+    "submit",
+]

@@ -1,0 +1,241 @@
+"""The interface shared by all task-weighting strategies, and the distributed helpers.
+
+One call replaces ``loss.backward()`` in the trainer::
+
+    losses = compute_losses(tasks, outputs, batch)           # {task: scalar}
+    weights = strategy.backward(losses, model.shared_parameters())
+    sync_gradients(all_params)                               # no-op without torch.distributed
+    optimizer.step()
+
+The trainer never branches on a strategy's name: every strategy accumulates gradients
+into the ``.grad`` of all parameters (shared, task heads and its own, e.g. uncertainty's
+log-variances) and returns the per-task weight it used, for logging.
+
+Distributed data parallel (DDP) design
+--------------------------------------
+The trainer runs forward and ``strategy.backward`` inside DDP's ``model.no_sync()``, so
+that DDP's bucketed all-reduce does not fire on the first of several backward passes,
+and then calls :func:`sync_gradients` once: one coalesced all-reduce averaging every
+``.grad`` over the world.
+
+* Strategies that only scale losses (equal, static, uncertainty) need nothing more: the
+  gradient of a weighted sum is the weighted sum of gradients, and averaging it over
+  ranks is exactly what DDP would have done.
+* Strategies that derive weights from loss values (DWA, FAMO) first average the loss
+  values over ranks (:func:`all_reduce_mean`), so every rank computes the same weights
+  and updates the same state.
+* Strategies that manipulate per-task gradients (PCGrad, GradNorm) compute the per-task
+  gradients of the shared parameters (``torch.autograd.grad``/``backward`` with
+  ``retain_graph``), flatten them into one (T, P) tensor and average it over ranks with
+  ONE :func:`all_reduce_mean`; every rank then manipulates the same global task
+  gradients and writes identical shared ``.grad``. The later :func:`sync_gradients`
+  leaves those unchanged (the average of identical values) and averages the heads'.
+
+Every strategy keeps its state (learned log-variances, loss history, FAMO's logits,
+GradNorm's weights) in parameters or buffers, so ``state_dict()`` checkpoints it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over all ranks (a new tensor); returns it unchanged without torch.distributed.
+
+    Args:
+        tensor: the same shape and dtype on every rank; not modified.
+
+    Returns:
+        The mean over ranks.
+    """
+    if not _distributed():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out)
+    return out.div_(dist.get_world_size())
+
+
+def sync_gradients(params: Iterable[torch.Tensor]) -> None:
+    """Average every parameter's ``.grad`` over all ranks in one coalesced all-reduce per dtype.
+
+    A parameter that requires grad but has none gets a zero gradient first, so that every
+    rank contributes the same layout. No-op without torch.distributed.
+
+    Args:
+        params: the parameters (the same list, in the same order, on every rank).
+    """
+    if not _distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+    world = dist.get_world_size()
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view(g.shape))
+            offset += n
+
+
+def ordered_losses(losses: dict[str, torch.Tensor], task_names: list[str]) -> list[torch.Tensor]:
+    """The scalar losses in ``task_names`` order, with one clear error on a mismatch."""
+    if set(losses) != set(task_names):
+        raise ValueError(f"weighting: losses are for tasks {sorted(losses)}, the strategy was built for {sorted(task_names)}")
+    for name in task_names:
+        if losses[name].dim() != 0:
+            raise ValueError(f"weighting: loss {name!r} must be a scalar, got shape {tuple(losses[name].shape)}")
+    return [losses[name] for name in task_names]
+
+
+def stack_losses(losses: dict[str, torch.Tensor], task_names: list[str]) -> torch.Tensor:
+    """``{task: scalar}`` -> (T,) float tensor in ``task_names`` order."""
+    return torch.stack([loss.float() for loss in ordered_losses(losses, task_names)])
+
+
+def per_task_gradients(
+    losses: list[torch.Tensor], params: list[torch.Tensor], *, accumulate_others: bool
+) -> torch.Tensor:
+    """Flattened gradient of each loss w.r.t. ``params``: a (T, P) tensor.
+
+    Args:
+        losses: the T scalar losses, sharing one graph. Pass the tensors the tasks
+            returned, not elements of a ``torch.stack`` of them: backward through a stack
+            would send zero gradients down every other task's branch.
+        params: the parameters to differentiate (the shared ones).
+        accumulate_others: also accumulate each loss's gradient into the ``.grad`` of every
+            other parameter it reaches (the task heads), as ``loss.backward()`` would; the
+            ``.grad`` of ``params`` is left as it was, and the graph is freed after the last
+            loss. Without it the graph is kept for a later backward.
+
+    Returns:
+        The (T, P) per-task gradients (zeros where a loss does not reach a parameter).
+    """
+    rows = []
+    if accumulate_others:
+        # backward() fills the heads' .grad in the same pass; the shared .grad is read
+        # out and restored after each task so the caller can write the combined one.
+        saved = [p.grad for p in params]
+        for i, loss in enumerate(losses):
+            for p in params:
+                p.grad = None
+            loss.backward(retain_graph=i < len(losses) - 1)
+            rows.append(_flatten([p.grad for p in params], params))
+        for p, g in zip(params, saved):
+            p.grad = g
+    else:
+        for loss in losses:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            rows.append(_flatten(grads, params))
+    return torch.stack(rows)
+
+
+def _flatten(grads, params) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def add_flat_gradient(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Accumulate a flat gradient vector into ``params``' ``.grad`` (like ``backward`` does)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset : offset + n].view(p.shape).to(p.dtype)
+        if p.grad is None:
+            p.grad = torch.empty_like(p).copy_(g)  # keeps the parameter's memory format
+        else:
+            p.grad.add_(g)
+        offset += n
+
+
+class WeightingStrategy(nn.Module):
+    """Base class: turns per-task losses into gradients.
+
+    Subclasses implement :meth:`backward`, or, when the update is the gradient of one
+    combined loss, just :meth:`combine`.
+
+    Args:
+        task_names: the tasks, in the order losses are reported.
+    """
+
+    def __init__(self, task_names: list[str]):
+        super().__init__()
+        if not task_names:
+            raise ValueError("weighting: at least one task is required")
+        self.task_names = list(task_names)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def combine(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combined loss and the per-task weights used, from the (T,) loss vector."""
+        raise NotImplementedError(f"{type(self).__name__} implements backward() directly")
+
+    def backward(self, losses: dict[str, torch.Tensor], shared_params: list[torch.Tensor]) -> dict[str, float]:
+        """Accumulate gradients into ``.grad`` of every parameter the losses reach.
+
+        Args:
+            losses: ``{task: scalar loss}`` from one forward pass.
+            shared_params: the parameters every task shares (``model.shared_parameters()``,
+                in forward order); strategies that manipulate gradients work on these.
+
+        Returns:
+            ``{task: weight used}`` for logging.
+        """
+        vec = stack_losses(losses, self.task_names)
+        total, weights = self.combine(vec)
+        total.backward()
+        return self._report(weights)
+
+    def on_epoch_end(self) -> None:
+        """Called once per epoch on every rank (collective for strategies that keep loss history)."""
+
+    def _report(self, weights: torch.Tensor) -> dict[str, float]:
+        # One device-to-host copy for all tasks.
+        return dict(zip(self.task_names, weights.detach().float().cpu().tolist()))
+
+
+def adam_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """One Adam step (Kingma and Ba 2015; L2 weight decay as ``torch.optim.Adam``) on buffers, in place.
+
+    Strategies that update their own weights inside ``backward`` (GradNorm, FAMO) keep
+    the optimiser state in buffers, so it is part of ``state_dict()``.
+    """
+    with torch.no_grad():
+        if weight_decay:
+            grad = grad + weight_decay * param
+        step.add_(1)
+        t = float(step)
+        exp_avg.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+        exp_avg_sq.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+        bias1 = 1 - betas[0] ** t
+        bias2 = 1 - betas[1] ** t
+        denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias1)

@@ -1,0 +1,94 @@
+"""GradNorm: Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization
+for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018.
+
+Learned task weights ``w_i`` (sum fixed to T) are tuned so that each task's gradient
+norm on the last shared layer ``W`` tracks its relative training rate:
+
+    G_i = || grad_W (w_i L_i) ||,   G_bar = mean_i G_i
+    r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))
+    L_grad = sum_i | G_i - G_bar * r_i^alpha |     (the target G_bar r_i^alpha is held constant)
+
+The network descends ``sum_i w_i L_i``; the weights descend ``L_grad`` (Adam, ``lr``) and
+are renormalised to sum to T. A task that trains slower than the others (larger
+``r_i``) gets a larger target norm and so a larger weight.
+
+``W`` is the last weight tensor of ``shared_params`` (the paper's choice, "to save on
+compute"): the per-task gradients need only the heads' backward passes, not T passes
+through the encoder. Since ``grad_W (w_i L_i) = w_i grad_W L_i``, ``dL_grad/dw_i`` is
+``sign(G_i - target_i) * ||grad_W L_i||`` in closed form (no double backward).
+
+DDP: the (T, |W|) per-task gradients and the T loss values travel in ONE all-reduce
+(mean), so every rank computes the same norms, ratios and weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtseg.weighting.base import (
+    WeightingStrategy,
+    adam_update,
+    all_reduce_mean,
+    ordered_losses,
+    per_task_gradients,
+    stack_losses,
+)
+
+
+def last_shared_layer(shared_params: list[torch.Tensor]) -> torch.Tensor:
+    """The last weight tensor (ndim > 1) in ``shared_params``: GradNorm's ``W``."""
+    weights = [p for p in shared_params if p.ndim > 1 and p.requires_grad]
+    if not weights:
+        raise ValueError("weighting: gradient-based strategies need shared parameters with a weight matrix; got none")
+    return weights[-1]
+
+
+class GradNormWeighting(WeightingStrategy):
+    """GradNorm loss balancing.
+
+    Args:
+        task_names: the tasks.
+        alpha: restoring-force strength (paper: 0.12 to 3; 1.5 for NYUv2).
+        lr: learning rate of the weights' Adam.
+    """
+
+    def __init__(self, task_names: list[str], alpha: float = 1.5, lr: float = 0.025):
+        super().__init__(task_names)
+        t = len(task_names)
+        self.alpha, self.lr = float(alpha), float(lr)
+        self.register_buffer("weights", torch.ones(t))
+        self.register_buffer("initial_losses", torch.zeros(t))
+        self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("exp_avg", torch.zeros(t))
+        self.register_buffer("exp_avg_sq", torch.zeros(t))
+        self.register_buffer("adam_step", torch.zeros((), dtype=torch.int64))
+
+    def weight_gradient(self, grad_norms: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """``dL_grad/dw`` from the unweighted per-task gradient norms ``||grad_W L_i||`` and the losses."""
+        w = self.weights
+        g = w * grad_norms
+        ratio = losses / self.initial_losses.clamp_min(1e-12)
+        rate = ratio / ratio.mean().clamp_min(1e-12)
+        target = g.mean() * rate.pow(self.alpha)
+        return torch.sign(g - target) * grad_norms
+
+    def backward(self, losses: dict[str, torch.Tensor], shared_params: list[torch.Tensor]) -> dict[str, float]:
+        vec = stack_losses(losses, self.task_names)
+        layer = last_shared_layer(shared_params)
+        grads = per_task_gradients(ordered_losses(losses, self.task_names), [layer], accumulate_others=False)
+        t = self.num_tasks
+        payload = all_reduce_mean(torch.cat([grads.reshape(-1), vec.detach().to(grads)]))
+        grads, global_losses = payload[:-t].view(t, -1), payload[-t:]
+        used = self.weights.clone()
+        (used.to(vec.device) * vec).sum().backward()
+        with torch.no_grad():
+            global_losses = global_losses.to(self.weights)
+            if not bool(self.has_initial):
+                self.initial_losses.copy_(global_losses)
+                self.has_initial.fill_(True)
+            grad_w = self.weight_gradient(grads.norm(dim=1).to(self.weights), global_losses)
+            adam_update(self.weights, grad_w, self.exp_avg, self.exp_avg_sq, self.adam_step, lr=self.lr)
+            # Renormalise to sum T (paper), keeping every weight positive.
+            self.weights.clamp_(min=1e-3)
+            self.weights.mul_(t / self.weights.sum())
+        return self._report(used)

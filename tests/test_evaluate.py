@@ -1,0 +1,163 @@
+"""``mtseg evaluate``: Ray Data batch inference over a split streamed from SeaweedFS, then metrics.
+
+The checkpoint comes from a short training run (a few optimiser steps of the training loop on
+the local stream, saved with :func:`mtseg.train.checkpoint.save` and uploaded to the bucket).
+The numbers must be those of the plain single-process loop that training validation runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from mtseg import storage
+from mtseg.config import load_config, to_yaml
+from mtseg.evaluate import plan_actors
+from mtseg.predict import PredictError
+from mtseg.train import checkpoint as ckpt
+
+TRAIN_IMAGES, VAL_IMAGES = 16, 10
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, s3_env, seaweedfs):
+    """Synthetic COCO (32 px) sharded into the session's bucket; val in two shards."""
+    from mtseg.data.shard import shard_coco
+    from mtseg.data.synth import synthesize
+
+    root = str(tmp_path_factory.mktemp("coco"))
+    synthesize(root, train=TRAIN_IMAGES, val=VAL_IMAGES, size=32, seed=2)
+    uri = f"s3://{seaweedfs.bucket}/evaluate-data"
+    for split in ("train2017", "val2017"):
+        shard_coco(root, split, uri, images_per_shard=6, log=lambda *a: None)
+    return uri
+
+
+def _cfg(data_uri: str):
+    return load_config(None, [
+        f"data.uri={data_uri}", "data.image_size=32", "data.batch_size=4", "model.decoder_channels=16",
+        "tasks.patch_size=4", "tasks.center_sigma=1.5", "train.warmup_steps=1", "train.lr=0.01",
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tiny_data, tmp_path_factory, seaweedfs):
+    """A checkpoint after 3 optimiser steps, in the bucket as Ray Train lays it out: <run>/checkpoint_*/."""
+    from mtseg.data.manifest import read_manifest
+    from mtseg.data.pipeline import categories_of, iter_local_batches
+    from mtseg.train.loop import build_state, train_one_epoch
+
+    cfg = _cfg(tiny_data)
+    categories = categories_of(read_manifest(tiny_data, cfg.data.train_split))
+    state = build_state(cfg, categories, total_steps=3, device=torch.device("cpu"))
+    batches = iter_local_batches(tiny_data, cfg.data.train_split, categories, cfg, True, drop_last=True)
+    train_one_epoch(state, batches, steps=3)
+    local = str(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000")
+    # Saved as the trainer does today: meta without categories (read from the dataset instead).
+    ckpt.save(local, state.state_dict(), state.meta(), to_yaml(cfg))
+    run = f"s3://{seaweedfs.bucket}/evaluate-runs/short"
+    for name in os.listdir(local):
+        with open(os.path.join(local, name), "rb") as f:
+            storage.write_bytes(storage.join(run, "checkpoint_000000", name), f.read())
+    return run, storage.join(run, "checkpoint_000000"), cfg, categories
+
+
+def _plain_loop_metrics(checkpoint_uri: str, cfg, categories) -> dict[str, float]:
+    """Training validation's own code, in one process: iter_local_batches -> loop.evaluate -> Evaluator."""
+    import pyarrow.parquet as pq
+
+    from mtseg.data.manifest import read_manifest, shard_uris
+    from mtseg.data.pipeline import iter_local_batches
+    from mtseg.metrics import Evaluator, coco_gt_from_rows
+    from mtseg.predict import build_inference_model, load_checkpoint
+    from mtseg.tasks import build_tasks
+    from mtseg.train.loop import evaluate
+
+    loaded = load_checkpoint(checkpoint_uri)
+    model = build_inference_model(loaded.cfg, categories, loaded.model_state)
+    manifest = read_manifest(cfg.data.uri, cfg.data.val_split)
+    rows = []
+    for uri in shard_uris(cfg.data.uri, cfg.data.val_split, manifest):
+        fs, path = storage.resolve(uri)
+        rows += pq.read_table(path, filesystem=fs, columns=["image_id", "height", "width", "annotations"]).to_pylist()
+    evaluator = Evaluator(categories, cfg.tasks.names, coco_gt=coco_gt_from_rows(rows, manifest["categories"]))
+    batches = iter_local_batches(cfg.data.uri, cfg.data.val_split, categories, cfg, False)
+    evaluate(model, batches, build_tasks(cfg, categories), cfg, categories, evaluator, torch.device("cpu"))
+    return evaluator.compute()
+
+
+@pytest.mark.slow
+def test_evaluate_streams_from_seaweedfs_and_matches_the_plain_loop(ray_local, trained_checkpoint, tiny_data, capsys):
+    from mtseg.cli import main
+
+    run, checkpoint_uri, cfg, categories = trained_checkpoint
+    # The run directory resolves to its newest complete checkpoint; two actors share the batches.
+    code = main(["evaluate", "--checkpoint", run, "--data", tiny_data, "--split", "val2017", "--batch-size", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| `val/miou` |" in out and "| `val/mask_ap` |" in out
+
+    written = json.loads(storage.read_bytes(storage.join(checkpoint_uri, "metrics.json")))
+    assert written["images"] == VAL_IMAGES and written["split"] == "val2017" and written["setup"]["actors"] == 2
+    table = storage.read_bytes(storage.join(checkpoint_uri, "metrics.md")).decode()
+    assert "| `val/pixel_acc` |" in table
+
+    expected = _plain_loop_metrics(checkpoint_uri, cfg, categories)
+    assert set(written["metrics"]) == set(expected)
+    for key, want in expected.items():
+        got = written["metrics"][key]
+        if math.isnan(want):
+            assert got is None, key  # undefined (NaN) is written as null
+        else:
+            assert got == pytest.approx(want, rel=1e-9, abs=1e-12), key
+
+
+@pytest.mark.slow
+def test_evaluate_limit_and_label_space_check(ray_local, trained_checkpoint, tiny_data, tmp_path):
+    from mtseg.data.manifest import read_manifest, write_manifest
+    from mtseg.evaluate import evaluate_checkpoint
+
+    run, checkpoint_uri, cfg, categories = trained_checkpoint
+    result = evaluate_checkpoint(checkpoint_uri, tiny_data, "val2017", out=str(tmp_path), limit=3,
+                                 batch_size=2, concurrency=1, log=lambda *a: None)
+    assert result.images == 3  # the ground truth holds the evaluated images only
+    assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 3
+    assert 0.0 <= result.metrics["val/miou"] <= 1.0
+
+    # A dataset with another label space is refused before any inference.
+    other = f"{tiny_data}-other"
+    manifest = read_manifest(tiny_data, "val2017")
+    manifest["categories"] = manifest["categories"][:-1]
+    write_manifest(other, "val2017", manifest)
+    with pytest.raises(PredictError, match="differ from the checkpoint"):
+        evaluate_checkpoint(checkpoint_uri, other, "val2017", out=str(tmp_path), log=lambda *a: None)
+
+
+def test_actor_plan_leaves_a_cpu_for_decoding_and_uses_every_gpu():
+    cpu = plan_actors({"CPU": 8.0})
+    assert cpu == {"actors": 8, "device": "cpu", "num_cpus": 0.875, "num_gpus": 0.0, "threads": 1}
+    small = plan_actors({"CPU": 2.0})
+    assert small["actors"] == 2 and small["num_cpus"] == 0.5  # 1 CPU stays free for read + decode
+    assert plan_actors({"CPU": 2.0}, concurrency=1)["num_cpus"] == 1.0
+    assert plan_actors({"CPU": 1.0})["num_cpus"] == 0.0  # still runs: the actor reserves nothing
+    assert plan_actors({"CPU": 16.0}, concurrency=2, actor_cpus=4.0)["threads"] == 4
+    gpu = plan_actors({"CPU": 16.0, "GPU": 4.0})
+    assert gpu["device"] == "cuda" and gpu["actors"] == 4 and gpu["num_gpus"] == 1.0 and gpu["num_cpus"] == 1.0
+    assert plan_actors({"CPU": 16.0, "GPU": 4.0}, use_gpu="false")["device"] == "cpu"
+    with pytest.raises(PredictError, match="no GPUs"):
+        plan_actors({"CPU": 2.0}, use_gpu="true")
+    with pytest.raises(PredictError, match="--concurrency"):
+        plan_actors({"CPU": 2.0}, concurrency=0)
+    with pytest.raises(PredictError, match="read \\+ decode"):
+        plan_actors({"CPU": 2.0}, concurrency=2, actor_cpus=1.0)
+
+
+def test_bad_checkpoint_fails_before_ray_starts(tmp_path, capsys):
+    from mtseg.cli import main
+
+    assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err

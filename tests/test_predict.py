@@ -1,0 +1,202 @@
+"""``mtseg predict``: checkpoints loaded for inference, any image in, pictures + COCO results out.
+
+No Ray: a tiny randomly initialised model saved as a checkpoint, images written on the fly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from mtseg.config import load_config, to_yaml
+from mtseg.data.categories import CategoryIndex
+from mtseg.predict import (
+    PredictError,
+    Predictor,
+    find_images,
+    load_checkpoint,
+    pick_device,
+    predict_images,
+    resolve_checkpoint,
+)
+from mtseg.train import checkpoint as ckpt
+
+CATEGORIES = [
+    {"id": 1, "name": "disc", "supercategory": "round"},
+    {"id": 3, "name": "ring", "supercategory": "round"},
+    {"id": 7, "name": "box", "supercategory": "angular"},
+]
+
+
+def _cfg(**extra):
+    overrides = ["data.image_size=32", "data.batch_size=2", "model.decoder_channels=16", "tasks.patch_size=4",
+                 "data.uri=/nonexistent/shards", *[f"{k}={v}" for k, v in extra.items()]]
+    return load_config(None, overrides)
+
+
+def _save_checkpoint(directory, cfg, *, with_categories=True) -> str:
+    from mtseg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, CategoryIndex.from_categories(CATEGORIES))
+    meta = {"epoch": 0, "step": 1, "epoch_rows": 0}
+    if with_categories:
+        meta["categories"] = CATEGORIES
+    ckpt.save(str(directory), {"model": model.state_dict()}, meta, to_yaml(cfg))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _save_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint_000001", _cfg())
+
+
+def _png(array: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_predict_grayscale_rgba_and_corrupt_in_one_call(checkpoint, tmp_path, capsys):
+    from mtseg.cli import main
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "gray.png").write_bytes(_png(rng.integers(0, 255, (40, 52), dtype=np.uint8), "L"))
+    (images / "rgba.png").write_bytes(_png(rng.integers(0, 255, (29, 37, 4), dtype=np.uint8), "RGBA"))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (70, 45, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    (images / "photo.jpg").write_bytes(buf.getvalue())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    out = tmp_path / "out"
+
+    code = main(["predict", "--checkpoint", checkpoint, str(images / "gray.png"), str(images / "rgba.png"),
+                 str(images / "broken.png"), str(images / "photo.jpg"), "--out", str(out), "--device", "cpu",
+                 "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert code == 1  # something was skipped; the rest ran
+    assert "broken.png" in captured.err and "4/4 images, 1 skipped" in captured.err
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["source"] for s in summary["skipped"]] == [str(images / "broken.png")]
+    sizes = {"gray": (40, 52), "rgba": (29, 37), "photo": (70, 45)}
+    assert {im["name"]: (im["height"], im["width"]) for im in summary["images"]} == sizes
+    # Ids follow input order, the skipped file included.
+    assert {im["name"]: im["image_id"] for im in summary["images"]} == {"gray": 1, "rgba": 2, "photo": 4}
+    all_results = json.loads((out / "coco_results.json").read_text())
+    for name, (h, w) in sizes.items():
+        for task in ("boundary", "center", "reconstruction"):
+            with Image.open(out / f"{name}_{task}.png") as im:
+                assert im.size == (w, h) and im.mode == "RGB"
+        for picture in ("overlay", "supercategory"):  # the image plus a legend beside it
+            with Image.open(out / f"{name}_{picture}.png") as im:
+                assert im.width > w and im.height >= h
+        results = json.loads((out / f"{name}_instances.json").read_text())
+        for r in results:
+            assert r["category_id"] in {c["id"] for c in CATEGORIES}
+            assert mask_utils.decode(r["segmentation"]).shape == (h, w)
+        assert all(r in all_results for r in results)
+    assert not list(out.glob("broken*"))
+
+
+def test_predictor_maps_come_back_at_each_image_size(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    images = [torch.randint(0, 255, (3, 17, 90), dtype=torch.uint8), torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)]
+    preds = predictor.predict(images, [5, 6])
+    for image, pred, image_id in zip(images, preds, (5, 6)):
+        h, w = image.shape[1:]
+        assert pred.image_id == image_id
+        assert pred.semantic.shape == pred.supercategory.shape == pred.boundary.shape == pred.center.shape == (h, w)
+        assert pred.reconstruction.shape == (h, w, 3) and pred.reconstruction.dtype == np.uint8
+        assert 0 <= pred.boundary.min() and pred.boundary.max() <= 1
+        assert pred.semantic.max() < 4 and pred.supercategory.max() < 3
+        assert all(r["image_id"] == image_id for r in pred.instances)
+
+
+def test_predictor_at_model_size_equals_the_validation_forward(checkpoint):
+    """An image already at data.image_size goes through predict_batch unchanged."""
+    from mtseg.train.loop import predict_batch
+
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
+    (pred,) = predictor.predict([image], [1])
+    _, semantic, _ = predict_batch(predictor.model, {"image": image[None].float() / 255}, predictor.tasks,
+                                   predictor.cfg, predictor.categories)
+    assert np.array_equal(pred.semantic, semantic[0].numpy())
+
+
+def test_directories_are_expanded_and_repeated_names_kept_apart(checkpoint, tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.png").write_bytes(_png(np.zeros((20, 20, 3), np.uint8), "RGB"))
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    sources = find_images([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert sources == [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
+    summary = predict_images(checkpoint, [str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"),
+                             device="cpu", progress=False)
+    assert [im["name"] for im in summary.images] == ["x", "x-2"] and not summary.skipped
+    assert (tmp_path / "out" / "x-2_overlay.png").exists()
+
+
+def test_missing_input_and_unavailable_device_fail_with_one_line(checkpoint, tmp_path, capsys):
+    from mtseg.cli import main
+
+    with pytest.raises(PredictError, match="no such file"):
+        find_images([str(tmp_path / "nope.jpg")])
+    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")]) == 2
+    assert "mtseg: error:" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(PredictError, match="CUDA is not available"):
+            pick_device("cuda")
+    with pytest.raises(PredictError, match="expected auto, cpu or cuda"):
+        pick_device("tpu")
+
+
+def test_checkpoint_without_categories_reads_the_dataset_manifest(tmp_path):
+    from mtseg.data.manifest import MANIFEST_NAME
+
+    # A minimal manifest with the label space (no shards needed to read categories).
+    data = tmp_path / "shards"
+    (data / "train2017").mkdir(parents=True)
+    manifest = {"schema_version": 1, "split": "train2017", "categories": CATEGORIES, "counts": {}, "shards": [], "skipped": {}}
+    (data / "train2017" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    path = _save_checkpoint(tmp_path / "run" / "checkpoint_000003", _cfg(), with_categories=False)
+    with pytest.raises(PredictError, match="--data"):
+        load_checkpoint(path)
+    loaded = load_checkpoint(path, data_uri=str(data))
+    assert loaded.categories.coco_ids == (1, 3, 7)
+    assert "optimizer" not in loaded.model_state and loaded.cfg.data.image_size == 32
+
+
+def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _save_checkpoint(run / "checkpoint_000001", _cfg())
+    newest = _save_checkpoint(run / "checkpoint_000002", _cfg())
+    with open(os.path.join(newest, "meta.json")) as f:
+        meta = json.load(f)
+    meta["step"] = 2
+    with open(os.path.join(newest, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    broken = run / "checkpoint_000003"
+    broken.mkdir()
+    (broken / "state.pt").write_bytes(b"truncated")  # no meta.json: an interrupted upload
+    assert resolve_checkpoint(str(run)) == newest
+    with pytest.raises(PredictError, match="not a checkpoint"):
+        resolve_checkpoint(str(tmp_path))
+
+
+def test_weights_that_do_not_fit_the_label_space_are_a_checkpoint_error(tmp_path):
+    from mtseg.predict import build_inference_model
+
+    loaded = load_checkpoint(_save_checkpoint(tmp_path / "checkpoint_000001", _cfg()))
+    other = CategoryIndex.from_categories(CATEGORIES[:2])
+    with pytest.raises(ckpt.CheckpointError, match="do not fit"):
+        build_inference_model(loaded.cfg, other, loaded.model_state)
