@@ -239,7 +239,10 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    runtime_env = {"env_vars": dict(env)} if env else None
+    # Inside a Ray job the job's runtime_env already carries the variables; giving them again
+    # makes Ray refuse to merge the two (and print both, secrets included).
+    in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    runtime_env = {"env_vars": dict(env)} if env and not in_job else None
     if address:
         return ray.init(address=address, runtime_env=runtime_env, **kwargs)
     return ray.init(
@@ -281,20 +284,55 @@ class RayHead:
     def dashboard_url(self) -> str:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
-    def start(self, env: dict | None = None, timeout: float = 90.0) -> "RayHead":
+    def start(self, env: dict | None = None, timeout: float = 90.0, attempts: int = 2) -> "RayHead":
+        """Start the head; every port is a free one, so it coexists with other Rays on the machine.
+
+        ``ray start`` gives the raylet a fixed 30 s to register; on a loaded machine that can
+        pass, so a failed start is cleaned up and tried again on fresh ports.
+        """
+        for attempt in range(attempts):
+            try:
+                return self._start_once(env, timeout)
+            except (ClusterError, subprocess.TimeoutExpired):
+                self.stop()
+                self.port = self.dashboard_port = 0
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, env: dict | None, timeout: float) -> "RayHead":
         os.makedirs(self.temp_dir, exist_ok=True)
-        self.port = self.port or free_port()
-        self.dashboard_port = self.dashboard_port or free_port({self.port, self.port + 10000})
-        ray_bin = str(Path(sys.executable).parent / "ray")
+        used: set[int] = set()
+
+        def pick() -> int:
+            port = free_port(used)
+            used.update({port, port + 10000})
+            return port
+
+        # Ray's defaults for the agent (52365), client server (10001) and the rest are fixed
+        # ports: a second Ray on the machine would get a head whose job agent cannot serve.
+        self.port = self.port or pick()
+        self.dashboard_port = self.dashboard_port or pick()
+        used.update({self.port, self.dashboard_port})
         cmd = [
-            ray_bin, "start", "--head",
+            str(Path(sys.executable).parent / "ray"), "start", "--head",
             f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
             "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={pick()}", f"--dashboard-agent-grpc-port={pick()}",
+            f"--ray-client-server-port={pick()}", f"--metrics-export-port={pick()}", f"--runtime-env-agent-port={pick()}",
             f"--temp-dir={os.path.abspath(self.temp_dir)}", "--disable-usage-stats",
         ]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
-        full_env = {**os.environ, **loopback_env(), **(env or {})}
+        venv_bin = str(Path(sys.executable).parent)
+        full_env = {
+            **os.environ, **loopback_env(),
+            # Token auth on explicitly: without it `ray start` only enables it when a token exists.
+            "RAY_AUTH_MODE": "token",
+            # A job's `python jobs/train.py` must run this environment's Python.
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            **(env or {}),
+        }
         out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
             tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -189,6 +189,8 @@ def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
     elif tp is str:
         if value is None:
             value = ""
+        if isinstance(value, bool):  # YAML reads `true` as a boolean; string fields spell it
+            value = "true" if value else "false"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         out = str(value)

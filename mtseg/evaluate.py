@@ -2,7 +2,8 @@
 
     mtseg evaluate --checkpoint s3://bucket/runs/demo/checkpoint_000012 --data s3://bucket/shards --split val2017
 
-The pipeline streams; nothing but small per-batch metric states reaches the driver::
+The pipeline streams: no pixels and no predicted maps reach the driver, only per-batch metric
+states (counts, and COCO results with compressed RLE masks) and the ground-truth rows::
 
     read_parquet(split shards)  ─ streaming, S3 or local
       └ map_batches(EvalPreprocess)      CPU tasks (fused with the read, one per shard): decode +
@@ -119,11 +120,9 @@ class EvalActor:
             checkpoint once and every actor fetches the weights from the object store.
         device: ``cpu`` or ``cuda``.
         num_threads: torch intra-op threads (CPU actors).
-        prefix: metric key namespace.
     """
 
-    def __init__(self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu",
-                 num_threads: int = 1, prefix: str = "val"):
+    def __init__(self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu", num_threads: int = 1):
         import ray
         import torch
 
@@ -140,7 +139,6 @@ class EvalActor:
         self.device = torch.device(device)
         self.model = build_inference_model(self.cfg, self.categories, model_state, self.device)
         self.tasks = build_tasks(self.cfg, self.categories)
-        self.prefix = prefix
         self.with_instances = "instance" in self.cfg.tasks.names
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -153,7 +151,7 @@ class EvalActor:
         coco_gt = None
         if self.with_instances:
             coco_gt = coco_gt_from_rows([json.loads(s) for s in gt_json], self.coco_categories)
-        evaluator = Evaluator(self.categories, self.cfg.tasks.names, coco_gt=coco_gt, prefix=self.prefix)
+        evaluator = Evaluator(self.categories, self.cfg.tasks.names, coco_gt=coco_gt)
         evaluate(self.model, [tensors], self.tasks, self.cfg, self.categories, evaluator, self.device)
         return {
             "state": np.array([pickle.dumps(evaluator.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)], dtype=object),
@@ -270,7 +268,7 @@ def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurren
 
 
 def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int,
-                       plan: dict[str, Any], limit: int | None = None, prefix: str = "val"):
+                       plan: dict[str, Any], limit: int | None = None):
     """The lazy Ray Dataset of per-batch evaluator states (see the module docstring).
 
     Args:
@@ -280,7 +278,6 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
         batch_size: images per model forward.
         plan: from :func:`plan_actors`.
         limit: evaluate the first ``limit`` images only.
-        prefix: metric key namespace.
 
     Returns:
         (dataset with rows ``{"state", "gt", "images"}``, the split's manifest).
@@ -301,8 +298,7 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     return ds.map_batches(
         EvalActor,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "categories": loaded.categories.to_categories(),
-                               "model_state": state_ref, "device": plan["device"], "num_threads": plan["threads"],
-                               "prefix": prefix},
+                               "model_state": state_ref, "device": plan["device"], "num_threads": plan["threads"]},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
@@ -358,7 +354,10 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     _check_label_space(loaded, manifest, storage.join(data_uri, split))
     resources = _cluster_resources()
     plan = plan_actors(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
-    ds, manifest = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit, prefix=prefix)
+    try:
+        ds, _ = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit)
+    except ValueError as e:  # e.g. a split whose manifest lists no shards
+        raise PredictError(str(e)) from None
     log(f"[evaluate] {storage.join(data_uri, split)}: {plan['actors']} {plan['device']} actor(s), batch {batch_size}")
 
     t0 = time.monotonic()

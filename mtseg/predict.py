@@ -541,13 +541,16 @@ def read_image(source: str) -> torch.Tensor:
 
 def _output_names(sources: Sequence[str]) -> list[str]:
     """A distinct file stem per source (``name``, ``name-2``, ... when names repeat)."""
-    seen: dict[str, int] = {}
+    used: set[str] = set()
     names = []
     for src in sources:
         stem = os.path.splitext(posixpath.basename(src.rstrip("/")))[0] or "image"
-        n = seen.get(stem, 0) + 1
-        seen[stem] = n
-        names.append(stem if n == 1 else f"{stem}-{n}")
+        name, n = stem, 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        names.append(name)
     return names
 
 

@@ -200,3 +200,18 @@ def test_weights_that_do_not_fit_the_label_space_are_a_checkpoint_error(tmp_path
     other = CategoryIndex.from_categories(CATEGORIES[:2])
     with pytest.raises(ckpt.CheckpointError, match="do not fit"):
         build_inference_model(loaded.cfg, other, loaded.model_state)
+
+
+@pytest.mark.slow
+def test_images_from_and_results_to_the_object_store(checkpoint, s3_bucket):
+    from mtseg import storage
+
+    storage.write_bytes(storage.join(s3_bucket, "in", "a.png"), _png(np.full((24, 30, 3), 200, np.uint8), "RGB"))
+    storage.write_bytes(storage.join(s3_bucket, "in", "sub", "b.jpg"), b"not a jpeg")
+    out = storage.join(s3_bucket, "out")
+    summary = predict_images(checkpoint, [storage.join(s3_bucket, "in")], out, device="cpu", progress=False)
+    assert [im["name"] for im in summary.images] == ["a"]
+    assert [s["source"] for s in summary.skipped] == [storage.join(s3_bucket, "in", "sub", "b.jpg")]
+    with Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "a_overlay.png")))) as im:
+        assert im.height == 24
+    assert json.loads(storage.read_bytes(storage.join(out, "summary.json")))["images"][0]["width"] == 30

@@ -177,57 +177,6 @@ def test_prepare_data_script_shards_every_split_of_the_config(tmp_path):
 # ---------------------------------------------------------------------------- slow: a Ray head with token auth
 
 
-class IsolatedRayHead(RayHead):
-    """A :class:`RayHead` whose every port is free, so it coexists with other Rays on the machine.
-
-    ``RayHead.start`` leaves the dashboard agent on Ray's fixed default port (52365) and the
-    client server on 10001; a second Ray on the same machine (another test session, the
-    session's in-process ``ray_local``) then gets a head whose job agent cannot serve, and every
-    submission fails with "No available agent". Same command line otherwise.
-    """
-
-    def start(self, env: dict | None = None, timeout: float = 90.0, attempts: int = 2) -> "IsolatedRayHead":
-        # `ray start` gives the raylet a fixed 30 s to register; on a loaded machine (2 cores
-        # shared by parallel test sessions) that can pass, so a failed start is cleaned up and
-        # tried again on fresh ports.
-        for attempt in range(attempts):
-            try:
-                return self._start_once(env, timeout)
-            except ClusterError:
-                self.stop()
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _start_once(self, env: dict | None, timeout: float) -> "IsolatedRayHead":
-        os.makedirs(self.temp_dir, exist_ok=True)
-        used: set[int] = set()
-
-        def pick() -> int:
-            port = free_port(used)
-            used.update({port, port + 10000})
-            return port
-
-        self.port, self.dashboard_port = pick(), pick()
-        cmd = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head",
-            f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
-            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={pick()}", f"--dashboard-agent-grpc-port={pick()}",
-            f"--ray-client-server-port={pick()}", f"--metrics-export-port={pick()}", f"--runtime-env-agent-port={pick()}",
-            f"--temp-dir={os.path.abspath(self.temp_dir)}", "--disable-usage-stats", f"--num-cpus={self.num_cpus or 2}",
-        ]
-        out = subprocess.run(cmd, env={**os.environ, **loopback_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise ClusterError(f"ray start --head failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
-        deadline = time.monotonic() + timeout
-        while not _port_open(self.dashboard_port):
-            if time.monotonic() > deadline:
-                raise ClusterError(f"Ray dashboard did not answer on {self.dashboard_url}")
-            time.sleep(0.5)
-        return self
-
-
 @pytest.fixture(scope="module")
 def head(s3_env):
     """A Ray head on loopback with the dashboard and token auth, the object store's env, 2 CPUs.
@@ -243,7 +192,7 @@ def head(s3_env):
         "RAY_AUTH_TOKEN": token,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    h = IsolatedRayHead(temp_dir=temp_dir, num_cpus=2).start(env=env)
+    h = RayHead(temp_dir=temp_dir, num_cpus=2).start(env=env)
     try:
         yield h, token
     finally:

@@ -82,7 +82,8 @@ def load(directory: str, map_location: str | torch.device = "cpu") -> tuple[dict
     return state, meta
 
 
-def _verify_remote(uri: str) -> dict[str, Any]:
+def verify_remote(uri: str) -> dict[str, Any]:
+    """:func:`verify` for a checkpoint directory in storage (local or s3://)."""
     meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE)))
     blob = storage.read_bytes(storage.join(uri, STATE_FILE))
     if len(blob) != meta.get("state_bytes") or _sha256(blob) != meta.get("state_sha256"):
@@ -111,7 +112,7 @@ def latest_valid(run_uri: str, log=print) -> tuple[str, dict[str, Any]] | None:
         candidates.append((int(meta.get("step", -1)), uri))
     for _, uri in sorted(candidates, reverse=True):
         try:
-            return uri, _verify_remote(uri)
+            return uri, verify_remote(uri)
         except (CheckpointError, storage.StorageError, ValueError) as e:
             log(f"[checkpoint] skipping {uri}: {e}")
     return None

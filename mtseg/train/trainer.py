@@ -132,8 +132,10 @@ def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _restore(state: TrainState, run: str, log) -> bool:
-    """Load the latest complete checkpoint: Ray's, else the newest complete one in storage."""
+def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> bool:
+    """Load the latest complete checkpoint: Ray's, else the newest complete one in storage,
+    else ``init_checkpoint`` (a checkpoint directory URI another run wrote, e.g. the trial that
+    Population Based Training exploits)."""
     import ray.train
 
     reported = ray.train.get_checkpoint()
@@ -147,6 +149,8 @@ def _restore(state: TrainState, run: str, log) -> bool:
             except ckpt.CheckpointError as e:
                 log(f"[train] latest reported checkpoint is unusable: {e}")
     found = ckpt.latest_valid(run, log=log)
+    if found is None and init_checkpoint:
+        found = init_checkpoint, ckpt.verify_remote(init_checkpoint)
     if found is None:
         return False
     uri, meta = found
@@ -178,7 +182,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         raise ValueError(f"data.batch_size: {cfg.data.batch_size} x {world} workers exceeds the {plan.train_images} training images")
     total_steps = per_epoch * cfg.train.epochs
     state = build_state(cfg, plan.categories, total_steps, device, wrap_model=ray.train.torch.prepare_model)
-    _restore(state, run_uri(cfg), log)
+    _restore(state, run_uri(cfg), log, config.get("init_checkpoint", ""))
     rows_per_step = cfg.data.batch_size * cfg.train.grad_accum
     # Chosen on the driver: a worker's working directory is Ray's, not the user's.
     local_dir = config.get("local_dir") or local_run_dir(cfg)
@@ -298,27 +302,18 @@ def preflight(cfg: Config) -> DataPlan:
     return plan
 
 
-def run_training(cfg: Config, *, restart: bool = False, log=print):
-    """Train ``cfg`` on the Ray cluster this process is connected to (``ray.init`` first).
+def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint: str = ""):
+    """The ``TorchTrainer`` for ``cfg``: scaling, storage (retrying on S3), failures, checkpoint policy.
 
-    Starting a run whose name already has checkpoints in ``storage_path`` resumes it;
-    ``restart=True`` deletes them and starts over.
+    ``mtseg train`` fits it directly; ``mtseg tune`` builds one per trial (Train V2's form).
 
-    Returns:
-        The ``ray.train.Result`` (metrics of the last report, best checkpoints).
+    Args:
+        callbacks: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``); the driver's
+            progress printer is always added.
+        init_checkpoint: checkpoint directory URI to start from when the run has none of its own.
     """
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    preflight(cfg)
-    run = run_uri(cfg)
-    if restart:
-        log(f"[train] --restart: deleting {run}")
-        storage.delete(run, recursive=True)
-    elif ckpt.list_checkpoints(run):
-        log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
-    storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())
 
     fs, path = storage.resolve(cfg.train.storage_path)
     if storage.is_s3(cfg.train.storage_path):
@@ -327,9 +322,9 @@ def run_training(cfg: Config, *, restart: bool = False, log=print):
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "local_dir": local_run_dir(cfg)},
+        train_loop_config={"cfg": cfg.to_dict(), "local_dir": local_run_dir(cfg), "init_checkpoint": init_checkpoint},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.run_name,
@@ -341,10 +336,29 @@ def run_training(cfg: Config, *, restart: bool = False, log=print):
                 checkpoint_score_attribute=VAL_METRIC,
                 checkpoint_score_order="max",
             ),
-            callbacks=[_progress_callback()],
+            callbacks=[_progress_callback(), *(callbacks or [])],
         ),
     )
-    return trainer.fit()
+
+
+def run_training(cfg: Config, *, restart: bool = False, log=print):
+    """Train ``cfg`` on the Ray cluster this process is connected to (``ray.init`` first).
+
+    Starting a run whose name already has checkpoints in ``storage_path`` resumes it;
+    ``restart=True`` deletes them and starts over.
+
+    Returns:
+        The ``ray.train.Result`` (metrics of the last report, best checkpoints).
+    """
+    preflight(cfg)
+    run = run_uri(cfg)
+    if restart:
+        log(f"[train] --restart: deleting {run}")
+        storage.delete(run, recursive=True)
+    elif ckpt.list_checkpoints(run):
+        log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
+    storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())
+    return build_trainer(cfg).fit()
 
 
 def _cluster_has_gpus() -> bool:
