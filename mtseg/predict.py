@@ -473,7 +473,8 @@ def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex,
     h = image.shape[0]
     present = [int(c) for c in np.unique(pred.semantic) if 0 < c < categories.num_classes]
     overlay = _outlines(blend(image, pred.semantic), pred.instances, score_threshold)
-    pictures = {"overlay": _beside(overlay, legend_image([(0, "background")] + [(c, categories.names[c - 1]) for c in present], h))}
+    names = [(0, "background")] + [(c, categories.names[c - 1]) for c in present]
+    pictures = {"overlay": _beside(overlay, legend_image(names, h))}
     if pred.supercategory is not None:
         supers = [int(s) for s in np.unique(pred.supercategory) if 0 < s < categories.num_supercategories]
         pictures["supercategory"] = _beside(
@@ -716,7 +717,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, help="output directory (local or s3://)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's data.batch_size)")
-    p.add_argument("--data", default=None, help="dataset root to read the label space from, when neither the checkpoint nor the run's data.uri has it")
+    p.add_argument("--data", default=None,
+                   help="dataset root to read the label space from, when neither the checkpoint nor the run's data.uri has it")
     p.add_argument("--score-threshold", type=float, default=OVERLAY_SCORE_THRESHOLD,
                    help="lowest instance score outlined in the overlays (the JSON keeps all)")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -156,8 +156,13 @@ def test_actor_plan_leaves_a_cpu_for_decoding_and_uses_every_gpu():
         plan_actors({"CPU": 2.0}, concurrency=2, actor_cpus=1.0)
 
 
-def test_bad_checkpoint_fails_before_ray_starts(tmp_path, capsys):
+def test_bad_checkpoint_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
+    import mtseg.cluster
     from mtseg.cli import main
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a command that was bound to fail")
+
+    monkeypatch.setattr(mtseg.cluster, "init_local_ray", no_ray)
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err

@@ -212,6 +212,7 @@ def test_images_from_and_results_to_the_object_store(checkpoint, s3_bucket):
     summary = predict_images(checkpoint, [storage.join(s3_bucket, "in")], out, device="cpu", progress=False)
     assert [im["name"] for im in summary.images] == ["a"]
     assert [s["source"] for s in summary.skipped] == [storage.join(s3_bucket, "in", "sub", "b.jpg")]
-    with Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "a_overlay.png")))) as im:
-        assert im.height == 24
+    with Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "a_boundary.png")))) as im:
+        assert im.size == (30, 24)
+    assert storage.exists(storage.join(out, "a_overlay.png")) and storage.exists(storage.join(out, "coco_results.json"))
     assert json.loads(storage.read_bytes(storage.join(out, "summary.json")))["images"][0]["width"] == 30

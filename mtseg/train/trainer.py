@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -182,7 +183,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         raise ValueError(f"data.batch_size: {cfg.data.batch_size} x {world} workers exceeds the {plan.train_images} training images")
     total_steps = per_epoch * cfg.train.epochs
     state = build_state(cfg, plan.categories, total_steps, device, wrap_model=ray.train.torch.prepare_model)
-    _restore(state, run_uri(cfg), log, config.get("init_checkpoint", ""))
+    restored = _restore(state, run_uri(cfg), log, config.get("init_checkpoint", ""))
     rows_per_step = cfg.data.batch_size * cfg.train.grad_accum
     # Chosen on the driver: a worker's working directory is Ray's, not the user's.
     local_dir = config.get("local_dir") or local_run_dir(cfg)
@@ -195,7 +196,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     id_log = None
     if cfg.train.log_image_ids:
         os.makedirs(os.path.join(local_dir, "image_ids"), exist_ok=True)
-        id_log = open(os.path.join(local_dir, "image_ids", f"rank{rank}.jsonl"), "a")
+        # A run that starts from step 0 starts its audit log afresh; a resumed one appends.
+        id_log = open(os.path.join(local_dir, "image_ids", f"rank{rank}.jsonl"), "a" if restored else "w")
 
     last_val: dict[str, float] = dict(state.best.get("last_val", {})) if isinstance(state.best.get("last_val"), dict) else {}
     config_yaml = to_yaml(cfg)
@@ -355,6 +357,7 @@ def run_training(cfg: Config, *, restart: bool = False, log=print):
     if restart:
         log(f"[train] --restart: deleting {run}")
         storage.delete(run, recursive=True)
+        shutil.rmtree(local_run_dir(cfg), ignore_errors=True)
     elif ckpt.list_checkpoints(run):
         log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
     storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())

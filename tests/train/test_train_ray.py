@@ -40,6 +40,12 @@ def tiny_dataset(tmp_path_factory, s3_env, seaweedfs):
     return uri
 
 
+@pytest.fixture(autouse=True)
+def _run_dir_in_tmp(tmp_path, monkeypatch):
+    """TensorBoard events and image-id logs of S3-stored runs go to ./runs/<name>: keep them per test."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _cfg(data_uri, storage_path, run_name, *extra):
     return load_config(None, [
         f"data.uri={data_uri}", f"train.storage_path={storage_path}", f"train.run_name={run_name}",
@@ -162,13 +168,13 @@ def test_driver_killed_then_same_run_name_resumes_and_sees_each_image_once(ray_l
             "train.cpus_per_worker=0.5", "train.warmup_steps=2", "train.max_failures=2", *overrides]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "mtseg.cli", "train", *args]
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_checkpoint(run_uri(cfg), timeout=180)
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_at = ckpt.latest_valid(run_uri(cfg), log=lambda *a: None)[1]
     assert 0 < killed_at["step"] < _steps(cfg)
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming it" in second.stdout + second.stderr
     final = ckpt.latest_valid(run_uri(cfg), log=lambda *a: None)[1]
