@@ -44,6 +44,9 @@ def _errors():
     from mtseg.submit import SubmitError
 
     errors.append(SubmitError)
+    from mtseg.tune import SearchError
+
+    errors.append(SearchError)
     return tuple(errors)
 
 
@@ -168,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate.add_parser(sub)
     predict.add_parser(sub)
+
+    from mtseg import tune
+
+    tune.add_parser(sub)
     return p
 
 

@@ -232,6 +232,9 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     credentials), so Ray Data readers and Train workers reach the same object store.
     """
     apply_loopback_env()
+    # Ray Train's print patch logs every worker print twice and defeats stdout redirection
+    # (pycocotools' chatter is silenced that way); plain prints reach the driver anyway.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         enable_token_auth_for_client()  # before Ray is imported: it reads the mode once

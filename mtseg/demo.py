@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +41,8 @@ def run_demo(out_dir: str = "runs/demo", train_images: int = 384, val_images: in
     import ray
 
     out_dir = os.path.abspath(out_dir)
+    # SIGTERM (a job stopped, a terminal closed) still stops what the demo started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.makedirs(out_dir, exist_ok=True)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     t_start = time.monotonic()
@@ -95,7 +99,8 @@ def run_demo(out_dir: str = "runs/demo", train_images: int = 384, val_images: in
 
         scalars = read_scalars(os.path.join(local_run_dir(cfg), "tensorboard"))
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
+            # NaN (e.g. AP of an area range with no objects) is not JSON: write null.
+            json.dump({k: (v if v == v else None) for k, v in metrics.items()}, f, indent=2, sort_keys=True)
         elapsed = time.monotonic() - t_start
         md, html_path = write_report(
             out_dir, "mtseg demo", metrics, scalars, images,

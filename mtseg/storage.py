@@ -299,16 +299,19 @@ def check_access(uri: str) -> None:
 
 
 class _UploadOnClose:
-    """A writable file that buffers in memory and uploads the whole object on close, with retries.
+    """A writable file that buffers in memory and PUTs the whole object on close, with retries.
 
     A streamed upload interrupted half-way can leave a truncated object (or fail the whole
-    checkpoint); one PUT of the complete bytes, retried with backoff, cannot.
+    checkpoint); one PUT of the complete bytes, retried with backoff, cannot. The PUT goes
+    through boto3, not pyarrow: this runs on one of Arrow's I/O threads (inside ``copy_files``),
+    and a pyarrow S3 stream would queue its multipart parts on that same, possibly exhausted,
+    pool and deadlock.
     """
 
-    def __init__(self, fs: pafs.FileSystem, path: str):
+    def __init__(self, uri: str):
         import io
 
-        self._fs, self._path, self._buf = fs, path, io.BytesIO()
+        self._uri, self._buf = uri, io.BytesIO()
         self.closed = False
 
     def write(self, data) -> int:
@@ -333,12 +336,7 @@ class _UploadOnClose:
         if self.closed:
             return
         data = self._buf.getvalue()
-
-        def _put():
-            with self._fs.open_output_stream(self._path) as out:
-                out.write(data)
-
-        retry(_put, what=self._path)
+        retry(lambda: write_bytes(self._uri, data), what=self._uri)
         self.closed = True
 
 
@@ -349,7 +347,9 @@ class RetryingFileSystemHandler(pafs.FileSystemHandler):
     checkpoint manager's bookkeeping survive an object store that is down for a few seconds.
     """
 
-    def __init__(self, fs: pafs.FileSystem, attempts: int = 8):
+    def __init__(self, fs: pafs.S3FileSystem, attempts: int = 8):
+        if not isinstance(fs, pafs.S3FileSystem):
+            raise TypeError(f"RetryingFileSystemHandler wraps an S3FileSystem, not {type(fs).__name__}")
         self.fs = fs
         self.attempts = attempts
 
@@ -395,28 +395,30 @@ class RetryingFileSystemHandler(pafs.FileSystemHandler):
     def copy_file(self, src, dest):
         return self._r(lambda: self.fs.copy_file(src, dest), src)
 
-    def open_input_stream(self, path):
+    def _get(self, path):
+        # boto3, not pyarrow, for the same reason as _UploadOnClose: no nested Arrow I/O.
         import pyarrow as pa
 
-        data = self._r(lambda: self.fs.open_input_stream(path).read(), path)
+        bucket, _, key = path.partition("/")
+        data = self._r(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(), "s3://" + path)
         return pa.BufferReader(data)
+
+    def open_input_stream(self, path):
+        return self._get(path)
 
     def open_input_file(self, path):
-        import pyarrow as pa
-
-        data = self._r(lambda: self.fs.open_input_file(path).read(), path)
-        return pa.BufferReader(data)
+        return self._get(path)
 
     def open_output_stream(self, path, metadata):
         import pyarrow as pa
 
-        return pa.PythonFile(_UploadOnClose(self.fs, path), mode="w")
+        return pa.PythonFile(_UploadOnClose("s3://" + path), mode="w")
 
     def open_append_stream(self, path, metadata):
         raise NotImplementedError("append is not supported on object storage")
 
 
-def retrying_filesystem(fs: pafs.FileSystem) -> pafs.FileSystem:
+def retrying_filesystem(fs: pafs.S3FileSystem) -> pafs.FileSystem:
     """``fs`` wrapped so each operation retries transient storage errors (see RetryingFileSystemHandler)."""
     return pafs.PyFileSystem(RetryingFileSystemHandler(fs))
 

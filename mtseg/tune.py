@@ -50,6 +50,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -195,10 +196,10 @@ def parse_param(key: str, text: Any) -> Param:
     if len(items) != 2:
         raise ConfigError(f"{where}: {kind}[lo, hi] takes two bounds, got {len(items)}")
     if kind == "randint" and tp is not int:
-        raise ConfigError(f"{where}: randint needs an integer key; use choice[...] for a {getattr(tp, '__name__', tp)} key")
+        raise ConfigError(f"{where}: randint needs an integer key; use choice[...] for this {getattr(tp, '__name__', tp)} key")
     if kind in ("uniform", "loguniform") and tp is not float:
         hint = "randint[lo, hi]" if tp is int else "choice[...]"
-        raise ConfigError(f"{where}: {kind} needs a float key; use {hint} for a {getattr(tp, '__name__', tp)} key")
+        raise ConfigError(f"{where}: {kind} needs a float key; use {hint} for this {getattr(tp, '__name__', tp)} key")
     lo, hi = (coerce(v) for v in items)
     if not lo < hi:
         raise ConfigError(f"{where}: {kind}[{lo}, {hi}] needs lo < hi")
@@ -235,11 +236,36 @@ def _optuna_available() -> bool:
     return True
 
 
+# Above this many combinations of discrete values, each key is checked on its own.
+_MAX_CHECKED_COMBINATIONS = 4096
+
+
+def _check_combinations(cfg: Config, params: dict[str, Param]) -> None:
+    """Build the config of every combination of discrete values (ranges at each bound)."""
+    base = cfg.to_dict()
+    discrete = [p for p in params.values() if p.kind in ("choice", "grid")]
+    ranges = [p for p in params.values() if p.kind not in ("choice", "grid")]
+    lows = {p.key: p.values[0] for p in ranges}
+    combos: list[dict] = []
+    if math.prod(len(p.values) for p in discrete) <= _MAX_CHECKED_COMBINATIONS:
+        for values in itertools.product(*(p.values for p in discrete)):
+            combos.append({**lows, **{p.key: v for p, v in zip(discrete, values)}})
+    else:
+        combos += [{p.key: v} for p in discrete for v in p.values]
+    combos += [{**lows, p.key: p.values[1]} for p in ranges]
+    for values in combos or [lows]:
+        try:
+            trial_config(base, values)
+        except ConfigError as e:
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            raise ConfigError(f"tune.space: {shown} gives an invalid config ({e})") from None
+
+
 def validate_search(cfg: Config) -> dict[str, Param]:
     """Check ``cfg.tune`` and its search space against the typed config, before Ray starts.
 
-    Every candidate value of every key (each choice, both bounds of a range) is put into the
-    base config and the result validated, so a trial can't fail on its config.
+    Every combination of the discrete values (choice, grid), with each range at its bounds, is
+    put into the base config and validated, so a trial can't fail on its config.
 
     Returns:
         ``{dotted key: Param}`` in the order written.
@@ -251,13 +277,7 @@ def validate_search(cfg: Config) -> dict[str, Param]:
     if not t.space:
         raise ConfigError("tune.space: empty; name at least one dotted key, e.g. 'weighting.name: choice[equal, uncertainty]'")
     params = {key: parse_param(key, text) for key, text in t.space.items()}
-    base = cfg.to_dict()
-    for p in params.values():
-        for value in p.candidates():
-            try:
-                trial_config(base, {p.key: value})
-            except ConfigError as e:
-                raise ConfigError(f"tune.space.{p.key}: {value!r} gives an invalid config ({e})") from None
+    _check_combinations(cfg, params)
     tasks = set(cfg.tasks.names)
     if "tasks.names" in params:
         tasks = {n for names in params["tasks.names"].values for n in names}

@@ -54,3 +54,21 @@ def ray_local(s3_env):
     init_local_ray(num_cpus=2, env=s3_env, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# The tiny dataset of the Ray Train and Ray Tune end-to-end tests (48 train, 8 val images).
+TRAIN_IMAGES, VAL_IMAGES = 48, 8
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, s3_env, seaweedfs):
+    """Synthetic COCO sharded into the session's bucket: s3://<bucket>/tiny (train + val)."""
+    from mtseg.data.shard import shard_coco
+    from mtseg.data.synth import synthesize
+
+    root = str(tmp_path_factory.mktemp("coco"))
+    synthesize(root, train=TRAIN_IMAGES, val=VAL_IMAGES, size=32, seed=1)
+    uri = f"s3://{seaweedfs.bucket}/tiny"
+    for split in ("train2017", "val2017"):
+        shard_coco(root, split, uri, images_per_shard=16, log=lambda *a: None)
+    return uri

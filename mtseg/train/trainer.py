@@ -357,7 +357,8 @@ def run_training(cfg: Config, *, restart: bool = False, log=print):
     if restart:
         log(f"[train] --restart: deleting {run}")
         storage.delete(run, recursive=True)
-        shutil.rmtree(local_run_dir(cfg), ignore_errors=True)
+        for owned in ("tensorboard", "image_ids"):  # only what training writes there
+            shutil.rmtree(os.path.join(local_run_dir(cfg), owned), ignore_errors=True)
     elif ckpt.list_checkpoints(run):
         log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
     storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())

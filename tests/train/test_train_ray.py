@@ -26,20 +26,6 @@ pytestmark = pytest.mark.slow
 TRAIN_IMAGES, VAL_IMAGES = 48, 8
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory, s3_env, seaweedfs):
-    """Synthetic COCO sharded into the session's bucket: s3://<bucket>/tiny (train + val)."""
-    from mtseg.data.shard import shard_coco
-    from mtseg.data.synth import synthesize
-
-    root = str(tmp_path_factory.mktemp("coco"))
-    synthesize(root, train=TRAIN_IMAGES, val=VAL_IMAGES, size=32, seed=1)
-    uri = f"s3://{seaweedfs.bucket}/tiny"
-    for split in ("train2017", "val2017"):
-        shard_coco(root, split, uri, images_per_shard=16, log=lambda *a: None)
-    return uri
-
-
 @pytest.fixture(autouse=True)
 def _run_dir_in_tmp(tmp_path, monkeypatch):
     """TensorBoard events and image-id logs of S3-stored runs go to ./runs/<name>: keep them per test."""
