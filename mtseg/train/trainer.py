@@ -201,6 +201,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     last_val: dict[str, float] = dict(state.best.get("last_val", {})) if isinstance(state.best.get("last_val"), dict) else {}
     config_yaml = to_yaml(cfg)
+    categories = plan.categories.to_categories()  # the label space travels with every checkpoint
 
     def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
         metrics = {**metrics, "train/epoch": state.epoch, "train/step": state.step, "train/total_steps": total_steps,
@@ -212,7 +213,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             if rank == 0:
                 state.best["last_val"] = dict(last_val)
-                ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics}, config_yaml)
+                ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics, "categories": categories}, config_yaml)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics)
