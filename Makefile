@@ -24,7 +24,7 @@ test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: setup
-	$(BIN)/python benchmarks/ingest.py
+	for b in ingest multitask train_overhead evaluate tune_overhead; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -5,8 +5,14 @@
     mtseg data synth --out DIR [--train N --val N --size PX --seed S]
     mtseg data shard --coco-root DIR|URI --split NAME --out URI [--images-per-shard N]
     mtseg train --config FILE [key=value ...] [--restart]
+    mtseg evaluate --checkpoint URI [--data URI] [--split NAME]
+    mtseg predict --checkpoint URI IMAGE_OR_DIR_OR_URI... --out DIR
+    mtseg tune --config FILE [key=value ...] [--resume]
+    mtseg submit prepare|train|tune|evaluate|predict [--address URL] [--wait] ...
+    mtseg jobs list|status ID|logs ID [--follow]|stop ID
 
-Every command fails with one line (``mtseg: error: ...``) naming what was wrong, and exit code 2.
+Every command fails with one line (``mtseg: error: ...``) naming what was wrong, and exit code 2
+(``predict`` exits 1 when it skipped unreadable images; ``submit --wait`` mirrors the job's outcome).
 """
 
 from __future__ import annotations

@@ -239,31 +239,15 @@ def instances_to_coco(
         as str), "score"}]``. No "bbox": ``COCO.loadRes`` would take a box's area for the
         area ranges of the mask evaluation.
     """
-    size = None
-    if orig_size is not None:
-        size = tuple(int(v) for v in (orig_size.tolist() if torch.is_tensor(orig_size) else orig_size))
-    results = []
-    for inst in instances:
-        mask = inst["mask"]
-        mask = mask.cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
-        if mask.ndim != 2:
-            raise ValueError(f"instances_to_coco: a mask must be (H, W), got shape {mask.shape}")
-        if size is not None and mask.shape != size:
-            mask = _resize_mask(mask, size)
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        results.append(
-            {
-                "image_id": int(image_id),
-                "category_id": categories.coco_id_of(int(inst["category"])),
-                "segmentation": rle,
-                "score": float(inst["score"]),
-            }
-        )
-    return results
+    from mtseg.metrics.coco import masks_to_coco_results
 
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
-    # "nearest-exact" samples pixel centers (as PIL and OpenCV do); plain "nearest" shifts by half a pixel.
-    return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].numpy() > 0.5
+    if not instances:
+        return []
+    masks = [torch.as_tensor(np.asarray(i["mask"].cpu() if torch.is_tensor(i["mask"]) else i["mask"])) for i in instances]
+    if any(m.dim() != 2 for m in masks):
+        raise ValueError(f"instances_to_coco: a mask must be (H, W), got shape {tuple(next(m for m in masks if m.dim() != 2).shape)}")
+    size = None if orig_size is None else [int(v) for v in (orig_size.tolist() if torch.is_tensor(orig_size) else orig_size)]
+    return masks_to_coco_results(
+        image_id, torch.stack(masks), [int(i["category"]) for i in instances], [float(i["score"]) for i in instances],
+        categories, orig_size=size,
+    )

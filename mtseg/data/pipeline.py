@@ -331,22 +331,6 @@ def categories_of(manifest: dict) -> CategoryIndex:
     return CategoryIndex.from_categories(manifest["categories"])
 
 
-def shard_order(manifest: dict, seed: int, epoch: int) -> list[str]:
-    """A permutation of the manifest's shard paths that depends only on (seed, epoch).
-
-    Args:
-        manifest: a split's manifest.
-        seed: run seed.
-        epoch: epoch number.
-
-    Returns:
-        The shards' relative paths (as in ``manifest["shards"][i]["path"]``), permuted.
-    """
-    paths = [entry["path"] for entry in manifest["shards"]]
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF])
-    return [paths[i] for i in rng.permutation(len(paths))]
-
-
 def _shard_paths(uri: str, split: str, manifest: dict, shards: Sequence[str] | None) -> list[str]:
     """Full URIs of the chosen shards (all, in manifest order, when ``shards`` is None)."""
     if shards is None:
@@ -368,7 +352,7 @@ def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> 
     Args:
         uri: dataset root, local directory or ``s3://bucket/prefix``.
         split: split name (``<uri>/<split>/manifest.json`` must exist).
-        shards: optional subset / order of shard paths (e.g. :func:`shard_order`); default all.
+        shards: optional subset / order of shard paths (the trainer plans epochs in :mod:`mtseg.train.data`); default all.
 
     Returns:
         (dataset of shard rows with :data:`READ_COLUMNS`, the manifest). Nothing is read until
@@ -517,7 +501,6 @@ __all__ = [
     "iter_torch",
     "label_dtype",
     "read_split",
-    "shard_order",
     "to_torch",
     "wire_spec",
 ]

@@ -341,7 +341,8 @@ def masks_to_coco_results(image_id: int, masks: Any, labels: Any, scores: Any,
     binary = masks > 0.5 if masks.is_floating_point() else masks != 0
     if orig_size is not None and tuple(int(v) for v in orig_size) != tuple(binary.shape[-2:]):
         size = tuple(int(v) for v in orig_size)
-        binary = F.interpolate(binary[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+        # "nearest-exact" samples pixel centers (as PIL and OpenCV do); plain "nearest" shifts by half a pixel.
+        binary = F.interpolate(binary[:, None].float(), size=size, mode="nearest-exact")[:, 0] > 0.5
     arr = np.asfortranarray(binary.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
     rles = mask_utils.encode(arr)
     out = []
