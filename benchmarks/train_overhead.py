@@ -83,7 +83,11 @@ def ray_worker(config: dict) -> None:
     first = {}
     ips = timed_loop(cfg, config["steps"], config["warmup"], wrap=ray.train.torch.prepare_model,
                      on_first=lambda t: first.setdefault("t", time.time() - time.perf_counter() + t))
-    ray.train.report({"img_per_s": ips, "first_step_wall": first["t"]})
+    import tempfile
+
+    # Train V2 keeps the metrics that come with a checkpoint: attach an empty one.
+    with tempfile.TemporaryDirectory() as d:
+        ray.train.report({"img_per_s": ips, "first_step_wall": first["t"]}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def main() -> None:
@@ -117,6 +121,8 @@ def main() -> None:
         )
         result = trainer.fit()
     ray.shutdown()
+    if result.error:
+        raise SystemExit(f"Ray Train run failed: {result.error}")
     ray_ips = result.metrics["img_per_s"]
     first_step_s = result.metrics["first_step_wall"] - t_fit
 
