@@ -19,20 +19,20 @@ ends included). Every value is checked against the typed config before Ray start
 
 How a search runs
 -----------------
-* Each trial is a Tune function (:func:`run_trial`) that builds a ``TorchTrainer`` with
+* Each trial (:func:`trial_class`) builds a ``TorchTrainer`` with
   :func:`mtseg.train.trainer.build_trainer` and fits it: the trial's Train run is named after
   the trial id and lives under ``<storage_path>/<experiment_name>/runs/``. The trial itself
   reserves almost nothing (:data:`TRIAL_DRIVER_CPUS`); its Train workers reserve
   ``train.num_workers x train.cpus_per_worker`` (and GPUs) in Train's own placement group, so
-  on a multi-node cluster the workers are placed by Train, and ``tune.max_concurrent_trials``
-  bounds how many trials hold workers at once.
+  on a multi-node cluster Train places them, and ``tune.max_concurrent_trials`` bounds how
+  many trials hold workers at once.
 * Every epoch end (fresh ``val/*`` metrics and a checkpoint) is forwarded from the Train
-  controller to the trial through a Ray queue and reported to Tune; ASHA's and PBT's time
-  axis is ``train/epoch``.
-* Population Based Training: the epoch-end report carries the Train checkpoint as the Tune
-  checkpoint, so Tune can hand it to an exploiting trial. That trial starts a *new* Train run
-  (its own older checkpoints must not be resumed) from the donor's checkpoint, rewritten to
-  carry the trial's mutated learning rate and static task weights (:func:`rebase_checkpoint`).
+  controller to the trial through a Ray queue and becomes one Tune result; ASHA's and PBT's
+  time axis is ``train/epoch``. A trial Tune stops aborts its Train run.
+* Population Based Training: PBT saves a strong trial as a copy of its last epoch-end Train
+  checkpoint and hands it to an exploiting trial. That trial starts a *new* Train run (its
+  own older checkpoints must not be resumed) from the donor's checkpoint, rewritten to carry
+  the trial's mutated learning rate and static task weights (:func:`rebase_checkpoint`).
 * Multi-task objective Δm% (Maninis et al. 2019; MTAN's definition): the mean relative gain of
   each task's metric over a single-task baseline. Baselines are trained once per relevant
   config and cached under ``<storage_path>/baselines/`` (:func:`ensure_baselines`); every trial
@@ -48,6 +48,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -69,6 +70,10 @@ from mtseg.config import Config, ConfigError, TuneConfig, config_from_dict, fiel
 # The trial function only waits on its Train run; the Train workers hold the CPUs. Tune
 # cannot reserve zero resources for a trial, so it reserves a sliver.
 TRIAL_DRIVER_CPUS = 0.01
+# Synchronous PBT perturbs the whole population at once (reproducible, but every member pauses
+# and restarts its Train run at each perturbation); asynchronous is Ray's default. A candidate
+# for a config field (tune.pbt_synch).
+PBT_SYNCH = False
 # Tune checkpoints kept per PBT trial: enough that a donor's checkpoint outlives the exploit
 # that copies it (Tune warns about <= 2).
 PBT_CHECKPOINTS_TO_KEEP = 4
@@ -499,10 +504,6 @@ def _upload_dir(local_dir: str, uri: str) -> None:
             storage.write_bytes(storage.join(uri, name), f.read())
 
 
-def _short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
 # ---------------------------------------------------------------------------- the trial
 
 
@@ -514,14 +515,12 @@ class TrialSpec:
         base: the base config as a dict, storage paths absolute.
         runs_uri: where the trials' Train runs live.
         init_uri: where rebased PBT start checkpoints are written.
-        pbt: report Train checkpoints to Tune (for PBT's exploit).
         baselines: single-task baselines for Δm% (empty: no Δm).
     """
 
     base: dict
     runs_uri: str
     init_uri: str
-    pbt: bool = False
     baselines: dict = field(default_factory=dict)
 
 
@@ -532,19 +531,27 @@ def _is_epoch_end(metrics: dict) -> bool:
 
 
 def _epoch_end_forwarder(queue):
-    """A Train callback (runs in the Train controller) that hands each epoch end to the trial."""
+    """A Train callback (it runs in the Train controller) that hands the trial its epoch ends.
+
+    The first report also sends the controller's own handle, so the trial can abort the run.
+    """
     from ray.train import UserCallback
 
     class EpochEndForwarder(UserCallback):
         def __init__(self, q):
             self.queue = q
+            self.introduced = False
 
         def after_report(self, run_context, metrics, checkpoint):
+            import ray
+
+            if not self.introduced:
+                self.queue.put({"controller": ray.get_runtime_context().current_actor})
+                self.introduced = True
             m = dict(metrics[0]) if metrics else {}
-            if not _is_epoch_end(m):
-                return
-            # Blocks while the trial is still reporting the previous epoch (queue of one).
-            self.queue.put({"metrics": m, "checkpoint": checkpoint.path if checkpoint else None})
+            if _is_epoch_end(m):
+                # Blocks while the trial has not taken the previous epoch (a queue of one).
+                self.queue.put({"metrics": m, "checkpoint": checkpoint.path if checkpoint else None})
 
     return EpochEndForwarder(queue)
 
@@ -557,97 +564,146 @@ def trial_metrics(train_metrics: dict, cfg: Config, baselines: dict) -> dict[str
     return out
 
 
-def _storage_fs(uri: str):
-    fs, _ = storage.resolve(uri)
-    return storage.retrying_filesystem(fs) if storage.is_s3(uri) else fs
-
-
 def _uri_of(path: str, like: str) -> str:
+    """A storage URI for ``path`` as Ray reports it (an S3 path without its scheme)."""
     return "s3://" + path.lstrip("/") if storage.is_s3(like) else path
 
 
-def _prepare_start(restored, cfg: Config, spec: TrialSpec, trial_id: str, log) -> tuple[str, str]:
-    """(run name, init checkpoint URI) for this start of a trial.
+def start_from_checkpoint(checkpoint_dir: str, cfg: Config, spec: TrialSpec, trial_id: str) -> tuple[str, str]:
+    """Prepare a trial start from a Tune checkpoint (PBT exploit or pause, a resumed PBT search).
 
-    A trial started without a Tune checkpoint owns the Train run named after it (so a
-    resumed search resumes it). A trial Tune restarts from a checkpoint (PBT exploit, PBT
-    pause, or a resumed PBT search) starts a new run, named after that checkpoint, from a
-    rebased copy of it: its own run's newer checkpoints must not win over the one handed in.
+    The trial starts a *new* Train run named after the checkpoint (its own run's newer
+    checkpoints must not win over the one handed in) from a rebased copy of it in storage
+    (:func:`rebase_checkpoint`); a later start from the same checkpoint reuses both.
+
+    Returns:
+        (run name, init checkpoint URI) for ``build_trainer``.
     """
     from mtseg.train import checkpoint as ckpt
 
-    if restored is None:
-        return trial_id, ""
-    run_name = f"{trial_id}-{_short_hash(restored.path)}"
+    meta = ckpt.verify(checkpoint_dir)
+    run_name = f"{trial_id}-{meta['state_sha256'][:8]}"
     init = storage.join(spec.init_uri, run_name)
-    try:
-        ckpt.verify_remote(init)
-        return run_name, init  # already rebased by an earlier start of this generation
-    except (ckpt.CheckpointError, storage.StorageError, ValueError):
-        pass
-    with restored.as_directory() as src, tempfile.TemporaryDirectory() as dst:
-        meta = rebase_checkpoint(src, dst, cfg)
+    with tempfile.TemporaryDirectory() as dst:
+        rebase_checkpoint(checkpoint_dir, dst, cfg)
         _upload_dir(dst, init)
-    log(f"[tune] trial {trial_id}: starting run {run_name} from a checkpoint at epoch {meta.get('epoch')}, step {meta.get('step')}")
+    print(f"[tune] trial {trial_id}: run {run_name} starts from a checkpoint at epoch {meta.get('epoch')}, step {meta.get('step')}")
     return run_name, init
 
 
-def run_trial(config: dict[str, Any], spec: TrialSpec) -> None:
-    """Tune function of one trial: build the trial's ``TorchTrainer``, fit it, report epoch ends.
+@functools.cache
+def trial_class():
+    """The Ray Tune ``Trainable`` of one trial (built on first use: importing Ray is slow).
 
-    ``trainer.fit()`` runs in a thread; this function (Tune's reporting thread) takes each
-    epoch end from the Train controller and calls ``ray.tune.report``, with the Train
-    checkpoint as Tune checkpoint for PBT. When Tune stops the trial, ``report`` exits this
-    function and Tune ends the trial's actor, which takes its Train run down with it.
-
-    Args:
-        config: the trial's sampled values, ``{dotted key: value}``.
-        spec: what all trials share.
+    A class trainable rather than a function, for its ``cleanup`` hook: when Tune stops a
+    trial (ASHA) or pauses it (PBT), ``cleanup`` aborts the trial's Train run, which removes
+    the run's placement group. Without it the run's controller dies with the trial's actor
+    and its workers' reservation is only released by Train's cleaner, which needs the Ray
+    State API (the dashboard).
     """
-    import ray.tune
+    import ray
+    from ray import tune
+    from ray.exceptions import GetTimeoutError, RayError
     from ray.util.queue import Empty, Queue
 
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(spec.base, config)
-    run_name, init = _prepare_start(ray.tune.get_checkpoint(), cfg, spec, trial_id, print)
-    cfg.train.run_name = run_name
-    cfg.train.storage_path = spec.runs_uri
+    class MTSegTrial(tune.Trainable):
+        """One trial: a Train run of the trial's config; a Tune result per epoch end.
 
-    from mtseg.train.trainer import build_trainer, run_uri
+        ``step`` starts ``build_trainer(cfg).fit()`` in a thread on first call and then
+        returns each epoch end the Train controller forwards; ``save_checkpoint`` copies the
+        Train checkpoint of the last epoch end (PBT asks for it); ``load_checkpoint``
+        prepares a new Train run from one (PBT's exploit).
+        """
 
-    storage.write_bytes(storage.join(run_uri(cfg), "config.yaml"), to_yaml(cfg).encode())
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    trainer = build_trainer(cfg, callbacks=[_epoch_end_forwarder(queue)], init_checkpoint=init)
-    outcome: dict[str, Any] = {}
+        def setup(self, config: dict, spec: TrialSpec):
+            self.spec = spec
+            self.cfg = trial_config(spec.base, config)
+            self.run_name, self.init = self.trial_id, ""
+            self.queue = None
+            self.thread: threading.Thread | None = None
+            self.controller = None
+            self.outcome: dict[str, Any] = {}
+            self.last: dict[str, Any] = {}
 
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the trial below
-            outcome["error"] = e
+        def load_checkpoint(self, checkpoint_dir: str):
+            self.run_name, self.init = start_from_checkpoint(checkpoint_dir, self.cfg, self.spec, self.trial_id)
 
-    thread = threading.Thread(target=fit, name=f"fit-{run_name}", daemon=True)
-    thread.start()
-    fs = _storage_fs(spec.runs_uri) if spec.pbt else None
-    while thread.is_alive() or not queue.empty():
-        try:
-            item = queue.get(timeout=1.0)
-        except Empty:
-            continue
-        metrics = trial_metrics(item["metrics"], cfg, spec.baselines)
-        metrics["run_name"] = run_name
-        checkpoint = None
-        if item["checkpoint"]:
-            metrics["checkpoint_uri"] = _uri_of(item["checkpoint"], spec.runs_uri)
-            if spec.pbt:
-                checkpoint = ray.tune.Checkpoint(item["checkpoint"], filesystem=fs)
-        ray.tune.report(metrics, checkpoint=checkpoint)
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    result = outcome["result"]
-    if result.error:
-        raise SearchError(f"trial {trial_id}: training failed: {result.error}")
+        def _start(self) -> None:
+            from mtseg.train.trainer import build_trainer, run_uri
+
+            cfg = self.cfg
+            cfg.train.run_name = self.run_name
+            cfg.train.storage_path = self.spec.runs_uri
+            storage.write_bytes(storage.join(run_uri(cfg), "config.yaml"), to_yaml(cfg).encode())
+            self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+            trainer = build_trainer(cfg, callbacks=[_epoch_end_forwarder(self.queue)], init_checkpoint=self.init)
+
+            def fit() -> None:
+                try:
+                    self.outcome["result"] = trainer.fit()
+                except BaseException as e:  # noqa: BLE001 - raised in step()
+                    self.outcome["error"] = e
+
+            self.thread = threading.Thread(target=fit, name=f"fit-{self.run_name}", daemon=True)
+            self.thread.start()
+
+        def _next_item(self) -> dict | None:
+            while True:
+                try:
+                    item = self.queue.get(timeout=1.0)
+                except Empty:
+                    if not self.thread.is_alive() and self.queue.empty():
+                        return None
+                    continue
+                if "controller" in item:
+                    self.controller = item["controller"]
+                    continue
+                return item
+
+        def step(self) -> dict:
+            if self.thread is None:
+                self._start()
+            item = self._next_item()
+            if item is None:  # the run ended without another epoch end
+                self.thread.join()
+                if "error" in self.outcome:
+                    raise self.outcome["error"]
+                result = self.outcome["result"]
+                if result.error:
+                    raise SearchError(f"trial {self.trial_id}: training failed: {result.error}")
+                return {**self.last, "done": True}
+            metrics = trial_metrics(item["metrics"], self.cfg, self.spec.baselines)
+            metrics["run_name"] = self.run_name
+            if item["checkpoint"]:
+                metrics["checkpoint_uri"] = _uri_of(item["checkpoint"], self.spec.runs_uri)
+            self.last = metrics
+            if metrics.get("train/epoch", 0) >= self.cfg.train.epochs:
+                metrics = {**metrics, "done": True}
+            return metrics
+
+        def save_checkpoint(self, checkpoint_dir: str):
+            from mtseg.train import checkpoint as ckpt
+
+            uri = self.last.get("checkpoint_uri")
+            if not uri:
+                raise SearchError(f"trial {self.trial_id}: no epoch-end checkpoint to save yet")
+            ckpt.download(uri, checkpoint_dir)
+            return checkpoint_dir
+
+        def cleanup(self):
+            if self.thread is None or not self.thread.is_alive():
+                return
+            if self.last.get("train/epoch", 0) >= self.cfg.train.epochs:
+                self.thread.join(timeout=60)  # finished: fit() is returning
+            if self.thread.is_alive() and self.controller is not None:
+                try:
+                    ray.get(self.controller.abort.remote(), timeout=60)
+                except (RayError, GetTimeoutError):
+                    pass  # the controller exits as it answers
+                self.thread.join(timeout=30)
+
+    return MTSegTrial
+
 
 
 # ---------------------------------------------------------------------------- the search
@@ -680,6 +736,7 @@ def _scheduler(cfg: Config, params: dict[str, Param]):
         return PopulationBasedTraining(
             time_attr="train/epoch", perturbation_interval=t.perturbation_interval,
             hyperparam_mutations={p.key: p.domain() for p in params.values() if p.kind != "grid"},
+            synch=PBT_SYNCH,
         )
     return FIFOScheduler()
 
@@ -695,7 +752,7 @@ def _search_alg(cfg: Config):
 def _trainable(spec: TrialSpec):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(run_trial, spec=spec), {"CPU": TRIAL_DRIVER_CPUS})
+    return tune.with_resources(tune.with_parameters(trial_class(), spec=spec), {"CPU": TRIAL_DRIVER_CPUS})
 
 
 def _trial_dirname(trial) -> str:
@@ -722,7 +779,7 @@ def build_tuner(cfg: Config, params: dict[str, Param], spec: TrialSpec):
         run_config=tune.RunConfig(
             name=t.experiment_name, storage_path=path, storage_filesystem=fs, verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP if spec.pbt else None),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP if cfg.tune.scheduler == "pbt" else None),
         ),
     )
 
@@ -898,8 +955,7 @@ def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_
     baselines = ensure_baselines(cfg, log=log) if delta_m else {}
     run_cfg = _absolute(cfg)
     spec = TrialSpec(base=run_cfg.to_dict(), runs_uri=storage.join(experiment_uri(run_cfg), RUNS_DIR),
-                     init_uri=storage.join(experiment_uri(run_cfg), PBT_INIT_DIR),
-                     pbt=cfg.tune.scheduler == "pbt", baselines=baselines)
+                     init_uri=storage.join(experiment_uri(run_cfg), PBT_INIT_DIR), baselines=baselines)
     if resume:
         log(f"[tune] resuming {exp}")
         tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True, resume_errored=True,
@@ -977,12 +1033,13 @@ __all__ = [
     "experiment_uri",
     "parse_param",
     "rebase_checkpoint",
-    "run_trial",
+    "start_from_checkpoint",
     "run_tune",
     "summarize",
     "to_csv",
     "to_markdown",
     "trial_config",
+    "trial_class",
     "trial_metrics",
     "validate_search",
     "write_results",

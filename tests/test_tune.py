@@ -309,11 +309,11 @@ BASE = {
     "data": {"image_size": 32, "batch_size": 4, "rows_per_read_task": 8, "map_num_cpus": 0.25},
     "model": {"decoder_channels": 16},
     "tasks": {"names": ["semantic", "boundary"], "patch_size": 4, "center_sigma": 1.5},
-    # A trial with static weights of zero learns nothing: the known-weak trial.
     "weighting": {"name": "static", "static": {"semantic": 1.0, "boundary": 0.0}},
     "train": {"num_workers": 1, "cpus_per_worker": 0.5, "epochs": 2, "warmup_steps": 2, "lr": 0.003,
               "checkpoint_every_steps": 0, "log_every_steps": 4, "keep_checkpoints": 2, "max_failures": 1},
 }
+STEPS_PER_EPOCH = 48 // 4  # one worker, batch 4, the tiny dataset's 48 training images
 
 
 def _write_cfg(tmp_path, data_uri, storage_path, tune: dict, **sections) -> str:
@@ -340,6 +340,11 @@ def _runs(cfg) -> dict[str, str]:
     return {os.path.basename(d.rstrip("/")): d for d in storage.list_dirs(storage.join(experiment_uri(cfg), "runs"))}
 
 
+def _load_checkpoint(uri: str) -> tuple[dict, dict]:
+    with tempfile.TemporaryDirectory() as d:
+        return ckpt.load(ckpt.download(uri, d))
+
+
 @pytest.mark.slow
 def test_asha_search_stops_weak_trials_and_its_best_config_trains(ray_local, tiny_dataset, s3_bucket, tmp_path, _in_tmp):
     from mtseg.train.trainer import run_training
@@ -347,72 +352,98 @@ def test_asha_search_stops_weak_trials_and_its_best_config_trains(ray_local, tin
     path = _write_cfg(tmp_path, tiny_dataset, s3_bucket, {
         "experiment_name": "asha", "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
         "max_concurrent_trials": 2, "num_samples": 1,
-        # Grid order puts the weak trial (static, semantic weight 0) last: it reaches the first
-        # rung after at least two others, below their median.
-        "space": {"weighting.name": "grid[uncertainty, static]", "weighting.static.semantic": "grid[1.0, 0.0]"},
+        # Training is seeded, so each config's epoch-1 mIoU is fixed. In grid order the last
+        # trial is (static, semantic only), the slowest starter here: with two trials at once it
+        # reaches the epoch-1 rung after at least two others, below their median.
+        "space": {"weighting.name": "grid[uncertainty, static]", "weighting.static.semantic": "grid[0.0, 1.0]"},
     })
     cfg = load_config(path)
     outcome = run_tune(cfg, delta_m=False)
 
     rows = {(r["weighting.name"], r["weighting.static.semantic"]): r for r in outcome.rows}
     assert len(rows) == 4 and all(r["state"] != "ERROR" for r in rows.values())
-    weak = rows[("static", 0.0)]
+    weak = rows[("static", 1.0)]
     assert weak["state"] == "STOPPED" and weak["epochs"] == 1
     assert any(r["state"] == "TERMINATED" and r["epochs"] == 2 for r in rows.values())
-    assert outcome.best is not weak and outcome.best["val/miou"] > weak["val/miou"]
-    # Each trial trained in its own Train run, checkpointed into the bucket.
+    assert outcome.best["state"] == "TERMINATED" and outcome.best["val/miou"] > weak["val/miou"]
+    # Each trial trained in its own Train run, streaming from and checkpointing into the bucket.
     runs = _runs(cfg)
     assert set(runs) == {r["trial"] for r in rows.values()}
-    assert all(c.startswith("s3://") for c in ckpt.list_checkpoints(next(iter(runs.values()))))
+    assert all(c.startswith("s3://") for c in ckpt.list_checkpoints(runs[weak["trial"]]))
     md = storage.read_bytes(outcome.paths["markdown"]).decode()
     assert md.count("\n") == 6 and "STOPPED" in md
+    assert len(storage.read_bytes(outcome.paths["csv"]).decode().strip().splitlines()) == 5
 
     with tempfile.TemporaryDirectory() as d:
         best_path = os.path.join(d, "best.yaml")
         with open(best_path, "wb") as f:
             f.write(storage.read_bytes(outcome.paths["best_config"]))
         best = load_config(best_path, ["train.epochs=1", f"train.storage_path={s3_bucket}/best"])
-    assert best.weighting.name == outcome.best["weighting.name"]
+    assert best.weighting.name == outcome.best["weighting.name"] and best.data.uri == tiny_dataset
     result = run_training(best)
     assert result.error is None and "val/miou" in result.metrics
 
 
+def _epoch_checkpoint(run: str, epoch: int) -> dict:
+    """The state of a run's end-of-``epoch`` checkpoint."""
+    for uri in ckpt.list_checkpoints(run):
+        meta = json.loads(storage.read_bytes(storage.join(uri, ckpt.META_FILE)))
+        if meta["epoch"] == epoch and meta["epoch_rows"] == 0:
+            return _load_checkpoint(uri)[0]
+    raise AssertionError(f"{run} has no checkpoint at the end of epoch {epoch}")
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    return all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+
+
 @pytest.mark.slow
-def test_pbt_mutates_task_weights_and_restarts_trials_from_the_donors_checkpoint(ray_local, tiny_dataset, s3_bucket, tmp_path, _in_tmp):
+def test_pbt_mutates_task_weights_and_restarts_trials_from_the_donors_checkpoint(
+        ray_local, tiny_dataset, s3_bucket, tmp_path, _in_tmp, monkeypatch):
+    import mtseg.tune
+    from mtseg.tune import experiment_uri
+
+    # Synchronous PBT: at the epoch-1 perturbation the weaker member exploits the stronger,
+    # whatever order they report in.
+    monkeypatch.setattr(mtseg.tune, "PBT_SYNCH", True)
     path = _write_cfg(tmp_path, tiny_dataset, s3_bucket, {
         "experiment_name": "pbt", "scheduler": "pbt", "perturbation_interval": 1, "max_concurrent_trials": 2,
         "num_samples": 1,
         "space": {
-            "weighting.static.semantic": "grid[1.0, 0.0]",  # seeds one strong and one weak member
+            "weighting.static.semantic": "grid[0.0, 1.0]",  # two different members
             "weighting.static.boundary": "uniform[0.5, 2.0]",
             "train.lr": "loguniform[0.002, 0.005]",
         },
-    }, train={"epochs": 3})
+    })
     cfg = load_config(path)
     outcome = run_tune(cfg, delta_m=False)
 
     rows = outcome.rows
-    assert len(rows) == 2 and all(r["state"] == "TERMINATED" and r["epochs"] == 3 for r in rows)
-    # The weak member exploited the strong one: it carries the donor's semantic weight now,
-    # and a mutated boundary weight.
-    assert all(r["weighting.static.semantic"] == 1.0 for r in rows)
-    assert rows[0]["weighting.static.boundary"] != rows[1]["weighting.static.boundary"]
+    assert len(rows) == 2 and all(r["state"] == "TERMINATED" and r["epochs"] == 2 for r in rows)
     runs = _runs(cfg)
-    restarted = [name for name in runs if "-" in name]
-    assert restarted, f"no trial was restarted from a checkpoint: {sorted(runs)}"
-    name = restarted[0]
-    trial = next(r for r in rows if name.startswith(r["trial"]))
-    from mtseg.tune import experiment_uri
-
-    init_meta = ckpt.verify_remote(storage.join(experiment_uri(cfg), "pbt_init", name))
-    assert init_meta["epoch"] >= 1 and init_meta["step"] == 12 * init_meta["epoch"]
-    # The new run went on from there, with the trial's mutated weights in its checkpoints.
-    uri, meta = ckpt.latest_valid(runs[name], log=lambda *a: None)
-    assert meta["epoch"] == 3 and meta["step"] == 36
-    with tempfile.TemporaryDirectory() as d:
-        state, _ = ckpt.load(ckpt.download(uri, d))
-    weights = state["weighting"]["weights"].tolist()
-    assert weights == pytest.approx([1.0, trial["weighting.static.boundary"]])
+    init_root = storage.join(experiment_uri(cfg), "pbt_init")
+    exploited = []
+    for name in runs:
+        if "-" not in name:
+            continue  # a first run, started from scratch
+        trial = next(r for r in rows if name.startswith(r["trial"]))
+        init_state, init_meta = _load_checkpoint(storage.join(init_root, name))
+        assert init_meta["epoch"] == 1 and init_meta["step"] == STEPS_PER_EPOCH
+        # Which first run does the start checkpoint come from? Compare the model weights.
+        source = next(r for r in rows if _same_model(init_state, _epoch_checkpoint(runs[r["trial"]], 1)))
+        # Whatever the source, the start carries this trial's (possibly mutated) weights and LR.
+        assert init_state["weighting"]["weights"].tolist() == pytest.approx(
+            [trial["weighting.static.semantic"], trial["weighting.static.boundary"]])
+        assert init_state["scheduler"]["base_lrs"] == pytest.approx([trial["train.lr"]])
+        # The new run went on from that checkpoint to the end.
+        _, meta = ckpt.latest_valid(runs[name], log=lambda *a: None)
+        assert meta["epoch"] == 2 and meta["step"] == 2 * STEPS_PER_EPOCH
+        if source is not trial:
+            exploited.append((trial, source))
+    assert len(exploited) == 1, f"expected one exploit, runs: {sorted(runs)}"
+    trial, donor = exploited[0]
+    assert trial["weighting.static.semantic"] == donor["weighting.static.semantic"]  # copied from the donor
+    assert trial["weighting.static.boundary"] != donor["weighting.static.boundary"]  # then mutated
 
 
 def _terminated_trials(exp_dir_uri: str) -> int:
@@ -447,14 +478,12 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, tiny
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    runs_before = _runs(cfg)
-    finished = {name: ckpt.list_checkpoints(uri) for name, uri in runs_before.items()
+    finished = {name: ckpt.list_checkpoints(uri) for name, uri in _runs(cfg).items()
                 if (found := ckpt.latest_valid(uri, log=lambda *a: None)) and found[1]["epoch"] == 1}
     assert len(finished) == 1
 
     outcome = run_tune(cfg, resume=True, delta_m=False)
-    assert sorted(r["state"] for r in outcome.rows) == ["TERMINATED", "TERMINATED"]
-    assert all(r["epochs"] == 1 for r in outcome.rows)
+    assert [(r["state"], r["epochs"]) for r in outcome.rows] == [("TERMINATED", 1)] * 2
     runs_after = _runs(cfg)
     assert len(runs_after) == 2
     for name, checkpoints in finished.items():
