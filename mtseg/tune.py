@@ -65,7 +65,7 @@ from typing import Any
 import yaml
 
 from mtseg import storage
-from mtseg.config import Config, ConfigError, TuneConfig, config_from_dict, field_spec, coerce_value, to_yaml
+from mtseg.config import Config, ConfigError, TuneConfig, coerce_value, config_from_dict, field_spec, to_yaml
 
 # The trial function only waits on its Train run; the Train workers hold the CPUs. Tune
 # cannot reserve zero resources for a trial, so it reserves a sliver.
@@ -154,10 +154,6 @@ class Param:
         if self.kind == "loguniform":
             return tune.loguniform(lo, hi)
         return tune.randint(lo, hi + 1)  # Tune's upper bound is exclusive; ours is not
-
-    def candidates(self) -> tuple:
-        """Values that together exercise the key's range (for validation before any trial)."""
-        return self.values
 
 
 def parse_param(key: str, text: Any) -> Param:
@@ -315,7 +311,8 @@ def _validate_pbt(cfg: Config, params: dict[str, Param]) -> None:
         if not _is_pbt_mutable(p.key):
             raise ConfigError(
                 f"tune.space.{p.key}: PBT cannot change it inside a running trial (the checkpoint's layout depends on it); "
-                f"use grid[...] to seed the population, or mutate one of {', '.join(PBT_MUTABLE)}*"
+                f"use grid[...] to seed the population, or mutate one of "
+                f"{', '.join(k + '<task>' if k.endswith('.') else k for k in PBT_MUTABLE)}"
             )
         if p.key.startswith("weighting.static."):
             names = params["weighting.name"].values if "weighting.name" in params else (cfg.weighting.name,)
@@ -574,7 +571,8 @@ def start_from_checkpoint(checkpoint_dir: str, cfg: Config, spec: TrialSpec, tri
 
     The trial starts a *new* Train run named after the checkpoint (its own run's newer
     checkpoints must not win over the one handed in) from a rebased copy of it in storage
-    (:func:`rebase_checkpoint`); a later start from the same checkpoint reuses both.
+    (:func:`rebase_checkpoint`). Started again from the same checkpoint (a resumed search),
+    the trial resumes that run from its own latest checkpoint.
 
     Returns:
         (run name, init checkpoint URI) for ``build_trainer``.
@@ -742,11 +740,29 @@ def _scheduler(cfg: Config, params: dict[str, Param]):
 
 
 def _search_alg(cfg: Config):
+    """Optuna (Tune bounds its concurrency), or random sampling and grid[...] that bound their own."""
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch()
-    return None  # Tune's BasicVariantGenerator: random sampling and grid[...]
+    from ray.tune.search import BasicVariantGenerator
+
+    class ResumableVariantGenerator(BasicVariantGenerator):
+        """Tune's random/grid generator, with a restore that cannot stall the search.
+
+        Tune uploads its experiment state and this generator's state as separate files. A
+        driver killed between the two leaves a generator that still counts a finished trial
+        as running; at ``max_concurrent`` it then never hands out another trial and the
+        resumed search waits forever. Restored trials are re-queued by Tune itself, so the
+        running set starts empty after a restore (at worst a resumed search briefly runs the
+        restored trials on top of ``max_concurrent`` new ones).
+        """
+
+        def set_state(self, state):
+            super().set_state(state)
+            self._live_trials = set()
+
+    return ResumableVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials)
 
 
 def _trainable(spec: TrialSpec):
@@ -771,15 +787,18 @@ def build_tuner(cfg: Config, params: dict[str, Param], spec: TrialSpec):
         _trainable(spec),
         param_space={p.key: p.domain() for p in params.values()},
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=t.num_samples, max_concurrent_trials=t.max_concurrent_trials,
-            scheduler=_scheduler(cfg, params), search_alg=_search_alg(cfg),
+            metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=_scheduler(cfg, params),
+            search_alg=_search_alg(cfg),
+            max_concurrent_trials=t.max_concurrent_trials if t.search_alg == "optuna" else None,
             # A stopped trial's actor must go: it holds the thread that runs its Train run.
             reuse_actors=False, trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=t.experiment_name, storage_path=path, storage_filesystem=fs, verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_CHECKPOINTS_TO_KEEP if cfg.tune.scheduler == "pbt" else None),
+            # Tune checkpoints only when PBT asks (a copy of a Train checkpoint); none at the end.
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=PBT_CHECKPOINTS_TO_KEEP if t.scheduler == "pbt" else None, checkpoint_at_end=False),
         ),
     )
 
@@ -794,6 +813,8 @@ class TuneOutcome:
         best_config: the best trial's config as a ready ``mtseg train`` config.
         paths: ``{"csv", "markdown", "best_config"}`` URIs written.
         baselines: the Δm% baselines used (empty if off).
+        markdown: the trial table as markdown.
+        grid: Tune's ``ResultGrid`` (every trial's reports), where the search ran here.
     """
 
     rows: list[dict]
@@ -802,6 +823,7 @@ class TuneOutcome:
     paths: dict[str, str]
     baselines: dict
     markdown: str = ""
+    grid: Any = None
 
 
 def _state(result, epochs_run: int, epochs: int) -> str:
@@ -836,6 +858,9 @@ def summarize(results, cfg: Config, params: dict[str, Param]) -> list[dict]:
         row["checkpoint"] = best_row.get("checkpoint_uri")
         rows.append(row)
     rows.sort(key=lambda row: (row[metric] is None, -sign * (row[metric] or 0.0)))
+    if metric != DELTA_M and all(row[DELTA_M] is None for row in rows):
+        for row in rows:
+            del row[DELTA_M]  # no baselines: no column
     return rows
 
 
@@ -904,6 +929,22 @@ def write_results(cfg: Config, rows: list[dict], params: dict[str, Param], basel
     return TuneOutcome(rows=rows, best=best, best_config=best_cfg, paths=paths, baselines=baselines, markdown=md)
 
 
+def check_options(cfg: Config, *, resume: bool = False, restart: bool = False, delta_m: bool = True) -> dict[str, Param]:
+    """Everything about a search that can be checked without Ray or storage.
+
+    Returns:
+        The parsed search space (see :func:`validate_search`).
+
+    Raises:
+        ConfigError: one line naming the option or key.
+    """
+    if resume and restart:
+        raise ConfigError("--resume and --restart exclude each other")
+    if cfg.tune.metric == DELTA_M and not delta_m:
+        raise ConfigError("tune.metric: val/delta_m needs the single-task baselines; drop --no-delta-m")
+    return validate_search(cfg)
+
+
 def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_m: bool = True, log=print) -> TuneOutcome:
     """Run (or resume) the search ``cfg.tune`` describes on the connected Ray cluster.
 
@@ -925,11 +966,7 @@ def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_
     """
     from ray import tune
 
-    if resume and restart:
-        raise ConfigError("--resume and --restart exclude each other")
-    if cfg.tune.metric == DELTA_M and not delta_m:
-        raise ConfigError("tune.metric: val/delta_m needs the single-task baselines; drop --no-delta-m")
-    validate_search(cfg)
+    check_options(cfg, resume=resume, restart=restart, delta_m=delta_m)
     exp = experiment_uri(cfg)
     saved = storage.join(exp, CONFIG_FILE)
     fs, path = storage.resolve(cfg.train.storage_path)
@@ -969,7 +1006,9 @@ def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_
     if rows and all(r["state"] == "ERROR" for r in rows):
         first = next(iter(grid)).error
         raise SearchError(f"all {len(rows)} trials failed; first: {str(first).strip().splitlines()[-1] if first else 'unknown'}")
-    return write_results(cfg, rows, params, baselines)
+    outcome = write_results(cfg, rows, params, baselines)
+    outcome.grid = grid
+    return outcome
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -980,11 +1019,8 @@ def cmd_tune(args) -> int:
     from mtseg.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.resume and args.restart:
-        raise ConfigError("--resume and --restart exclude each other")
-    if cfg.tune.metric == DELTA_M and args.no_delta_m:
-        raise ConfigError("tune.metric: val/delta_m needs the single-task baselines; drop --no-delta-m")
-    validate_search(cfg)  # a bad search space fails here, before anything starts
+    # A bad search space or option fails here, before anything starts.
+    check_options(cfg, resume=args.resume, restart=args.restart, delta_m=not args.no_delta_m)
     from mtseg.cli import _storage_env
     from mtseg.cluster import init_local_ray
     from mtseg.train.trainer import preflight
@@ -1027,6 +1063,7 @@ __all__ = [
     "baseline_key",
     "best_train_config",
     "build_tuner",
+    "check_options",
     "cmd_tune",
     "delta_m",
     "ensure_baselines",

@@ -176,3 +176,30 @@ def test_driver_killed_then_same_run_name_resumes_and_sees_each_image_once(ray_l
         ids = [i for v in kept.values() for i in v]
         assert len(ids) == len(set(ids)) == per_epoch * 4 * 2
     assert os.path.isdir(os.path.join(local_run_dir(cfg), "tensorboard"))
+
+
+def test_node_removed_mid_epoch_is_survived_with_the_same_step_count(tiny_dataset, s3_bucket, tmp_path):
+    """A multi-node ``ray.cluster_utils.Cluster`` on loopback loses the node that hosts the workers.
+
+    It runs in its own process (tests/train/node_removal.py): the session's in-process Ray
+    cannot also drive a second cluster.
+    """
+    script = os.path.join(os.path.dirname(__file__), "node_removal.py")
+    overrides = [
+        f"data.uri={tiny_dataset}", f"train.storage_path={s3_bucket}", "train.run_name=noderemoved",
+        "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
+        "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5", "train.num_workers=2",
+        "train.cpus_per_worker=0.5", "train.epochs=2", "train.warmup_steps=2", "train.checkpoint_every_steps=2",
+        "train.log_every_steps=1", "train.max_failures=2",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, script, *overrides], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=840)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(lines[-1])
+    assert report["workers_on_removed_node"] >= 1
+    assert report["error"] is None and report["finished"], report
+    cfg = _cfg(tiny_dataset, s3_bucket, "noderemoved")
+    assert 0 < report["step_at_removal"] < _steps(cfg)
+    assert report["step"] == _steps(cfg)
