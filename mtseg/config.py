@@ -120,6 +120,7 @@ class TuneConfig:
     grace_period: int = _f(1, min=1)
     reduction_factor: int = _f(2, min=2)
     perturbation_interval: int = _f(1, min=1)
+    pbt_synch: bool = _f(False, help="synchronous PBT: perturb the whole population at once (reproducible; every member waits)")
     experiment_name: str = _f("tune")
 
 

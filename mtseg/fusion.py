@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
 

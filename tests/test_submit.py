@@ -27,7 +27,7 @@ import pytest
 
 from mtseg import submit as sub
 from mtseg.cli import main
-from mtseg.cluster import LOOPBACK, ClusterError, RayHead, _port_open, free_port, loopback_env
+from mtseg.cluster import LOOPBACK, RayHead, free_port
 from mtseg.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

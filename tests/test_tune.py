@@ -164,7 +164,7 @@ def test_an_existing_experiment_is_not_overwritten_without_resume(tmp_path):
 def test_a_restored_generator_does_not_count_trials_as_running(tmp_path):
     """Tune's experiment and generator states upload separately; a kill between them must not
     leave the generator waiting for a trial that already finished."""
-    from mtseg.tune import _search_alg
+    from mtseg.tune.search import _search_alg
 
     cfg = _cfg({"weighting.name": "grid[equal, uncertainty]"}, tune={"max_concurrent_trials": 1})
     gen = _search_alg(cfg)
@@ -418,16 +418,14 @@ def _same_model(a: dict, b: dict) -> bool:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Consider boosting PBT performance")  # actors are not reused on purpose
 def test_pbt_mutates_task_weights_and_restarts_trials_from_the_donors_checkpoint(
-        ray_local, tiny_dataset, s3_bucket, tmp_path, _in_tmp, monkeypatch):
-    import mtseg.tune
+        ray_local, tiny_dataset, s3_bucket, tmp_path, _in_tmp):
     from mtseg.tune import experiment_uri
 
     # Synchronous PBT: at the epoch-1 perturbation the weaker member exploits the stronger,
     # whatever order they report in.
-    monkeypatch.setattr(mtseg.tune, "PBT_SYNCH", True)
     path = _write_cfg(tmp_path, tiny_dataset, s3_bucket, {
         "experiment_name": "pbt", "scheduler": "pbt", "perturbation_interval": 1, "max_concurrent_trials": 2,
-        "num_samples": 1,
+        "num_samples": 1, "pbt_synch": True,
         "space": {
             "weighting.static.semantic": "grid[0.0, 1.0]",  # two different members
             "weighting.static.boundary": "uniform[0.5, 2.0]",

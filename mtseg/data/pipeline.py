@@ -224,8 +224,8 @@ class SampleTransform:
         if missing:
             raise ValueError(f"shard rows: missing columns {missing}; is this an mtseg shard?")
         cols = [batch.column(c).to_pylist() for c in ("image", "annotations", "image_id", "height", "width")]
-        for image, annotations, image_id, height, width in zip(*cols):
-            yield self.sample(image, annotations, image_id, height, width)
+        for image, anns, image_id, height, width in zip(*cols):
+            yield self.sample(image, anns, image_id, height, width)
 
     def __call__(self, batch: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
         """Transform a batch of shard rows into one stacked batch in the wire layout (numpy)."""

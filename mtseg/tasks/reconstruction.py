@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtseg.tasks.base import Task, TaskMetric, conv_head, head_hidden

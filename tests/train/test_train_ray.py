@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from mtseg import storage
 from mtseg.config import load_config
 from mtseg.train import checkpoint as ckpt
 

@@ -1,0 +1,163 @@
+"""The multi-task objective Δm% and the single-task baselines it is measured against.
+
+Δm% (Maninis et al. 2019; MTAN's definition) is the mean relative gain of each task's metric
+over a single-task baseline. Baselines are trained once per recipe and cached under
+``<storage_path>/baselines/`` (:func:`ensure_baselines`), so later searches reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from mtseg import storage
+from mtseg.config import Config, ConfigError, TuneConfig
+from mtseg.tune.space import BASELINES_DIR, RUNS_DIR, SearchError, trial_config
+
+@dataclass(frozen=True)
+class TaskObjective:
+    """A task's validation metric and the task set of its single-task baseline run."""
+
+    metric: str
+    baseline_tasks: tuple[str, ...]
+    higher_is_better: bool = True
+
+
+# supercategory, boundary and instance refine semantic (config validation requires it), so
+# their "single-task" baselines train semantic + that task and take only that task's metric.
+OBJECTIVES: dict[str, TaskObjective] = {
+    "semantic": TaskObjective("val/miou", ("semantic",)),
+    "supercategory": TaskObjective("val/supercategory_miou", ("semantic", "supercategory")),
+    "boundary": TaskObjective("val/boundary_f1", ("semantic", "boundary")),
+    "instance": TaskObjective("val/mask_ap", ("semantic", "instance")),
+    "reconstruction": TaskObjective("val/psnr", ("reconstruction",)),
+}
+DELTA_M = "val/delta_m"
+
+
+# Fields that say where or how verbosely a run goes, not what it learns: left out of the
+# baseline cache key so a cached baseline serves every experiment with the same recipe.
+_NOT_RECIPE = {
+    "train": ("run_name", "storage_path", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
+              "max_failures", "log_image_ids", "use_gpu", "cpus_per_worker"),
+    "data": ("map_num_cpus", "rows_per_read_task", "max_bad_fraction", "images_per_shard"),
+}
+
+
+def baseline_config(cfg: Config, task: str) -> Config:
+    """The single-task baseline of ``task`` for ``cfg``'s recipe (model, data, schedule).
+
+    Equal weighting over :data:`OBJECTIVES`'s task set; the search space is not applied, so
+    trials that vary the architecture are compared with the base architecture's baselines.
+    """
+    if task not in OBJECTIVES:
+        raise ConfigError(f"tasks.names: no objective for task {task!r}")
+    base = cfg.to_dict()
+    base["tune"] = dataclasses.asdict(TuneConfig())
+    base["weighting"]["name"] = "equal"
+    base["weighting"]["static"] = {}
+    return trial_config(base, {"tasks.names": list(OBJECTIVES[task].baseline_tasks)})
+
+
+def baseline_key(cfg: Config) -> str:
+    """Content hash of the parts of ``cfg`` that decide a baseline's metrics."""
+    d = cfg.to_dict()
+    d.pop("tune", None)
+    d.pop("cluster", None)
+    for section, keys in _NOT_RECIPE.items():
+        for k in keys:
+            d[section].pop(k, None)
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def delta_m(metrics: dict[str, Any], baselines: dict[str, dict], tasks: list[str] | tuple[str, ...]) -> float:
+    """Δm% = mean over tasks of the relative gain over the single-task baseline, x 100.
+
+    ``Δm = 100 / T * Σ_i (-1)^{l_i} (M_i - B_i) / B_i`` with ``l_i = 1`` when lower is better
+    (every metric here is higher-better). A task whose baseline is missing, not finite or
+    not positive (e.g. mask AP 0 on a tiny run) has no relative gain and is left out.
+
+    Args:
+        metrics: a trial's validation metrics (``val/miou``, ...).
+        baselines: ``{task: {"metric": key, "value": float|None, ...}}`` from :func:`ensure_baselines`.
+        tasks: the trial's tasks.
+
+    Returns:
+        Δm in percent; NaN when no task has a usable baseline and metric.
+    """
+    gains = []
+    for task in tasks:
+        b = baselines.get(task)
+        if not b:
+            continue
+        base, value = b.get("value"), metrics.get(b["metric"])
+        if not (_finite(base) and _finite(value)) or base <= 0:
+            continue
+        sign = 1.0 if OBJECTIVES.get(task, TaskObjective("", ())).higher_is_better else -1.0
+        gains.append(sign * (value - base) / base)
+    return 100.0 * sum(gains) / len(gains) if gains else math.nan
+
+
+def baselines_uri(cfg: Config) -> str:
+    return storage.join(cfg.train.storage_path, BASELINES_DIR)
+
+
+def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
+    """Single-task baselines of ``cfg``'s tasks: read from the cache, trained where missing.
+
+    Each baseline is cached as ``<storage_path>/baselines/<key>.json`` (``key`` =
+    :func:`baseline_key` of its config), so later searches with the same recipe reuse it.
+    Missing ones train as ordinary Train runs (resumable by name), up to
+    ``tune.max_concurrent_trials`` at once. Needs a connected Ray.
+
+    Returns:
+        ``{task: {"task", "metric", "value", "key", "tasks", "run"}}``; ``value`` is None
+        where the metric was undefined (NaN).
+    """
+    root = baselines_uri(cfg)
+    out: dict[str, dict] = {}
+    missing: dict[str, tuple[Config, str]] = {}
+    for task in cfg.tasks.names:
+        bcfg = baseline_config(cfg, task)
+        key = baseline_key(bcfg)
+        uri = storage.join(root, f"{key}.json")
+        if storage.exists(uri):
+            out[task] = json.loads(storage.read_bytes(uri))
+            log(f"[tune] baseline {task}: {out[task]['metric']}={out[task]['value']} (cached {uri})")
+        else:
+            missing[task] = (bcfg, key)
+    if not missing:
+        return out
+
+    from mtseg.train.trainer import run_training
+
+    def train(task: str) -> dict:
+        bcfg, key = missing[task]
+        bcfg.train.storage_path = storage.join(root, RUNS_DIR)
+        bcfg.train.run_name = f"{task}-{key}"
+        log(f"[tune] training the {task} baseline ({', '.join(bcfg.tasks.names)}) as run {bcfg.train.run_name}")
+        result = run_training(bcfg, log=log)
+        if result.error:
+            raise SearchError(f"baseline {task}: training failed: {result.error}")
+        metric = OBJECTIVES[task].metric
+        value = (result.metrics or {}).get(metric)
+        record = {"task": task, "metric": metric, "value": float(value) if _finite(value) else None, "key": key,
+                  "tasks": list(bcfg.tasks.names), "run": storage.join(bcfg.train.storage_path, bcfg.train.run_name)}
+        storage.write_bytes(storage.join(root, f"{key}.json"), json.dumps(record, indent=2).encode())
+        log(f"[tune] baseline {task}: {metric}={record['value']}")
+        return record
+
+    with ThreadPoolExecutor(max_workers=max(1, cfg.tune.max_concurrent_trials)) as pool:
+        for task, record in zip(missing, pool.map(train, list(missing))):
+            out[task] = record
+    return out

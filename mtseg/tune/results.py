@@ -1,0 +1,142 @@
+"""What a search leaves: the trial table (CSV, markdown) and the best config as a ``mtseg train`` YAML."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mtseg import storage
+from mtseg.config import Config, TuneConfig, to_yaml
+from mtseg.tune.objective import DELTA_M, _finite
+from mtseg.tune.space import RESULTS_DIR, Param, experiment_uri, trial_config
+
+
+@dataclass
+class TuneOutcome:
+    """What a finished search produced.
+
+    Attributes:
+        rows: one dict per trial (see :func:`summarize`), best first.
+        best: the best trial's row, or None if no trial reported the metric.
+        best_config: the best trial's config as a ready ``mtseg train`` config.
+        paths: ``{"csv", "markdown", "best_config"}`` URIs written.
+        baselines: the Δm% baselines used (empty if off).
+        markdown: the trial table as markdown.
+        grid: Tune's ``ResultGrid`` (every trial's reports), where the search ran here.
+    """
+
+    rows: list[dict]
+    best: dict | None
+    best_config: Config | None
+    paths: dict[str, str]
+    baselines: dict
+    markdown: str = ""
+    grid: Any = None
+
+
+def _state(result, epochs_run: int, epochs: int) -> str:
+    if result.error is not None:
+        return "ERROR"
+    return "TERMINATED" if epochs_run >= epochs else "STOPPED"
+
+
+def summarize(results, cfg: Config, params: dict[str, Param]) -> list[dict]:
+    """One row per trial: trial id, state, epochs run, its config, its best epoch's metrics.
+
+    The best epoch is the one with the best ``tune.metric``; ``val/mask_ap`` (and Δm%) are
+    taken from that epoch. Rows are sorted best first; trials without the metric go last.
+    """
+    metric, sign = cfg.tune.metric, (1.0 if cfg.tune.mode == "max" else -1.0)
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        best_row: dict = {}
+        epochs_run = 0
+        if df is not None and len(df):
+            if "train/epoch" in df:
+                epochs_run = int(df["train/epoch"].max())
+            if metric in df and df[metric].notna().any():
+                best_row = df.loc[(df[metric] * sign).idxmax()].to_dict()
+        trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(str(r.path)).removeprefix("trial_")
+        row = {"trial": trial_id, "state": _state(r, epochs_run, cfg.train.epochs), "epochs": epochs_run}
+        row.update({k: (r.config or {}).get(k) for k in params})
+        for key in dict.fromkeys((metric, "val/miou", "val/mask_ap", DELTA_M)):
+            value = best_row.get(key)
+            row[key] = float(value) if _finite(value) else None
+        row["checkpoint"] = best_row.get("checkpoint_uri")
+        rows.append(row)
+    rows.sort(key=lambda row: (row[metric] is None, -sign * (row[metric] or 0.0)))
+    if metric != DELTA_M and all(row[DELTA_M] is None for row in rows):
+        for row in rows:
+            del row[DELTA_M]  # no baselines: no column
+    return rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return str(v)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """The trial table as GitHub markdown."""
+    if not rows:
+        return "(no trials)\n"
+    cols = [c for c in rows[0] if c != "checkpoint"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(row[c]).replace("|", "\\|") for c in cols) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    """The trial table as CSV (lists written as JSON)."""
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else ("" if v is None else v)
+                             for k, v in row.items()})
+    return buf.getvalue()
+
+
+def best_train_config(cfg: Config, row: dict, params: dict[str, Param]) -> Config:
+    """The best trial's config as a standalone ``mtseg train`` config.
+
+    The base config with the trial's values (for PBT, its last mutated values), run name
+    ``<experiment_name>-best`` in the base ``storage_path``, and no search section.
+    """
+    base = cfg.to_dict()
+    base["tune"] = dataclasses.asdict(TuneConfig())
+    out = trial_config(base, {k: row[k] for k in params if row.get(k) is not None})
+    out.train.run_name = f"{cfg.tune.experiment_name}-best"
+    return out
+
+
+def write_results(cfg: Config, rows: list[dict], params: dict[str, Param], baselines: dict) -> TuneOutcome:
+    """Write the trial table (CSV, markdown) and the best config under the experiment's results/."""
+    root = storage.join(experiment_uri(cfg), RESULTS_DIR)
+    md = to_markdown(rows)
+    paths = {"csv": storage.join(root, "trials.csv"), "markdown": storage.join(root, "trials.md")}
+    storage.write_bytes(paths["csv"], to_csv(rows).encode())
+    storage.write_bytes(paths["markdown"], md.encode())
+    best = next((r for r in rows if r[cfg.tune.metric] is not None and r["state"] != "ERROR"), None)
+    best_cfg = None
+    if best is not None:
+        best_cfg = best_train_config(cfg, best, params)
+        paths["best_config"] = storage.join(root, "best.yaml")
+        header = (f"# Best trial {best['trial']} of experiment {cfg.tune.experiment_name}: "
+                  f"{cfg.tune.metric}={best[cfg.tune.metric]:.4f}\n# mtseg train --config best.yaml\n")
+        storage.write_bytes(paths["best_config"], (header + to_yaml(best_cfg)).encode())
+    if baselines:
+        storage.write_bytes(storage.join(root, "baselines.json"), json.dumps(baselines, indent=2).encode())
+    return TuneOutcome(rows=rows, best=best, best_config=best_cfg, paths=paths, baselines=baselines, markdown=md)

@@ -1,0 +1,278 @@
+"""One trial: a Ray Train run of the trial's config, one Tune result per epoch end.
+
+PBT's exploit starts a trial from a donor's checkpoint, rebased to the trial's mutated
+hyperparameters (:func:`rebase_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from mtseg import storage
+from mtseg.config import Config, to_yaml
+from mtseg.tune.objective import DELTA_M, delta_m
+from mtseg.tune.space import SearchError, trial_config
+
+# The trial function only waits on its Train run; the Train workers hold the CPUs. Tune
+# cannot reserve zero resources for a trial, so it reserves a sliver.
+TRIAL_DRIVER_CPUS = 0.01
+
+
+def rebase_checkpoint(src_dir: str, dst_dir: str, cfg: Config) -> dict[str, Any]:
+    """Copy a training checkpoint, replacing the hyperparameters PBT may have mutated.
+
+    A checkpoint carries the donor's learning rate (optimiser param groups, LR schedule base)
+    and static task weights (a buffer of the strategy); loading it as is would undo the
+    mutation. The model, optimiser moments, counters and the rest are kept.
+
+    Args:
+        src_dir: local checkpoint directory (see mtseg.train.checkpoint).
+        dst_dir: local directory to write the rebased checkpoint into.
+        cfg: the trial's (mutated) config.
+
+    Returns:
+        The checkpoint's meta (epoch, step, ...).
+    """
+    import torch
+
+    from mtseg.train import checkpoint as ckpt
+    from mtseg.weighting import build_weighting
+
+    state, meta = ckpt.load(src_dir)
+    t = cfg.train
+    groups = state["optimizer"]["param_groups"]
+    for g in groups:
+        old = float(g.get("initial_lr", 0.0))
+        # The group's current LR is base x schedule factor: keep the factor, swap the base.
+        g["lr"] = g["lr"] * t.lr / old if old > 0 else t.lr
+        g["initial_lr"] = t.lr
+        g["weight_decay"] = t.weight_decay
+        if "momentum" in g:
+            g["momentum"] = t.momentum
+    sched = state["scheduler"]
+    sched["base_lrs"] = [t.lr] * len(groups)
+    sched["_last_lr"] = [g["lr"] for g in groups]
+    if cfg.weighting.name == "static":
+        # Static weights are config, held in a buffer so they travel with a checkpoint.
+        fresh = build_weighting(cfg.weighting, list(cfg.tasks.names)).state_dict()
+        state["weighting"]["weights"] = torch.as_tensor(fresh["weights"]).clone()
+    keep = {k: v for k, v in meta.items() if k not in ("format", "state_sha256", "state_bytes")}
+    ckpt.save(dst_dir, state, keep, to_yaml(cfg))
+    return keep
+
+
+def _upload_dir(local_dir: str, uri: str) -> None:
+    from mtseg.train import checkpoint as ckpt
+
+    # meta.json last: its hash of state.pt is what makes the upload complete.
+    names = sorted(os.listdir(local_dir), key=lambda n: n == ckpt.META_FILE)
+    for name in names:
+        with open(os.path.join(local_dir, name), "rb") as f:
+            storage.write_bytes(storage.join(uri, name), f.read())
+
+
+# ---------------------------------------------------------------------------- the trial
+
+
+@dataclass
+class TrialSpec:
+    """What every trial of one search shares (shipped once through the object store).
+
+    Attributes:
+        base: the base config as a dict, storage paths absolute.
+        runs_uri: where the trials' Train runs live.
+        init_uri: where rebased PBT start checkpoints are written.
+        baselines: single-task baselines for Δm% (empty: no Δm).
+    """
+
+    base: dict
+    runs_uri: str
+    init_uri: str
+    baselines: dict = field(default_factory=dict)
+
+
+def _is_epoch_end(metrics: dict) -> bool:
+    # The trainer's epoch-end report carries fresh val/* and no train/loss (its step reports
+    # carry train/loss and only a repeated val/miou).
+    return "train/loss" not in metrics
+
+
+def _epoch_end_forwarder(queue):
+    """A Train callback (it runs in the Train controller) that hands the trial its epoch ends.
+
+    The first report also sends the controller's own handle, so the trial can abort the run.
+    """
+    from ray.train import UserCallback
+
+    class EpochEndForwarder(UserCallback):
+        def __init__(self, q):
+            self.queue = q
+            self.introduced = False
+
+        def after_report(self, run_context, metrics, checkpoint):
+            import ray
+
+            if not self.introduced:
+                self.queue.put({"controller": ray.get_runtime_context().current_actor})
+                self.introduced = True
+            m = dict(metrics[0]) if metrics else {}
+            if _is_epoch_end(m):
+                # Blocks while the trial has not taken the previous epoch (a queue of one).
+                self.queue.put({"metrics": m, "checkpoint": checkpoint.path if checkpoint else None})
+
+    return EpochEndForwarder(queue)
+
+
+def trial_metrics(train_metrics: dict, cfg: Config, baselines: dict) -> dict[str, Any]:
+    """What a trial reports to Tune for one epoch end: Train's metrics plus ``val/delta_m``."""
+    out = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float, str, bool))}
+    if baselines:
+        out[DELTA_M] = delta_m(out, baselines, cfg.tasks.names)
+    return out
+
+
+def _uri_of(path: str, like: str) -> str:
+    """A storage URI for ``path`` as Ray reports it (an S3 path without its scheme)."""
+    return "s3://" + path.lstrip("/") if storage.is_s3(like) else path
+
+
+def start_from_checkpoint(checkpoint_dir: str, cfg: Config, spec: TrialSpec, trial_id: str) -> tuple[str, str]:
+    """Prepare a trial start from a Tune checkpoint (PBT exploit or pause, a resumed PBT search).
+
+    The trial starts a *new* Train run named after the checkpoint (its own run's newer
+    checkpoints must not win over the one handed in) from a rebased copy of it in storage
+    (:func:`rebase_checkpoint`). Started again from the same checkpoint (a resumed search),
+    the trial resumes that run from its own latest checkpoint.
+
+    Returns:
+        (run name, init checkpoint URI) for ``build_trainer``.
+    """
+    from mtseg.train import checkpoint as ckpt
+
+    meta = ckpt.verify(checkpoint_dir)
+    run_name = f"{trial_id}-{meta['state_sha256'][:8]}"
+    init = storage.join(spec.init_uri, run_name)
+    with tempfile.TemporaryDirectory() as dst:
+        rebase_checkpoint(checkpoint_dir, dst, cfg)
+        _upload_dir(dst, init)
+    print(f"[tune] trial {trial_id}: run {run_name} starts from a checkpoint at epoch {meta.get('epoch')}, step {meta.get('step')}")
+    return run_name, init
+
+
+@functools.cache
+def trial_class():
+    """The Ray Tune ``Trainable`` of one trial (built on first use: importing Ray is slow).
+
+    A class trainable rather than a function, for its ``cleanup`` hook: when Tune stops a
+    trial (ASHA) or pauses it (PBT), ``cleanup`` aborts the trial's Train run, which removes
+    the run's placement group. Without it the run's controller dies with the trial's actor
+    and its workers' reservation is only released by Train's cleaner, which needs the Ray
+    State API (the dashboard).
+    """
+    import ray
+    from ray import tune
+    from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.queue import Empty, Queue
+
+    class MTSegTrial(tune.Trainable):
+        """One trial: a Train run of the trial's config; a Tune result per epoch end.
+
+        ``step`` starts ``build_trainer(cfg).fit()`` in a thread on first call and then
+        returns each epoch end the Train controller forwards; ``save_checkpoint`` copies the
+        Train checkpoint of the last epoch end (PBT asks for it); ``load_checkpoint``
+        prepares a new Train run from one (PBT's exploit).
+        """
+
+        def setup(self, config: dict, spec: TrialSpec):
+            self.spec = spec
+            self.cfg = trial_config(spec.base, config)
+            self.run_name, self.init = self.trial_id, ""
+            self.queue = None
+            self.thread: threading.Thread | None = None
+            self.controller = None
+            self.outcome: dict[str, Any] = {}
+            self.last: dict[str, Any] = {}
+
+        def load_checkpoint(self, checkpoint_dir: str):
+            self.run_name, self.init = start_from_checkpoint(checkpoint_dir, self.cfg, self.spec, self.trial_id)
+
+        def _start(self) -> None:
+            from mtseg.train.trainer import build_trainer, run_uri
+
+            cfg = self.cfg
+            cfg.train.run_name = self.run_name
+            cfg.train.storage_path = self.spec.runs_uri
+            storage.write_bytes(storage.join(run_uri(cfg), "config.yaml"), to_yaml(cfg).encode())
+            self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+            trainer = build_trainer(cfg, callbacks=[_epoch_end_forwarder(self.queue)], init_checkpoint=self.init)
+
+            def fit() -> None:
+                try:
+                    self.outcome["result"] = trainer.fit()
+                except BaseException as e:  # noqa: BLE001 - raised in step()
+                    self.outcome["error"] = e
+
+            self.thread = threading.Thread(target=fit, name=f"fit-{self.run_name}", daemon=True)
+            self.thread.start()
+
+        def _next_item(self) -> dict | None:
+            while True:
+                try:
+                    item = self.queue.get(timeout=1.0)
+                except Empty:
+                    if not self.thread.is_alive() and self.queue.empty():
+                        return None
+                    continue
+                if "controller" in item:
+                    self.controller = item["controller"]
+                    continue
+                return item
+
+        def step(self) -> dict:
+            if self.thread is None:
+                self._start()
+            item = self._next_item()
+            if item is None:  # the run ended without another epoch end
+                self.thread.join()
+                if "error" in self.outcome:
+                    raise self.outcome["error"]
+                result = self.outcome["result"]
+                if result.error:
+                    raise SearchError(f"trial {self.trial_id}: training failed: {result.error}")
+                return {**self.last, "done": True}
+            metrics = trial_metrics(item["metrics"], self.cfg, self.spec.baselines)
+            metrics["run_name"] = self.run_name
+            if item["checkpoint"]:
+                metrics["checkpoint_uri"] = _uri_of(item["checkpoint"], self.spec.runs_uri)
+            self.last = metrics
+            if metrics.get("train/epoch", 0) >= self.cfg.train.epochs:
+                metrics = {**metrics, "done": True}
+            return metrics
+
+        def save_checkpoint(self, checkpoint_dir: str):
+            from mtseg.train import checkpoint as ckpt
+
+            uri = self.last.get("checkpoint_uri")
+            if not uri:
+                raise SearchError(f"trial {self.trial_id}: no epoch-end checkpoint to save yet")
+            ckpt.download(uri, checkpoint_dir)
+            return checkpoint_dir
+
+        def cleanup(self):
+            if self.thread is None or not self.thread.is_alive():
+                return
+            if self.last.get("train/epoch", 0) >= self.cfg.train.epochs:
+                self.thread.join(timeout=60)  # finished: fit() is returning
+            if self.thread.is_alive() and self.controller is not None:
+                try:
+                    ray.get(self.controller.abort.remote(), timeout=60)
+                except (RayError, GetTimeoutError):
+                    pass  # the controller exits as it answers
+                self.thread.join(timeout=30)
+
+    return MTSegTrial
