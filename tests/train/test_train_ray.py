@@ -31,14 +31,21 @@ def _run_dir_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+# The tiny run every test here trains: 2 workers, 2 epochs of 6 steps, a checkpoint every 2 steps.
+TINY = [
+    "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
+    "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5",
+    "train.num_workers=2", "train.cpus_per_worker=0.5", "train.epochs=2", "train.warmup_steps=2",
+    "train.checkpoint_every_steps=2", "train.log_every_steps=1", "train.max_failures=2",
+]
+
+
+def _overrides(data_uri, storage_path, run_name, *extra) -> list[str]:
+    return [f"data.uri={data_uri}", f"train.storage_path={storage_path}", f"train.run_name={run_name}", *TINY, *extra]
+
+
 def _cfg(data_uri, storage_path, run_name, *extra):
-    return load_config(None, [
-        f"data.uri={data_uri}", f"train.storage_path={storage_path}", f"train.run_name={run_name}",
-        "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
-        "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5",
-        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.epochs=2", "train.warmup_steps=2",
-        "train.checkpoint_every_steps=2", "train.log_every_steps=1", "train.max_failures=2", *extra,
-    ])
+    return load_config(None, _overrides(data_uri, storage_path, run_name, *extra))
 
 
 def _steps(cfg) -> int:
@@ -145,12 +152,8 @@ def test_driver_killed_then_same_run_name_resumes_and_sees_each_image_once(ray_l
 
     from mtseg.train.trainer import local_run_dir, run_uri
 
-    overrides = ["train.epochs=2", "train.checkpoint_every_steps=2", "train.log_every_steps=1", "train.log_image_ids=true"]
-    cfg = _cfg(tiny_dataset, s3_bucket, "killdriver", *overrides)
-    args = [f"data.uri={tiny_dataset}", f"train.storage_path={s3_bucket}", "train.run_name=killdriver",
-            "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
-            "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5", "train.num_workers=2",
-            "train.cpus_per_worker=0.5", "train.warmup_steps=2", "train.max_failures=2", *overrides]
+    args = _overrides(tiny_dataset, s3_bucket, "killdriver", "train.log_image_ids=true")
+    cfg = load_config(None, args)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "mtseg.cli", "train", *args]
     first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -184,13 +187,7 @@ def test_node_removed_mid_epoch_is_survived_with_the_same_step_count(tiny_datase
     cannot also drive a second cluster.
     """
     script = os.path.join(os.path.dirname(__file__), "node_removal.py")
-    overrides = [
-        f"data.uri={tiny_dataset}", f"train.storage_path={s3_bucket}", "train.run_name=noderemoved",
-        "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
-        "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5", "train.num_workers=2",
-        "train.cpus_per_worker=0.5", "train.epochs=2", "train.warmup_steps=2", "train.checkpoint_every_steps=2",
-        "train.log_every_steps=1", "train.max_failures=2",
-    ]
+    overrides = _overrides(tiny_dataset, s3_bucket, "noderemoved")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, script, *overrides], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=840)
@@ -199,6 +196,6 @@ def test_node_removed_mid_epoch_is_survived_with_the_same_step_count(tiny_datase
     report = json.loads(lines[-1])
     assert report["workers_on_removed_node"] >= 1
     assert report["error"] is None and report["finished"], report
-    cfg = _cfg(tiny_dataset, s3_bucket, "noderemoved")
+    cfg = load_config(None, overrides)
     assert 0 < report["step_at_removal"] < _steps(cfg)
     assert report["step"] == _steps(cfg)
