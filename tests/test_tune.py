@@ -106,14 +106,16 @@ def test_scheduler_and_search_rules():
     space = {"weighting.name": "grid[equal, uncertainty]"}
     with pytest.raises(ConfigError, match="grace_period"):
         validate_search(_cfg(space, tune={"grace_period": 5}, train={"epochs": 2}))
-    optuna = _cfg({"weighting.name": "choice[equal, uncertainty]"}, tune={"search_alg": "optuna"})
+    optuna_cfg = _cfg({"weighting.name": "choice[equal, uncertainty]"}, tune={"search_alg": "optuna"})
     try:
         import optuna  # noqa: F401
-
-        validate_search(optuna)
     except ImportError:
         with pytest.raises(ConfigError, match="optuna is not installed"):
-            validate_search(optuna)
+            validate_search(optuna_cfg)
+    else:
+        validate_search(optuna_cfg)
+        with pytest.raises(ConfigError, match="write choice"):
+            validate_search(_cfg(space, tune={"search_alg": "optuna"}))
     pbt = {"scheduler": "pbt", "perturbation_interval": 1}
     with pytest.raises(ConfigError, match="cannot change it inside a running trial"):
         validate_search(_cfg({"model.decoder_channels": "choice[16, 32]"}, tune=pbt, train={"epochs": 3}))
@@ -164,12 +166,12 @@ def test_an_existing_experiment_is_not_overwritten_without_resume(tmp_path):
 def test_a_restored_generator_does_not_count_trials_as_running(tmp_path):
     """Tune's experiment and generator states upload separately; a kill between them must not
     leave the generator waiting for a trial that already finished."""
+    from ray.tune.experiment import Experiment
+
     from mtseg.tune.search import _search_alg
 
     cfg = _cfg({"weighting.name": "grid[equal, uncertainty]"}, tune={"max_concurrent_trials": 1})
     gen = _search_alg(cfg)
-    from ray.tune.experiment import Experiment
-
     gen.add_configurations(Experiment("exp", lambda config: None, storage_path=str(tmp_path),
                                       config={"weighting.name": {"grid_search": ["equal", "uncertainty"]}}))
     first = gen.next_trial()
@@ -177,6 +179,23 @@ def test_a_restored_generator_does_not_count_trials_as_running(tmp_path):
     restored = _search_alg(cfg)
     restored.set_state(gen.get_state())  # the trial finished, but this state predates that
     assert restored.next_trial() is not None
+
+
+def test_a_restored_optuna_search_does_not_count_trials_as_running():
+    pytest.importorskip("optuna")
+    from ray import tune
+
+    from mtseg.tune.search import _search_alg
+
+    cfg = _cfg({"train.lr": "loguniform[0.001, 0.01]"}, tune={"search_alg": "optuna", "max_concurrent_trials": 1})
+    alg = _search_alg(cfg)
+    alg.set_search_properties("val/miou", "max", {"train.lr": tune.loguniform(0.001, 0.01)})
+    assert 0.001 <= alg.suggest("a")["train.lr"] <= 0.01
+    assert alg.suggest("b") is None  # one running, limit reached
+    restored = _search_alg(cfg)
+    restored.set_search_properties("val/miou", "max", {"train.lr": tune.loguniform(0.001, 0.01)})
+    restored.set_state(alg.get_state())
+    assert restored.suggest("c") is not None
 
 
 # ---------------------------------------------------------------------------- Δm%
@@ -400,6 +419,23 @@ def test_asha_search_stops_weak_trials_and_its_best_config_trains(ray_local, tin
     assert best.weighting.name == outcome.best["weighting.name"] and best.data.uri == tiny_dataset
     result = run_training(best)
     assert result.error is None and "val/miou" in result.metrics
+
+
+@pytest.mark.slow
+def test_optuna_samples_the_ranges_and_writes_the_table(ray_local, tiny_dataset, s3_bucket, tmp_path, _in_tmp):
+    pytest.importorskip("optuna")
+    path = _write_cfg(tmp_path, tiny_dataset, s3_bucket, {
+        "experiment_name": "optuna", "scheduler": "fifo", "search_alg": "optuna", "num_samples": 3,
+        "max_concurrent_trials": 2,
+        "space": {"weighting.static.boundary": "loguniform[0.1, 10]", "train.lr": "loguniform[0.001, 0.01]"},
+    }, train={"epochs": 1})
+    outcome = run_tune(load_config(path), delta_m=False)
+
+    assert [(r["state"], r["epochs"]) for r in outcome.rows] == [("TERMINATED", 1)] * 3
+    assert all(0.1 <= r["weighting.static.boundary"] <= 10 and 0.001 <= r["train.lr"] <= 0.01 for r in outcome.rows)
+    assert len({r["train.lr"] for r in outcome.rows}) == 3  # three points, not one
+    assert outcome.best_config.train.lr == outcome.best["train.lr"]
+    assert storage.exists(outcome.paths["best_config"])
 
 
 def _epoch_checkpoint(run: str, epoch: int) -> dict:

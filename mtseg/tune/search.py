@@ -50,29 +50,38 @@ def _scheduler(cfg: Config, params: dict[str, Param]):
 
 
 def _search_alg(cfg: Config):
-    """Optuna (Tune bounds its concurrency), or random sampling and grid[...] that bound their own."""
+    """The search algorithm, bounding its own concurrency with a restore that cannot stall.
+
+    Tune uploads its experiment state and the search algorithm's state as separate files. A
+    driver killed between the two leaves an algorithm that still counts a finished trial as
+    running; at ``max_concurrent`` it then never hands out another trial and the resumed
+    search waits forever. Restored trials are re-queued by Tune itself, so the running set
+    starts empty after a restore (at worst a resumed search briefly runs the restored trials
+    on top of ``max_concurrent`` new ones).
+
+    Random sampling and grid[...] use Tune's ``BasicVariantGenerator``; Optuna (TPE, seeded
+    by ``train.seed``) runs behind a ``ConcurrencyLimiter``.
+    """
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    limit = cfg.tune.max_concurrent_trials
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch()
-    from ray.tune.search import BasicVariantGenerator
+        class ResumableLimiter(ConcurrencyLimiter):
+            def set_state(self, state):
+                super().set_state(state)
+                self.live_trials = set()
+                self.num_unfinished_live_trials = 0
+
+        return ResumableLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=limit)
 
     class ResumableVariantGenerator(BasicVariantGenerator):
-        """Tune's random/grid generator, with a restore that cannot stall the search.
-
-        Tune uploads its experiment state and this generator's state as separate files. A
-        driver killed between the two leaves a generator that still counts a finished trial
-        as running; at ``max_concurrent`` it then never hands out another trial and the
-        resumed search waits forever. Restored trials are re-queued by Tune itself, so the
-        running set starts empty after a restore (at worst a resumed search briefly runs the
-        restored trials on top of ``max_concurrent`` new ones).
-        """
-
         def set_state(self, state):
             super().set_state(state)
             self._live_trials = set()
 
-    return ResumableVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials)
+    return ResumableVariantGenerator(max_concurrent=limit)
 
 
 def _trainable(spec: TrialSpec):
@@ -99,7 +108,6 @@ def build_tuner(cfg: Config, params: dict[str, Param], spec: TrialSpec):
         tune_config=tune.TuneConfig(
             metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=_scheduler(cfg, params),
             search_alg=_search_alg(cfg),
-            max_concurrent_trials=t.max_concurrent_trials if t.search_alg == "optuna" else None,
             # A stopped trial's actor must go: it holds the thread that runs its Train run.
             reuse_actors=False, trial_dirname_creator=_trial_dirname,
         ),

@@ -211,7 +211,7 @@ def validate_search(cfg: Config) -> dict[str, Param]:
     has_grid = any(p.kind == "grid" for p in params.values())
     if t.search_alg == "optuna":
         if not _optuna_available():
-            raise ConfigError("tune.search_alg: optuna is not installed (pip install optuna), use random")
+            raise ConfigError('tune.search_alg: optuna is not installed (pip install "mtseg[optuna]"), use random')
         if has_grid:
             raise ConfigError("tune.search_alg: optuna samples its own points; write choice[...] instead of grid[...]")
     if t.scheduler == "asha" and t.grace_period > cfg.train.epochs:
