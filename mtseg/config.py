@@ -106,6 +106,8 @@ class TrainConfig:
     max_failures: int = _f(3, min=-1)
     val_max_images: int = _f(0, min=0, help="0 = whole val split")
     log_image_ids: bool = _f(False, help="audit the data order: write each step's image ids to <run dir>/image_ids/")
+    ray_log_level: str = _f("WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                            help="Ray Train's own console logs (mtseg's progress line is printed regardless)")
 
 
 @dataclass

@@ -133,6 +133,8 @@ def worker_stream(segments: list[Segment], transform, *, rows_per_task: int, num
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # The plan fixes the order; Ray Data must not reorder blocks finishing out of turn.
     ds.context.execution_options.preserve_order = True
+    # One dataset per worker per epoch: its plan would be logged every epoch on every worker.
+    ds.context.print_on_execution_start = False
     return ds.map_batches(
         read_and_transform,
         fn_kwargs={"transform": transform, "out_rows": rows_per_task},

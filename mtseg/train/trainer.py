@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -162,6 +163,20 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
     return True
 
 
+def _quiet_report_log(level: str) -> None:
+    """Apply ``train.ray_log_level`` to Ray Train's per-report log line on this worker.
+
+    Ray 2.60 logs every ``ray.train.report`` at INFO under a logger named after the file
+    path of ``ray/train/v2/_internal/execution/context.py``, outside the ``ray.train``
+    namespace that ``RunConfig(logging_config=...)`` filters.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point: thin wiring of the library functions."""
     import ray.train
@@ -171,6 +186,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from mtseg.metrics import Evaluator
 
     cfg = config_from_dict(config["cfg"])
+    _quiet_report_log(cfg.train.ray_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -315,7 +331,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
             progress printer is always added.
         init_checkpoint: checkpoint directory URI to start from when the run has none of its own.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.resolve(cfg.train.storage_path)
@@ -340,6 +356,8 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
                 checkpoint_score_order="max",
             ),
             callbacks=[_progress_callback(), *(callbacks or [])],
+            # Train logs every report at INFO; the progress callback already says what matters.
+            logging_config=LoggingConfig(log_level=cfg.train.ray_log_level),
         ),
     )
 

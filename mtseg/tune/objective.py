@@ -44,7 +44,7 @@ DELTA_M = "val/delta_m"
 # baseline cache key so a cached baseline serves every experiment with the same recipe.
 _NOT_RECIPE = {
     "train": ("run_name", "storage_path", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-              "max_failures", "log_image_ids", "use_gpu", "cpus_per_worker"),
+              "max_failures", "log_image_ids", "use_gpu", "cpus_per_worker", "ray_log_level"),
     "data": ("map_num_cpus", "rows_per_read_task", "max_bad_fraction", "images_per_shard"),
 }
 
