@@ -107,7 +107,10 @@ def latest_valid(run_uri: str, log=print) -> tuple[str, dict[str, Any]] | None:
         try:
             meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE)))
         except (storage.StorageError, ValueError):
-            log(f"[checkpoint] skipping {uri}: incomplete (no readable {META_FILE})")
+            # An empty prefix is what a deleted run leaves on stores with real directories
+            # (SeaweedFS): nothing was written there, so there is nothing to report.
+            if storage.list_files(uri, recursive=True):
+                log(f"[checkpoint] skipping {uri}: incomplete (no readable {META_FILE})")
             continue
         candidates.append((int(meta.get("step", -1)), uri))
     for _, uri in sorted(candidates, reverse=True):

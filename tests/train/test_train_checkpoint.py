@@ -45,8 +45,12 @@ def test_latest_valid_walks_back_past_partial_uploads(tmp_path):
     with open(os.path.join(newer, ckpt.STATE_FILE), "r+b") as f:  # upload cut short
         f.truncate(7)
     os.unlink(os.path.join(newest, ckpt.META_FILE))                # meta never arrived
-    uri, meta = ckpt.latest_valid(run, log=lambda *a: None)
+    os.makedirs(os.path.join(run, "checkpoint_2026-01-01_00-00-04"))  # an emptied prefix: nothing written
+    logged: list[str] = []
+    uri, meta = ckpt.latest_valid(run, log=logged.append)
     assert meta["step"] == 10 and uri.endswith("00-00-01")
+    assert [line.split()[2].rstrip(":").rsplit("/", 1)[-1] for line in logged] == [
+        "checkpoint_2026-01-01_00-00-03", "checkpoint_2026-01-01_00-00-02"]  # the empty one is not news
 
 
 def test_lr_schedule_warmup_then_decay():
