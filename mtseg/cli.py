@@ -112,7 +112,7 @@ def cmd_train(args) -> int:
     preflight(cfg)  # fail on bad storage/data before any cluster resource is used
     if cfg.cluster.address:
         os.environ["RAY_ADDRESS"] = cfg.cluster.address
-    init_local_ray(env=_storage_env(), dashboard=True, log_to_driver=True)  # the State API Train's cleaner polls
+    init_local_ray(env=_storage_env(), dashboard=True, log_to_driver=True)
     result = run_training(cfg, restart=args.restart)
     if result.error:
         raise SystemExit(f"mtseg: error: training failed: {result.error}")

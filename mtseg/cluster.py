@@ -230,6 +230,10 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
 
     ``env`` is shipped to every worker through the job's runtime_env (storage endpoint and
     credentials), so Ray Data readers and Train workers reach the same object store.
+
+    ``dashboard`` starts Ray's dashboard (127.0.0.1, the first free port from 8265). Training
+    wants it: it serves the State API that Ray Train's placement-group cleaner polls, which
+    otherwise warns every few seconds and cannot release a dead run's reservation.
     """
     apply_loopback_env()
     # Ray Train's print patch logs every worker print twice and defeats stdout redirection

@@ -57,7 +57,6 @@ def run_demo(out_dir: str = "runs/demo", train_images: int = 384, val_images: in
 
         current = "2/7 start Ray"
         _step(2, "starting a local Ray on 127.0.0.1")
-        # The dashboard serves Ray's State API, which Train's placement-group cleaner polls.
         ctx = init_local_ray(num_cpus=max(2, os.cpu_count() or 2), dashboard=True, env=store.env(), log_to_driver=True)
         print(f"  Ray resources: {ray.cluster_resources()}; dashboard http://{getattr(ctx, 'dashboard_url', '')}")
 

@@ -217,7 +217,7 @@ def cmd_tune(args) -> int:
     preflight(cfg)
     if cfg.cluster.address:
         os.environ["RAY_ADDRESS"] = cfg.cluster.address
-    init_local_ray(env=_storage_env(), dashboard=True, log_to_driver=True)  # the State API Train's cleaner polls
+    init_local_ray(env=_storage_env(), dashboard=True, log_to_driver=True)
     outcome = run_tune(cfg, resume=args.resume, restart=args.restart, delta_m=not args.no_delta_m)
     print(outcome.markdown)
     for name, uri in outcome.paths.items():
