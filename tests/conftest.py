@@ -61,14 +61,23 @@ TRAIN_IMAGES, VAL_IMAGES = 48, 8
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory, s3_env, seaweedfs):
-    """Synthetic COCO sharded into the session's bucket: s3://<bucket>/tiny (train + val)."""
+def synthetic_dataset(tmp_path_factory, s3_env, seaweedfs):
+    """Factory: synthetic COCO (32 px) sharded into the session's bucket as s3://<bucket>/<name>."""
     from mtseg.data.shard import shard_coco
     from mtseg.data.synth import synthesize
 
-    root = str(tmp_path_factory.mktemp("coco"))
-    synthesize(root, train=TRAIN_IMAGES, val=VAL_IMAGES, size=32, seed=1)
-    uri = f"s3://{seaweedfs.bucket}/tiny"
-    for split in ("train2017", "val2017"):
-        shard_coco(root, split, uri, images_per_shard=16, log=lambda *a: None)
-    return uri
+    def make(name: str, *, train: int, val: int, seed: int, images_per_shard: int) -> str:
+        root = str(tmp_path_factory.mktemp("coco"))
+        synthesize(root, train=train, val=val, size=32, seed=seed)
+        uri = f"s3://{seaweedfs.bucket}/{name}"
+        for split in ("train2017", "val2017"):
+            shard_coco(root, split, uri, images_per_shard=images_per_shard, log=lambda *a: None)
+        return uri
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(synthetic_dataset):
+    """s3://<bucket>/tiny: 48 train and 8 val images in shards of 16."""
+    return synthetic_dataset("tiny", train=TRAIN_IMAGES, val=VAL_IMAGES, seed=1, images_per_shard=16)

@@ -24,17 +24,9 @@ TRAIN_IMAGES, VAL_IMAGES = 16, 10
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, s3_env, seaweedfs):
-    """Synthetic COCO (32 px) sharded into the session's bucket; val in two shards."""
-    from mtseg.data.shard import shard_coco
-    from mtseg.data.synth import synthesize
-
-    root = str(tmp_path_factory.mktemp("coco"))
-    synthesize(root, train=TRAIN_IMAGES, val=VAL_IMAGES, size=32, seed=2)
-    uri = f"s3://{seaweedfs.bucket}/evaluate-data"
-    for split in ("train2017", "val2017"):
-        shard_coco(root, split, uri, images_per_shard=6, log=lambda *a: None)
-    return uri
+def tiny_data(synthetic_dataset):
+    """Val in two shards (6 + 4 images)."""
+    return synthetic_dataset("evaluate-data", train=TRAIN_IMAGES, val=VAL_IMAGES, seed=2, images_per_shard=6)
 
 
 def _cfg(data_uri: str):
