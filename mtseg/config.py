@@ -13,6 +13,7 @@ checks, the error messages and the Tune search-space validation share one source
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,31 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message is one line naming the key."""
+
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def validate_name(key: str, value: str) -> str:
+    """Check that a run, experiment or job name is a plain name, usable as one path segment.
+
+    Names become storage prefixes (``<storage_path>/<run_name>``) that ``--restart`` deletes,
+    so ``..``, ``.`` or a ``/`` would point a delete outside the run.
+
+    Args:
+        key: what the name is, for the message (``train.run_name``).
+        value: the name.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ConfigError: one line naming ``key`` when the name is not letters, digits and ``-_.``,
+            or is ``.``/``..``.
+    """
+    if not isinstance(value, str) or not _PLAIN_NAME.match(value) or value in (".", ".."):
+        raise ConfigError(f"{key}: {value!r} is not a plain name (letters, digits and -_. only, not '.' or '..')")
+    return value
 
 
 def _f(default: Any = dataclasses.MISSING, *, choices=None, min=None, max=None, help: str = "", **kw):
@@ -338,8 +364,8 @@ def validate(cfg: Config) -> None:
     if "supercategory" in cfg.tasks.names or "boundary" in cfg.tasks.names or "instance" in cfg.tasks.names:
         if "semantic" not in cfg.tasks.names:
             raise ConfigError("tasks.names: supercategory, boundary and instance refine 'semantic', which must be in the set")
-    if cfg.train.run_name.strip() == "" or "/" in cfg.train.run_name:
-        raise ConfigError(f"train.run_name: {cfg.train.run_name!r} must be a non-empty name without '/'")
+    validate_name("train.run_name", cfg.train.run_name)
+    validate_name("tune.experiment_name", cfg.tune.experiment_name)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -376,4 +402,5 @@ __all__ = [
     "save_config",
     "to_yaml",
     "validate",
+    "validate_name",
 ]
