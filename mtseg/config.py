@@ -13,12 +13,15 @@ checks, the error messages and the Tune search-space validation share one source
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from mtseg import storage
 
 TASK_NAMES = ("semantic", "supercategory", "boundary", "instance", "reconstruction")
 WEIGHTING_NAMES = ("equal", "static", "uncertainty", "dwa", "gradnorm", "pcgrad", "famo")
@@ -100,7 +103,7 @@ class TasksConfig:
 @dataclass
 class WeightingConfig:
     name: str = _f("equal", choices=WEIGHTING_NAMES)
-    static: dict[str, float] = _f(default_factory=dict, help="per-task weights for 'static' (missing = 1.0)")
+    static: dict[str, float] = _f(default_factory=dict, min=0.0, help="per-task weights for 'static' (missing = 1.0)")
     dwa_temperature: float = _f(2.0, min=1e-6)
     gradnorm_alpha: float = _f(1.5, min=0.0)
     gradnorm_lr: float = _f(0.025, min=0.0)
@@ -180,7 +183,10 @@ def _describe(tp) -> str:
 
 
 def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
-    """Coerce ``value`` to the annotated type ``tp`` and check the field's metadata."""
+    """Coerce ``value`` to the annotated type ``tp`` and check the field's metadata.
+
+    A mapping field's ``choices``/``min``/``max`` apply to each of its values.
+    """
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
         (item_tp,) = typing.get_args(tp)[:1]
@@ -193,7 +199,7 @@ def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
         k_tp, v_tp = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(f"{key}.{k}", v_tp, v, {}) for k, v in value.items()}
+        return {str(k): _coerce(f"{key}.{k}", v_tp, v, meta) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             out = value
@@ -215,6 +221,8 @@ def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
             out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):  # YAML reads .nan and .inf, and min/max comparisons let them through
+            raise ConfigError(f"{key}: expected a finite number, got {out!r}")
     elif tp is str:
         if value is None:
             value = ""
@@ -257,7 +265,7 @@ def field_spec(dotted: str) -> tuple[Any, dict]:
             continue
         rest = parts[i + 1 :]
         if typing.get_origin(tp) is dict and len(rest) == 1:
-            return typing.get_args(tp)[1], {}
+            return typing.get_args(tp)[1], dict(fields[part].metadata)
         if rest:
             raise ConfigError(f"{dotted}: unknown key; {'.'.join(parts[: i + 1])} has no sub-keys")
         return tp, dict(fields[part].metadata)
@@ -314,6 +322,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     tree = _deep_copy(data or {})
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config: expected a mapping of sections (data, model, train, ...), got a {type(tree).__name__}")
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -322,11 +332,15 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
     return cfg
 
 
-def _deep_copy(d):
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
+def _deep_copy(d, where: str = "config", key: str = "", _open: frozenset = frozenset()):
+    """Copy nested dicts and lists; a YAML alias that contains itself is a ConfigError, not a RecursionError."""
+    if isinstance(d, (dict, list)):
+        if id(d) in _open:
+            raise ConfigError(f"{where}: the YAML alias at {key or 'the top level'} refers to a mapping or list that contains it")
+        inner = _open | {id(d)}
+        if isinstance(d, dict):
+            return {k: _deep_copy(v, where, f"{key}.{k}" if key else str(k), inner) for k, v in d.items()}
+        return [_deep_copy(v, where, f"{key}[{i}]", inner) for i, v in enumerate(d)]
     return d
 
 
@@ -334,17 +348,29 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """Load a YAML config file (or defaults when ``path`` is None) and apply dotted overrides.
 
     Raises:
-        ConfigError: one line naming the bad key or value.
+        ConfigError: one line naming the file, or the bad key or value.
     """
     data: dict = {}
     if path:
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            with open(path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+        try:
+            data = yaml.safe_load(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...), "
+                              f"not a {type(data).__name__}")
+        data = _deep_copy(data, where=path)
     return config_from_dict(data, overrides)
 
 
@@ -364,8 +390,19 @@ def validate(cfg: Config) -> None:
     if "supercategory" in cfg.tasks.names or "boundary" in cfg.tasks.names or "instance" in cfg.tasks.names:
         if "semantic" not in cfg.tasks.names:
             raise ConfigError("tasks.names: supercategory, boundary and instance refine 'semantic', which must be in the set")
+    for key, uri in (("data.uri", cfg.data.uri), ("data.unlabeled_uri", cfg.data.unlabeled_uri),
+                     ("train.storage_path", cfg.train.storage_path)):
+        if uri or key != "data.unlabeled_uri":
+            _check_uri(key, uri)
     validate_name("train.run_name", cfg.train.run_name)
     validate_name("tune.experiment_name", cfg.tune.experiment_name)
+
+
+def _check_uri(key: str, uri: str) -> None:
+    try:
+        storage.check_uri(uri)
+    except storage.StorageError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def to_yaml(cfg: Config) -> str:
@@ -373,12 +410,12 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config beside a run's outputs (a local path; see storage for URIs)."""
-    import os
+    """Write the resolved config beside a run's outputs (a local path or URI, atomically).
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(to_yaml(cfg))
+    Raises:
+        mtseg.storage.StorageError: the file cannot be written (one line naming it).
+    """
+    storage.write_bytes(path, to_yaml(cfg).encode())
 
 
 __all__ = [

@@ -15,10 +15,13 @@ whereas a streamed multipart upload can be completed with partial data when inte
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
 import random
+import re
+import shutil
 import time
 import uuid
 from typing import Callable, TypeVar
@@ -64,12 +67,80 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+# S3's naming rules for general-purpose buckets, which S3-compatible stores (SeaweedFS, MinIO)
+# also enforce: 3-63 characters, lowercase letters, digits, '.' and '-', starting and ending
+# with a letter or digit.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _parse(uri: str) -> tuple[str, str, str]:
+    """``uri`` -> (scheme, bucket, path): ``("s3", bucket, key)`` or ``("", "", local path)``.
+
+    Raises:
+        StorageError: one line naming the URI and what is wrong with it.
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"{uri!r}: empty URI (expected a local path or s3://bucket/prefix)")
+    if "\x00" in uri:
+        raise StorageError(f"{uri!r}: contains a NUL byte")
+    scheme = _SCHEME.match(uri)
+    if scheme is None:
+        return "", "", uri
+    if scheme.group(1) == "file":
+        path = uri[len("file://") :]
+        # file:///abs or file://localhost/abs; file://name/x would silently mean the path "name/x".
+        if path.startswith("localhost/"):
+            path = path[len("localhost") :]
+        if not path.startswith("/"):
+            raise StorageError(f"{uri}: a file:// URI needs an absolute path (file:///path)")
+        return "", "", path
+    if scheme.group(1) != "s3":
+        raise StorageError(f"{uri}: unsupported URI scheme (use a local path, file:// or s3://)")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name (expected s3://bucket/prefix)")
+    if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise StorageError(
+            f"{uri}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.' and '-')"
+        )
+    key = key.rstrip("/")
+    if key and any(part in ("", ".", "..") for part in key.split("/")):
+        # An object store keeps "a//b" and "a/../b" as literal keys that no path-style
+        # reader (pyarrow, Ray) finds again, so they are refused rather than written.
+        raise StorageError(f"{uri}: empty, '.' or '..' path segment in the key")
+    return "s3", bucket, key
+
+
+def check_uri(uri: str) -> str:
+    """Parse and validate a URI given by a user, before anything is read or written.
+
+    Every command checks each URI it takes with this, so that a typo fails at once with one
+    line instead of writing somewhere unintended (``s3://`` alone would otherwise become a
+    bucket named after the first path part joined onto it) or failing half-way.
+
+    Args:
+        uri: a local path, ``file:///abs/path`` or ``s3://bucket[/prefix]``.
+
+    Returns:
+        The URI without trailing slashes (``s3://b/p/`` -> ``s3://b/p``; a local path as given).
+
+    Raises:
+        StorageError: empty, an unsupported scheme, no or an invalid bucket name, an empty,
+            ``.`` or ``..`` key segment, or a ``file://`` URI that is not absolute.
+    """
+    scheme, bucket, key = _parse(uri)
+    if scheme == "s3":
+        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    return uri
+
+
 def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``); StorageError for anything else (see :func:`check_uri`)."""
+    scheme, bucket, key = _parse(str(uri))
+    if scheme != "s3":
         raise StorageError(f"{uri}: not an s3://bucket/prefix URI")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key
 
 
 @functools.lru_cache(maxsize=8)
@@ -104,15 +175,10 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     ``/abs``, ``rel/path`` and ``file:///abs`` give a LocalFileSystem and an absolute path;
     ``s3://bucket/prefix`` gives an S3FileSystem and ``bucket/prefix``.
     """
-    uri = str(uri)
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return s3_filesystem(), f"{bucket}/{key}".rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    elif "://" in uri:
-        raise StorageError(f"{uri}: unsupported URI scheme (use a local path, file:// or s3://)")
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    scheme, bucket, path = _parse(str(uri))
+    if scheme == "s3":
+        return s3_filesystem(), f"{bucket}/{path}".rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
 def s3_client():
@@ -140,8 +206,33 @@ def s3_client():
     )
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
+# Local write failures worth their own words; anything else keeps the OS's message.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+def _os_reason(path: str, exc: OSError, needed: int | None = None) -> str:
+    """What a local OSError means for ``path``, with the space needed and free on a full disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        parent = path
+        while parent and not os.path.isdir(parent):
+            parent = os.path.dirname(parent)
+        try:
+            free = f", {_size(shutil.disk_usage(parent or '/').free)} free"
+        except OSError:
+            free = ""
+        need = f"{_size(needed)} to write" if needed is not None else "more space needed"
+        return f"no space left on the device ({need}{free})"
+    return (exc.strerror or str(exc)).rstrip(".")
+
+
 def describe_error(uri: str, exc: BaseException) -> str:
     """A one-line, secret-free reason for a storage failure on ``uri``."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return redact(f"{uri}: {_os_reason(str(uri), exc)}")
     text = str(exc)
     low = text.lower()
     code = ""
@@ -192,20 +283,28 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: floa
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write ``data`` to ``uri`` atomically: complete under its final name or not at all."""
+    """Write ``data`` to ``uri`` atomically: complete under its final name or not at all.
+
+    Raises:
+        StorageError: one line naming ``uri`` and the reason (a full disk states the bytes to
+            write and the space free; also a read-only or missing directory, access denied).
+    """
     if is_s3(uri):
         bucket, key = split_s3(uri)
         _wrap(uri, lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     _, path = resolve(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        # A full disk, a read-only directory or a file in the way: one line naming the path.
+        raise StorageError(f"{uri}: {_os_reason(path, e, needed=len(data))}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -274,8 +373,13 @@ def ensure_bucket(name: str) -> None:
 def check_access(uri: str) -> None:
     """Fail fast, with one clear line, if ``uri`` cannot be used (missing bucket, bad credentials, endpoint down).
 
-    For S3 this asks the server about the bucket; for a local path it checks the parent is writable.
+    For S3 this asks the server about the bucket; for a local path it checks that the nearest
+    existing ancestor is a writable directory (not a file in the way).
+
+    Raises:
+        StorageError: the URI is malformed (see :func:`check_uri`) or cannot be written.
     """
+    check_uri(uri)
     if is_s3(uri):
         bucket, _ = split_s3(uri)
         try:
@@ -291,7 +395,10 @@ def check_access(uri: str) -> None:
     parent = path
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent or "/", os.W_OK):
+    parent = parent or "/"
+    if not os.path.isdir(parent):
+        raise StorageError(f"{uri}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
         raise StorageError(f"{uri}: not writable")
 
 
@@ -426,6 +533,7 @@ def retrying_filesystem(fs: pafs.S3FileSystem) -> pafs.FileSystem:
 __all__ = [
     "StorageError",
     "check_access",
+    "check_uri",
     "delete",
     "describe_error",
     "ensure_bucket",

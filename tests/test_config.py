@@ -65,3 +65,49 @@ def test_coerce_value_for_search_spaces():
     assert coerce_value("model.decoder_channels", "128") == 128
     with pytest.raises(ConfigError, match="model.decoder"):
         coerce_value("model.decoder", "unet")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("train.lr=inf", "train.lr: expected a finite number, got inf"),
+        ("data.scale_min=-.inf", "data.scale_min: expected a finite number, got -inf"),
+        ("weighting.static.semantic=-1", "weighting.static.semantic: -1.0 is below the minimum 0.0"),
+        ("train.storage_path=s3://", "train.storage_path: s3://: no bucket name"),
+        ("data.uri=s3://mtseg//x", "data.uri: s3://mtseg//x: empty, '.' or '..' path segment"),
+    ],
+)
+def test_non_finite_numbers_negative_task_weights_and_bad_uris_are_refused(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_search_space_values_get_the_same_checks():
+    with pytest.raises(ConfigError, match="weighting.static.boundary: -0.5 is below the minimum"):
+        coerce_value("weighting.static.boundary", -0.5)
+    with pytest.raises(ConfigError, match="finite"):
+        coerce_value("train.weight_decay", float("nan"))
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"train:\n  lr: 0.01 \xe9\n", "not UTF-8 text (byte 0xe9 at offset 18)"),
+        (b"- train\n- model\n", "the top level must be a mapping of sections"),
+        (b"a: &x [*x]\n", "the YAML alias at a[0] refers to a mapping or list that contains it"),
+        (b"train: &x\n  lr: *x\n", "the YAML alias at train.lr refers to"),
+    ],
+)
+def test_unreadable_config_files_are_one_line_naming_the_file(tmp_path, content, needle):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}: {needle}") and "\n" not in str(info.value)
+
+
+def test_config_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError, match=r": is a directory, not a config file$"):
+        load_config(str(tmp_path))

@@ -1,3 +1,4 @@
+import errno
 import os
 
 import pytest
@@ -25,18 +26,70 @@ def test_local_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=r"c\.bin: disk full$"):
         storage.write_bytes(uri, b"data")
     assert os.listdir(tmp_path) == []
+
+
+def test_full_disk_is_one_line_with_the_path_and_the_space_needed(tmp_path, monkeypatch):
+    uri = str(tmp_path / "shards" / "shard-00000.parquet")
+    real_open = open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(StorageError) as info:
+        storage.write_bytes(uri, b"x" * 3_000_000)
+    msg = str(info.value)
+    assert msg.startswith(f"{uri}: no space left on the device (3.0 MB to write, ") and msg.endswith(" free)")
+    assert "\n" not in msg
+    assert os.listdir(tmp_path / "shards") == []  # no temp file left behind
 
 
 def test_uri_parsing():
     fs, path = storage.resolve("file:///tmp/x")
     assert path == "/tmp/x"
-    assert storage.join("s3://b/p", "q", "r") == "s3://b/p/q/r"
-    assert storage.split_s3("s3://b/p/q") == ("b", "p/q")
+    assert storage.join("s3://bkt/p", "q", "r") == "s3://bkt/p/q/r"
+    assert storage.split_s3("s3://bkt/p/q#1?v") == ("bkt", "p/q#1?v")
     with pytest.raises(StorageError, match="unsupported URI scheme"):
         storage.resolve("gs://bucket/x")
+
+
+@pytest.mark.parametrize(
+    "uri, reason",
+    [
+        ("s3://", "no bucket name"),
+        ("s3:///x", "no bucket name"),
+        ("s3://mtseg//x", "empty, '.' or '..' path segment in the key"),
+        ("s3://mtseg/a/../b", "empty, '.' or '..' path segment in the key"),
+        ("s3://My_Bucket/x", "'My_Bucket' is not a valid bucket name"),
+        ("s3://ab/x", "'ab' is not a valid bucket name"),
+        ("file://relative/x", "a file:// URI needs an absolute path"),
+        ("gs://bucket/x", "unsupported URI scheme"),
+    ],
+)
+def test_bad_uris_are_one_line_naming_what_is_wrong(uri, reason):
+    with pytest.raises(StorageError) as info:
+        storage.check_uri(uri)
+    assert str(info.value).startswith(f"{uri}: {reason}") and "\n" not in str(info.value)
+
+
+def test_good_uris_come_back_without_trailing_slashes():
+    assert storage.check_uri("s3://mtseg/a/b/") == "s3://mtseg/a/b"
+    assert storage.check_uri("s3://mtseg/") == "s3://mtseg"
+    assert storage.check_uri("file:///tmp/x") == "file:///tmp/x"
+    assert storage.check_uri("runs/demo") == "runs/demo"
+    with pytest.raises(StorageError, match="empty URI"):
+        storage.check_uri("")
+
+
+def test_check_access_names_a_file_in_the_way(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StorageError, match=r"/f/out: .*/f is a file, not a directory$"):
+        storage.check_access(str(tmp_path / "f" / "out"))
 
 
 @pytest.mark.slow
