@@ -88,8 +88,8 @@ def cmd_cluster(args) -> int:
         for k, v in env.items():
             print(f"export {k}={v}")
     elif args.action == "down":
-        stack.down()
-        print("local stack stopped")
+        for line in stack.down():
+            print(line)
     else:
         for name, line in stack.status().items():
             print(f"{name}: {line}")

@@ -26,6 +26,7 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 DEFAULT_BUCKET = "mtseg"
 DEFAULT_STACK_DIR = os.path.join("runs", "stack")
+VACUUM_INTERVAL_S = 60
 
 
 class ClusterError(RuntimeError):
@@ -92,7 +93,12 @@ class SeaweedFS:
     access_key: str = "mtseg-local"
     secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     s3_port: int = 0
+    master_port: int = 0
     pid: int = 0
+
+    def __post_init__(self):
+        # Absolute, so that ``-dir=...`` on the process's command line identifies it from anywhere.
+        self.data_dir = os.path.abspath(self.data_dir)
 
     @property
     def endpoint(self) -> str:
@@ -118,7 +124,7 @@ class SeaweedFS:
             else:
                 ports[name] = free_port(used)
             used.update({ports[name], ports[name] + 10000})
-        self.s3_port = ports["s3"]
+        self.s3_port, self.master_port = ports["s3"], ports["master"]
         cmd = [
             weed_binary(), "mini",
             f"-dir={self.data_dir}",
@@ -127,6 +133,11 @@ class SeaweedFS:
             f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
             f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Deleted objects stay on disk until their volume is vacuumed, and the master's own
+            # sweep runs every 14 minutes: a run that rewrites checkpoints grows the store by
+            # gigabytes in between. Sweep every minute; :meth:`vacuum` compacts on demand.
+            f"-master.vacuumIntervalSeconds={VACUUM_INTERVAL_S}",
+            "-master.telemetry=false",  # a local store has nothing to report to seaweedfs.com
             f"-bucket={self.bucket}",
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
@@ -159,10 +170,33 @@ class SeaweedFS:
         except Exception:  # noqa: BLE001 - not up yet
             return False
 
+    def vacuum(self, garbage_threshold: float = 0.01, timeout: float = 120.0) -> None:
+        """Reclaim the disk space of deleted objects now (``weed shell`` ``volume.vacuum``).
+
+        Args:
+            garbage_threshold: compact every volume whose deleted fraction exceeds this.
+
+        Raises:
+            ClusterError: the store is not running or the shell failed.
+        """
+        if not (self.master_port and _port_open(self.master_port)):
+            raise ClusterError(f"SeaweedFS vacuum: no master on {LOOPBACK}:{self.master_port}")
+        script = f"lock\nvolume.vacuum -garbageThreshold {garbage_threshold}\nunlock\n"
+        out = subprocess.run([weed_binary(), "shell", f"-master={LOOPBACK}:{self.master_port}"], input=script,
+                             capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ClusterError(f"SeaweedFS vacuum failed: {tail[0]}")
+
+    def processes(self) -> list[int]:
+        """Pids of the ``weed`` processes serving this data directory (recorded or not)."""
+        return _pids_with_exact_arg(f"-dir={self.data_dir}")
+
     def stop(self, timeout: float = 10.0) -> None:
-        if not self.pid:
-            return
-        _terminate(self.pid, timeout)
+        # The recorded pid, and any server of this data dir whose pid was never recorded
+        # (an interrupted `cluster up`).
+        for pid in dict.fromkeys([*([self.pid] if self.pid else []), *self.processes()]):
+            _terminate(pid, timeout)
         proc = getattr(self, "_proc", None)
         if proc is not None:
             try:
@@ -198,6 +232,21 @@ def _pids_with_arg(text: str) -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 if text.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _pids_with_exact_arg(arg: str) -> list[int]:
+    """Pids of processes with ``arg`` as one whole command-line argument."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if arg.encode() in f.read().split(b"\0"):
                     pids.append(int(entry))
         except OSError:
             continue
@@ -274,6 +323,33 @@ def enable_token_auth_for_client() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def ensure_auth_token(env: dict[str, str] | None = None) -> None:
+    """Create Ray's auth token (``ray get-auth-token --generate``) unless one is configured.
+
+    ``ray start --head`` with token auth on refuses to start without a token, where
+    ``ray.init`` would make one; Ray's own CLI writes it to ``~/.ray/auth_token``, which
+    clients (``ray job``, ``mtseg submit``) read too.
+
+    Args:
+        env: the environment the head starts with (default ``os.environ``): its
+            ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` and ``HOME`` decide where Ray looks.
+
+    Raises:
+        ClusterError: the token could not be written.
+    """
+    env = dict(os.environ if env is None else env)
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".ray", "auth_token")
+    if env.get("RAY_AUTH_TOKEN") or os.path.exists(path):
+        return
+    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env,
+                         capture_output=True, text=True, timeout=120)  # stdout is the token: never printed
+    if out.returncode != 0:
+        tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise ClusterError(f"could not create the Ray auth token {path}: {tail[0]}")
+    if os.path.exists(path):
+        os.chmod(path, 0o600)  # Ray writes it world-readable; it grants control of the cluster
+
+
 @dataclass
 class RayHead:
     """A ``ray start --head`` process on 127.0.0.1 with the dashboard (the Jobs API)."""
@@ -297,6 +373,7 @@ class RayHead:
         ``ray start`` gives the raylet a fixed 30 s to register; on a loaded machine that can
         pass, so a failed start is cleaned up and tried again on fresh ports.
         """
+        ensure_auth_token({**os.environ, **(env or {})})
         for attempt in range(attempts):
             try:
                 return self._start_once(env, timeout)
@@ -351,11 +428,14 @@ class RayHead:
             time.sleep(0.5)
         raise ClusterError(f"Ray dashboard did not answer on {self.dashboard_url} within {timeout:.0f}s")
 
+    def processes(self) -> list[int]:
+        """Pids of this head's processes: all of them carry its temp dir on their command line."""
+        return [pid for pid in _pids_with_arg(os.path.abspath(self.temp_dir)) if pid != os.getpid()]
+
     def stop(self, timeout: float = 15.0) -> None:
         # `ray stop` would stop every Ray on the machine (a test session's too); stop only the
-        # processes of this head, which all carry its temp dir on their command line.
-        marker = os.path.abspath(self.temp_dir)
-        pids = [pid for pid in _pids_with_arg(marker) if pid != os.getpid()]
+        # processes of this head.
+        pids = self.processes()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -380,7 +460,13 @@ class RayHead:
 
 @dataclass
 class LocalStack:
-    """What ``mtseg cluster up`` started, persisted in ``<dir>/stack.json``."""
+    """What ``mtseg cluster up`` started, persisted in ``<dir>/stack.json``.
+
+    The state file is written before each process starts, so a ``down`` after an ``up`` that
+    failed or was killed half-way still knows what to look for. ``down`` and ``status`` find
+    the processes by their directories (SeaweedFS's ``-dir``, Ray's temp dir), not only by the
+    recorded pids.
+    """
 
     dir: str = DEFAULT_STACK_DIR
     seaweedfs: dict = field(default_factory=dict)
@@ -392,12 +478,29 @@ class LocalStack:
 
     @classmethod
     def load(cls, dir: str = DEFAULT_STACK_DIR) -> "LocalStack":
+        """The stack recorded in ``<dir>/stack.json`` (an empty one when there is no file).
+
+        Raises:
+            ClusterError: the file exists but is not a stack state (one line naming it).
+        """
         path = os.path.join(dir, "stack.json")
         if not os.path.exists(path):
             return cls(dir=dir)
-        with open(path) as f:
-            data = json.load(f)
-        return cls(dir=dir, seaweedfs=data.get("seaweedfs", {}), ray=data.get("ray", {}))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            stack = cls(dir=dir, seaweedfs=data.get("seaweedfs") or {}, ray=data.get("ray") or {})
+            # Fail here, on a field the classes do not know, rather than later in the middle of down().
+            stack._store(), stack._head()
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ClusterError(
+                f"{path}: not a readable stack state ({reason}); delete it, then `mtseg cluster down --dir {dir}` "
+                "stops whatever still runs from this directory"
+            ) from None
+        return stack
 
     def save(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
@@ -407,29 +510,73 @@ class LocalStack:
         os.chmod(tmp, 0o600)  # it holds the store's secret key
         os.replace(tmp, self.state_file)
 
+    def _store(self) -> SeaweedFS:
+        return SeaweedFS(**self.seaweedfs) if self.seaweedfs else SeaweedFS(data_dir=os.path.join(self.dir, "seaweedfs"))
+
+    def _head(self, num_cpus: int | None = None) -> RayHead:
+        return RayHead(**self.ray) if self.ray else RayHead(temp_dir=os.path.join(self.dir, "ray"), num_cpus=num_cpus)
+
     def up(self, *, ray_head: bool = True, num_cpus: int | None = None) -> dict[str, str]:
-        """Start SeaweedFS and a Ray head (each only if not already running); return the client env."""
-        store = SeaweedFS(**self.seaweedfs) if self.seaweedfs else SeaweedFS(data_dir=os.path.join(self.dir, "seaweedfs"))
-        if not store.alive():
-            store.pid = 0
-            store.start()
-        self.seaweedfs = asdict(store)
-        if ray_head:
-            head = RayHead(**self.ray) if self.ray else RayHead(temp_dir=os.path.join(self.dir, "ray"), num_cpus=num_cpus)
-            if not head.alive():
-                head.start(env=store.env())
-            self.ray = asdict(head)
-        self.save()
+        """Start SeaweedFS and a Ray head (each only if not already running); return the client env.
+
+        Raises:
+            ClusterError: a service failed to start; what this call started is stopped again.
+        """
+        started: list[SeaweedFS | RayHead] = []
+        try:
+            store = self._store()
+            if not store.alive():
+                store.pid = 0
+                self.seaweedfs = asdict(store)
+                self.save()
+                started.append(store)
+                store.start()
+            self.seaweedfs = asdict(store)
+            self.save()
+            if ray_head:
+                head = self._head(num_cpus)
+                if not head.alive():
+                    self.ray = asdict(head)
+                    self.save()
+                    started.append(head)
+                    head.start(env=store.env())
+                self.ray = asdict(head)
+                self.save()
+        except BaseException as e:  # Ctrl-C included: nothing this call started keeps running
+            for service in reversed(started):
+                service.stop()
+            if any(isinstance(s, RayHead) for s in started):
+                self.ray = {}
+            if any(isinstance(s, SeaweedFS) for s in started):
+                self.seaweedfs = {}
+            if self.seaweedfs or self.ray:
+                self.save()
+            elif os.path.exists(self.state_file):
+                os.unlink(self.state_file)
+            if isinstance(e, (ClusterError, OSError, subprocess.SubprocessError)):
+                raise ClusterError(f"cluster up failed, stopped what it had started: {e}") from None
+            raise
         return self.env()
 
-    def down(self) -> None:
-        if self.ray:
-            RayHead(**self.ray).stop()
-        if self.seaweedfs:
-            SeaweedFS(**self.seaweedfs).stop()
+    def down(self) -> list[str]:
+        """Stop the Ray head and SeaweedFS of this stack directory, recorded or not.
+
+        Returns:
+            One line per service saying what was stopped.
+        """
+        lines = []
+        head = self._head()
+        pids = head.processes()
+        head.stop()
+        lines.append(f"ray: stopped {len(pids)} process(es)" if pids else "ray: not running")
+        store = self._store()
+        pids = sorted({*store.processes(), *([store.pid] if store.pid and _pid_alive(store.pid) else [])})
+        store.stop()
+        lines.append(f"seaweedfs: stopped (pid {', '.join(map(str, pids))})" if pids else "seaweedfs: not running")
         self.seaweedfs, self.ray = {}, {}
         if os.path.exists(self.state_file):
             os.unlink(self.state_file)
+        return lines
 
     def env(self) -> dict[str, str]:
         env = dict(loopback_env())
@@ -442,15 +589,17 @@ class LocalStack:
         return env
 
     def status(self) -> dict[str, str]:
+        """One line per service: ``up``, ``down``, ``not started``, or processes nothing records."""
         out = {}
-        if self.seaweedfs:
-            store = SeaweedFS(**self.seaweedfs)
-            out["seaweedfs"] = f"{'up' if store.alive() else 'down'} {store.endpoint} bucket={store.bucket}"
-        else:
-            out["seaweedfs"] = "not started"
-        if self.ray:
-            head = RayHead(**self.ray)
-            out["ray"] = f"{'up' if head.alive() else 'down'} {head.address} dashboard={head.dashboard_url}"
-        else:
-            out["ray"] = "not started"
+        store, head = self._store(), self._head()
+        for name, service, recorded in (("seaweedfs", store, self.seaweedfs), ("ray", head, self.ray)):
+            pids = service.processes()
+            if recorded and service.alive():
+                out[name] = (f"up {store.endpoint} bucket={store.bucket}" if service is store
+                             else f"up {head.address} dashboard={head.dashboard_url}")
+            elif pids:
+                out[name] = (f"not answering, but process(es) {', '.join(map(str, pids))} run from {self.dir}: "
+                             "`mtseg cluster down` stops them")
+            else:
+                out[name] = "down" if recorded else "not started"
         return out

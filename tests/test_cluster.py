@@ -1,0 +1,137 @@
+"""The local stack (mtseg/cluster.py): ``mtseg cluster up|down|status`` and the SeaweedFS store.
+
+The stack tests run the CLI in a subprocess with their own ``--dir`` (short, under /tmp: Ray's
+socket paths live under it) and check that every process started from that directory is gone
+at the end; nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mtseg.cluster import LocalStack, SeaweedFS, _pids_with_arg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(args: list[str], home: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``mtseg ARGS`` with ``HOME`` replaced (so ~/.ray/auth_token is that home's) and no Ray/S3 settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "RAY_API_SERVER", "AWS_"))}
+    env["HOME"] = home
+    return subprocess.run([sys.executable, "-m", "mtseg.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def stack_dir():
+    """A fresh stack directory; whatever still runs from it at the end is stopped and reported."""
+    d = tempfile.mkdtemp(prefix="mtseg-stack-", dir="/tmp")
+    yield d
+    leftover = _pids_with_arg(d)
+    if leftover:
+        LocalStack(dir=d).down()
+    shutil.rmtree(d, ignore_errors=True)
+    assert not leftover, f"processes left running from {d}: {leftover}"
+
+
+@pytest.mark.slow
+def test_up_without_a_token_makes_one_and_down_stops_everything(stack_dir, tmp_path):
+    home = str(tmp_path / "home")
+    os.makedirs(home)
+    up = _cli(["cluster", "up", "--dir", stack_dir, "--num-cpus", "1"], home)
+    assert up.returncode == 0, up.stderr
+    token = Path(home, ".ray", "auth_token")
+    assert token.read_text().strip() and oct(token.stat().st_mode & 0o777) == "0o600"
+    assert token.read_text().strip() not in up.stdout + up.stderr
+    settings = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines() if line.startswith("export "))
+
+    # The head answers with that token and refuses requests without it.
+    from mtseg.submit import SubmitError, client
+
+    assert client(settings["RAY_API_SERVER_ADDRESS"], token=token.read_text().strip()).list_jobs() == []
+    with pytest.raises(SubmitError, match="missing auth token"):
+        client(settings["RAY_API_SERVER_ADDRESS"], token="")
+    status = _cli(["cluster", "status", "--dir", stack_dir], home)
+    assert status.stdout.startswith("seaweedfs: up http://127.0.0.1:") and "\nray: up 127.0.0.1:" in status.stdout
+
+    down = _cli(["cluster", "down", "--dir", stack_dir], home)
+    assert down.returncode == 0, down.stderr
+    assert "ray: stopped" in down.stdout and "seaweedfs: stopped" in down.stdout
+    assert _pids_with_arg(stack_dir) == []
+    assert _cli(["cluster", "status", "--dir", stack_dir], home).stdout == "seaweedfs: not started\nray: not started\n"
+
+
+@pytest.mark.slow
+def test_failed_up_stops_what_it_started(stack_dir, tmp_path):
+    # A HOME that is a file: the token cannot be written, so the Ray head cannot start after
+    # SeaweedFS has.
+    home = tmp_path / "not-a-dir"
+    home.write_text("")
+    up = _cli(["cluster", "up", "--dir", stack_dir], str(home))
+    assert up.returncode == 2
+    assert up.stderr.startswith("mtseg: error: cluster up failed, stopped what it had started: could not create the Ray auth token")
+    assert len(up.stderr.splitlines()) == 1 and "Traceback" not in up.stderr
+    assert _pids_with_arg(stack_dir) == []
+    assert not os.path.exists(os.path.join(stack_dir, "stack.json"))
+
+
+def test_down_finds_a_store_the_state_file_does_not_record(stack_dir):
+    # What an `up` killed between starting SeaweedFS and recording its pid leaves behind.
+    store = SeaweedFS(data_dir=os.path.join(stack_dir, "seaweedfs")).start()
+    try:
+        stack = LocalStack(dir=stack_dir)
+        assert stack.status()["seaweedfs"].startswith(f"not answering, but process(es) {store.pid} run from")
+        assert stack.down() == ["ray: not running", f"seaweedfs: stopped (pid {store.pid})"]
+        assert _pids_with_arg(stack_dir) == []
+    finally:
+        store.stop()
+
+
+@pytest.mark.parametrize("content", ["{\"seaweedfs\": ", "[1, 2]", "{\"ray\": {\"temp_dir\": \"x\", \"colour\": 1}}", "\xff\xfe"])
+@pytest.mark.parametrize("action", ["status", "down"])
+def test_corrupt_state_file_is_one_line(stack_dir, capsys, action, content):
+    from mtseg.cli import main
+
+    Path(stack_dir, "stack.json").write_bytes(content.encode("latin-1"))
+    assert main(["cluster", action, "--dir", stack_dir]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mtseg: error: {stack_dir}/stack.json: not a readable stack state (")
+    assert len(err.splitlines()) == 1
+
+
+def test_vacuum_reclaims_deleted_objects(s3_env, seaweedfs):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
+                      aws_access_key_id=seaweedfs.access_key, aws_secret_access_key=seaweedfs.secret_key)
+    prefix = f"vacuum-{uuid.uuid4().hex[:8]}"
+    blob = os.urandom(8 << 20)
+
+    def used_mb() -> float:
+        return sum(f.stat().st_blocks * 512 for f in Path(seaweedfs.data_dir).rglob("*.dat")) / 2**20
+
+    seaweedfs.vacuum(garbage_threshold=0.0001)  # other tests' deletions: start from a compact store
+    before = used_mb()
+    for i in range(6):
+        s3.put_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/{i}", Body=blob)
+    assert used_mb() >= before + 40
+    for i in range(6):
+        s3.delete_object(Bucket=seaweedfs.bucket, Key=f"{prefix}/{i}")
+    # The filer frees a deleted object's chunks in the background: vacuum until they are reclaimed.
+    deadline = time.monotonic() + 30
+    while True:
+        seaweedfs.vacuum(garbage_threshold=0.0001)
+        if used_mb() <= before + 8 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert used_mb() <= before + 8
