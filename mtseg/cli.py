@@ -3,7 +3,7 @@
     mtseg demo                                   # the main job, end to end, on the embedded default
     mtseg cluster up|down|status                 # local SeaweedFS + Ray head on 127.0.0.1
     mtseg data synth --out DIR [--train N --val N --size PX --seed S]
-    mtseg data shard --coco-root DIR|URI --split NAME --out URI [--images-per-shard N]
+    mtseg data shard --coco-root DIR|URI --split NAME --out URI [--images-per-shard N] [--create-bucket]
     mtseg train --config FILE [key=value ...] [--restart]
     mtseg evaluate --checkpoint URI [--data URI] [--split NAME]
     mtseg predict --checkpoint URI IMAGE_OR_DIR_OR_URI... --out DIR
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -59,6 +60,15 @@ def _errors():
 # ---------------------------------------------------------------------------- commands
 
 
+def json_metrics(metrics: dict) -> str:
+    """Metrics as strict JSON: an undefined value (NaN, infinite) is ``null``, as in metrics.json.
+
+    ``json.dumps`` would write ``NaN``, which JSON parsers other than Python's refuse.
+    """
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    return json.dumps(clean, indent=2, allow_nan=False)
+
+
 def cmd_synth(args) -> int:
     from mtseg.data.synth import synthesize
 
@@ -73,8 +83,10 @@ def cmd_shard(args) -> int:
     manifest = shard_coco(
         args.coco_root, args.split, args.out,
         images_per_shard=args.images_per_shard, max_bad_fraction=args.max_bad_fraction,
+        create_bucket=args.create_bucket,
     )
-    print(json.dumps({"counts": manifest["counts"], "skipped": {k: v for k, v in manifest["skipped"].items() if k != "details"}}, indent=2))
+    print(json.dumps({"counts": manifest["counts"], "converted": manifest["converted"],
+                      "skipped": {k: v for k, v in manifest["skipped"].items() if k != "details"}}, indent=2))
     return 0
 
 
@@ -116,7 +128,7 @@ def cmd_train(args) -> int:
     result = run_training(cfg, restart=args.restart)
     if result.error:
         raise SystemExit(f"mtseg: error: training failed: {result.error}")
-    print(json.dumps({k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}, indent=2))
+    print(json_metrics({k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}))
     return 0
 
 
@@ -161,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--out", required=True)
     shard.add_argument("--images-per-shard", type=int, default=256)
     shard.add_argument("--max-bad-fraction", type=float, default=0.05)
+    shard.add_argument("--create-bucket", action="store_true", help="create the --out bucket if it does not exist")
     shard.set_defaults(fn=cmd_shard)
 
     train = sub.add_parser("train", help="distributed training on Ray Train")

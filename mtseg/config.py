@@ -79,6 +79,7 @@ class DataConfig:
     unlabeled_uri: str = _f("", help="optional sharded images without labels, used by the reconstruction task")
     map_num_cpus: float = _f(0.5, min=0.0, help="CPUs reserved by each Ray Data read/decode task")
     rows_per_read_task: int = _f(32, min=1, help="images per Ray Data read task in the training stream")
+    max_image_side: int = _f(2048, min=16, help="predict: larger images are decoded reduced and downscaled to this side")
 
 
 @dataclass

@@ -316,6 +316,13 @@ def _check_label_space(loaded: LoadedCheckpoint, manifest: dict, where: str) -> 
         )
 
 
+def _check_counts(**counts: int | None) -> None:
+    # 0 is a value the user typed, not "use the default" (which is None).
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise PredictError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+
+
 def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int | None = None,
                     concurrency: int | None = None, actor_cpus: float | None = None, use_gpu: str = "auto",
                     limit: int | None = None, coco_shards: int | None = None, prefix: str = "val",
@@ -345,11 +352,8 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     from mtseg.data.manifest import read_manifest
     from mtseg.metrics import Evaluator, coco_gt_from_rows, ray_map
 
-    batch_size = int(batch_size or loaded.cfg.data.batch_size)
-    if batch_size < 1:
-        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise PredictError(f"--limit: must be >= 1, got {limit}")
+    _check_counts(batch_size=batch_size, limit=limit)
+    batch_size = batch_size if batch_size is not None else loaded.cfg.data.batch_size
     manifest = read_manifest(data_uri, split)
     _check_label_space(loaded, manifest, storage.join(data_uri, split))
     resources = _cluster_resources()
@@ -434,6 +438,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         # Everything that can fail on bad input fails before Ray starts.
+        _check_counts(batch_size=args.batch_size, limit=args.limit)
+        if args.out:
+            storage.check_access(args.out)  # not found to be a file only after the inference
         loaded = load_checkpoint(args.checkpoint, data_uri=args.data)
         data_uri = args.data or loaded.cfg.data.uri
         split = args.split or loaded.cfg.data.val_split

@@ -2,7 +2,9 @@
 
     mtseg predict --checkpoint s3://bucket/runs/demo/checkpoint_000012 photos/ cat.jpg s3://bucket/more/ --out preds/
 
-For every readable image (any size; RGB, grayscale, palette or RGBA; JPEG, PNG, WebP, GIF)::
+For every readable image (RGB, grayscale, palette, RGBA, CMYK or 16-bit; JPEG, PNG, WebP, GIF, and
+what else PIL reads, converted as ``mtseg data shard`` converts it), downscaled first when a
+side exceeds ``data.max_image_side`` (or ``--max-image-side``)::
 
     <out>/<name>_overlay.png        final (fused) segmentation over the image, instance outlines,
                                     and a legend of the category names present
@@ -16,7 +18,8 @@ one PNG per task the model has, plus ``coco_results.json`` (all instances) and `
 (image ids, sources, sizes, and every file that was skipped with the reason). An unreadable
 file is reported and skipped; the others still run.
 
-Images go through the validation transform (a plain resize to ``data.image_size``), the model
+Images are decoded as in training (:func:`mtseg.data.transforms.load_image`) and go through
+the validation transform (a plain resize to ``data.image_size``), the model
 and the fusion (:func:`mtseg.train.loop.predict_batch`, the code validation uses), and every
 output is resized back to the image's own size: label maps with nearest neighbour, probability
 maps bilinearly, instance masks inside :func:`mtseg.fusion.instances_to_coco`.
@@ -54,7 +57,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 #: File name endings a directory or prefix listing picks up (named files are always tried).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 #: Instances drawn in the overlay (the COCO results keep every instance, as COCOeval wants).
 OVERLAY_SCORE_THRESHOLD = 0.5
@@ -526,16 +529,24 @@ def find_images(inputs: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(sources))
 
 
-def read_image(source: str) -> torch.Tensor:
-    """Read and decode one image file or object to uint8 RGB (3, H, W).
+def read_image(source: str, *, max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Read and decode one image file or object to uint8 RGB, as training decodes it.
+
+    Args:
+        source: a local path or ``s3://`` object.
+        max_side: a larger image is decoded reduced and downscaled to fit (see
+            :func:`mtseg.data.transforms.load_image`); None for no limit.
+
+    Returns:
+        ``(pixels, (height, width))``: uint8 (3, h, w) pixels and the file's own size.
 
     Raises:
         ValueError: unreadable or not a decodable image (the message names the source).
     """
-    from mtseg.data.transforms import decode_image
+    from mtseg.data.transforms import load_image
 
     try:
-        return decode_image(storage.read_bytes(source))
+        return load_image(storage.read_bytes(source), max_side=max_side)
     except (ValueError, storage.StorageError, OSError) as e:
         raise ValueError(f"{source}: {e}") from None
 
@@ -613,6 +624,7 @@ def predict_images(
     *,
     device: str = "auto",
     batch_size: int | None = None,
+    max_image_side: int | None = None,
     data_uri: str | None = None,
     score_threshold: float = OVERLAY_SCORE_THRESHOLD,
     progress: bool = True,
@@ -626,6 +638,8 @@ def predict_images(
         out: output directory, local or ``s3://``.
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: images per forward pass; default the run's ``data.batch_size``.
+        max_image_side: larger images are decoded reduced and downscaled to this side, and
+            their outputs are at that size; default the run's ``data.max_image_side``.
         data_uri: dataset to read the label space from when the checkpoint lacks it.
         score_threshold: lowest instance score outlined in the overlays.
         progress: print a progress line on stderr.
@@ -635,15 +649,22 @@ def predict_images(
         A :class:`PredictSummary`; its content is also written to ``<out>/summary.json``.
 
     Raises:
-        PredictError: no images, bad device or batch size.
+        PredictError: no images, bad device, batch size or image side, or an ``out`` that is
+            not a directory (all found before the model is loaded).
+        mtseg.storage.StorageError: a malformed URI or an ``out`` that cannot be written.
     """
     t0 = time.monotonic()
+    # Everything a user can get wrong fails here, before minutes of loading and inference.
+    if batch_size is not None and batch_size < 1:
+        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
+    if max_image_side is not None and max_image_side < 16:
+        raise PredictError(f"--max-image-side: must be >= 16, got {max_image_side}")
+    out = _check_out(out)
     sources = find_images(inputs)
     if predictor is None:
         predictor = Predictor.from_checkpoint(checkpoint, device=device, data_uri=data_uri)
-    batch_size = int(batch_size or predictor.cfg.data.batch_size)
-    if batch_size < 1:
-        raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
+    batch_size = batch_size if batch_size is not None else predictor.cfg.data.batch_size
+    max_side = max_image_side if max_image_side is not None else predictor.cfg.data.max_image_side
     names = _output_names(sources)
     bar = Progress(len(sources), enabled=progress)
     images: list[dict] = []
@@ -653,7 +674,7 @@ def predict_images(
 
     def _read(i: int):
         try:
-            return read_image(sources[i])
+            return read_image(sources[i], max_side=max_side)
         except ValueError as e:
             return e
 
@@ -663,13 +684,19 @@ def predict_images(
             decoded = [f.result() for f in pending]
             # Read the next batch while this one runs through the model.
             pending = [pool.submit(_read, i) for i in chunks[n + 1]] if n + 1 < len(chunks) else []
-            ok = []
+            ok, original = [], {}
             for i, item in zip(chunk, decoded):
                 if isinstance(item, Exception):
                     skipped.append({"source": sources[i], "error": str(item)})
                     print(f"[predict] skipping {storage.redact(str(item))}", file=sys.stderr)
-                else:
-                    ok.append((i, item))
+                    continue
+                image, size = item
+                ok.append((i, image))
+                if size != tuple(image.shape[1:]):
+                    original[i] = size
+                    print(f"[predict] {storage.redact(sources[i])}: {size[1]}x{size[0]} downscaled to "
+                          f"{image.shape[2]}x{image.shape[1]} (max image side {max_side}); outputs are at that size",
+                          file=sys.stderr)
             # Ids follow input order, so a file keeps its id whatever else fails.
             preds = predictor.predict([im for _, im in ok], [i + 1 for i, _ in ok])
             for (i, image), pred in zip(ok, preds):
@@ -684,6 +711,8 @@ def predict_images(
                 images.append({"image_id": pred.image_id, "source": sources[i], "name": names[i],
                                "height": int(image.shape[1]), "width": int(image.shape[2]),
                                "instances": len(pred.instances), "files": files})
+                if i in original:
+                    images[-1]["downscaled_from"] = {"height": original[i][0], "width": original[i][1]}
             bar.update(chunk[-1] + 1, len(skipped))
     storage.write_bytes(storage.join(out, "coco_results.json"), json.dumps(all_results).encode())
     summary = PredictSummary(images=images, skipped=skipped, out=out, seconds=time.monotonic() - t0)
@@ -693,12 +722,22 @@ def predict_images(
     return summary
 
 
+def _check_out(out: str) -> str:
+    """``out`` validated as a directory to write into, before any work (see :func:`mtseg.storage.check_access`)."""
+    out = storage.check_uri(out)
+    try:
+        storage.check_access(out)
+    except storage.StorageError as e:
+        raise PredictError(f"--out {e}") from None
+    return out
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``mtseg predict``: exit 0 when every image ran, 1 when some were skipped, 2 on a usage error."""
     try:
         summary = predict_images(args.checkpoint, args.images, args.out, device=args.device,
-                                 batch_size=args.batch_size, data_uri=args.data, score_threshold=args.score_threshold,
-                                 progress=not args.quiet)
+                                 batch_size=args.batch_size, max_image_side=args.max_image_side, data_uri=args.data,
+                                 score_threshold=args.score_threshold, progress=not args.quiet)
     except PredictError as e:
         print(f"mtseg: error: {e}", file=sys.stderr)
         return 2
@@ -717,6 +756,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--out", required=True, help="output directory (local or s3://)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's data.batch_size)")
+    p.add_argument("--max-image-side", type=int, default=None,
+                   help="larger images are decoded reduced and downscaled to this side (default: the run's data.max_image_side)")
     p.add_argument("--data", default=None,
                    help="dataset root to read the label space from, when neither the checkpoint nor the run's data.uri has it")
     p.add_argument("--score-threshold", type=float, default=OVERLAY_SCORE_THRESHOLD,

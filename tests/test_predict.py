@@ -107,6 +107,47 @@ def test_predict_grayscale_rgba_and_corrupt_in_one_call(checkpoint, tmp_path, ca
     assert not list(out.glob("broken*"))
 
 
+def test_16_bit_bmp_and_8_bit_png_of_the_same_pixels_give_the_same_prediction(checkpoint, tmp_path):
+    """A 16-bit PNG reached the model as values up to 65535; a BMP was skipped as undecodable."""
+    rng = np.random.default_rng(1)
+    gray = rng.integers(0, 256, (40, 52), dtype=np.uint16)
+    (tmp_path / "eight.png").write_bytes(_png(gray.astype(np.uint8), "L"))
+    (tmp_path / "sixteen.png").write_bytes(_png(gray * 256 + 128, None))  # 16-bit; >> 8 gives gray back
+    buf = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint8)).save(buf, format="BMP")
+    (tmp_path / "bmp.jpg").write_bytes(buf.getvalue())  # a BMP under a .jpg name
+    out = tmp_path / "out"
+    summary = predict_images(checkpoint, [str(tmp_path / n) for n in ("eight.png", "sixteen.png", "bmp.jpg")],
+                             str(out), device="cpu", progress=False)
+    assert summary.skipped == []
+    with Image.open(out / "eight_overlay.png") as reference:
+        for name in ("sixteen", "bmp"):
+            with Image.open(out / f"{name}_overlay.png") as other:
+                assert np.array_equal(np.asarray(other), np.asarray(reference)), name
+    results = [json.loads((out / f"{n}_instances.json").read_text()) for n in ("eight", "sixteen", "bmp")]
+    assert [[r["segmentation"] for r in rs] for rs in results[1:]] == [[r["segmentation"] for r in results[0]]] * 2
+
+
+def test_a_huge_image_is_decoded_reduced_and_its_outputs_downscaled(checkpoint, tmp_path, capsys):
+    """12000x12000 took 13 GB and 4 minutes; now it is decoded at most data.max_image_side wide."""
+    from mtseg.cli import main
+
+    big = np.zeros((3000, 4000, 3), np.uint8)
+    big[1000:2000, 1500:2500] = (230, 20, 20)  # flat: large, but tiny to encode
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG", quality=90)
+    (tmp_path / "huge.jpg").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "huge.jpg"), "--out", str(out),
+                 "--device", "cpu", "--max-image-side", "400", "--quiet"]) == 0
+    assert "huge.jpg: 4000x3000 downscaled to 400x300 (max image side 400)" in capsys.readouterr().err
+    (image,) = json.loads((out / "summary.json").read_text())["images"]
+    assert (image["height"], image["width"]) == (300, 400)
+    assert image["downscaled_from"] == {"height": 3000, "width": 4000}
+    with Image.open(out / "huge_boundary.png") as im:
+        assert im.size == (400, 300)
+
+
 def test_predictor_maps_come_back_at_each_image_size(checkpoint):
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     images = [torch.randint(0, 255, (3, 17, 90), dtype=torch.uint8), torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)]

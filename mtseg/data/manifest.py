@@ -11,11 +11,14 @@ Manifest keys:
 * ``split``: the split name (``train2017``);
 * ``categories``: the annotation file's COCO categories (``id``, ``name``, ``supercategory``),
   in COCO id order; :meth:`mtseg.data.categories.CategoryIndex.from_categories` takes them;
-* ``counts``: images listed / written / skipped, annotations written / skipped, crowd, shards;
+* ``counts``: images listed / written / skipped / converted, annotations written / skipped,
+  crowd, shards;
 * ``shards``: ``[{"path": "shard-00000.parquet", "rows", "bytes", "sha256"}]``, paths relative
   to the split directory;
 * ``skipped``: per-reason counts of skipped images and annotations plus the first few
   examples (``details``), so nothing bad is dropped silently;
+* ``converted``: images kept after conversion to PNG, per source format (``{"BMP": 2}``),
+  because the training decoder does not read that format;
 * ``source``: where it came from (COCO root, annotation file and its sha256) and the
   ``images_per_shard`` used.
 """

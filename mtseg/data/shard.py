@@ -1,8 +1,9 @@
 """COCO (images + instances JSON, local or ``s3://``) → parquet shards + ``manifest.json``.
 
-One row per image: the original file bytes, untouched, and the image's annotations with the
-segmentation converted to compressed RLE by pycocotools (polygons, multi-part polygons and
-uncompressed crowd RLE alike), so readers decode every mask the same way. The row layout is
+One row per image: the original file bytes (converted only when the training decoder cannot
+read them, see below) and the image's annotations with the segmentation converted to
+compressed RLE by pycocotools (polygons, multi-part polygons and uncompressed crowd RLE
+alike), so readers decode every mask the same way. The row layout is
 :data:`SHARD_SCHEMA`; the manifest is described in :mod:`mtseg.data.manifest`.
 
 Guarantees:
@@ -15,6 +16,10 @@ Guarantees:
   was skipped) is written. A re-run skips every shard whose sidecar matches this input and
   whose file has the recorded size and row count (read from the parquet footer only).
   The ``_`` prefix keeps the sidecars out of parquet dataset discovery.
+* **Readable later.** Every image is decoded whole with the decoder training and predict use
+  (:func:`mtseg.data.transforms.prepare_image`); one in a format that decoder does not read
+  (BMP, TIFF, ...) but PIL does is converted once, to a lossless 8-bit RGB PNG, and counted
+  per source format (``converted`` in the manifest).
 * **Never silent.** Bad input is skipped, counted per reason and listed (first few examples)
   in the manifest: missing, corrupt or truncated images, images whose size disagrees with the
   JSON, degenerate polygons, invalid RLE, annotations pointing at unknown images or
@@ -38,12 +43,12 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mtseg import storage
 from mtseg.data.manifest import SCHEMA_VERSION, write_manifest
+from mtseg.data.transforms import prepare_image
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -76,6 +81,9 @@ SHARD_SCHEMA = pa.schema(
 # Small row groups let a reader stream a shard a few dozen images at a time.
 ROW_GROUP_SIZE = 64
 PROGRESS_DIR = "_progress"
+# Bumped when what a shard stores of an image changes (2: checked with the training decoder,
+# other formats converted to PNG), so that resuming over older shards rewrites them.
+IMAGE_RULES_VERSION = 2
 # Enough examples to find the bad files, bounded so a badly broken dataset keeps a small manifest.
 MAX_DETAILS = 200
 _DETAILS_PER_SHARD = 50
@@ -92,6 +100,8 @@ class _Tally:
     images: Counter = field(default_factory=Counter)
     annotations: Counter = field(default_factory=Counter)
     details: list = field(default_factory=list)
+    #: images kept after conversion to PNG, per source format (not skipped: counted apart)
+    converted: Counter = field(default_factory=Counter)
 
     def image(self, reason: str, entry: Any, detail: str = "") -> None:
         self.images[reason] += 1
@@ -314,7 +324,13 @@ def _annotation_rows(coco: COCO, entry: dict, tally: _Tally) -> list[dict]:
 
 
 def _read_image(image_uri: str, entry: dict) -> tuple[bytes | None, str, str]:
-    """(bytes, "", "") for a good image, or (None, reason, detail). Storage outages raise."""
+    """(bytes the training decoder reads, "", converted-from format or "") for a good image,
+    or (None, reason, detail). Storage outages raise.
+
+    The image is decoded whole by :func:`mtseg.data.transforms.prepare_image`, the decoder
+    training and predict use, so a shard never holds an image that fails later; a format that
+    decoder does not read (BMP, TIFF, ...) is converted to PNG here, once.
+    """
     try:
         data = storage.read_bytes(image_uri)
     except storage.StorageError as e:
@@ -322,15 +338,14 @@ def _read_image(image_uri: str, entry: dict) -> tuple[bytes | None, str, str]:
             return None, "missing_file", ""
         raise
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode every pixel: a header alone says nothing about truncation
-            size = img.size
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        text = (str(e).splitlines() or [type(e).__name__])[0]
+        data, pixels, converted = prepare_image(data)
+    except ValueError as e:
+        text = str(e).removeprefix("image: ")
         return None, ("truncated_image" if "truncated" in text.lower() else "corrupt_image"), text
-    if size != (entry["width"], entry["height"]):
-        return None, "size_mismatch", f"file is {size[0]}x{size[1]}, JSON says {entry['width']}x{entry['height']}"
-    return data, "", ""
+    height, width = int(pixels.shape[1]), int(pixels.shape[2])
+    if (width, height) != (entry["width"], entry["height"]):
+        return None, "size_mismatch", f"file is {width}x{height}, JSON says {entry['width']}x{entry['height']}"
+    return data, "", converted
 
 
 # ----------------------------------------------------------------------------- shards
@@ -368,8 +383,9 @@ def _remove_stale(split_uri: str, shard_files: set[str], num_chunks: int, log: C
 
 
 def _fingerprint(annotations_sha256: str, image_ids: list[int]) -> str:
-    # Same annotation file + same images in this shard ⇒ same shard; anything else is rewritten.
-    text = f"v{SCHEMA_VERSION}|{annotations_sha256}|" + ",".join(map(str, image_ids))
+    # Same annotation file + same images in this shard + same image rules ⇒ same shard;
+    # anything else is rewritten.
+    text = f"v{SCHEMA_VERSION}|i{IMAGE_RULES_VERSION}|{annotations_sha256}|" + ",".join(map(str, image_ids))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -414,10 +430,12 @@ def _build_shard(coco: COCO, coco_root: str, split: str, image_ids: list[int], w
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_read_image, uris, entries))
     rows = []
-    for entry, (data, reason, detail) in zip(entries, results):
+    for entry, (data, reason, note) in zip(entries, results):
         if data is None:
-            tally.image(reason, entry, detail)
+            tally.image(reason, entry, note)
             continue
+        if note:
+            tally.converted[note] += 1
         rows.append(
             {
                 "image_id": entry["id"],
@@ -447,6 +465,7 @@ def shard_coco(
     images_per_shard: int = 256,
     max_bad_fraction: float = 0.05,
     workers: int = 8,
+    create_bucket: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Shard one COCO split into parquet files plus a manifest.
@@ -464,6 +483,8 @@ def shard_coco(
         max_bad_fraction: largest tolerated share of bad images (missing, corrupt, truncated,
             wrong size, malformed or duplicate entries) among those listed, in [0, 1].
         workers: threads reading and decoding images concurrently.
+        create_bucket: create the bucket of an ``s3://`` ``out_uri`` when it does not exist
+            (otherwise a missing bucket is an error, as in ``mtseg train``).
         log: receives one progress line per shard.
 
     Returns:
@@ -472,7 +493,9 @@ def shard_coco(
     Raises:
         ShardError: bad arguments, an unusable annotation file, or more bad images than
             ``max_bad_fraction`` allows.
-        mtseg.storage.StorageError: the store failed (endpoint down, access denied).
+        mtseg.storage.StorageError: a malformed URI, an output that cannot be written (missing
+            bucket, a file in the way, a full disk), or the store failed (endpoint down,
+            access denied).
     """
     if not isinstance(split, str) or not split or "/" in split:
         raise ShardError(f"split: must be a plain name like 'train2017', got {split!r}")
@@ -482,6 +505,11 @@ def shard_coco(
         raise ShardError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction!r}")
     if not _is_int(workers) or workers < 1:
         raise ShardError(f"workers: must be an integer >= 1, got {workers!r}")
+    # Both URIs are checked, and the output proven writable, before anything is read or written.
+    coco_root, out_uri = storage.check_uri(coco_root), storage.check_uri(out_uri)
+    if create_bucket and storage.is_s3(out_uri):
+        storage.ensure_bucket(storage.split_s3(out_uri)[0])
+    storage.check_access(out_uri)
 
     ann_uri = storage.join(coco_root, "annotations", f"instances_{split}.json")
     if not storage.exists(ann_uri):
@@ -524,6 +552,7 @@ def shard_coco(
                     "images_without_annotations": sum(not r["annotations"] for r in rows),
                 },
                 "skipped": tally.to_dict(),
+                "converted": dict(sorted(tally.converted.items())),
             }
             if rows:  # a shard whose every image is bad is recorded, not written
                 data = _write_shard(rows)
@@ -536,8 +565,11 @@ def shard_coco(
                 json.dumps(sidecar, sort_keys=True).encode(),
             )
             skipped = sum(sidecar["skipped"]["images"].values())
-            log(f"{split}: {name} written ({sidecar['rows']} rows, {skipped} image(s) skipped, {sidecar['bytes'] / 1e6:.1f} MB)")
+            converted = sum(sidecar["converted"].values())
+            log(f"{split}: {name} written ({sidecar['rows']} rows, {skipped} image(s) skipped, "
+                f"{converted} converted to PNG, {sidecar['bytes'] / 1e6:.1f} MB)")
         total.merge(sidecar["skipped"])
+        total.converted.update(sidecar.get("converted", {}))
         counts.update(sidecar["counts"])
         if sidecar["path"]:
             shards.append({k: sidecar[k] for k in ("path", "rows", "bytes", "sha256")})
@@ -553,6 +585,7 @@ def shard_coco(
             "images_listed": listed,
             "images": sum(s["rows"] for s in shards),
             "images_skipped": image_skips,
+            "images_converted": sum(total.converted.values()),
             "images_without_annotations": counts["images_without_annotations"],
             "annotations_listed": annotations_listed,
             "annotations": counts["annotations"],
@@ -562,6 +595,7 @@ def shard_coco(
         },
         "shards": shards,
         "skipped": total.to_dict(limit=MAX_DETAILS),
+        "converted": dict(sorted(total.converted.items())),
         "source": {
             "coco_root": storage.redact(str(coco_root)),
             "annotation_file": storage.redact(ann_uri),

@@ -1,5 +1,13 @@
 """Image decoding and joint augmentation of an image with its instance masks.
 
+**One decoder.** :func:`decode_image` (torchvision's, on libjpeg-turbo, libpng, libwebp and
+giflib) is what training, evaluation and predict decode with, and so what decides whether an
+image is readable. ``mtseg data shard`` checks every image with it; an image in a format it
+cannot read (BMP, TIFF, ... whatever PIL opens) is converted there by :func:`prepare_image`,
+once, to a lossless PNG of the same 8-bit RGB pixels, and ``mtseg predict`` converts such
+files the same way. Pixels always reach the model as 8-bit RGB, with every mode converted
+explicitly (16-bit to 8-bit by dropping the low byte, as torchvision's ``to_dtype`` does).
+
 The geometry is torchvision.transforms.v2's: the image travels as a ``tv_tensors.Image`` and
 the instance masks as one ``tv_tensors.Mask`` (N, H, W), so a single call crops, resizes and
 flips both with the same parameters (masks with nearest interpolation, the image with
@@ -16,6 +24,8 @@ Random draws are reproducible: each image's parameters come from a seed derived 
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 from torchvision import tv_tensors
@@ -25,12 +35,22 @@ from torchvision.transforms import v2
 #: Aspect-ratio range of the random crop (torchvision's default).
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
+#: PIL modes holding more than 8 bits per pixel, taken as 16-bit samples (PIL opens 16-bit
+#: PNG and TIFF files as ``I;16*`` or ``I``).
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _decoder_message(error: Exception) -> str:
+    # torchvision prefixes its messages with "function, source.cpp:line, "; the user needs the rest.
+    return str(error).splitlines()[0].split(".cpp:", 1)[-1].split(", ", 1)[-1]
+
 
 def decode_image(data: bytes) -> torch.Tensor:
-    """Decode encoded image bytes (JPEG, PNG, ...) to RGB.
+    """Decode encoded image bytes (JPEG, PNG, WebP, GIF) to 8-bit RGB: the one decoder.
 
-    Grayscale, palette and RGBA inputs come back as 3-channel RGB. EXIF orientation is not
-    applied: COCO annotations are in the stored pixel orientation.
+    Grayscale, palette, CMYK and alpha inputs come back as 3-channel RGB (alpha dropped);
+    16-bit PNGs are reduced to 8 bits (``value >> 8``). EXIF orientation is not applied: COCO
+    annotations are in the stored pixel orientation.
 
     Args:
         data: the encoded file, as stored in a shard's ``image`` column.
@@ -39,15 +59,130 @@ def decode_image(data: bytes) -> torch.Tensor:
         uint8 tensor (3, H, W).
 
     Raises:
-        ValueError: the bytes are empty or not a decodable image.
+        ValueError: the bytes are empty, not an image, truncated, or in a format this decoder
+            does not read (:func:`prepare_image` converts those).
     """
     if not data:
         raise ValueError("image: empty bytes")
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        return _tv_decode_image(buf, mode=ImageReadMode.RGB)
+        image = _tv_decode_image(buf, mode=ImageReadMode.RGB)
     except RuntimeError as e:
-        raise ValueError(f"image: cannot decode ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"image: cannot decode ({_decoder_message(e)})") from None
+    if image.dtype != torch.uint8:
+        # A 16-bit PNG decodes to uint16; the model is trained on 8-bit values scaled to [0, 1].
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
+    return image
+
+
+def _to_rgb8(img):
+    """A PIL image in any mode -> an 8-bit RGB PIL image, by explicit rules.
+
+    ``I``/``I;16*`` are 16-bit samples, reduced like :func:`decode_image` reduces 16-bit PNGs;
+    ``F`` holds floats in [0, 1] (torchvision's convention for float images), clipped; every
+    other mode (``1``, ``L``, ``P``, ``LA``, ``RGBA``, ``CMYK``, ``YCbCr``, ...) goes through
+    PIL's own conversion to RGB, which drops alpha as the decoder does.
+    """
+    from PIL import Image
+
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(img, dtype=np.int64).clip(0, 65535) >> 8
+    elif img.mode == "F":
+        values = np.rint(np.nan_to_num(np.asarray(img, dtype=np.float64)).clip(0.0, 1.0) * 255.0)
+    else:
+        return img if img.mode == "RGB" else img.convert("RGB")
+    gray = values.astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+
+
+def _pil_open(data: bytes):
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # every pixel: a header alone says nothing about truncation
+        return img
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ValueError(f"image: cannot decode ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+
+
+def prepare_image(data: bytes) -> tuple[bytes, torch.Tensor, str]:
+    """Bytes :func:`decode_image` reads, converting the file when it is in another format.
+
+    An image the decoder reads is kept as it is. One it cannot read but PIL can (BMP, TIFF,
+    ...) is converted to 8-bit RGB (see :func:`_to_rgb8`) and re-encoded as PNG: lossless, so
+    the model sees exactly the pixels PIL decoded and the pixel-exact annotations still fit;
+    JPEG would add a second round of compression artefacts to an image that has none.
+
+    Args:
+        data: the encoded file.
+
+    Returns:
+        ``(data, pixels, "")`` for a file the decoder reads, or ``(png, pixels, format)`` for a
+        converted one (``format`` as PIL names it: ``"BMP"``, ``"TIFF"``, ...); ``pixels`` is
+        the uint8 (3, H, W) decode of the returned bytes.
+
+    Raises:
+        ValueError: neither the decoder nor PIL can read it (the decoder's reason, e.g.
+            truncated), or it is empty.
+    """
+    try:
+        return data, decode_image(data), ""
+    except ValueError as native:
+        try:
+            img = _pil_open(data)
+        except ValueError:
+            raise native from None
+        source_format = img.format or "unknown format"
+        buf = io.BytesIO()
+        try:
+            _to_rgb8(img).save(buf, format="PNG")
+        except (ValueError, OSError) as e:  # a mode PIL cannot turn into RGB (e.g. LAB)
+            raise ValueError(f"image: cannot convert {source_format} mode {img.mode} to RGB ({e})") from None
+        png = buf.getvalue()
+        return png, decode_image(png), source_format
+
+
+def load_image(data: bytes, *, max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Decode an image for inference, downscaled to fit ``max_side`` when it is larger.
+
+    An image within the limit decodes exactly as in training (:func:`prepare_image`). A larger
+    one is decoded reduced where the format allows (JPEG's DCT scaling, PIL ``draft``: a
+    12000 px photo decodes at 1/2..1/8 of the size, in a fraction of the memory and time)
+    and then resized with PIL's ``thumbnail``, keeping the aspect ratio.
+
+    Args:
+        data: the encoded file.
+        max_side: the largest height or width returned; None for no limit.
+
+    Returns:
+        ``(pixels, (height, width))``: uint8 (3, h, w) RGB pixels and the image's own size
+        (larger than ``(h, w)`` when it was downscaled).
+
+    Raises:
+        ValueError: not a readable image.
+    """
+    if max_side:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+                size = probe.size
+        except Exception:  # noqa: BLE001 - not an image PIL knows: prepare_image says why
+            size = (0, 0)
+        if max(size) > max_side:
+            with Image.open(io.BytesIO(data)) as img:
+                img.draft("RGB", (max_side, max_side))  # JPEG only; other formats decode whole
+                try:
+                    img.load()
+                except Exception as e:  # noqa: BLE001 - as in _pil_open
+                    raise ValueError(f"image: cannot decode ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+                small = _to_rgb8(img)
+            small.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            pixels = torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            return pixels, (size[1], size[0])
+    _, pixels, _ = prepare_image(data)
+    return pixels, (int(pixels.shape[1]), int(pixels.shape[2]))
 
 
 def build_transform(image_size: int, *, train: bool, scale_min: float = 0.5, hflip: bool = True) -> v2.Transform:
@@ -127,4 +262,4 @@ def apply_joint(
     return out_img.as_subclass(torch.Tensor), out_msk.as_subclass(torch.Tensor).numpy()
 
 
-__all__ = ["CROP_RATIO", "apply_joint", "build_transform", "decode_image", "sample_seed"]
+__all__ = ["CROP_RATIO", "apply_joint", "build_transform", "decode_image", "load_image", "prepare_image", "sample_seed"]

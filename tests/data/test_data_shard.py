@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -92,6 +93,47 @@ def test_round_trip(coco_root, tmp_path):
             rle = {"size": ann["segmentation_size"], "counts": ann["segmentation_counts"]}
             np.testing.assert_array_equal(mask_utils.decode(rle), source.annToMask(src))
             assert (ann["category_id"], ann["iscrowd"], ann["bbox"], ann["area"]) == (src["category_id"], src["iscrowd"], src["bbox"], src["area"])
+
+
+def test_images_the_training_decoder_cannot_read_are_converted_once(coco_root, tmp_path):
+    """A BMP or TIFF named .jpg used to pass sharding (PIL reads it) and kill training; a 16-bit
+    PNG reached the model as values up to 65535."""
+    from mtseg.config import load_config
+    from mtseg.data.pipeline import SampleTransform, categories_of
+    from mtseg.data.transforms import decode_image
+
+    entries = _load(coco_root)["images"][:3]
+    expected = {}
+    for entry, fmt in zip(entries, ("BMP", "TIFF", "PNG16")):
+        path = os.path.join(coco_root, SPLIT, entry["file_name"])  # keeps its .jpg name
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"))
+        if fmt == "PNG16":
+            gray = rgb[..., 0].astype(np.uint16)
+            Image.fromarray(gray * 257).save(path, format="PNG")  # 16-bit; >> 8 gives gray back
+            expected[entry["id"]] = np.repeat(gray[..., None], 3, axis=2).astype(np.uint8)
+        else:
+            Image.fromarray(rgb).save(path, format=fmt)
+            expected[entry["id"]] = rgb
+
+    out = str(tmp_path / "shards")
+    manifest = shard_coco(coco_root, SPLIT, out, images_per_shard=50, log=_quiet)
+    assert manifest["converted"] == {"BMP": 1, "TIFF": 1}
+    assert manifest["counts"]["images_converted"] == 2 and manifest["counts"]["images"] == 20
+
+    rows = _rows(out)
+    for row in rows:
+        pixels = decode_image(row["image"])  # the decoder training and predict use
+        assert pixels.dtype == torch.uint8
+        if row["image_id"] in expected:
+            np.testing.assert_array_equal(pixels.permute(1, 2, 0).numpy(), expected[row["image_id"]])
+    converted = [r for r in rows if r["image_id"] in {e["id"] for e in entries[:2]}]
+    assert all(r["image"].startswith(b"\x89PNG") for r in converted)  # lossless, once
+
+    transform = SampleTransform.from_config(categories_of(manifest), load_config(None), train=True)
+    for row in rows:  # what a training worker does with each row
+        sample = transform.sample(row["image"], row["annotations"], row["image_id"], row["height"], row["width"])
+        assert sample["image"].dtype == np.uint8
 
 
 def test_coco_quirks_are_kept(coco_root, tmp_path):
