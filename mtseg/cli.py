@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job end to end on local Ray + SeaweedFS with synthetic COCO")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--train", type=int, default=384, help="synthetic training images")
+    demo.add_argument("--train", type=int, default=None, help="synthetic training images (default 1536)")
     demo.add_argument("--val", type=int, default=96, help="synthetic validation images")
     demo.add_argument("--epochs", type=int, default=None, help="override the demo config's epochs")
     demo.set_defaults(fn=cmd_demo)

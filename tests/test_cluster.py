@@ -85,6 +85,7 @@ def test_failed_up_stops_what_it_started(stack_dir, tmp_path):
     assert not os.path.exists(os.path.join(stack_dir, "stack.json"))
 
 
+@pytest.mark.slow
 def test_down_finds_a_store_the_state_file_does_not_record(stack_dir):
     # What an `up` killed between starting SeaweedFS and recording its pid leaves behind.
     store = SeaweedFS(data_dir=os.path.join(stack_dir, "seaweedfs")).start()
@@ -109,6 +110,7 @@ def test_corrupt_state_file_is_one_line(stack_dir, capsys, action, content):
     assert len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_vacuum_reclaims_deleted_objects(s3_env, seaweedfs):
     import boto3
 
