@@ -42,6 +42,9 @@ def _errors():
         errors.append(ShardError)
     except ImportError:  # pragma: no cover
         pass
+    from mtseg.data.synth import SynthError
+
+    errors.append(SynthError)
     try:
         from mtseg.train.checkpoint import CheckpointError
 

@@ -88,7 +88,22 @@ def test_train_prints_strict_json_with_null_for_undefined_metrics(monkeypatch, c
     assert printed == {"val/miou": 0.5, "val/mask_ap": None, "val/pq": None}
 
 
-# ---------------------------------------------------------------------------- data shard
+# ---------------------------------------------------------------------------- data synth, data shard
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--out", "s3://mtseg/x"], "out_dir: 's3://mtseg/x' must be a local directory"),
+        (["--out", "{tmp}/out", "--train", "-1"], "train: image count must be an integer >= 0, got -1"),
+        (["--out", "{tmp}/file/x"], "{tmp}/file is a file, not a directory"),
+    ],
+)
+def test_synth_bad_arguments(tmp_path, capsys, args, needle):
+    (tmp_path / "file").write_text("x")
+    assert main(["data", "synth", *(a.format(tmp=tmp_path) for a in args)]) == 2
+    _one_line_error(capsys, needle.format(tmp=tmp_path))
+
 
 
 @pytest.mark.parametrize(
@@ -162,14 +177,13 @@ def test_predict_out_that_is_a_file_fails_before_the_model_loads(tmp_path, capsy
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["predict", "IMAGE", "--out", "OUT", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
-        (["predict", "IMAGE", "--out", "OUT", "--max-image-side", "0"], "--max-image-side: must be >= 16, got 0"),
+        (["predict", "{tmp}/image", "--out", "{tmp}/out", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        (["predict", "{tmp}/image", "--out", "{tmp}/out", "--max-image-side", "0"], "--max-image-side: must be >= 16, got 0"),
         (["evaluate", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
         (["evaluate", "--limit", "0"], "--limit: must be >= 1, got 0"),
     ],
 )
 def test_zero_is_refused_not_replaced_by_the_default(tmp_path, capsys, args, needle):
-    args = [str(tmp_path / a.lower()) if a in ("IMAGE", "OUT") else a for a in args]
     (tmp_path / "image").write_bytes(b"")
-    assert main([*args, "--checkpoint", str(tmp_path / "no-checkpoint")]) == 2
+    assert main([*(a.format(tmp=tmp_path) for a in args), "--checkpoint", str(tmp_path / "no-checkpoint")]) == 2
     _one_line_error(capsys, needle)

@@ -290,9 +290,26 @@ def _annotation(obj: _Object, visible: np.ndarray, ann_id: int, image_id: int) -
     }
 
 
+class SynthError(ValueError):
+    """Bad arguments to :func:`synthesize`; the message is one line naming the argument."""
+
+
+def _write(path: str, data: bytes) -> None:
+    # Not storage.write_bytes: a demo writes hundreds of small images, and an fsync each is
+    # time for nothing (the annotation file, written last and atomically, marks completion).
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise storage.StorageError(storage.describe_error(path, e)) from None
+
+
 def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int) -> dict:
     image_dir = os.path.join(out_dir, split)
-    os.makedirs(image_dir, exist_ok=True)
+    try:
+        os.makedirs(image_dir, exist_ok=True)
+    except OSError as e:
+        raise storage.StorageError(storage.describe_error(image_dir, e)) from None
     split_code = SPLITS.index(split)
     images, annotations = [], []
     stats = {"empty_images": 0, "grayscale_images": 0, "crowd_annotations": 0, "polygon_annotations": 0, "rle_annotations": 0}
@@ -303,8 +320,7 @@ def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int
         file_name = f"{image_id:012d}.jpg"
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=_JPEG_QUALITY)
-        with open(os.path.join(image_dir, file_name), "wb") as f:
-            f.write(buf.getvalue())
+        _write(os.path.join(image_dir, file_name), buf.getvalue())
         images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
         stats["empty_images"] += not objects
         stats["grayscale_images"] += image.mode == "L"
@@ -349,21 +365,24 @@ def synthesize(out_dir: str, *, train: int = 320, val: int = 80, size: int = 64,
         "crowd_annotations", "polygon_annotations", "rle_annotations"}}}``.
 
     Raises:
-        ValueError: a count is negative, the size is too small, or ``out_dir`` is not local.
+        SynthError: a count is negative, the size is too small, or ``out_dir`` is not local.
+        mtseg.storage.StorageError: ``out_dir`` cannot be written (a file in the way, read-only,
+            a full disk).
     """
     out_dir = str(out_dir)
     if "://" in out_dir and not out_dir.startswith("file://"):
-        raise ValueError(f"out_dir: {out_dir!r} must be a local directory (shard it to object storage afterwards)")
-    out_dir = os.path.abspath(out_dir.removeprefix("file://"))
+        raise SynthError(f"out_dir: {out_dir!r} must be a local directory (shard it to object storage afterwards)")
     for name, value in (("train", train), ("val", val)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}: image count must be an integer >= 0, got {value!r}")
+            raise SynthError(f"{name}: image count must be an integer >= 0, got {value!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < _MIN_SIZE:
-        raise ValueError(f"size: image side must be an integer >= {_MIN_SIZE} pixels, got {size!r}")
+        raise SynthError(f"size: image side must be an integer >= {_MIN_SIZE} pixels, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
+        raise SynthError(f"seed: must be an integer >= 0, got {seed!r}")
+    storage.check_access(out_dir)
+    out_dir = storage.resolve(out_dir)[1]  # absolute, without file://
     splits = {split: _synthesize_split(out_dir, split, n, size, seed) for split, n in zip(SPLITS, (train, val))}
     return {"root": out_dir, "categories": categories(), "splits": splits}
 
 
-__all__ = ["CATEGORIES", "SPLITS", "SynthCategory", "categories", "synthesize"]
+__all__ = ["CATEGORIES", "SPLITS", "SynthCategory", "SynthError", "categories", "synthesize"]
