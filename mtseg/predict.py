@@ -734,6 +734,13 @@ def _check_out(out: str) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``mtseg predict``: exit 0 when every image ran, 1 when some were skipped, 2 on a usage error."""
+    import warnings
+
+    from PIL import Image
+
+    # PIL warns (two lines) about any image over ~89 Mpixel; predict decodes such an image
+    # reduced to --max-image-side and says so in one line. PIL still refuses one over twice that.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         summary = predict_images(args.checkpoint, args.images, args.out, device=args.device,
                                  batch_size=args.batch_size, max_image_side=args.max_image_side, data_uri=args.data,
