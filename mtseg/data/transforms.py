@@ -25,6 +25,7 @@ Random draws are reproducible: each image's parameters come from a seed derived 
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -95,11 +96,18 @@ def _to_rgb8(img):
     return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
 
 
-def _pil_open(data: bytes):
+def _pil_open(data: bytes, *, reduce_to: tuple[int, int] | None = None):
+    """The image PIL decodes from ``data``, every pixel loaded; ValueError when it cannot.
+
+    ``reduce_to``: (width, height) a JPEG may be decoded down to, at 1/2, 1/4 or 1/8 scale
+    (PIL ``draft``, DCT scaling), never below it; other formats decode whole.
+    """
     from PIL import Image
 
     try:
         img = Image.open(io.BytesIO(data))
+        if reduce_to:
+            img.draft("RGB", reduce_to)
         img.load()  # every pixel: a header alone says nothing about truncation
         return img
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
@@ -171,13 +179,8 @@ def load_image(data: bytes, *, max_side: int | None = None) -> tuple[torch.Tenso
         except Exception:  # noqa: BLE001 - not an image PIL knows: prepare_image says why
             size = (0, 0)
         if max(size) > max_side:
-            with Image.open(io.BytesIO(data)) as img:
-                img.draft("RGB", (max_side, max_side))  # JPEG only; other formats decode whole
-                try:
-                    img.load()
-                except Exception as e:  # noqa: BLE001 - as in _pil_open
-                    raise ValueError(f"image: cannot decode ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-                small = _to_rgb8(img)
+            scale = max_side / max(size)
+            small = _to_rgb8(_pil_open(data, reduce_to=(math.ceil(size[0] * scale), math.ceil(size[1] * scale))))
             small.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
             pixels = torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1).contiguous()
             return pixels, (size[1], size[0])
