@@ -89,6 +89,8 @@ class ModelConfig:
     decoder_channels: int = _f(64, min=8)
     weights: str = _f("", help="local backbone weights file; empty = random init (nothing is downloaded)")
     channels_last: bool = _f(False)
+    sync_batchnorm: bool = _f(False, help="SyncBatchNorm: normalise with global-batch statistics (for small per-GPU "
+                                          "batches); off, rank 0's BatchNorm buffers are broadcast after each step")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 from typing import Any
 
@@ -76,9 +77,27 @@ def verify(directory: str) -> dict[str, Any]:
 
 
 def load(directory: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify and load a local checkpoint directory: (state, meta)."""
+    """Verify and load a local checkpoint directory: (state, meta).
+
+    ``state.pt`` is checked against ``meta.json``'s SHA-256 first, then unpickled with
+    ``weights_only=True``: tensors and plain containers only, so a crafted file (anyone who
+    can write to the bucket, or a model from the internet) cannot run code; it is refused.
+
+    Raises:
+        CheckpointError: one line naming the file, when it is incomplete, corrupt or holds
+            anything but tensors and plain values.
+    """
     meta = verify(directory)
-    state = torch.load(os.path.join(directory, STATE_FILE), map_location=map_location, weights_only=False)
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        # torch reports a forbidden global as UnpicklingError with a page of advice; the
+        # first line names what the file tried to load.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load: not a plain tensor checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: refused to load: expected a dict of training state, got {type(state).__name__}")
     return state, meta
 
 

@@ -22,7 +22,7 @@ from mtseg.fusion import fuse_instances, fuse_semantic, instances_to_coco
 from mtseg.models import build_model
 from mtseg.tasks import build_tasks, compute_losses, model_inputs
 from mtseg.train.optim import build_optimizer, build_scheduler
-from mtseg.weighting import build_weighting, sync_gradients
+from mtseg.weighting import build_weighting, sync_buffers, sync_gradients
 
 
 @dataclass
@@ -97,7 +97,10 @@ def build_state(
         wrap_model: e.g. ``ray.train.torch.prepare_model`` (moves to device, wraps in DDP).
     """
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, categories).to(device)
+    model = build_model(cfg, categories)
+    if cfg.model.sync_batchnorm and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if wrap_model is not None:
@@ -158,6 +161,7 @@ def train_one_epoch(
     all_params = [p for p in state.model.parameters() if p.requires_grad] + [
         p for p in state.strategy.parameters() if p.requires_grad
     ]
+    buffers = list(state.model.buffers()) + list(state.strategy.buffers())
     sums: dict[str, float] = {}
     it: Iterator = iter(batches)
     for _ in range(steps):
@@ -189,6 +193,8 @@ def train_one_epoch(
             grad_norm = float(torch.nn.utils.clip_grad_norm_(all_params, cfg.train.grad_clip))
         state.optimizer.step()
         state.scheduler.step()
+        # Every rank leaves the step with rank 0's buffers (BatchNorm statistics included).
+        sync_buffers(buffers)
         state.step += 1
         state.epoch_rows += images
         for name, value in step_losses.items():
@@ -244,6 +250,3 @@ def evaluate(
                 results.extend(instances_to_coco(inst, int(batch["image_id"][i]), categories, orig_size=(h, w)))
         evaluator.process(batch, outputs, semantic, results)
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mtseg import storage
-from mtseg.config import Config, config_from_dict, to_yaml
+from mtseg.config import Config, ConfigError, config_from_dict, to_yaml
 from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
 from mtseg.data.pipeline import SampleTransform, to_torch
@@ -338,6 +338,10 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
     if storage.is_s3(cfg.train.storage_path):
         fs = storage.retrying_filesystem(fs)
     use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and _cluster_has_gpus())
+    if cfg.model.sync_batchnorm and not use_gpu and cfg.train.num_workers > 1:
+        # torch's SyncBatchNorm runs on CUDA only; on CPU workers the broadcast of rank 0's
+        # buffers after each step (always on) is what keeps replicas identical.
+        raise ConfigError("model.sync_batchnorm: SyncBatchNorm needs GPU workers (train.use_gpu); the cluster has none")
     resources = {"CPU": cfg.train.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1

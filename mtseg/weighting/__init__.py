@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mtseg.weighting.base import WeightingStrategy, all_reduce_mean, sync_gradients
+from mtseg.weighting.base import WeightingStrategy, all_reduce_mean, sync_buffers, sync_gradients
 from mtseg.weighting.dwa import DWAWeighting
 from mtseg.weighting.equal import EqualWeighting
 from mtseg.weighting.famo import FAMOWeighting
@@ -64,5 +64,6 @@ __all__ = [
     "WeightingStrategy",
     "all_reduce_mean",
     "build_weighting",
+    "sync_buffers",
     "sync_gradients",
 ]

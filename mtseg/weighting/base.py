@@ -31,6 +31,12 @@ and then calls :func:`sync_gradients` once: one coalesced all-reduce averaging e
   gradients and writes identical shared ``.grad``. The later :func:`sync_gradients`
   leaves those unchanged (the average of identical values) and averages the heads'.
 
+Running forward under ``no_sync`` also skips DDP's buffer broadcast, so after each
+optimiser step the trainer calls :func:`sync_buffers`, which broadcasts every buffer
+(BatchNorm running statistics, strategy state) from rank 0: all ranks then hold the same
+parameters and buffers after every step. ``model.sync_batchnorm`` additionally makes
+BatchNorm normalise with statistics of the global batch (SyncBatchNorm).
+
 Every strategy keeps its state (learned log-variances, loss history, FAMO's logits,
 GradNorm's weights) in parameters or buffers, so ``state_dict()`` checkpoints it.
 """
@@ -91,6 +97,33 @@ def sync_gradients(params: Iterable[torch.Tensor]) -> None:
         for g in grads:
             n = g.numel()
             g.copy_(flat[offset : offset + n].view(g.shape))
+            offset += n
+
+
+def sync_buffers(buffers: Iterable[torch.Tensor]) -> None:
+    """Copy rank 0's buffers to every rank, in one coalesced broadcast per device and dtype.
+
+    mtseg averages gradients itself (:func:`sync_gradients`) and runs DDP's forward under
+    ``no_sync``, so DDP's own start-of-forward buffer broadcast never happens. Without this,
+    BatchNorm running statistics drift apart across ranks: each rank would then validate
+    with its own statistics while the checkpoint holds rank 0's. Broadcasting from rank 0
+    is what DDP does with ``broadcast_buffers=True``. No-op without torch.distributed.
+
+    Args:
+        buffers: the buffers (the same list, in the same order, on every rank).
+    """
+    if not _distributed():
+        return
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for b in buffers:
+        groups.setdefault((b.device, b.dtype), []).append(b)
+    for tensors in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.detach().copy_(flat[offset : offset + n].view(t.shape))
             offset += n
 
 

@@ -30,6 +30,44 @@ def test_truncated_state_is_rejected(tmp_path):
         ckpt.load(d)
 
 
+class _RunsCode:
+    """What an attacker pickles: unpickling it calls ``os.system``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    # A crafted state.pt with a matching meta.json (the hash proves completeness, not trust).
+    marker = tmp_path / "pwned"
+    d = str(tmp_path / "checkpoint_evil")
+    ckpt.save(d, {"model": {}, "payload": _RunsCode(marker)}, {"epoch": 0, "step": 1, "epoch_rows": 0})
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load(d)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(os.path.join(d, ckpt.STATE_FILE)) and "refused" in message
+    assert not marker.exists()
+
+
+def test_a_full_training_state_loads_with_weights_only(tmp_path):
+    """Everything the trainer checkpoints (model, optimiser, schedule, strategy, RNG) is plain-typed."""
+    from mtseg.data.categories import CategoryIndex
+    from mtseg.train.loop import build_state
+
+    cats = CategoryIndex.from_categories([{"id": 1, "name": "a", "supercategory": "x"},
+                                          {"id": 3, "name": "b", "supercategory": "y"}])
+    for weighting in ("uncertainty", "famo", "gradnorm", "dwa"):
+        cfg = load_config(None, [f"weighting.name={weighting}", "data.image_size=32"])
+        state = build_state(cfg, cats, total_steps=4, device=torch.device("cpu"))
+        d = str(tmp_path / weighting)
+        ckpt.save(d, state.state_dict(), state.meta())
+        loaded, _ = ckpt.load(d)
+        state.load_state_dict(loaded)
+
+
 def test_missing_meta_is_rejected(tmp_path):
     d = _save(str(tmp_path), "checkpoint_a", 5)
     os.unlink(os.path.join(d, ckpt.META_FILE))
