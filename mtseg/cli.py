@@ -18,10 +18,14 @@ Every command fails with one line (``mtseg: error: ...``) naming what was wrong,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 
 
 def _errors():
@@ -117,6 +121,43 @@ def _storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if os.environ.get(k)}
 
 
+@contextlib.contextmanager
+def _sigint_seen() -> Iterator[Callable[[], bool]]:
+    """Yield a function telling whether SIGINT arrived in the block, whoever handled it.
+
+    Ray Train's ``fit()`` replaces the SIGINT handler with one that aborts the run and then
+    calls ``sys.exit(0)``, which ``ray.get`` re-raises as ``SystemExit(1)``: no
+    KeyboardInterrupt reaches mtseg, and a Ctrl-C looked like a failed run (exit 1). The
+    interpreter writes the number of every signal it handles to the wakeup fd, whichever
+    handler then runs. Ray's handler stays installed after ``fit()``: the previous one is
+    put back on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield lambda: False
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    handler = signal.getsignal(signal.SIGINT)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    seen = False
+
+    def interrupted() -> bool:
+        nonlocal seen
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(read_fd, 512):
+                seen = seen or signal.SIGINT in data
+        return seen
+
+    try:
+        yield interrupted
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, handler)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
 def cmd_train(args) -> int:
     from mtseg.config import load_config
 
@@ -128,7 +169,14 @@ def cmd_train(args) -> int:
     if cfg.cluster.address:
         os.environ["RAY_ADDRESS"] = cfg.cluster.address
     init_local_ray(env=_storage_env(), dashboard=True, log_to_driver=True)
-    result = run_training(cfg, restart=args.restart)
+    with _sigint_seen() as interrupted:
+        try:
+            result = run_training(cfg, restart=args.restart)
+        finally:
+            if interrupted():
+                # Ray Train took the Ctrl-C and aborted the run; however fit() ended, the user
+                # stopped it: main() exits 130.
+                raise KeyboardInterrupt
     if result.error:
         raise SystemExit(f"mtseg: error: training failed: {result.error}")
     print(json_metrics({k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}))

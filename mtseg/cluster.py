@@ -277,8 +277,10 @@ def _terminate(pid: int, timeout: float) -> None:
 def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env: dict | None = None, **kwargs):
     """``ray.init`` a fresh local Ray on loopback (or attach to ``RAY_ADDRESS`` if set).
 
-    ``env`` is shipped to every worker through the job's runtime_env (storage endpoint and
-    credentials), so Ray Data readers and Train workers reach the same object store.
+    ``env`` (the storage endpoint) is shipped to every worker through the job's runtime_env,
+    so Ray Data readers and Train workers reach the same object store. Credentials in it are
+    not: Ray writes a runtime_env in plain text to its logs and job list. A local Ray's workers
+    inherit them from this process's environment; a cluster's come from its nodes' own.
 
     ``dashboard`` starts Ray's dashboard (127.0.0.1, the first free port from 8265). Training
     wants it: it serves the State API that Ray Train's placement-group cleaner polls, which
@@ -298,9 +300,14 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     # Inside a Ray job the job's runtime_env already carries the variables; giving them again
     # makes Ray refuse to merge the two (and print both, secrets included).
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    runtime_env = {"env_vars": dict(env)} if env and not in_job else None
+    from mtseg.submit import CREDENTIAL_ENV_VARS
+
+    env = dict(env or {})
+    credentials = {k: env.pop(k) for k in CREDENTIAL_ENV_VARS if k in env}
+    runtime_env = {"env_vars": env} if env and not in_job else None
     if address:
         return ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    os.environ.update(credentials)  # the local raylet, and so every worker, starts with them
     return ray.init(
         num_cpus=num_cpus,
         include_dashboard=dashboard,

@@ -6,10 +6,17 @@
     mtseg jobs list | status ID | logs ID [--follow] | stop ID [--wait]
 
 ``submit`` sends ``jobs/<script>.py`` with the project as its ``working_dir`` (code only: data,
-runs and virtual environments stay behind), the storage endpoint and credentials as
-environment variables taken *by name* from the submitting shell (their values are never
-printed), and the entrypoint's own resources. The config is loaded and validated here first,
-so a bad key or value never reaches the cluster.
+runs and virtual environments stay behind), the storage endpoint and region as environment
+variables taken *by name* from the submitting shell, and the entrypoint's own resources. The
+config is loaded and validated here first, so a bad key or value never reaches the cluster.
+
+Storage credentials are not sent: Ray writes a job's ``runtime_env`` in plain text into its
+session logs (``runtime_env_agent.log``) and into every ``ray job list``, so the job uses the
+cluster's own (its nodes' environment, an instance role, a Kubernetes Secret; the head that
+``mtseg cluster up`` starts has the local store's). ``--forward-credentials`` sends them anyway.
+
+``mtseg jobs list`` shows what was submitted, not the driver connections Ray lists beside it
+(Ray reports each of those as SUCCEEDED once it disconnects, however it ended).
 
 Where the cluster is, in order: ``--address``, ``RAY_API_SERVER_ADDRESS``, ``RAY_ADDRESS`` (as
 ``ray job submit`` reads them), then the head that ``mtseg cluster up`` started. The address is
@@ -33,9 +40,10 @@ import secrets
 import shlex
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import IO, Any
 
 # What each `mtseg submit NAME` runs. The training, tuning and evaluation drivers only
 # coordinate (the work runs in Ray Train workers, Tune trials and Ray Data actors), so they
@@ -74,15 +82,19 @@ JOBS: dict[str, JobSpec] = {
     "predict": JobSpec("jobs/predict.py", 1.0, "predictions on image files", takes_config=False, command="predict"),
 }
 
-# Passed to the job by name, from the submitting environment, when set there.
+# Passed to the job by name, from the submitting environment, when set there: where the store
+# is, nothing secret (a runtime_env is written in plain text to Ray's logs and job list).
 STORAGE_ENV_VARS = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+# Sent only on request (--forward-credentials); otherwise the cluster's own environment applies.
+CREDENTIAL_ENV_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
 )
 
 # Kept out of the uploaded working_dir on top of .gitignore (which Ray also honours): the
@@ -104,6 +116,8 @@ WORKING_DIR_EXCLUDES = (
 )
 
 ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+# A training job's metadata names its run, so that `jobs list` can show the run's own outcome.
+RUN_METADATA_KEY = "mtseg.run"
 DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # `mtseg submit --wait` and `mtseg jobs logs --follow` exit with the job's outcome; 2 stays
@@ -278,7 +292,7 @@ class JobsClient:
             ) from None
         except (RuntimeError, ValueError) as e:
             text = self._redact(str(e)).strip()
-            if job and re.search(r"status code 404|does not exist|not found", text, re.I):
+            if job and re.search(r"status code 404|does not exist|not found", text, re.IGNORECASE):
                 raise SubmitError(f"job {job} not found on the Ray cluster at {self.address}") from None
             first = text.splitlines()[0] if text else type(e).__name__
             raise SubmitError(f"Ray Jobs API at {self.address}: {first}") from None
@@ -369,7 +383,7 @@ class JobsClient:
         try:
             with _quiet_ray_logs():
                 asyncio.run(self._tail(submission_id, out, progress))
-        except Exception:  # noqa: BLE001 - any websocket failure: poll instead (which reports real errors)
+        except Exception:  # noqa: BLE001, S110 - any websocket failure: poll instead (which reports real errors)
             pass
         written = progress[0]
         # The websocket closes when the driver exits, a moment before the status is final; the
@@ -423,10 +437,19 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     raise SubmitError(f"{here}: not inside an mtseg checkout (no pyproject.toml + jobs/ here or above); pass working_dir")
 
 
-def storage_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The storage variables (:data:`STORAGE_ENV_VARS`) that are set in ``environ``, to pass on."""
+def storage_env(environ: Mapping[str, str] | None = None, *, credentials: bool = False) -> dict[str, str]:
+    """The storage variables set in ``environ``, to pass on to a job.
+
+    Args:
+        environ: environment to read (default ``os.environ``).
+        credentials: add :data:`CREDENTIAL_ENV_VARS` to :data:`STORAGE_ENV_VARS`.
+
+    Returns:
+        ``{name: value}`` of those that are set and not empty.
+    """
     environ = os.environ if environ is None else environ
-    return {k: environ[k] for k in STORAGE_ENV_VARS if environ.get(k)}
+    names = STORAGE_ENV_VARS + (CREDENTIAL_ENV_VARS if credentials else ())
+    return {k: environ[k] for k in names if environ.get(k)}
 
 
 def _relative_to_root(path: str, root: Path, what: str) -> str:
@@ -498,6 +521,20 @@ def make_submission_id(name: str, run_name: str) -> str:
     return f"mtseg-{name}-{safe_run}-{stamp}-{secrets.token_hex(2)}"
 
 
+def _run_location(cfg) -> str | None:
+    """Where the run of a training job lives (``trainer.run_uri``), if this machine can find it too.
+
+    A relative local path is relative to the job's scratch directory on the cluster: nothing
+    here would read the same place.
+    """
+    from mtseg.storage import is_s3, join
+
+    path = cfg.train.storage_path
+    if not is_s3(path) and not os.path.isabs(path.removeprefix("file://")):
+        return None
+    return join(path, cfg.train.run_name)
+
+
 def _warn_local_paths(name: str, cfg, log) -> None:
     from mtseg.storage import is_s3
 
@@ -525,6 +562,7 @@ def submit(
     entrypoint_memory: int | None = None,
     entrypoint_resources: Mapping[str, float] | None = None,
     pass_storage_env: bool = True,
+    forward_credentials: bool = False,
     token: str | None = None,
     out: IO[str] | None = None,
     log=None,
@@ -540,14 +578,17 @@ def submit(
         wait: follow the job's log to ``out`` until it ends (its outcome:
             ``client(address).status(id)``).
         working_dir: the directory uploaded as the job's working_dir; default :func:`project_root`.
-        submission_id: default :func:`make_submission_id`.
+        submission_id: a plain name (letters, digits, ``-_.``); default :func:`make_submission_id`.
         script_args: arguments for the entry script (after ``--config``, before the overrides).
         entrypoint_num_cpus: CPUs reserved by the driver; default the job's :class:`JobSpec`.
         entrypoint_num_gpus: GPUs reserved by the driver; default 0.
         entrypoint_memory: bytes of memory reserved by the driver; default none.
         entrypoint_resources: custom resources reserved by the driver.
         pass_storage_env: pass :data:`STORAGE_ENV_VARS` set in this shell to the job; False
-            leaves the cluster's own (instance role, Kubernetes Secret) in charge.
+            leaves the cluster's own settings in charge.
+        forward_credentials: pass :data:`CREDENTIAL_ENV_VARS` too. Ray then writes them in
+            plain text to its session logs and ``ray job list``; by default the job uses the
+            cluster's own credentials (its nodes' environment, instance role, Kubernetes Secret).
         token: the Ray auth token; default :func:`load_token`.
         out: where ``wait`` writes the log (default stdout).
         log: one-line progress messages (default: print to stderr).
@@ -556,15 +597,19 @@ def submit(
         The submission id.
 
     Raises:
-        ConfigError: the config or an override is wrong (nothing was sent).
+        ConfigError: the config, an override or the submission id is wrong (nothing was sent).
         SubmitError: unknown job, missing entry script, bad script arguments, config outside the
             project, no or wrong token, cluster unreachable, or the cluster refused the job.
     """
-    from mtseg.config import load_config
+    from mtseg.config import load_config, validate_name
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if name not in JOBS:
         raise SubmitError(f"unknown job {name!r}; jobs are {', '.join(JOBS)}")
+    if submission_id is not None:
+        validate_name("--submission-id", submission_id)
+    if forward_credentials and not pass_storage_env:
+        raise SubmitError("--forward-credentials and --no-storage-env contradict each other: pass one")
     spec = JOBS[name]
     root = Path(working_dir).resolve() if working_dir else project_root()
     if not (root / spec.script).is_file():
@@ -577,13 +622,14 @@ def submit(
         config_rel = _relative_to_root(config_path, root, "config") if config_path else None
         _warn_local_paths(name, cfg, log)
         run_name = cfg.train.run_name
+        run = _run_location(cfg) if name == "train" else None
     else:
         if config_path or overrides:
             raise SubmitError(f"{name}: takes no --config or key=value overrides; pass its own arguments after --")
-        run_name = "run"
+        run_name, run = "run", None
     check_arguments(name, [*(["--config", config_rel] if config_rel else []), *script_args, *overrides])
 
-    env_vars = storage_env() if pass_storage_env else {}
+    env_vars = storage_env(credentials=forward_credentials) if pass_storage_env else {}
     entrypoint = build_entrypoint(spec.script, config_rel, overrides, script_args)
     sid = submission_id or make_submission_id(name, run_name)
     jobs = client(address, token=token)
@@ -592,11 +638,17 @@ def submit(
         log(f"[submit] storage settings passed by name: {', '.join(env_vars) or 'none set in this shell'}")
     else:
         log("[submit] storage settings: the cluster's own (--no-storage-env)")
+    if pass_storage_env and not forward_credentials:
+        log("[submit] storage credentials not sent: the cluster's own apply "
+            "(--forward-credentials sends this shell's, and Ray logs them in plain text)")
+    metadata = {"mtseg.job": name, "mtseg.config": config_rel or "", "mtseg.run_name": run_name}
+    if run:
+        metadata[RUN_METADATA_KEY] = run
     submitted = jobs.submit_job(
         entrypoint=entrypoint,
         submission_id=sid,
         runtime_env=build_runtime_env(root, env_vars),
-        metadata={"mtseg.job": name, "mtseg.config": config_rel or "", "mtseg.run_name": run_name},
+        metadata=metadata,
         entrypoint_num_cpus=spec.entrypoint_num_cpus if entrypoint_num_cpus is None else entrypoint_num_cpus,
         entrypoint_num_gpus=entrypoint_num_gpus or None,
         entrypoint_memory=entrypoint_memory or None,
@@ -655,7 +707,7 @@ def cmd_submit(args) -> int:
         address=args.address, wait=False, working_dir=args.working_dir, submission_id=args.submission_id,
         script_args=script_args, entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus,
         entrypoint_memory=args.memory, entrypoint_resources=dict(args.resource or []),
-        pass_storage_env=not args.no_storage_env,
+        pass_storage_env=not args.no_storage_env, forward_credentials=args.forward_credentials,
     )
     print(sid, flush=True)
     if not args.wait:
@@ -664,17 +716,38 @@ def cmd_submit(args) -> int:
     return _follow_and_exit(client(args.address), sid)
 
 
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _list_jobs(jobs: JobsClient, *, drivers: bool) -> None:
+    rows = [("SUBMISSION_ID", "STATUS", "START", "END", "ENTRYPOINT")]
+    hidden = 0
+    for j in jobs.list_jobs():
+        if j.submission_id:
+            status = str(j.status.value)
+        elif drivers:
+            # A script that called ray.init on this cluster: Ray only knows whether it is still
+            # connected (it reports every disconnect as SUCCEEDED, a SIGKILL or a crash too).
+            status = "driver: " + ("connected" if str(j.status.value) == "RUNNING" else "disconnected")
+        else:
+            hidden += 1
+            continue
+        rows.append((j.submission_id or j.job_id or "-", status, _fmt_time(j.start_time), _fmt_time(j.end_time),
+                     _shorten(j.entrypoint, 70)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    if hidden:
+        print(f"# {hidden} driver connection(s) not listed (scripts that called ray.init here; Ray cannot "
+              "tell how they ended): mtseg jobs list --drivers", file=sys.stderr)
+
+
 def cmd_jobs(args) -> int:
     """``mtseg jobs list|status|logs|stop``."""
     jobs = client(args.address)
     if args.action == "list":
-        rows = [("SUBMISSION_ID", "STATUS", "START", "END", "ENTRYPOINT")]
-        for j in jobs.list_jobs():
-            entry = j.entrypoint if len(j.entrypoint) <= 70 else j.entrypoint[:67] + "..."
-            rows.append((j.submission_id or j.job_id or "-", str(j.status.value), _fmt_time(j.start_time), _fmt_time(j.end_time), entry))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+        _list_jobs(jobs, drivers=args.drivers)
         return 0
     if not args.id:
         raise SubmitError(f"jobs {args.action}: a submission id is required")
@@ -712,7 +785,11 @@ def add_parsers(subparsers) -> None:
     common.add_argument("--submission-id", default=None, help="default mtseg-<job>-<run_name>-<UTC time>-<hex>")
     common.add_argument("--working-dir", default=None, help="directory uploaded as the job's working_dir (default: this checkout)")
     common.add_argument("--no-storage-env", action="store_true",
-                        help="do not pass this shell's AWS_* storage settings; the cluster's own apply (instance role, Secret)")
+                        help="do not pass this shell's AWS endpoint and region settings; the cluster's own apply")
+    common.add_argument("--forward-credentials", action="store_true",
+                        help="also pass this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
+                             "(Ray writes them in plain text to its logs and `ray job list`; by default the "
+                             "cluster's own credentials apply)")
     common.add_argument("--num-cpus", type=float, default=None, help="CPUs the driver reserves (default: per job; 0 = on the head)")
     common.add_argument("--num-gpus", type=float, default=None, help="GPUs the driver reserves (default 0)")
     common.add_argument("--memory", type=int, default=None, help="bytes of memory the driver reserves")
@@ -741,12 +818,16 @@ def add_parsers(subparsers) -> None:
     jobs.add_argument("--address", default=None, help=address_help)
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit with its outcome")
     jobs.add_argument("--wait", action="store_true", help="stop: wait until the job has stopped")
+    jobs.add_argument("--drivers", action="store_true",
+                      help="list: also scripts that called ray.init on the cluster (Ray knows only whether they are connected)")
     jobs.set_defaults(fn=cmd_jobs)
 
 
 __all__ = [
+    "CREDENTIAL_ENV_VARS",
     "EXIT_CODES",
     "JOBS",
+    "RUN_METADATA_KEY",
     "STORAGE_ENV_VARS",
     "WORKING_DIR_EXCLUDES",
     "JobSpec",

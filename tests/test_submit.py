@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -71,9 +73,71 @@ def test_token_is_read_like_ray_reads_it(monkeypatch, tmp_path):
         sub.load_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
 
 
-def test_storage_env_is_taken_by_name():
-    env = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_REGION": "", "HOME": "/root"}
-    assert sub.storage_env(env) == {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+def test_storage_env_is_taken_by_name_and_credentials_only_on_request():
+    env = {"AWS_ENDPOINT_URL_S3": "http://s3:8333", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+           "AWS_SESSION_TOKEN": "tok", "AWS_REGION": "", "HOME": "/root"}
+    assert sub.storage_env(env) == {"AWS_ENDPOINT_URL_S3": "http://s3:8333"}
+    assert sub.storage_env(env, credentials=True) == {
+        "AWS_ENDPOINT_URL_S3": "http://s3:8333", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "tok",
+    }
+
+
+class _RecordingClient:
+    """Stands in for the Jobs API client: records what ``submit`` would send, sends nothing."""
+
+    sent: ClassVar[list[dict]] = []
+
+    def __init__(self, address=None, *, token=None):
+        self.address, self.token_source = address, "argument"
+
+    def submit_job(self, **kwargs):
+        self.sent.append(kwargs)
+        return kwargs["submission_id"]
+
+
+def test_credentials_are_sent_only_with_forward_credentials(monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sub, "JobsClient", _RecordingClient)
+    monkeypatch.setattr(_RecordingClient, "sent", [])
+    for k, v in {"AWS_ENDPOINT_URL_S3": "http://s3:8333", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"}.items():
+        monkeypatch.setenv(k, v)
+    logged: list[str] = []
+    sub.submit("train", "jobs/configs/demo.yaml", address="http://127.0.0.1:9", log=logged.append)
+    sub.submit("train", "jobs/configs/demo.yaml", address="http://127.0.0.1:9", forward_credentials=True, log=lambda m: None)
+    default, forwarded = (s["runtime_env"]["env_vars"] for s in _RecordingClient.sent)
+    assert default["AWS_ENDPOINT_URL_S3"] == "http://s3:8333"
+    assert not set(sub.CREDENTIAL_ENV_VARS) & set(default)
+    assert forwarded["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and forwarded["AWS_ACCESS_KEY_ID"] == "id"
+    assert sum("credentials not sent" in line for line in logged) == 1
+    assert "s3cr3t" not in "\n".join(logged)
+    with pytest.raises(sub.SubmitError, match="contradict"):
+        sub.submit("train", None, forward_credentials=True, pass_storage_env=False, address="http://127.0.0.1:9")
+
+
+def test_training_job_metadata_names_its_run_when_this_machine_can_read_it(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sub, "JobsClient", _RecordingClient)
+    monkeypatch.setattr(_RecordingClient, "sent", [])
+    for storage in ("s3://bucket/runs", str(tmp_path), "runs"):
+        sub.submit("train", "jobs/configs/demo.yaml", [f"train.storage_path={storage}", "train.run_name=r1"],
+                   address="http://127.0.0.1:9", log=lambda m: None)
+    s3, local, relative = (s["metadata"] for s in _RecordingClient.sent)
+    assert s3[sub.RUN_METADATA_KEY] == "s3://bucket/runs/r1"
+    assert local[sub.RUN_METADATA_KEY] == str(tmp_path / "r1")
+    assert sub.RUN_METADATA_KEY not in relative  # relative to the job's scratch dir on the cluster
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a/b", "../x", "a b", ""])
+def test_submission_id_is_a_plain_name_checked_before_submission(monkeypatch, capsys, bad):
+    monkeypatch.chdir(REPO)
+    _no_cluster(monkeypatch)
+    with pytest.raises(ConfigError, match="--submission-id"):
+        sub.submit("train", "jobs/configs/demo.yaml", submission_id=bad, address="http://127.0.0.1:9")
+    assert main(["submit", "train", "--config", "jobs/configs/demo.yaml", "--address", "http://127.0.0.1:9",
+                 "--submission-id", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mtseg: error: --submission-id")
 
 
 def test_runtime_env_uploads_code_not_data():
@@ -164,13 +228,13 @@ def test_prepare_data_script_shards_every_split_of_the_config(tmp_path):
     proc = subprocess.run(
         [sys.executable, "jobs/prepare_data.py", "--config", "jobs/configs/demo.yaml", "--coco-root", str(tmp_path / "coco"),
          f"data.uri={out}", "data.images_per_shard=3"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_manifest(str(out), "train2017")["counts"]["images"] == 4
     assert read_manifest(str(out), "val2017")["counts"]["images"] == 2
     bad = subprocess.run([sys.executable, "jobs/prepare_data.py", "--coco-root", "x", "train.lr=fast"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert bad.returncode == 2 and "train.lr" in bad.stderr
 
 
@@ -211,7 +275,7 @@ def _cli(args: list[str], *, token: str | None, home: str | None = None, address
     if address is not None:
         env["RAY_API_SERVER_ADDRESS"] = address
     return subprocess.run([sys.executable, "-m", "mtseg.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 TRIVIAL_JOB = textwrap.dedent('''
@@ -255,9 +319,12 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
     info = jobs.info(sid)
     assert info.metadata["mtseg.job"] == "train" and info.metadata["mtseg.config"] == "jobs/configs/t.yaml"
     assert sid in [j.submission_id for j in jobs.list_jobs()]
+    # The endpoint travels with the job; the credentials come from the head's own environment.
+    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL_S3"] == s3_env["AWS_ENDPOINT_URL_S3"]
+    assert not set(sub.CREDENTIAL_ENV_VARS) & set(info.runtime_env["env_vars"])
     # Names are printed, values never.
     printed = capsys.readouterr()
-    assert "AWS_SECRET_ACCESS_KEY" in printed.err
+    assert "AWS_ENDPOINT_URL_S3" in printed.err and "credentials not sent" in printed.err
     for value in (s3_env["AWS_SECRET_ACCESS_KEY"], token):
         assert value not in printed.err + printed.out + log
     # A failing job: --wait exits with the job's outcome.
@@ -348,7 +415,7 @@ def test_submit_train_wait_runs_to_success_with_checkpoints_in_the_bucket(head, 
     assert sid.startswith("mtseg-train-submitted-")
     assert "[train] " in proc.stdout and "step 2/2" in proc.stdout  # progress streamed while waiting
     assert f"job {sid} SUCCEEDED" in proc.stderr
-    assert "AWS_SECRET_ACCESS_KEY" in proc.stderr and os.environ["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
+    assert "credentials not sent" in proc.stderr and os.environ["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
 
     cfg = load_config(str(REPO / "jobs/configs/demo.yaml"), overrides)
     checkpoints = ckpt.list_checkpoints(run_uri(cfg))
@@ -358,3 +425,42 @@ def test_submit_train_wait_runs_to_success_with_checkpoints_in_the_bucket(head, 
     assert logs.returncode == 0 and "[train] epoch 1" in logs.stdout and "step 2/2" in logs.stdout
     listed = _cli(["jobs", "list"], token=token, address=h.dashboard_url)
     assert any(line.startswith(sid) and "SUCCEEDED" in line for line in listed.stdout.splitlines())
+    status = _cli(["jobs", "status", sid], token=token, address=h.dashboard_url)
+
+    # The job ran with the head's credentials: none is in Ray's logs, its job list or mtseg's.
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    leaks = [str(p) for p in Path(h.temp_dir).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaks
+    ray_list = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", h.dashboard_url],
+                              env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert ray_list.returncode == 0 and sid in ray_list.stdout, ray_list.stderr[-2000:]
+    assert secret not in ray_list.stdout + ray_list.stderr + listed.stdout + listed.stderr + status.stdout
+
+
+@pytest.mark.slow
+def test_jobs_list_does_not_report_a_killed_driver_as_succeeded(head):
+    """A script that connects with ray.init is a "driver" job, which Ray reports SUCCEEDED when it disconnects."""
+    h, token = head
+    killed = textwrap.dedent(f"""
+        import os, signal, ray
+        ray.init(address="{h.address}")
+        print(ray.get_runtime_context().get_job_id(), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", killed], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    job_id = proc.stdout.split()[-1]
+    jobs = sub.client(h.dashboard_url, token=token)
+    deadline = time.monotonic() + 60
+    while not any(j.job_id == job_id and j.status.value == "SUCCEEDED" for j in jobs.list_jobs()):  # Ray's view
+        assert time.monotonic() < deadline, "Ray never noticed the driver's end"
+        time.sleep(0.5)
+    listed = _cli(["jobs", "list"], token=token, address=h.dashboard_url)
+    assert listed.returncode == 0 and job_id not in listed.stdout
+    assert "driver connection(s) not listed" in listed.stderr
+    listed = _cli(["jobs", "list", "--drivers"], token=token, address=h.dashboard_url)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
+    assert "driver: disconnected" in row and "SUCCEEDED" not in row

@@ -1,0 +1,62 @@
+"""The ``mtseg`` command line (mtseg/cli.py): how commands exit."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+# One Ray Train worker on 32 px images, more epochs than the test waits for.
+TINY = [
+    "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
+    "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5",
+    "train.num_workers=1", "train.cpus_per_worker=0.5", "train.epochs=50", "train.warmup_steps=1",
+    "train.log_every_steps=1", "train.max_failures=0",
+]
+
+
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    """The process's output, line by line, read in a thread so the test can wait with a timeout."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_training_with_exit_code_130(ray_local, tiny_dataset, s3_bucket, tmp_path):
+    """SIGINT while Ray Train runs: Ray's own handler aborts the run, mtseg still exits 130."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    args = [f"data.uri={tiny_dataset}", f"train.storage_path={s3_bucket}", "train.run_name=ctrlc", *TINY]
+    proc = subprocess.Popen([sys.executable, "-m", "mtseg.cli", "train", *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, seen = _lines(proc), []
+        deadline = time.monotonic() + 300
+        while not any("[train] epoch 1" in line and "step" in line for line in seen):  # fit() is running
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(seen)[-3000:]
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) == 130, "".join(seen)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)  # the pump thread drains what is left
+    while not lines.empty():
+        seen.append(lines.get())
+    assert seen[-1].strip() == "mtseg: interrupted"
