@@ -55,6 +55,9 @@ def _errors():
         errors.append(CheckpointError)
     except ImportError:  # pragma: no cover
         pass
+    from mtseg.train.runstate import RunLockedError
+
+    errors.append(RunLockedError)
     from mtseg.submit import SubmitError
 
     errors.append(SubmitError)

@@ -344,8 +344,26 @@ def list_dirs(uri: str) -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.Directory)
 
 
-def delete(uri: str, recursive: bool = False) -> None:
-    """Delete a file, or a directory tree with ``recursive``; missing is not an error."""
+def is_inside(uri: str, root: str) -> bool:
+    """True when ``uri`` lies strictly below ``root`` (same store; local paths with links resolved)."""
+    (s1, b1, p1), (s2, b2, p2) = _parse(uri), _parse(root)
+    if (s1, b1) != (s2, b2):
+        return False
+    if s1 == "s3":  # _parse has refused '.', '..' and empty key segments
+        return p1 != p2 and (p2 == "" or p1.startswith(p2 + "/"))
+    p1, p2 = os.path.realpath(p1), os.path.realpath(p2)
+    return p1 != p2 and os.path.commonpath([p1, p2]) == p2
+
+
+def delete(uri: str, recursive: bool = False, *, within: str | None = None) -> None:
+    """Delete a file, or a directory tree with ``recursive``; missing is not an error.
+
+    Args:
+        within: refuse (StorageError) unless ``uri`` lies strictly inside this URI, e.g. a
+            run's own prefix: a delete built from user input can then never reach outside it.
+    """
+    if within is not None and not is_inside(uri, within):
+        raise StorageError(f"{uri}: refusing to delete outside {within}")
     fs, path = resolve(uri)
     info = _wrap(uri, lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.NotFound:

@@ -37,6 +37,7 @@ from mtseg.data.pipeline import SampleTransform, to_torch
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.data import plan_epoch, steps_per_epoch, worker_stream
 from mtseg.train.loop import TrainState, build_state, evaluate, train_one_epoch
+from mtseg.train.runstate import LEASE_FILE, check_free, describe_exit, guard_run
 
 VAL_METRIC = "val/miou"
 
@@ -208,7 +209,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(local_dir, "tensorboard"), purge_step=state.step or None)
+        # A resumed run replaces what was logged after its checkpoint (step S), and keeps S itself.
+        writer = SummaryWriter(os.path.join(local_dir, "tensorboard"), purge_step=state.step + 1 if restored else None)
     id_log = None
     if cfg.train.log_image_ids:
         os.makedirs(os.path.join(local_dir, "image_ids"), exist_ok=True)
@@ -245,6 +247,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, st.step)
+                if at_checkpoint:
+                    # A run resumed from this checkpoint purges the events after it; what came
+                    # before must be on disk, or a killed driver leaves a gap (the writer
+                    # otherwise flushes every 120 s).
+                    writer.flush()
             report(metrics, with_checkpoint=at_checkpoint)
 
     while state.epoch < cfg.train.epochs:
@@ -309,9 +316,10 @@ def _progress_callback():
 
 
 def preflight(cfg: Config) -> DataPlan:
-    """Everything that can fail before a worker starts: storage reachable, dataset readable."""
+    """Everything that can fail before a worker starts: storage reachable, dataset readable, run not in use."""
     storage.check_access(cfg.train.storage_path)
     storage.check_access(cfg.data.uri)
+    check_free(run_uri(cfg))
     plan = DataPlan(cfg)
     if plan.steps_per_epoch(cfg.train.num_workers) < 1:
         raise ValueError(
@@ -366,26 +374,55 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
     )
 
 
-def run_training(cfg: Config, *, restart: bool = False, log=print):
+def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: list | None = None,
+                 init_checkpoint: str = ""):
     """Train ``cfg`` on the Ray cluster this process is connected to (``ray.init`` first).
 
     Starting a run whose name already has checkpoints in ``storage_path`` resumes it;
-    ``restart=True`` deletes them and starts over.
+    ``restart=True`` deletes them and starts over. The run's lease is held throughout
+    (:mod:`mtseg.train.runstate`): a second live driver on the same run stops before
+    touching it, and the run's outcome is recorded beside its checkpoints. ``mtseg train``,
+    submitted jobs and every Tune trial start their runs here.
+
+    Args:
+        callbacks, init_checkpoint: passed to :func:`build_trainer`.
 
     Returns:
         The ``ray.train.Result`` (metrics of the last report, best checkpoints).
+
+    Raises:
+        RunLockedError: another live driver holds the run.
     """
     preflight(cfg)
     run = run_uri(cfg)
-    if restart:
-        log(f"[train] --restart: deleting {run}")
-        storage.delete(run, recursive=True)
-        for owned in ("tensorboard", "image_ids"):  # only what training writes there
-            shutil.rmtree(os.path.join(local_run_dir(cfg), owned), ignore_errors=True)
-    elif ckpt.list_checkpoints(run):
-        log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
-    storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())
-    return build_trainer(cfg).fit()
+    with guard_run(run, log=log) as lease:
+        if restart:
+            clear_run(cfg, log=log)
+        elif ckpt.list_checkpoints(run):
+            log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
+        storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())
+        result = build_trainer(cfg, callbacks=callbacks, init_checkpoint=init_checkpoint).fit()
+        if result.error:
+            lease.fail(describe_exit(result.error)[1])
+        return result
+
+
+def clear_run(cfg: Config, *, log=print) -> None:
+    """``--restart``: delete what a run wrote (checkpoints, config, outcome), keeping the lease.
+
+    Every delete is checked to lie inside the run's own prefix, and the run inside
+    ``train.storage_path``; the run name is a plain name (config validation), so this is
+    a second line of defence, not the only one.
+    """
+    run = run_uri(cfg)
+    if not storage.is_inside(run, cfg.train.storage_path):
+        raise storage.StorageError(f"{run}: the run is not inside train.storage_path {cfg.train.storage_path}")
+    log(f"[train] --restart: deleting {run}")
+    for entry in [*storage.list_dirs(run), *storage.list_files(run)]:
+        if os.path.basename(entry.rstrip("/")) != LEASE_FILE:
+            storage.delete(entry, recursive=True, within=run)
+    for owned in ("tensorboard", "image_ids"):  # only what training writes there
+        shutil.rmtree(os.path.join(local_run_dir(cfg), owned), ignore_errors=True)
 
 
 def _cluster_has_gpus() -> bool:

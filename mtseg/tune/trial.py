@@ -182,7 +182,7 @@ def trial_class():
     class MTSegTrial(tune.Trainable):
         """One trial: a Train run of the trial's config; a Tune result per epoch end.
 
-        ``step`` starts ``build_trainer(cfg).fit()`` in a thread on first call and then
+        ``step`` starts ``run_training(cfg)`` in a thread on first call and then
         returns each epoch end the Train controller forwards; ``save_checkpoint`` copies the
         Train checkpoint of the last epoch end (PBT asks for it); ``load_checkpoint``
         prepares a new Train run from one (PBT's exploit).
@@ -202,18 +202,17 @@ def trial_class():
             self.run_name, self.init = start_from_checkpoint(checkpoint_dir, self.cfg, self.spec, self.trial_id)
 
         def _start(self) -> None:
-            from mtseg.train.trainer import build_trainer, run_uri
+            from mtseg.train.trainer import run_training
 
             cfg = self.cfg
             cfg.train.run_name = self.run_name
             cfg.train.storage_path = self.spec.runs_uri
-            storage.write_bytes(storage.join(run_uri(cfg), "config.yaml"), to_yaml(cfg).encode())
             self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-            trainer = build_trainer(cfg, callbacks=[_epoch_end_forwarder(self.queue)], init_checkpoint=self.init)
+            callbacks = [_epoch_end_forwarder(self.queue)]
 
             def fit() -> None:
-                try:
-                    self.outcome["result"] = trainer.fit()
+                try:  # the run's lease and outcome, as for `mtseg train`
+                    self.outcome["result"] = run_training(cfg, callbacks=callbacks, init_checkpoint=self.init)
                 except BaseException as e:  # noqa: BLE001 - raised in step()
                     self.outcome["error"] = e
 

@@ -158,8 +158,18 @@ def test_driver_killed_then_same_run_name_resumes_and_sees_each_image_once(ray_l
     cmd = [sys.executable, "-m", "mtseg.cli", "train", *args]
     first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_checkpoint(run_uri(cfg), timeout=180)
+    # A second driver on the live run is refused at once, naming the owner, and changes nothing.
+    twin = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert twin.returncode == 2, twin.stdout[-2000:] + twin.stderr[-2000:]
+    assert "in use by " in twin.stderr
+    assert f":{first.pid}" in twin.stderr and len(twin.stderr.strip().splitlines()) == 1
+    assert first.poll() is None, "the twin must not disturb the live driver"
     first.send_signal(signal.SIGKILL)
     first.wait()
+    # The killed driver could not say so itself; its dead lease does.
+    from mtseg.train.runstate import read_outcome
+
+    assert read_outcome(run_uri(cfg))["status"] == "interrupted"
     killed_at = ckpt.latest_valid(run_uri(cfg), log=lambda *a: None)[1]
     assert 0 < killed_at["step"] < _steps(cfg)
     second = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -177,7 +187,12 @@ def test_driver_killed_then_same_run_name_resumes_and_sees_each_image_once(ray_l
                 kept[(rec["rank"], rec["step"])] = rec["ids"]  # a redone step replaces the rolled-back one
         ids = [i for v in kept.values() for i in v]
         assert len(ids) == len(set(ids)) == per_epoch * 4 * 2
-    assert os.path.isdir(os.path.join(local_run_dir(cfg), "tensorboard"))
+    assert read_outcome(run_uri(cfg))["status"] == "finished"
+    # TensorBoard: every step once, no gap at the resume point (the checkpoint's step included).
+    from mtseg.report import read_scalars
+
+    steps = [int(s) for s, _ in read_scalars(os.path.join(local_run_dir(cfg), "tensorboard"))["train/loss"]]
+    assert steps == list(range(1, _steps(cfg) + 1))
 
 
 def test_node_removed_mid_epoch_is_survived_with_the_same_step_count(tiny_dataset, s3_bucket, tmp_path):
