@@ -63,7 +63,7 @@ def _read_id_log(cfg) -> list[dict]:
     return out
 
 
-def test_two_workers_stream_from_s3_and_checkpoint_into_the_bucket(ray_local, tiny_dataset, s3_bucket):
+def test_two_workers_stream_from_s3_and_checkpoint_into_the_bucket(ray_local, tiny_dataset, s3_bucket, tmp_path):
     from mtseg.train.trainer import run_training, run_uri
 
     cfg = _cfg(tiny_dataset, s3_bucket, "basic", "train.log_image_ids=true")
@@ -81,6 +81,16 @@ def test_two_workers_stream_from_s3_and_checkpoint_into_the_bucket(ray_local, ti
     for epoch in range(cfg.train.epochs):
         ids = [i for rec in log if rec["epoch"] == epoch for i in rec["ids"]]
         assert len(ids) == len(set(ids)) == _steps(cfg) // cfg.train.epochs * 4 * 2
+    # The validation a run reports is the saved model's: both workers held rank 0's BatchNorm
+    # statistics, so `mtseg evaluate` on the final checkpoint gives the same numbers.
+    from mtseg.evaluate import evaluate_checkpoint
+
+    final = ckpt.latest_valid(run_uri(cfg))[0]
+    evaluated = evaluate_checkpoint(final, log=lambda *a: None, out=str(tmp_path)).metrics
+    reported = {k: v for k, v in result.metrics.items() if k.startswith("val/")}
+    assert reported.keys() <= evaluated.keys()
+    for key, value in reported.items():
+        assert value == pytest.approx(evaluated[key], abs=1e-9, nan_ok=True), key
 
 
 def test_bad_config_fails_before_any_worker_starts(ray_local, tiny_dataset, s3_bucket):

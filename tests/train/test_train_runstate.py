@@ -85,7 +85,8 @@ def test_heartbeat_keeps_the_lease_fresh(tmp_path):
     run = str(tmp_path / "run")
     with RunLease(run, ttl_s=2.0, heartbeat_s=0.2) as lease:
         time.sleep(1.0)
-        record = json.loads(open(os.path.join(run, runstate.LEASE_FILE)).read())
+        with open(os.path.join(run, runstate.LEASE_FILE)) as f:
+            record = json.load(f)
         assert record["token"] == lease.holder.token and time.time() - record["heartbeat_at"] < 1.0
     assert not os.path.exists(os.path.join(run, runstate.LEASE_FILE))
 
