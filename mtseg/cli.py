@@ -181,7 +181,9 @@ def cmd_train(args) -> int:
                 # stopped it: main() exits 130.
                 raise KeyboardInterrupt
     if result.error:
-        raise SystemExit(f"mtseg: error: training failed: {result.error}")
+        from mtseg.train.runstate import error_line
+
+        raise SystemExit(f"mtseg: error: training failed: {error_line(result.error)}")
     print(json_metrics({k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}))
     return 0
 

@@ -41,19 +41,22 @@ def save(directory: str, state: dict[str, Any], meta: dict[str, Any], config_yam
 
     ``meta`` must hold plain JSON values (``epoch``, ``step``, ``epoch_rows``, metrics).
     """
-    os.makedirs(directory, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     blob = buf.getvalue()
-    with open(os.path.join(directory, STATE_FILE), "wb") as f:
-        f.write(blob)
-    if config_yaml:
-        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-            f.write(config_yaml)
     full_meta = {**meta, "format": FORMAT_VERSION, "state_sha256": _sha256(blob), "state_bytes": len(blob)}
     # meta.json is written last locally; on upload its hash is what proves state.pt complete.
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(full_meta, f, indent=2, sort_keys=True)
+    files = [(STATE_FILE, blob), *([(CONFIG_FILE, config_yaml.encode())] if config_yaml else []),
+             (META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())]
+    path = directory
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for name, data in files:
+            path = os.path.join(directory, name)
+            with open(path, "wb") as f:
+                f.write(data)
+    except OSError as e:  # a full disk names the file, the bytes to write and the space free
+        raise CheckpointError(storage.describe_error(path, e)) from None
 
 
 def verify(directory: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import contextlib
 import getpass
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -38,6 +39,7 @@ from typing import Any
 
 from mtseg import storage
 
+_CAUSE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
 LEASE_FILE = "lease.json"
 OUTCOME_FILE = "outcome.json"
 TTL_S = 90.0
@@ -349,8 +351,20 @@ def describe_exit(exc: BaseException | None) -> tuple[str, str]:
     if isinstance(exc, SystemExit):
         # Ray Train's SIGINT handler aborts the run and exits; so does mtseg's SIGTERM handler.
         return "interrupted", f"the driver was stopped (exit code {exc.code}: Ctrl-C or SIGTERM)"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return "failed", storage.redact(f"{type(exc).__name__}: {text}")
+    return "failed", storage.redact(error_line(exc))
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error, the root cause where there is one.
+
+    Ray Train's errors quote each worker's traceback; the line that names the cause is its
+    last ``SomeError: message`` line, not the first line of the message.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if _CAUSE.match(line)]
+    if causes:
+        return causes[-1]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 @contextlib.contextmanager

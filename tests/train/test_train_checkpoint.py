@@ -98,3 +98,21 @@ def test_lr_schedule_warmup_then_decay():
     assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
     cfg = load_config(None, ["train.warmup_steps=0", "train.schedule=cosine"]).train
     assert lr_factor(0, 10, cfg) == 1.0 and lr_factor(10, 10, cfg) == pytest.approx(0.0)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    def full(path, mode="r", *a, **k):
+        if "w" in mode and str(path).endswith(ckpt.STATE_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _save(str(tmp_path), "checkpoint_full", 1)
+    message = str(err.value)
+    assert "\n" not in message and ckpt.STATE_FILE in message and "no space left" in message

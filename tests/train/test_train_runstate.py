@@ -160,3 +160,11 @@ def test_restart_deletes_only_inside_the_run_on_s3(s3_bucket):
     _restart_keeps_everything_outside_the_run(s3_bucket)
     with pytest.raises(storage.StorageError):
         storage.is_inside(f"{s3_bucket}/runs/mine/../other", f"{s3_bucket}/runs/mine")
+
+
+def test_a_ray_worker_error_becomes_its_root_cause_line():
+    text = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\n    save()\n'
+            "mtseg.train.checkpoint.CheckpointError: /tmp/c/state.pt: no space left on the device\n")
+    assert runstate.error_line(RuntimeError(text)) == "mtseg.train.checkpoint.CheckpointError: /tmp/c/state.pt: no space left on the device"
+    assert runstate.error_line(ValueError("bad\nmore")) == "ValueError: bad"
