@@ -16,7 +16,8 @@ cluster's own (its nodes' environment, an instance role, a Kubernetes Secret; th
 ``mtseg cluster up`` starts has the local store's). ``--forward-credentials`` sends them anyway.
 
 ``mtseg jobs list`` shows what was submitted, not the driver connections Ray lists beside it
-(Ray reports each of those as SUCCEEDED once it disconnects, however it ended).
+(Ray reports each of those as SUCCEEDED once it disconnects, however it ended), and next to a
+training job's status the outcome its run recorded (``SUCCEEDED (run: finished)``).
 
 Where the cluster is, in order: ``--address``, ``RAY_API_SERVER_ADDRESS``, ``RAY_ADDRESS`` (as
 ``ray job submit`` reads them), then the head that ``mtseg cluster up`` started. The address is
@@ -720,12 +721,46 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def run_outcome(info) -> str | None:
+    """The outcome a training job's run recorded, for display: ``finished``, ``interrupted: REASON``.
+
+    Ray's status says how the job's entrypoint process ended; the run's own record (its
+    ``outcome.json``) says how training ended, e.g. a driver that lost its lease.
+
+    Args:
+        info: the job's ``JobDetails``.
+
+    Returns:
+        None when the job names no run (not a training job, or a run on a relative local path);
+        ``not started`` when the run has recorded nothing yet; ``unreadable (...)`` when its
+        storage cannot be read from here.
+    """
+    from mtseg.storage import StorageError
+
+    run = (info.metadata or {}).get(RUN_METADATA_KEY)
+    if not run:
+        return None
+    from mtseg.train.runstate import read_outcome
+
+    try:
+        outcome = read_outcome(run)
+    except (StorageError, ValueError) as e:
+        return f"unreadable ({e})"
+    if outcome is None:
+        return "not started"
+    status, reason = outcome.get("status", "unknown"), outcome.get("reason")
+    return f"{status}: {reason}" if reason and status != "finished" else status
+
+
 def _list_jobs(jobs: JobsClient, *, drivers: bool) -> None:
     rows = [("SUBMISSION_ID", "STATUS", "START", "END", "ENTRYPOINT")]
     hidden = 0
     for j in jobs.list_jobs():
         if j.submission_id:
             status = str(j.status.value)
+            run = run_outcome(j)
+            if run:
+                status += f" (run: {_shorten(run, 60)})"
         elif drivers:
             # A script that called ray.init on this cluster: Ray only knows whether it is still
             # connected (it reports every disconnect as SUCCEEDED, a SIGKILL or a crash too).
@@ -754,6 +789,9 @@ def cmd_jobs(args) -> int:
     if args.action == "status":
         info = jobs.info(args.id)
         print(f"{args.id}: {info.status.value}")
+        run = run_outcome(info)
+        if run:
+            print(f"run: {run}")
         if info.message:
             print(f"message: {info.message}")
         print(f"entrypoint: {info.entrypoint}")
@@ -842,6 +880,7 @@ __all__ = [
     "make_submission_id",
     "project_root",
     "resolve_address",
+    "run_outcome",
     "storage_env",
     "submit",
 ]

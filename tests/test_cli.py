@@ -38,6 +38,8 @@ def test_ctrl_c_stops_training_with_exit_code_130(ray_local, tiny_dataset, s3_bu
     """SIGINT while Ray Train runs: Ray's own handler aborts the run, mtseg still exits 130."""
     import ray
 
+    from mtseg.train.runstate import read_outcome
+
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     args = [f"data.uri={tiny_dataset}", f"train.storage_path={s3_bucket}", "train.run_name=ctrlc", *TINY]
     proc = subprocess.Popen([sys.executable, "-m", "mtseg.cli", "train", *args], env=env, cwd=tmp_path,
@@ -60,3 +62,5 @@ def test_ctrl_c_stops_training_with_exit_code_130(ray_local, tiny_dataset, s3_bu
     while not lines.empty():
         seen.append(lines.get())
     assert seen[-1].strip() == "mtseg: interrupted"
+    outcome = read_outcome(f"{s3_bucket}/ctrlc")
+    assert outcome["status"] == "interrupted", outcome

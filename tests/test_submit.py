@@ -128,6 +128,23 @@ def test_training_job_metadata_names_its_run_when_this_machine_can_read_it(monke
     assert sub.RUN_METADATA_KEY not in relative  # relative to the job's scratch dir on the cluster
 
 
+def test_run_outcome_is_what_the_run_recorded(tmp_path):
+    from types import SimpleNamespace
+
+    from mtseg.train.runstate import write_outcome
+
+    run = str(tmp_path / "r1")
+    job = SimpleNamespace(metadata={sub.RUN_METADATA_KEY: run})
+    assert sub.run_outcome(SimpleNamespace(metadata={"mtseg.job": "prepare"})) is None
+    assert sub.run_outcome(job) == "not started"
+    write_outcome(run, "failed", "OSError: [Errno 28] No space left on device", owner="h:1", started_at=1.0)
+    assert sub.run_outcome(job) == "failed: OSError: [Errno 28] No space left on device"
+    write_outcome(run, "running", owner="h:1", started_at=1.0)  # and no lease: its driver is gone
+    assert sub.run_outcome(job).startswith("interrupted: ")
+    write_outcome(run, "finished", owner="h:1", started_at=1.0)
+    assert sub.run_outcome(job) == "finished"
+
+
 @pytest.mark.parametrize("bad", ["..", ".", "a/b", "../x", "a b", ""])
 def test_submission_id_is_a_plain_name_checked_before_submission(monkeypatch, capsys, bad):
     monkeypatch.chdir(REPO)
@@ -424,8 +441,9 @@ def test_submit_train_wait_runs_to_success_with_checkpoints_in_the_bucket(head, 
     logs = _cli(["jobs", "logs", sid], token=token, address=h.dashboard_url)
     assert logs.returncode == 0 and "[train] epoch 1" in logs.stdout and "step 2/2" in logs.stdout
     listed = _cli(["jobs", "list"], token=token, address=h.dashboard_url)
-    assert any(line.startswith(sid) and "SUCCEEDED" in line for line in listed.stdout.splitlines())
+    assert any(line.startswith(sid) and "SUCCEEDED (run: finished)" in line for line in listed.stdout.splitlines())
     status = _cli(["jobs", "status", sid], token=token, address=h.dashboard_url)
+    assert "run: finished" in status.stdout.splitlines()
 
     # The job ran with the head's credentials: none is in Ray's logs, its job list or mtseg's.
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
