@@ -81,3 +81,38 @@ def synthetic_dataset(tmp_path_factory, s3_env, seaweedfs):
 def tiny_dataset(synthetic_dataset):
     """s3://<bucket>/tiny: 48 train and 8 val images in shards of 16."""
     return synthetic_dataset("tiny", train=TRAIN_IMAGES, val=VAL_IMAGES, seed=1, images_per_shard=16)
+
+
+@pytest.fixture
+def two_ranks(tmp_path):
+    """Run a worker script as two torch.distributed ranks on loopback; returns each rank's JSON.
+
+    The script gets ``RANK``, ``MASTER_ADDR``/``MASTER_PORT`` in its environment and
+    ``<out dir> <args...>`` on its command line, and writes ``<out dir>/rank<r>.json``.
+    """
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    def run(worker: str, *args: str, timeout: float = 300) -> tuple[dict, dict]:
+        script = tmp_path / "worker.py"
+        script.write_text(worker)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+        procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), *args], env={**env, "RANK": str(r)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail("the two ranks timed out")
+            assert p.returncode == 0, out[-3000:]
+        return tuple(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+
+    return run

@@ -9,11 +9,6 @@ differ after the first step.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -31,7 +26,7 @@ WORKER = textwrap.dedent(
     from mtseg.data.pipeline import iter_local_batches
     from mtseg.train.loop import build_state, train_one_epoch
 
-    data_uri, out_dir, weightings, backend = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
+    out_dir, data_uri, weightings, backend = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     dist.init_process_group(backend, rank=rank, world_size=2)
@@ -86,12 +81,6 @@ WORKER = textwrap.dedent(
 WEIGHTINGS = ("uncertainty", "dwa")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def local_dataset(tmp_path_factory):
     """24 synthetic 32 px training images sharded into a local directory."""
@@ -105,29 +94,6 @@ def local_dataset(tmp_path_factory):
     return uri
 
 
-def _run_ranks(data_uri: str, tmp_path, backend: str) -> tuple[dict, dict]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = dict(
-        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-    )
-    procs = [
-        subprocess.Popen([sys.executable, str(script), data_uri, str(tmp_path), ",".join(WEIGHTINGS), backend],
-                         env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("gloo workers timed out")
-        assert p.returncode == 0, out[-3000:]
-    return json.loads((tmp_path / "rank0.json").read_text()), json.loads((tmp_path / "rank1.json").read_text())
-
-
 def _assert_identical(rank0: dict, rank1: dict) -> None:
     for name in WEIGHTINGS:
         r0, r1 = rank0[name], rank1[name]
@@ -136,13 +102,13 @@ def _assert_identical(rank0: dict, rank1: dict) -> None:
         assert r0["identical_every_step"] and r1["identical_every_step"], f"{name}: ranks diverged during the epoch"
 
 
-def test_parameters_and_buffers_are_bit_identical_across_ranks_after_every_step(local_dataset, tmp_path):
+def test_parameters_and_buffers_are_bit_identical_across_ranks_after_every_step(local_dataset, two_ranks):
     """The default path: BatchNorm per rank, rank 0's buffers broadcast after each step."""
-    _assert_identical(*_run_ranks(local_dataset, tmp_path, "gloo"))
+    _assert_identical(*two_ranks(WORKER, local_dataset, ",".join(WEIGHTINGS), "gloo"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
-def test_sync_batchnorm_replicas_are_bit_identical_on_two_gpus(local_dataset, tmp_path):
+def test_sync_batchnorm_replicas_are_bit_identical_on_two_gpus(local_dataset, two_ranks):
     """``model.sync_batchnorm``: SyncBatchNorm (CUDA only) on two NCCL ranks, same guarantee."""
-    _assert_identical(*_run_ranks(local_dataset, tmp_path, "nccl"))
+    _assert_identical(*two_ranks(WORKER, local_dataset, ",".join(WEIGHTINGS), "nccl"))

@@ -8,14 +8,8 @@ i.e. to the update of the global batch.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
-import pytest
 
 from mtseg.config import WEIGHTING_NAMES
 
@@ -81,48 +75,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _close(a, b, tol=1e-5):
     return len(a) == len(b) and all(abs(x - y) <= tol * (1 + abs(y)) for x, y in zip(a, b))
 
 
-def test_strategies_are_rank_consistent_and_match_the_global_batch(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
-    )
-    names = ",".join(WEIGHTING_NAMES)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path), names],
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("gloo workers timed out")
-        assert p.returncode == 0, out[-3000:]
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+def test_strategies_are_rank_consistent_and_match_the_global_batch(two_ranks):
+    rank0, rank1 = two_ranks(WORKER, ",".join(WEIGHTING_NAMES), timeout=180)
     for name in WEIGHTING_NAMES:
         d0, d1, single = rank0["distributed"][name], rank1[name], rank0["single"][name]
         assert d0["params"] == d1["params"], f"{name}: ranks diverged"
