@@ -127,6 +127,8 @@ def worker_stream(segments: list[Segment], transform, *, rows_per_task: int, num
     """A Ray Data dataset over this worker's segments, in plan order (``preserve_order``)."""
     import ray.data
 
+    from mtseg.compat import quiet_idle_executor
+
     tasks = [{"path": s.path, "rows": list(s.rows)} for s in segments]
     if not tasks:
         return None
@@ -135,6 +137,8 @@ def worker_stream(segments: list[Segment], transform, *, rows_per_task: int, num
     ds.context.execution_options.preserve_order = True
     # One dataset per worker per epoch: its plan would be logged every epoch on every worker.
     ds.context.print_on_execution_start = False
+    # Ray 2.60's executor spins while training holds it back (see mtseg.compat).
+    quiet_idle_executor(ds.context)
     return ds.map_batches(
         read_and_transform,
         fn_kwargs={"transform": transform, "out_rows": rows_per_task},
