@@ -113,7 +113,7 @@ class SeaweedFS:
             "AWS_REGION": "us-east-1",
         }
 
-    def start(self, timeout: float = 30.0) -> "SeaweedFS":
+    def start(self, timeout: float = 30.0) -> SeaweedFS:
         os.makedirs(self.data_dir, exist_ok=True)
         used: set[int] = set()
         ports = {}
@@ -374,7 +374,7 @@ class RayHead:
     def dashboard_url(self) -> str:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
-    def start(self, env: dict | None = None, timeout: float = 90.0, attempts: int = 2) -> "RayHead":
+    def start(self, env: dict | None = None, timeout: float = 90.0, attempts: int = 2) -> RayHead:
         """Start the head; every port is a free one, so it coexists with other Rays on the machine.
 
         ``ray start`` gives the raylet a fixed 30 s to register; on a loaded machine that can
@@ -391,7 +391,7 @@ class RayHead:
                     raise
         raise AssertionError("unreachable")
 
-    def _start_once(self, env: dict | None, timeout: float) -> "RayHead":
+    def _start_once(self, env: dict | None, timeout: float) -> RayHead:
         os.makedirs(self.temp_dir, exist_ok=True)
         used: set[int] = set()
 
@@ -484,7 +484,7 @@ class LocalStack:
         return os.path.join(self.dir, "stack.json")
 
     @classmethod
-    def load(cls, dir: str = DEFAULT_STACK_DIR) -> "LocalStack":
+    def load(cls, dir: str = DEFAULT_STACK_DIR) -> LocalStack:
         """The stack recorded in ``<dir>/stack.json`` (an empty one when there is no file).
 
         Raises:

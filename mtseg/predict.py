@@ -38,8 +38,9 @@ import posixpath
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -315,7 +316,7 @@ class Predictor:
         self._resize_in = build_transform(cfg.data.image_size, train=False)
 
     @classmethod
-    def from_checkpoint(cls, uri: str, *, device: str = "auto", data_uri: str | None = None) -> "Predictor":
+    def from_checkpoint(cls, uri: str, *, device: str = "auto", data_uri: str | None = None) -> Predictor:
         """Load ``uri`` (see :func:`load_checkpoint`) onto ``device`` (see :func:`pick_device`)."""
         dev = pick_device(device)
         loaded = load_checkpoint(uri, data_uri=data_uri)
@@ -391,7 +392,7 @@ def _font(height: int):
     return ImageFont.load_default(size=int(min(48, max(11, height // 28))))
 
 
-def legend_image(entries: Sequence[tuple[int, str]], height: int) -> "Image.Image":
+def legend_image(entries: Sequence[tuple[int, str]], height: int) -> Image.Image:
     """A colour legend: one row per (label index, name), colours as :func:`mtseg.report.colorize`.
 
     Args:
@@ -418,7 +419,7 @@ def legend_image(entries: Sequence[tuple[int, str]], height: int) -> "Image.Imag
     return img
 
 
-def _beside(picture: np.ndarray, legend) -> "Image.Image":
+def _beside(picture: np.ndarray, legend) -> Image.Image:
     from PIL import Image
 
     left = Image.fromarray(picture)
@@ -456,7 +457,7 @@ def _heat(values: np.ndarray) -> np.ndarray:
 
 
 def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex,
-           score_threshold: float = OVERLAY_SCORE_THRESHOLD) -> dict[str, "Image.Image"]:
+           score_threshold: float = OVERLAY_SCORE_THRESHOLD) -> dict[str, Image.Image]:
     """The pictures of one prediction.
 
     Args:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -117,7 +117,8 @@ def svg_curves(series: dict[str, list[tuple[float, float]]], title: str, width: 
              f'<text x="{pad}" y="{height - pad + 14}" font-size="10">step {x0:.0f}</text>',
              f'<text x="{width - pad - 50}" y="{height - pad + 14}" font-size="10">step {x1:.0f}</text>']
     for i, (name, s) in enumerate(sorted(series.items())):
-        c = "#%02x%02x%02x" % tuple(int(v) for v in colours[i + 1])
+        r, g, b = (int(v) for v in colours[i + 1])
+        c = f"#{r:02x}{g:02x}{b:02x}"
         line = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(xy, sorted(s)))
         parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{line}"/>')
         parts.append(f'<text x="{pad}" y="{height + 4 + 16 * i}" font-size="11" fill="{c}">{html.escape(name)}</text>')

@@ -24,7 +24,8 @@ import re
 import shutil
 import time
 import uuid
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs

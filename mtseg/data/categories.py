@@ -31,7 +31,7 @@ class CategoryIndex:
     class_to_super: tuple[int, ...] = field(repr=False)
 
     @classmethod
-    def from_categories(cls, categories: list[dict]) -> "CategoryIndex":
+    def from_categories(cls, categories: list[dict]) -> CategoryIndex:
         """Build from COCO ``categories`` entries (``id``, ``name``, ``supercategory``)."""
         if not categories:
             raise ValueError("categories: the dataset defines no categories")

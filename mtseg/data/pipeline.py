@@ -25,8 +25,9 @@ Validation uses the same code with ``train=False`` (a plain resize, no randomnes
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -144,7 +145,7 @@ class SampleTransform:
         object.__setattr__(self, "_spec", wire_spec(self.image_size, self.categories))
 
     @classmethod
-    def from_config(cls, categories: CategoryIndex, cfg: "Config", *, train: bool, epoch: int = 0, seed: int = 0) -> "SampleTransform":
+    def from_config(cls, categories: CategoryIndex, cfg: Config, *, train: bool, epoch: int = 0, seed: int = 0) -> SampleTransform:
         """The transform a config asks for.
 
         Args:
@@ -346,7 +347,7 @@ def _shard_paths(uri: str, split: str, manifest: dict, shards: Sequence[str] | N
     return uris
 
 
-def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> tuple["ray.data.Dataset", dict]:
+def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> tuple[ray.data.Dataset, dict]:
     """A lazy Ray Dataset over a split's shard rows.
 
     Args:
@@ -386,15 +387,15 @@ def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> 
 
 
 def build_stream(
-    ds: "ray.data.Dataset",
+    ds: ray.data.Dataset,
     categories: CategoryIndex,
-    cfg: "Config",
+    cfg: Config,
     *,
     train: bool,
     epoch: int = 0,
     seed: int = 0,
     rows_per_block: int | None = None,
-) -> "ray.data.Dataset":
+) -> ray.data.Dataset:
     """Add decode + augmentation + targets to a Dataset of shard rows.
 
     Args:
@@ -426,7 +427,7 @@ def iter_local_batches(
     uri: str,
     split: str,
     categories: CategoryIndex | None,
-    cfg: "Config",
+    cfg: Config,
     train: bool,
     *,
     epoch: int = 0,

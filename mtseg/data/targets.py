@@ -17,7 +17,8 @@ the instance targets (centers, offsets) are computed on the visible part of each
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch

@@ -30,7 +30,8 @@ import math
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image as _tv_decode_image
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as _tv_decode_image
 from torchvision.transforms import v2
 
 #: Aspect-ratio range of the random crop (torchvision's default).

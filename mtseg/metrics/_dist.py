@@ -47,7 +47,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return buf.to(tensor.device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _object_group_for(default_group_id: int):
     # new_group is collective: every rank reaches it from the same all_reduce() call.
     if dist.get_backend() == "gloo":

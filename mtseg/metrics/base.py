@@ -41,7 +41,7 @@ class SumMetric:
             self._state = self._state.to(device)
         return self._state
 
-    def merge(self, other: "SumMetric") -> None:
+    def merge(self, other: SumMetric) -> None:
         """Add ``other``'s sums to this metric.
 
         Args:

@@ -428,7 +428,7 @@ class CocoMaskEvaluator:
         self._has_bbox = expect_bbox
         self._reduced = None
 
-    def merge(self, other: "CocoMaskEvaluator") -> None:
+    def merge(self, other: CocoMaskEvaluator) -> None:
         """Append ``other``'s results (same ground truth) after this one's."""
         if not isinstance(other, CocoMaskEvaluator) or other._img_ids != self._img_ids:
             raise ValueError("merge: other is not a CocoMaskEvaluator over the same ground-truth images")
@@ -439,7 +439,7 @@ class CocoMaskEvaluator:
         return {"results": list(self._results)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], coco_gt: COCO) -> "CocoMaskEvaluator":
+    def from_state(cls, state: dict[str, Any], coco_gt: COCO) -> CocoMaskEvaluator:
         """Rebuild from :meth:`state_dict` output and the same ground truth."""
         ev = cls(coco_gt)
         ev.update(state["results"])

@@ -157,7 +157,7 @@ class Evaluator:
             else:
                 metric.all_reduce()
 
-    def merge(self, other: "Evaluator") -> None:
+    def merge(self, other: Evaluator) -> None:
         """Add another evaluator's accumulations (same tasks) to this one."""
         if set(other.metrics) != set(self.metrics):
             raise ValueError(f"merge: metrics differ, {sorted(other.metrics)} vs {sorted(self.metrics)}")

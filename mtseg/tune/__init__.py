@@ -48,15 +48,32 @@ Trainable, PBT checkpoint rebase), :mod:`~mtseg.tune.results` (table, best confi
 """
 
 from mtseg.tune.objective import (
-    DELTA_M, OBJECTIVES, TaskObjective, baseline_config, baseline_key, delta_m, ensure_baselines,
+    DELTA_M,
+    OBJECTIVES,
+    TaskObjective,
+    baseline_config,
+    baseline_key,
+    delta_m,
+    ensure_baselines,
 )
 from mtseg.tune.results import TuneOutcome, best_train_config, summarize, to_csv, to_markdown, write_results
 from mtseg.tune.search import add_parser, build_tuner, check_options, cmd_tune, run_tune
 from mtseg.tune.space import (
-    PBT_MUTABLE, Param, SearchError, experiment_uri, parse_param, trial_config, validate_search,
+    PBT_MUTABLE,
+    Param,
+    SearchError,
+    experiment_uri,
+    parse_param,
+    trial_config,
+    validate_search,
 )
 from mtseg.tune.trial import (
-    TRIAL_DRIVER_CPUS, TrialSpec, rebase_checkpoint, start_from_checkpoint, trial_class, trial_metrics,
+    TRIAL_DRIVER_CPUS,
+    TrialSpec,
+    rebase_checkpoint,
+    start_from_checkpoint,
+    trial_class,
+    trial_metrics,
 )
 
 __all__ = [

@@ -19,6 +19,7 @@ from mtseg import storage
 from mtseg.config import Config, ConfigError, TuneConfig
 from mtseg.tune.space import BASELINES_DIR, RUNS_DIR, SearchError, trial_config
 
+
 @dataclass(frozen=True)
 class TaskObjective:
     """A task's validation metric and the task set of its single-task baseline run."""

@@ -13,7 +13,13 @@ from mtseg.config import Config, ConfigError, config_from_dict, to_yaml
 from mtseg.tune.objective import DELTA_M, ensure_baselines
 from mtseg.tune.results import TuneOutcome, summarize, write_results
 from mtseg.tune.space import (
-    CONFIG_FILE, PBT_INIT_DIR, RUNS_DIR, Param, SearchError, experiment_uri, validate_search,
+    CONFIG_FILE,
+    PBT_INIT_DIR,
+    RUNS_DIR,
+    Param,
+    SearchError,
+    experiment_uri,
+    validate_search,
 )
 from mtseg.tune.trial import TRIAL_DRIVER_CPUS, TrialSpec, trial_class
 

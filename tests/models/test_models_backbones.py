@@ -8,6 +8,7 @@ import torchvision
 
 from mtseg.models import available_backbones, build_backbone, build_decoder
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_cpu_thread():
     """These tests run many tiny convolutions: one intra-op thread is as fast and does not

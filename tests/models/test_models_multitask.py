@@ -12,6 +12,7 @@ from mtseg.tasks import build_tasks, compute_losses, model_inputs
 from mtseg.tasks.reconstruction import MASK_FILL
 from mtseg.tasks.supercategory import hierarchical_log_probs
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_cpu_thread():
     """These tests run many tiny convolutions: one intra-op thread is as fast and does not

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from mtseg.config import load_config
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.optim import lr_factor
-from mtseg.config import load_config
 
 
 def _save(root, name, step):

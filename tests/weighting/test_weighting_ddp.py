@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import textwrap
 
-
 from mtseg.config import WEIGHTING_NAMES
 
 WORKER = textwrap.dedent(
