@@ -37,7 +37,7 @@ from mtseg.data.pipeline import SampleTransform, to_torch
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.data import plan_epoch, steps_per_epoch, worker_stream
 from mtseg.train.loop import TrainState, build_state, evaluate, train_one_epoch
-from mtseg.train.runstate import LEASE_FILE, check_free, describe_exit, guard_run
+from mtseg.train.runstate import LEASE_FILE, OUTCOME_FILE, check_free, describe_exit, guard_run
 
 VAL_METRIC = "val/miou"
 
@@ -408,7 +408,9 @@ def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: li
 
 
 def clear_run(cfg: Config, *, log=print) -> None:
-    """``--restart``: delete what a run wrote (checkpoints, config, outcome), keeping the lease.
+    """``--restart``: delete what a run wrote (checkpoints, config), keeping its lease and outcome.
+
+    :func:`run_training` holds the lease and has just recorded the outcome as ``running``.
 
     Every delete is checked to lie inside the run's own prefix, and the run inside
     ``train.storage_path``; the run name is a plain name (config validation), so this is
@@ -419,7 +421,7 @@ def clear_run(cfg: Config, *, log=print) -> None:
         raise storage.StorageError(f"{run}: the run is not inside train.storage_path {cfg.train.storage_path}")
     log(f"[train] --restart: deleting {run}")
     for entry in [*storage.list_dirs(run), *storage.list_files(run)]:
-        if os.path.basename(entry.rstrip("/")) != LEASE_FILE:
+        if os.path.basename(entry.rstrip("/")) not in (LEASE_FILE, OUTCOME_FILE):
             storage.delete(entry, recursive=True, within=run)
     for owned in ("tensorboard", "image_ids"):  # only what training writes there
         shutil.rmtree(os.path.join(local_run_dir(cfg), owned), ignore_errors=True)
