@@ -250,7 +250,7 @@ def _write_overlays(model_dir: str, cfg, data_uri: str, out_dir: str, count: int
     from mtseg.data.manifest import read_manifest
     from mtseg.data.pipeline import categories_of, iter_local_batches
     from mtseg.models import build_model
-    from mtseg.report import blend, colorize, heatmap, instance_map, panel, to_uint8_image
+    from mtseg.render import blend, colorize, heatmap, instance_map, panel, to_uint8_image
     from mtseg.tasks import build_tasks
     from mtseg.train import checkpoint as ckpt
     from mtseg.train.loop import predict_batch

@@ -38,7 +38,7 @@ import posixpath
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -385,77 +385,6 @@ class Predictor:
 # ---------------------------------------------------------------------------- pictures
 
 
-def _font(height: int):
-    from PIL import ImageFont
-
-    # Readable on a 32 px thumbnail and on a 4000 px photo alike.
-    return ImageFont.load_default(size=int(min(48, max(11, height // 28))))
-
-
-def legend_image(entries: Sequence[tuple[int, str]], height: int) -> Image.Image:
-    """A colour legend: one row per (label index, name), colours as :func:`mtseg.report.colorize`.
-
-    Args:
-        entries: the labels shown, with their names.
-        height: height of the picture it accompanies (sets the font size).
-
-    Returns:
-        A white RGB PIL image.
-    """
-    from PIL import Image, ImageDraw
-
-    from mtseg.report import palette
-
-    colours = palette(256)
-    font = _font(height)
-    row = int(font.size * 1.5)
-    width = max([int(font.getlength(name)) for _, name in entries] + [font.size * 4]) + row + 12
-    img = Image.new("RGB", (width, row * max(1, len(entries)) + 6), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    for n, (index, name) in enumerate(entries):
-        y = 3 + n * row
-        draw.rectangle([4, y + 2, 4 + row - 6, y + row - 4], fill=tuple(int(c) for c in colours[index]), outline=(0, 0, 0))
-        draw.text((row + 4, y + (row - font.size) // 2), name, fill=(0, 0, 0), font=font)
-    return img
-
-
-def _beside(picture: np.ndarray, legend) -> Image.Image:
-    from PIL import Image
-
-    left = Image.fromarray(picture)
-    canvas = Image.new("RGB", (left.width + legend.width, max(left.height, legend.height)), (255, 255, 255))
-    canvas.paste(left, (0, 0))
-    canvas.paste(legend, (left.width, 0))
-    return canvas
-
-
-def _outlines(image: np.ndarray, instances: Iterable[dict], threshold: float) -> np.ndarray:
-    """White outlines of the instances scoring at least ``threshold`` (masks decoded from their RLE)."""
-    from pycocotools import mask as mask_utils
-
-    out = image.copy()
-    for inst in instances:
-        if float(inst["score"]) < threshold:
-            continue
-        m = mask_utils.decode(inst["segmentation"]).astype(bool)
-        inner = m.copy()
-        inner[1:, :] &= m[:-1, :]
-        inner[:-1, :] &= m[1:, :]
-        inner[:, 1:] &= m[:, :-1]
-        inner[:, :-1] &= m[:, 1:]
-        out[m & ~inner] = (255, 255, 255)
-    return out
-
-
-def _heat(values: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] -> RGB, black..yellow as :func:`mtseg.report.heatmap`, on a fixed scale.
-
-    ``report.heatmap`` stretches min..max, which would show a flat, empty map as full of signal.
-    """
-    v = np.clip(values.astype(np.float32), 0.0, 1.0)
-    return np.stack([v * 255, v * 220, v * 40], -1).round().astype(np.uint8)
-
-
 def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex,
            score_threshold: float = OVERLAY_SCORE_THRESHOLD) -> dict[str, Image.Image]:
     """The pictures of one prediction.
@@ -472,23 +401,23 @@ def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex,
     """
     from PIL import Image
 
-    from mtseg.report import blend
+    from mtseg.render import beside, blend, heatmap, legend, outlines
 
     h = image.shape[0]
     present = [int(c) for c in np.unique(pred.semantic) if 0 < c < categories.num_classes]
-    overlay = _outlines(blend(image, pred.semantic), pred.instances, score_threshold)
+    overlay = outlines(blend(image, pred.semantic), pred.instances, score_threshold)
     names = [(0, "background")] + [(c, categories.names[c - 1]) for c in present]
-    pictures = {"overlay": _beside(overlay, legend_image(names, h))}
+    pictures = {"overlay": beside(overlay, legend(names, h))}
     if pred.supercategory is not None:
         supers = [int(s) for s in np.unique(pred.supercategory) if 0 < s < categories.num_supercategories]
-        pictures["supercategory"] = _beside(
+        pictures["supercategory"] = beside(
             blend(image, pred.supercategory),
-            legend_image([(0, "background")] + [(s, categories.supercategories[s - 1]) for s in supers], h),
+            legend([(0, "background")] + [(s, categories.supercategories[s - 1]) for s in supers], h),
         )
     if pred.boundary is not None:
-        pictures["boundary"] = Image.fromarray(_heat(pred.boundary))
+        pictures["boundary"] = Image.fromarray(heatmap(pred.boundary, stretch=False))
     if pred.center is not None:
-        pictures["center"] = Image.fromarray(_heat(pred.center))
+        pictures["center"] = Image.fromarray(heatmap(pred.center, stretch=False))
     if pred.reconstruction is not None:
         pictures["reconstruction"] = Image.fromarray(pred.reconstruction)
     return pictures
