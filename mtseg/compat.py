@@ -1,14 +1,51 @@
 """Workarounds for Ray behaviour, in one place. Each names the Ray version it was written for.
 
-Everything here touches a private Ray API; when Ray changes, this is the one module to check.
+Everything here touches a private Ray API; when Ray changes, this is the one module to check
+(tests/test_compat.py fails, naming the API, when one of them moves).
 Import it only where Ray is already in use.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
+
+# Ray 2.60 logs INFO lines per ignore file and per upload (again on every retry) while it
+# packages a job's working_dir, and warns that .git is now excluded by default (mtseg excludes
+# it anyway); mtseg submit prints its own one-line summaries instead. These are the loggers of
+# ray/_private/runtime_env/{packaging,working_dir}.py, with the level that keeps them quiet.
+RUNTIME_ENV_LOG_LEVELS = {
+    "ray._private.runtime_env.packaging": logging.WARNING,
+    "ray._private.runtime_env.working_dir": logging.ERROR,
+}
+
+
+def excluded_by_ray(path: str, patterns: Iterable[str]) -> bool:
+    """Whether Ray leaves ``path`` (relative, POSIX) out of a runtime_env upload excluding ``patterns``.
+
+    Ray 2.60: the matcher Ray itself applies to ``runtime_env`` excludes (its vendored pathspec,
+    gitignore syntax), so a check before submitting agrees with what is uploaded.
+    """
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    return PathSpec.from_lines("gitwildmatch", list(patterns)).match_file(path)
+
+
+def quiet_train_report_log(level: str | int) -> None:
+    """Set the level of Ray Train's per-report log line on this worker (``train.ray_log_level``).
+
+    Ray 2.60 logs every ``ray.train.report`` at INFO under a logger named after the file path of
+    ``ray/train/v2/_internal/execution/context.py``, outside the ``ray.train`` namespace that
+    ``RunConfig(logging_config=...)`` filters.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(level)
 
 
 class IdleBackoff(ExecutionCallback):

@@ -223,14 +223,14 @@ def _without_env(names: Sequence[str]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_ray_logs() -> Iterator[None]:
-    # While packaging the working_dir Ray logs INFO lines per ignore file and per upload (again
-    # on every retry), warns that .git is now excluded by default (mtseg excludes it anyway), and
-    # logs when a log stream closes; mtseg prints its own one-line summaries instead.
+    # Ray's working_dir packaging (see mtseg.compat) and its job SDK log when a log stream
+    # closes; mtseg prints its own one-line summaries instead.
     import logging
 
+    from mtseg.compat import RUNTIME_ENV_LOG_LEVELS
+
     levels = {
-        "ray._private.runtime_env.packaging": logging.WARNING,
-        "ray._private.runtime_env.working_dir": logging.ERROR,
+        **RUNTIME_ENV_LOG_LEVELS,
         "ray.dashboard.modules.dashboard_sdk": logging.WARNING,
         "ray.dashboard.modules.job.sdk": logging.WARNING,
     }
@@ -462,11 +462,9 @@ def _relative_to_root(path: str, root: Path, what: str) -> str:
         raise SubmitError(
             f"{what} {path}: outside the project {root}, which is all the cluster receives; put it under jobs/configs/"
         ) from None
-    # The matcher Ray itself applies to runtime_env excludes, so the check agrees with the upload.
-    from ray._private.thirdparty.pathspec import PathSpec
+    from mtseg.compat import excluded_by_ray
 
-    spec = PathSpec.from_lines("gitwildmatch", WORKING_DIR_EXCLUDES)
-    if spec.match_file(rel.as_posix()):
+    if excluded_by_ray(rel.as_posix(), WORKING_DIR_EXCLUDES):
         raise SubmitError(f"{what} {path}: in a directory that is not uploaded to the cluster; put it under jobs/configs/")
     return rel.as_posix()
 

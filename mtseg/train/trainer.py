@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -164,30 +163,17 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
     return True
 
 
-def _quiet_report_log(level: str) -> None:
-    """Apply ``train.ray_log_level`` to Ray Train's per-report log line on this worker.
-
-    Ray 2.60 logs every ``ray.train.report`` at INFO under a logger named after the file
-    path of ``ray/train/v2/_internal/execution/context.py``, outside the ``ray.train``
-    namespace that ``RunConfig(logging_config=...)`` filters.
-    """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray without that module: nothing to quiet
-        return
-    logging.getLogger(context.__file__).setLevel(level)
-
-
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point: thin wiring of the library functions."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from mtseg.compat import quiet_train_report_log
     from mtseg.metrics import Evaluator
 
     cfg = config_from_dict(config["cfg"])
-    _quiet_report_log(cfg.train.ray_log_level)
+    quiet_train_report_log(cfg.train.ray_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     log = print if rank == 0 else (lambda *a, **k: None)

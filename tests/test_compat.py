@@ -1,0 +1,57 @@
+"""mtseg.compat: each private Ray API it relies on is still where it was (Ray 2.60).
+
+When Ray moves one of them, the test naming it fails here rather than a run going quietly
+noisy or slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+
+from mtseg import compat
+
+
+@pytest.mark.parametrize("name", sorted(compat.RUNTIME_ENV_LOG_LEVELS))
+def test_runtime_env_loggers_are_the_ones_ray_logs_to(name):
+    module = importlib.import_module(name)
+    loggers = [v.name for v in vars(module).values() if isinstance(v, logging.Logger)]
+    assert name in loggers
+
+
+def test_train_report_log_is_quieted_on_the_logger_ray_train_uses():
+    from ray.train.v2._internal.execution import context
+
+    report_logger = logging.getLogger(context.__file__)
+    saved = report_logger.level
+    try:
+        compat.quiet_train_report_log("WARNING")
+        assert context.logger is report_logger
+        assert not report_logger.isEnabledFor(logging.INFO)
+    finally:
+        report_logger.setLevel(saved)
+
+
+def test_excluded_by_ray_matches_gitignore_syntax_as_ray_does():
+    from mtseg.submit import WORKING_DIR_EXCLUDES
+
+    assert compat.excluded_by_ray("runs/demo/config.yaml", WORKING_DIR_EXCLUDES)
+    assert not compat.excluded_by_ray("jobs/configs/demo.yaml", WORKING_DIR_EXCLUDES)
+    assert compat.excluded_by_ray("a/b/x.pyc", ["*.pyc"])
+
+
+def test_idle_backoff_is_installed_once_and_hooks_into_the_executor_step():
+    from ray.data import DataContext
+    from ray.data._internal.execution.interfaces import PhysicalOperator
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    ctx = DataContext()
+    compat.quiet_idle_executor(ctx)
+    compat.quiet_idle_executor(ctx)
+    assert ctx.custom_execution_callback_classes.count(compat.IdleBackoff) == 1
+    assert compat.IdleBackoff in ctx.execution_callback_classes
+    # IdleBackoff reads the executor's operators from _topology and asks each for its tasks.
+    assert "_topology" in vars(StreamingExecutor(ctx))
+    assert callable(PhysicalOperator.num_active_tasks)
