@@ -247,19 +247,15 @@ def _best_checkpoint(result):
 
 def _write_overlays(model_dir: str, cfg, data_uri: str, out_dir: str, count: int) -> list[str]:
     """image | ground truth | prediction, one row per task, for ``count`` validation images."""
-    from mtseg.data.manifest import read_manifest
-    from mtseg.data.pipeline import categories_of, iter_local_batches
-    from mtseg.models import build_model
+    from mtseg.data.pipeline import iter_local_batches
     from mtseg.render import blend, colorize, heatmap, instance_map, panel, to_uint8_image
     from mtseg.tasks import build_tasks
     from mtseg.train import checkpoint as ckpt
     from mtseg.train.loop import predict_batch
 
-    categories = categories_of(read_manifest(data_uri, cfg.data.val_split))
-    model = build_model(cfg, categories)
-    state, _ = ckpt.load(model_dir)
-    model.load_state_dict(state["model"])
-    model.eval()
+    loaded = ckpt.load_for_inference(model_dir, data_uri=data_uri)
+    categories = loaded.categories
+    model = ckpt.build_inference_model(cfg, categories, loaded.model_state)
     tasks = build_tasks(cfg, categories)
     batch = next(iter_local_batches(data_uri, cfg.data.val_split, categories, cfg, train=False, batch_size=count))
     outputs, semantic, instances = predict_batch(model, batch, tasks, cfg, categories)

@@ -44,7 +44,7 @@ import numpy as np
 
 from mtseg import storage
 from mtseg.data.categories import CategoryIndex
-from mtseg.predict import LoadedCheckpoint, PredictError, build_inference_model, load_checkpoint
+from mtseg.predict import PredictError
 
 # torch, Ray and the data pipeline are imported where used, so that building the CLI parser
 # (which imports this module) stays fast.
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from mtseg.data.pipeline import SampleTransform
+    from mtseg.train.checkpoint import LoadedCheckpoint
 
 #: Shard columns that make up an image's ground truth (everything but the pixels).
 GT_COLUMNS = ("image_id", "height", "width", "annotations")
@@ -129,6 +130,7 @@ class EvalActor:
 
         from mtseg.config import config_from_dict
         from mtseg.tasks import build_tasks
+        from mtseg.train import checkpoint as ckpt
 
         if isinstance(model_state, ray.ObjectRef):
             model_state = ray.get(model_state)
@@ -138,7 +140,7 @@ class EvalActor:
         self.coco_categories = list(categories)
         self.categories = CategoryIndex.from_categories(self.coco_categories)
         self.device = torch.device(device)
-        self.model = build_inference_model(self.cfg, self.categories, model_state, self.device)
+        self.model = ckpt.build_inference_model(self.cfg, self.categories, model_state, self.device)
         self.tasks = build_tasks(self.cfg, self.categories)
         self.with_instances = "instance" in self.cfg.tasks.names
 
@@ -331,7 +333,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
 
     Args:
-        loaded: from :func:`mtseg.predict.load_checkpoint`.
+        loaded: from :func:`mtseg.train.checkpoint.load_for_inference`.
         data_uri: dataset root (local or ``s3://``).
         split: split name.
         batch_size: images per forward pass; default the run's ``data.batch_size``.
@@ -424,7 +426,9 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str | None = None, split: str
     Returns:
         The :class:`EvaluationResult`, with ``files`` set.
     """
-    loaded = load_checkpoint(checkpoint, data_uri=data_uri)
+    from mtseg.train import checkpoint as ckpt
+
+    loaded = ckpt.load_for_inference(checkpoint, data_uri=data_uri)
     data_uri = data_uri or loaded.cfg.data.uri
     split = split or loaded.cfg.data.val_split
     result = evaluate_loaded(loaded, data_uri, split, log=log, **options)
@@ -436,13 +440,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``mtseg evaluate``: prints the table; exit 2 on a usage error."""
     from mtseg.cli import _storage_env
     from mtseg.cluster import init_local_ray
+    from mtseg.train import checkpoint as ckpt
 
     try:
         # Everything that can fail on bad input fails before Ray starts.
         _check_counts(batch_size=args.batch_size, limit=args.limit)
         if args.out:
             storage.check_access(args.out)  # not found to be a file only after the inference
-        loaded = load_checkpoint(args.checkpoint, data_uri=args.data)
+        loaded = ckpt.load_for_inference(args.checkpoint, data_uri=args.data)
         data_uri = args.data or loaded.cfg.data.uri
         split = args.split or loaded.cfg.data.val_split
         from mtseg.data.manifest import read_manifest

@@ -24,8 +24,7 @@ and the fusion (:func:`mtseg.train.loop.predict_batch`, the code validation uses
 output is resized back to the image's own size: label maps with nearest neighbour, probability
 maps bilinearly, instance masks inside :func:`mtseg.fusion.instances_to_coco`.
 
-This module also owns loading a checkpoint for inference (:func:`load_checkpoint`,
-:func:`build_inference_model`), which ``mtseg evaluate`` shares.
+Checkpoints are loaded as everywhere else, by :func:`mtseg.train.checkpoint.load_for_inference`.
 """
 
 from __future__ import annotations
@@ -36,18 +35,16 @@ import json
 import os
 import posixpath
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
-import yaml
 
 from mtseg import storage
-from mtseg.config import Config, ConfigError, config_from_dict
+from mtseg.config import Config
 from mtseg.data.categories import CategoryIndex
 
 # torch, PIL and the model code are imported where used: `mtseg <any command>` builds this
@@ -71,170 +68,7 @@ class PredictError(ValueError):
     """Bad input to ``mtseg predict`` / ``mtseg evaluate``; the message says what was wrong."""
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A verified checkpoint, ready to build a model from.
-
-    Attributes:
-        uri: the checkpoint directory (after resolving a run directory to its latest one).
-        cfg: the run's resolved config (the checkpoint's ``config.yaml``).
-        categories: the label space the model was trained on.
-        meta: the checkpoint's ``meta.json``.
-        model_state: the model's ``state_dict`` (CPU tensors).
-    """
-
-    uri: str
-    cfg: Config
-    categories: CategoryIndex
-    meta: dict[str, Any]
-    model_state: dict[str, torch.Tensor] = field(repr=False)
-
-
-def resolve_checkpoint(uri: str) -> str:
-    """The checkpoint directory ``uri`` names: itself, or a run directory's newest complete checkpoint.
-
-    Args:
-        uri: a checkpoint directory (``state.pt`` + ``meta.json``), or a run directory holding
-            Ray Train ``checkpoint_*`` directories; local or ``s3://``.
-
-    Returns:
-        The checkpoint directory's URI.
-
-    Raises:
-        PredictError: neither a checkpoint nor a run with a complete checkpoint.
-    """
-    from mtseg.train import checkpoint as ckpt
-
-    uri = str(uri).rstrip("/")
-    if storage.exists(storage.join(uri, ckpt.META_FILE)):
-        return uri
-    if ckpt.list_checkpoints(uri):
-        found = ckpt.latest_valid(uri, log=lambda *a: None)
-        if found is None:
-            raise PredictError(f"{uri}: the run has no complete checkpoint")
-        return found[0]
-    raise PredictError(f"{uri}: not a checkpoint directory (no {ckpt.META_FILE}) nor a run with checkpoint_* directories")
-
-
-def _parent(uri: str) -> str:
-    return posixpath.dirname(uri.rstrip("/")) if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
-
-
-def _read_config(uri: str) -> Config:
-    """The checkpoint's config.yaml; a Ray Train checkpoint without one falls back to its run's."""
-    from mtseg.train import checkpoint as ckpt
-
-    for where in (storage.join(uri, ckpt.CONFIG_FILE), storage.join(_parent(uri), ckpt.CONFIG_FILE)):
-        if storage.exists(where):
-            try:
-                data = yaml.safe_load(storage.read_bytes(where).decode())
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-            return config_from_dict(data or {})
-    raise PredictError(f"{uri}: no {ckpt.CONFIG_FILE} in the checkpoint or its run directory")
-
-
-def _checkpoint_categories(meta: dict[str, Any], cfg: Config, data_uri: str | None) -> CategoryIndex:
-    """The label space: the checkpoint's own record, else a manifest of the run's data, else of ``data_uri``."""
-    if meta.get("categories"):
-        return CategoryIndex.from_categories(meta["categories"])
-    from mtseg.data.manifest import ManifestError, read_manifest
-
-    errors = []
-    for root in dict.fromkeys(r for r in (cfg.data.uri, data_uri) if r):
-        # The trainer builds its label space from the training split; COCO's val split has the same.
-        for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
-            try:
-                return CategoryIndex.from_categories(read_manifest(root, split)["categories"])
-            except (ManifestError, storage.StorageError) as e:
-                errors.append(str(e))
-    raise PredictError(
-        f"the checkpoint records no categories and no dataset manifest could be read ({errors[0]}); "
-        "pass a dataset with the model's label space with --data"
-    )
-
-
-def load_checkpoint(uri: str, *, categories: CategoryIndex | None = None, data_uri: str | None = None) -> LoadedCheckpoint:
-    """Download (if remote), verify and load a checkpoint for inference.
-
-    Args:
-        uri: checkpoint directory or run directory, local or ``s3://`` (see :func:`resolve_checkpoint`).
-        categories: the label space; default the checkpoint's ``meta.json`` ``categories``,
-            else the training split's manifest under the run's ``data.uri``, else under ``data_uri``.
-        data_uri: a dataset root to read the label space from when the checkpoint does not
-            record it and the run's own dataset cannot be read.
-
-    Returns:
-        A :class:`LoadedCheckpoint`; the optimiser state is dropped.
-
-    Raises:
-        PredictError: not a checkpoint, or no label space found.
-        mtseg.train.checkpoint.CheckpointError: incomplete or corrupt (hash mismatch).
-        mtseg.config.ConfigError: its config.yaml is invalid.
-    """
-    from mtseg.train import checkpoint as ckpt
-
-    uri = resolve_checkpoint(uri)
-    cfg = _read_config(uri)
-    if storage.is_s3(uri):
-        with tempfile.TemporaryDirectory(prefix="mtseg-ckpt-") as tmp:
-            state, meta = ckpt.load(ckpt.download(uri, tmp))
-    else:
-        state, meta = ckpt.load(storage.resolve(uri)[1])
-    if "model" not in state:
-        raise ckpt.CheckpointError(f"{uri}: {ckpt.STATE_FILE} has no 'model' state")
-    if categories is None:
-        categories = _checkpoint_categories(meta, cfg, data_uri)
-    return LoadedCheckpoint(uri=uri, cfg=cfg, categories=categories, meta=meta, model_state=state["model"])
-
-
-def build_inference_model(cfg: Config, categories: CategoryIndex, model_state: dict[str, torch.Tensor],
-                          device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model in eval mode on ``device``.
-
-    Args:
-        cfg: the run's config (backbone, decoder, tasks).
-        categories: the label space it was trained on.
-        model_state: the model's ``state_dict``.
-        device: where to run it.
-
-    Returns:
-        The model, ``eval()``, on ``device`` (channels_last when the config asks).
-
-    Raises:
-        mtseg.train.checkpoint.CheckpointError: the weights do not fit the model the config
-            and label space describe (e.g. a dataset with another number of categories).
-    """
-    import torch
-
-    from mtseg.models import build_model
-    from mtseg.train import checkpoint as ckpt
-
-    # The backbone weights file named in the config was only the training's starting point.
-    model = build_model(_without_backbone_weights(cfg), categories)
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise ckpt.CheckpointError(
-            f"checkpoint weights do not fit a {cfg.model.backbone}+{cfg.model.decoder} model for "
-            f"{categories.num_classes - 1} categories and tasks {cfg.tasks.names}: {detail}"
-        ) from None
-    model = model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval()
-
-
-def _without_backbone_weights(cfg: Config) -> Config:
-    if not cfg.model.weights:
-        return cfg
-    data = cfg.to_dict()
-    data["model"]["weights"] = ""
-    return config_from_dict(data)
+# ---------------------------------------------------------------------------- device
 
 
 def pick_device(name: str) -> torch.device:
@@ -295,7 +129,7 @@ class Predictor:
     Args:
         cfg: the run's config.
         categories: the label space the model was trained on.
-        model: from :func:`build_inference_model`.
+        model: from :func:`mtseg.train.checkpoint.build_inference_model`.
         device: where ``model`` lives.
         checkpoint_uri: where the weights came from (recorded in outputs).
     """
@@ -317,9 +151,11 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, uri: str, *, device: str = "auto", data_uri: str | None = None) -> Predictor:
-        """Load ``uri`` (see :func:`load_checkpoint`) onto ``device`` (see :func:`pick_device`)."""
+        """Load ``uri`` (see :func:`mtseg.train.checkpoint.load_for_inference`) onto ``device`` (see :func:`pick_device`)."""
+        from mtseg.train.checkpoint import build_inference_model, load_for_inference
+
         dev = pick_device(device)
-        loaded = load_checkpoint(uri, data_uri=data_uri)
+        loaded = load_for_inference(uri, data_uri=data_uri)
         model = build_inference_model(loaded.cfg, loaded.categories, loaded.model_state, dev)
         return cls(loaded.cfg, loaded.categories, model, dev, checkpoint_uri=loaded.uri)
 
@@ -707,18 +543,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImagePrediction",
-    "LoadedCheckpoint",
     "PredictError",
     "PredictSummary",
     "Predictor",
     "Progress",
     "add_parser",
-    "build_inference_model",
     "find_images",
-    "load_checkpoint",
     "pick_device",
     "predict_images",
     "read_image",
     "render",
-    "resolve_checkpoint",
 ]

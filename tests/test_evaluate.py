@@ -65,12 +65,11 @@ def _plain_loop_metrics(checkpoint_uri: str, cfg, categories) -> dict[str, float
     from mtseg.data.manifest import read_manifest, shard_uris
     from mtseg.data.pipeline import iter_local_batches
     from mtseg.metrics import Evaluator, coco_gt_from_rows
-    from mtseg.predict import build_inference_model, load_checkpoint
     from mtseg.tasks import build_tasks
     from mtseg.train.loop import evaluate
 
-    loaded = load_checkpoint(checkpoint_uri)
-    model = build_inference_model(loaded.cfg, categories, loaded.model_state)
+    loaded = ckpt.load_for_inference(checkpoint_uri)
+    model = ckpt.build_inference_model(loaded.cfg, categories, loaded.model_state)
     manifest = read_manifest(cfg.data.uri, cfg.data.val_split)
     rows = []
     for uri in shard_uris(cfg.data.uri, cfg.data.val_split, manifest):

@@ -1,4 +1,4 @@
-"""``mtseg predict``: checkpoints loaded for inference, any image in, pictures + COCO results out.
+"""``mtseg predict``: any image in, pictures + COCO results out (checkpoint loading: tests/train/test_train_checkpoint.py).
 
 No Ray: a tiny randomly initialised model saved as a checkpoint, images written on the fly.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,15 +16,7 @@ from pycocotools import mask as mask_utils
 
 from mtseg.config import load_config, to_yaml
 from mtseg.data.categories import CategoryIndex
-from mtseg.predict import (
-    PredictError,
-    Predictor,
-    find_images,
-    load_checkpoint,
-    pick_device,
-    predict_images,
-    resolve_checkpoint,
-)
+from mtseg.predict import PredictError, Predictor, find_images, pick_device, predict_images
 from mtseg.train import checkpoint as ckpt
 
 CATEGORIES = [
@@ -199,48 +190,6 @@ def test_missing_input_and_unavailable_device_fail_with_one_line(checkpoint, tmp
             pick_device("cuda")
     with pytest.raises(PredictError, match="expected auto, cpu or cuda"):
         pick_device("tpu")
-
-
-def test_checkpoint_without_categories_reads_the_dataset_manifest(tmp_path):
-    from mtseg.data.manifest import MANIFEST_NAME
-
-    # A minimal manifest with the label space (no shards needed to read categories).
-    data = tmp_path / "shards"
-    (data / "train2017").mkdir(parents=True)
-    manifest = {"schema_version": 1, "split": "train2017", "categories": CATEGORIES, "counts": {}, "shards": [], "skipped": {}}
-    (data / "train2017" / MANIFEST_NAME).write_text(json.dumps(manifest))
-    path = _save_checkpoint(tmp_path / "run" / "checkpoint_000003", _cfg(), with_categories=False)
-    with pytest.raises(PredictError, match="--data"):
-        load_checkpoint(path)
-    loaded = load_checkpoint(path, data_uri=str(data))
-    assert loaded.categories.coco_ids == (1, 3, 7)
-    assert "optimizer" not in loaded.model_state and loaded.cfg.data.image_size == 32
-
-
-def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path):
-    run = tmp_path / "run"
-    _save_checkpoint(run / "checkpoint_000001", _cfg())
-    newest = _save_checkpoint(run / "checkpoint_000002", _cfg())
-    with open(os.path.join(newest, "meta.json")) as f:
-        meta = json.load(f)
-    meta["step"] = 2
-    with open(os.path.join(newest, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    broken = run / "checkpoint_000003"
-    broken.mkdir()
-    (broken / "state.pt").write_bytes(b"truncated")  # no meta.json: an interrupted upload
-    assert resolve_checkpoint(str(run)) == newest
-    with pytest.raises(PredictError, match="not a checkpoint"):
-        resolve_checkpoint(str(tmp_path))
-
-
-def test_weights_that_do_not_fit_the_label_space_are_a_checkpoint_error(tmp_path):
-    from mtseg.predict import build_inference_model
-
-    loaded = load_checkpoint(_save_checkpoint(tmp_path / "checkpoint_000001", _cfg()))
-    other = CategoryIndex.from_categories(CATEGORIES[:2])
-    with pytest.raises(ckpt.CheckpointError, match="do not fit"):
-        build_inference_model(loaded.cfg, other, loaded.model_state)
 
 
 @pytest.mark.slow

@@ -5,6 +5,11 @@ counters) and ``meta.json`` (counters, metrics, and the SHA-256 of ``state.pt``)
 resolved ``config.yaml``. Ray Train uploads the directory file by file, in no fixed order, so a
 run killed mid-upload can leave a directory with a truncated ``state.pt`` or no ``meta.json``;
 :func:`verify` rejects those, and :func:`latest_valid` walks back to the newest one that passes.
+
+This module is also the one way a checkpoint is loaded for inference (``mtseg evaluate``,
+``mtseg predict``, the demo): :func:`load_for_inference` resolves a run directory to its newest
+complete checkpoint, verifies the hash before unpickling tensors only, and reads the config and
+the label space; :func:`build_inference_model` puts the weights into the model they describe.
 """
 
 from __future__ import annotations
@@ -14,12 +19,19 @@ import io
 import json
 import os
 import pickle
+import posixpath
 import re
+import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
+from torch import nn
 
 from mtseg import storage
+from mtseg.config import Config, ConfigError, config_from_dict
+from mtseg.data.categories import CategoryIndex
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -29,7 +41,7 @@ _CKPT_DIR = re.compile(r"^checkpoint_")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is incomplete or corrupt."""
+    """A checkpoint is missing, incomplete or corrupt, or does not fit its model; the message names the file."""
 
 
 def _sha256(data: bytes) -> str:
@@ -104,6 +116,14 @@ def load(directory: str, map_location: str | torch.device = "cpu") -> tuple[dict
     return state, meta
 
 
+def load_remote(uri: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`load` for a checkpoint directory in storage (local or s3://; a remote one is downloaded first)."""
+    if not storage.is_s3(uri):
+        return load(storage.resolve(uri)[1], map_location)
+    with tempfile.TemporaryDirectory(prefix="mtseg-ckpt-") as tmp:
+        return load(download(uri, tmp), map_location)
+
+
 def verify_remote(uri: str) -> dict[str, Any]:
     """:func:`verify` for a checkpoint directory in storage (local or s3://)."""
     meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE)))
@@ -152,3 +172,153 @@ def download(uri: str, local_dir: str) -> str:
             with open(os.path.join(local_dir, name), "wb") as f:
                 f.write(storage.read_bytes(src))
     return local_dir
+
+
+# ---------------------------------------------------------------------------- inference
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint, ready to build a model from.
+
+    Attributes:
+        uri: the checkpoint directory (after resolving a run directory to its latest one).
+        cfg: the run's resolved config (the checkpoint's ``config.yaml``).
+        categories: the label space the model was trained on.
+        meta: the checkpoint's ``meta.json``.
+        model_state: the model's ``state_dict`` (CPU tensors).
+    """
+
+    uri: str
+    cfg: Config
+    categories: CategoryIndex
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor] = field(repr=False)
+
+
+def resolve(uri: str) -> str:
+    """The checkpoint directory ``uri`` names: itself, or a run directory's newest complete checkpoint.
+
+    Args:
+        uri: a checkpoint directory (``state.pt`` + ``meta.json``), or a run directory holding
+            Ray Train ``checkpoint_*`` directories; local or ``s3://``.
+
+    Returns:
+        The checkpoint directory's URI.
+
+    Raises:
+        CheckpointError: neither a checkpoint nor a run with a complete checkpoint.
+    """
+    uri = str(uri).rstrip("/")
+    if storage.exists(storage.join(uri, META_FILE)):
+        return uri
+    if list_checkpoints(uri):
+        found = latest_valid(uri, log=lambda *a: None)
+        if found is None:
+            raise CheckpointError(f"{uri}: the run has no complete checkpoint")
+        return found[0]
+    raise CheckpointError(f"{uri}: not a checkpoint directory (no {META_FILE}) nor a run with checkpoint_* directories")
+
+
+def _parent(uri: str) -> str:
+    return posixpath.dirname(uri.rstrip("/")) if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
+
+
+def read_config(uri: str) -> Config:
+    """The checkpoint's config.yaml; a Ray Train checkpoint without one falls back to its run's."""
+    for where in (storage.join(uri, CONFIG_FILE), storage.join(_parent(uri), CONFIG_FILE)):
+        if storage.exists(where):
+            try:
+                data = yaml.safe_load(storage.read_bytes(where).decode())
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+            return config_from_dict(data or {})
+    raise CheckpointError(f"{uri}: no {CONFIG_FILE} in the checkpoint or its run directory")
+
+
+def _categories(meta: dict[str, Any], cfg: Config, data_uri: str | None) -> CategoryIndex:
+    """The label space: the checkpoint's own record, else a manifest of the run's data, else of ``data_uri``."""
+    if meta.get("categories"):
+        return CategoryIndex.from_categories(meta["categories"])
+    from mtseg.data.manifest import ManifestError, read_manifest
+
+    errors = []
+    for root in dict.fromkeys(r for r in (cfg.data.uri, data_uri) if r):
+        # The trainer builds its label space from the training split; COCO's val split has the same.
+        for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
+            try:
+                return CategoryIndex.from_categories(read_manifest(root, split)["categories"])
+            except (ManifestError, storage.StorageError) as e:
+                errors.append(str(e))
+    raise CheckpointError(
+        f"the checkpoint records no categories and no dataset manifest could be read ({errors[0]}); "
+        "pass a dataset with the model's label space with --data"
+    )
+
+
+def load_for_inference(uri: str, *, categories: CategoryIndex | None = None,
+                       data_uri: str | None = None) -> LoadedCheckpoint:
+    """Download (if remote), verify and load a checkpoint's model for inference.
+
+    Args:
+        uri: checkpoint directory or run directory, local or ``s3://`` (see :func:`resolve`).
+        categories: the label space; default the checkpoint's ``meta.json`` ``categories``,
+            else the training split's manifest under the run's ``data.uri``, else under ``data_uri``.
+        data_uri: a dataset root to read the label space from when the checkpoint does not
+            record it and the run's own dataset cannot be read.
+
+    Returns:
+        A :class:`LoadedCheckpoint`; the optimiser state is dropped.
+
+    Raises:
+        CheckpointError: not a checkpoint, incomplete or corrupt (hash mismatch), no model
+            state, or no label space found.
+        mtseg.config.ConfigError: its config.yaml is invalid.
+    """
+    uri = resolve(uri)
+    cfg = read_config(uri)
+    state, meta = load_remote(uri)
+    if "model" not in state:
+        raise CheckpointError(f"{uri}: {STATE_FILE} has no 'model' state")
+    if categories is None:
+        categories = _categories(meta, cfg, data_uri)
+    return LoadedCheckpoint(uri=uri, cfg=cfg, categories=categories, meta=meta, model_state=state["model"])
+
+
+def build_inference_model(cfg: Config, categories: CategoryIndex, model_state: dict[str, torch.Tensor],
+                          device: torch.device | str = "cpu") -> nn.Module:
+    """The trained model in eval mode on ``device``.
+
+    Args:
+        cfg: the run's config (backbone, decoder, tasks).
+        categories: the label space it was trained on.
+        model_state: the model's ``state_dict``.
+        device: where to run it.
+
+    Returns:
+        The model, ``eval()``, on ``device`` (channels_last when the config asks).
+
+    Raises:
+        CheckpointError: the weights do not fit the model the config and label space describe
+            (e.g. a dataset with another number of categories).
+    """
+    from mtseg.models import build_model
+
+    # The backbone weights file named in the config was only the training's starting point.
+    if cfg.model.weights:
+        data = cfg.to_dict()
+        data["model"]["weights"] = ""
+        cfg = config_from_dict(data)
+    model = build_model(cfg, categories)
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"checkpoint weights do not fit a {cfg.model.backbone}+{cfg.model.decoder} model for "
+            f"{categories.num_classes - 1} categories and tasks {cfg.tasks.names}: {detail}"
+        ) from None
+    model = model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()

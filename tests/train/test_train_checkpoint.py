@@ -1,11 +1,13 @@
-"""Checkpoints are complete or absent: a partial upload is never loaded."""
+"""Checkpoints are complete or absent: a partial upload is never loaded; one loader serves inference."""
 
+import json
 import os
 
 import pytest
 import torch
 
-from mtseg.config import load_config
+from mtseg.config import load_config, to_yaml
+from mtseg.data.categories import CategoryIndex
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.optim import lr_factor
 
@@ -54,7 +56,6 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
 
 def test_a_full_training_state_loads_with_weights_only(tmp_path):
     """Everything the trainer checkpoints (model, optimiser, schedule, strategy, RNG) is plain-typed."""
-    from mtseg.data.categories import CategoryIndex
     from mtseg.train.loop import build_state
 
     cats = CategoryIndex.from_categories([{"id": 1, "name": "a", "supercategory": "x"},
@@ -116,3 +117,81 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file(tmp_path, m
         _save(str(tmp_path), "checkpoint_full", 1)
     message = str(err.value)
     assert "\n" not in message and ckpt.STATE_FILE in message and "no space left" in message
+
+
+# ---------------------------------------------------------------------------- loading for inference
+
+CATEGORIES = [
+    {"id": 1, "name": "disc", "supercategory": "round"},
+    {"id": 3, "name": "ring", "supercategory": "round"},
+    {"id": 7, "name": "box", "supercategory": "angular"},
+]
+
+
+def _model_checkpoint(directory, *, with_categories=True, step=1) -> str:
+    """A tiny randomly initialised model saved as the trainer saves it (config.yaml beside)."""
+    from mtseg.models import build_model
+
+    cfg = load_config(None, ["data.image_size=32", "model.decoder_channels=16", "tasks.patch_size=4",
+                             "data.uri=/nonexistent/shards"])
+    torch.manual_seed(0)
+    model = build_model(cfg, CategoryIndex.from_categories(CATEGORIES))
+    meta = {"epoch": 0, "step": step, "epoch_rows": 0, **({"categories": CATEGORIES} if with_categories else {})}
+    ckpt.save(str(directory), {"model": model.state_dict(), "optimizer": {"state": {}}}, meta, to_yaml(cfg))
+    return str(directory)
+
+
+def test_load_for_inference_gives_config_label_space_and_model_weights_only(tmp_path):
+    loaded = ckpt.load_for_inference(_model_checkpoint(tmp_path / "checkpoint_000001"))
+    assert loaded.uri == str(tmp_path / "checkpoint_000001") and loaded.cfg.data.image_size == 32
+    assert loaded.categories.coco_ids == (1, 3, 7) and loaded.meta["step"] == 1
+    model = ckpt.build_inference_model(loaded.cfg, loaded.categories, loaded.model_state)
+    assert not model.training
+    assert all(torch.equal(v, loaded.model_state[k]) for k, v in model.state_dict().items())
+
+
+def test_checkpoint_without_categories_reads_the_dataset_manifest(tmp_path):
+    from mtseg.data.manifest import MANIFEST_NAME
+
+    # A minimal manifest with the label space (no shards needed to read categories).
+    data = tmp_path / "shards"
+    (data / "train2017").mkdir(parents=True)
+    manifest = {"schema_version": 1, "split": "train2017", "categories": CATEGORIES, "counts": {}, "shards": [], "skipped": {}}
+    (data / "train2017" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    path = _model_checkpoint(tmp_path / "run" / "checkpoint_000003", with_categories=False)
+    with pytest.raises(ckpt.CheckpointError, match="--data"):
+        ckpt.load_for_inference(path)
+    loaded = ckpt.load_for_inference(path, data_uri=str(data))
+    assert loaded.categories.coco_ids == (1, 3, 7)
+    assert "optimizer" not in loaded.model_state and loaded.cfg.data.image_size == 32
+
+
+def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _model_checkpoint(run / "checkpoint_000001", step=1)
+    newest = _model_checkpoint(run / "checkpoint_000002", step=2)
+    broken = run / "checkpoint_000003"
+    broken.mkdir()
+    (broken / "state.pt").write_bytes(b"truncated")  # no meta.json: an interrupted upload
+    assert ckpt.resolve(str(run)) == newest
+    assert ckpt.load_for_inference(str(run)).uri == newest
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint"):
+        ckpt.resolve(str(tmp_path))
+
+
+def test_a_tampered_model_is_refused_in_one_line_naming_the_file(tmp_path):
+    """The hash in meta.json is checked before any unpickling (issue 11), on the inference path too."""
+    path = _model_checkpoint(tmp_path / "checkpoint_000001")
+    with open(os.path.join(path, ckpt.STATE_FILE), "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00" * 8)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        ckpt.load_for_inference(path)
+    assert "\n" not in str(err.value) and str(err.value).startswith(path) and "does not match its hash" in str(err.value)
+
+
+def test_weights_that_do_not_fit_the_label_space_are_a_checkpoint_error(tmp_path):
+    loaded = ckpt.load_for_inference(_model_checkpoint(tmp_path / "checkpoint_000001"))
+    other = CategoryIndex.from_categories(CATEGORIES[:2])
+    with pytest.raises(ckpt.CheckpointError, match="do not fit"):
+        ckpt.build_inference_model(loaded.cfg, other, loaded.model_state)
