@@ -83,6 +83,21 @@ def tiny_dataset(synthetic_dataset):
     return synthetic_dataset("tiny", train=TRAIN_IMAGES, val=VAL_IMAGES, seed=1, images_per_shard=16)
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One intra-op torch thread for a module of many tiny convolutions: as fast, and free of
+    OpenMP barrier stalls when other processes share the two cores.
+
+    Opt in with ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def two_ranks(tmp_path):
     """Run a worker script as two torch.distributed ranks on loopback; returns each rank's JSON.

@@ -8,15 +8,7 @@ import torchvision
 
 from mtseg.models import available_backbones, build_backbone, build_decoder
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These tests run many tiny convolutions: one intra-op thread is as fast and does not
-    stall in OpenMP barriers when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.mark.parametrize("name", available_backbones())

@@ -12,15 +12,7 @@ from mtseg.tasks import build_tasks, compute_losses, model_inputs
 from mtseg.tasks.reconstruction import MASK_FILL
 from mtseg.tasks.supercategory import hierarchical_log_probs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These tests run many tiny convolutions: one intra-op thread is as fast and does not
-    stall in OpenMP barriers when other processes share the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 CATEGORIES = CategoryIndex.from_categories(

@@ -19,25 +19,6 @@ from mtseg.weighting import (
 NAMES = ["a", "b"]
 
 
-class TwoTasks(nn.Module):
-    """A shared 1x2 weight and one scalar head per task: L_a = W.x_a + h_a^2, L_b = W.x_b + h_b^2."""
-
-    def __init__(self, x_a=(1.0, 0.0), x_b=(-1.0, 1.0)):
-        super().__init__()
-        self.shared = nn.Parameter(torch.tensor([[0.5, -0.5]]))
-        self.head_a = nn.Parameter(torch.tensor(1.0))
-        self.head_b = nn.Parameter(torch.tensor(2.0))
-        self.register_buffer("x_a", torch.tensor(x_a))
-        self.register_buffer("x_b", torch.tensor(x_b))
-
-    def losses(self):
-        # exp keeps the losses positive (loss-ratio methods divide by them).
-        return {
-            "a": torch.exp(self.shared[0] @ self.x_a) + self.head_a**2,
-            "b": torch.exp(self.shared[0] @ self.x_b) + self.head_b**2,
-        }
-
-
 def test_registry_covers_every_config_name():
     assert set(STRATEGIES) == set(WEIGHTING_NAMES)
     for name in WEIGHTING_NAMES:
@@ -55,8 +36,8 @@ def test_build_errors():
         build_weighting(cfg.weighting, NAMES)
 
 
-def test_equal_matches_plain_backward():
-    model, ref = TwoTasks(), TwoTasks()
+def test_equal_matches_plain_backward(two_tasks):
+    model, ref = two_tasks(), two_tasks()
     weights = EqualWeighting(NAMES).backward(model.losses(), [model.shared])
     sum(ref.losses().values()).backward()
     assert weights == {"a": 1.0, "b": 1.0}
@@ -64,14 +45,14 @@ def test_equal_matches_plain_backward():
         assert torch.allclose(p.grad, q.grad)
 
 
-def test_static_uses_config_weights_and_defaults_to_one():
+def test_static_uses_config_weights_and_defaults_to_one(two_tasks):
     cfg = load_config(None, ["weighting.name=static", "weighting.static={semantic: 0.25, boundary: 3}"])
     strategy = build_weighting(cfg.weighting, ["semantic", "instance"])  # boundary not in this run
-    model = TwoTasks()
+    model = two_tasks()
     losses = model.losses()
     weights = strategy.backward({"semantic": losses["a"], "instance": losses["b"]}, [model.shared])
     assert weights == {"semantic": 0.25, "instance": 1.0}
-    ref = TwoTasks()
+    ref = two_tasks()
     ref_losses = ref.losses()
     (0.25 * ref_losses["a"] + ref_losses["b"]).backward()
     assert torch.allclose(model.shared.grad, ref.shared.grad)
@@ -79,8 +60,8 @@ def test_static_uses_config_weights_and_defaults_to_one():
         StaticWeighting(NAMES, {"a": -1.0})
 
 
-def test_backward_rejects_mismatched_losses():
-    model = TwoTasks()
+def test_backward_rejects_mismatched_losses(two_tasks):
+    model = two_tasks()
     with pytest.raises(ValueError, match="losses are for tasks"):
         EqualWeighting(["a", "c"]).backward(model.losses(), [model.shared])
     with pytest.raises(ValueError, match="must be a scalar"):
@@ -88,10 +69,10 @@ def test_backward_rejects_mismatched_losses():
 
 
 @pytest.mark.parametrize("name", WEIGHTING_NAMES)
-def test_state_dict_round_trip(name):
+def test_state_dict_round_trip(name, two_tasks):
     cfg = load_config(None, [f"weighting.name={name}"])
     strategy = build_weighting(cfg.weighting, NAMES)
-    model = TwoTasks()
+    model = two_tasks()
     opt = torch.optim.SGD(list(model.parameters()) + list(strategy.parameters()), lr=0.1)
     for _ in range(3):
         opt.zero_grad()
@@ -104,7 +85,7 @@ def test_state_dict_round_trip(name):
     for key, value in restored.state_dict().items():
         assert torch.equal(value, state[key]), key
     # Same state -> same weights on the next step.
-    a, b = TwoTasks(), TwoTasks()
+    a, b = two_tasks(), two_tasks()
     assert strategy.backward(a.losses(), [a.shared]) == restored.backward(b.losses(), [b.shared])
 
 

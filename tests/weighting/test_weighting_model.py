@@ -17,13 +17,7 @@ CATEGORIES = CategoryIndex.from_categories(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny convolutions: one intra-op thread is as fast and immune to OpenMP stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def _batch(size=32):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from mtseg.weighting import PCGradWeighting
 from mtseg.weighting.pcgrad import pcgrad_coefficients
@@ -11,27 +10,9 @@ from mtseg.weighting.pcgrad import pcgrad_coefficients
 NAMES = ["a", "b"]
 
 
-class TwoTasks(nn.Module):
-    """A shared 1x2 weight and one scalar head per task: L_i = exp(W . x_i) + h_i^2."""
-
-    def __init__(self, x_a=(1.0, 0.0), x_b=(-1.0, 1.0)):
-        super().__init__()
-        self.shared = nn.Parameter(torch.tensor([[0.5, -0.5]]))
-        self.head_a = nn.Parameter(torch.tensor(1.0))
-        self.head_b = nn.Parameter(torch.tensor(2.0))
-        self.register_buffer("x_a", torch.tensor(x_a))
-        self.register_buffer("x_b", torch.tensor(x_b))
-
-    def losses(self):
-        return {
-            "a": torch.exp(self.shared[0] @ self.x_a) + self.head_a**2,
-            "b": torch.exp(self.shared[0] @ self.x_b) + self.head_b**2,
-        }
-
-
-def test_removes_the_conflicting_component():
+def test_removes_the_conflicting_component(two_tasks):
     # Shared gradients at W: g_a = x_a e^{W.x_a}, g_b = x_b e^{W.x_b}; x_a . x_b < 0: they conflict.
-    model = TwoTasks(x_a=(1.0, 0.0), x_b=(-1.0, 1.0))
+    model = two_tasks(x_a=(1.0, 0.0), x_b=(-1.0, 1.0))
     with torch.no_grad():
         model.shared.zero_()  # e^0 = 1: g_a = (1, 0), g_b = (-1, 1)
     weights = PCGradWeighting(NAMES).backward(model.losses(), [model.shared])
@@ -45,8 +26,8 @@ def test_removes_the_conflicting_component():
     assert model.head_a.grad.item() == 2.0 and model.head_b.grad.item() == 4.0
 
 
-def test_leaves_agreeing_gradients_alone():
-    model = TwoTasks(x_a=(1.0, 0.0), x_b=(1.0, 1.0))
+def test_leaves_agreeing_gradients_alone(two_tasks):
+    model = two_tasks(x_a=(1.0, 0.0), x_b=(1.0, 1.0))
     with torch.no_grad():
         model.shared.zero_()
     weights = PCGradWeighting(NAMES).backward(model.losses(), [model.shared])
@@ -54,8 +35,8 @@ def test_leaves_agreeing_gradients_alone():
     assert torch.allclose(model.shared.grad[0], torch.tensor([2.0, 1.0]))
 
 
-def test_accumulates_like_backward():
-    model = TwoTasks()
+def test_accumulates_like_backward(two_tasks):
+    model = two_tasks()
     strategy = PCGradWeighting(NAMES, seed=3)
     strategy.backward(model.losses(), [model.shared])
     once = model.shared.grad.clone()
