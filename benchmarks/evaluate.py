@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
@@ -52,8 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from _results import write_results
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "evaluate.json")
 SPLIT = "val2017"
 
 
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passes", type=int, default=2, help="timed passes per side (after a short warm-up)")
     parser.add_argument("--coco-shards", type=int, default=4, help="Ray tasks for the COCO per-image matching")
     parser.add_argument("--detections-per-object", type=int, default=8, help="detections made from each object")
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--out", help="results JSON file (default benchmarks/results/evaluate.json)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -303,12 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    print(json.dumps(result))
-    return result
+    return write_results(result, out=args.out)
 
 
 if __name__ == "__main__":

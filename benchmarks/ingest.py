@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+from _results import write_results
 from torch.utils.data import DataLoader, Dataset
 
 from mtseg import storage
@@ -48,7 +48,6 @@ from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
 
 SPLIT = "train2017"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ingest.json")
 
 
 class CocoFiles(Dataset):
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images-per-shard", type=int, default=256)
     parser.add_argument("--passes", type=int, default=3, help="timed passes per side (after one warm-up)")
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--out", help="results JSON file (default benchmarks/results/ingest.json)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -193,12 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    print(json.dumps(result))
-    return result
+    return write_results(result, out=args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Prints one JSON line and writes benchmarks/results/multitask.json and .md:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import sys
 import time
 
 import torch
+from _results import RESULTS_DIR, write_results
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "whenever another process preempts one thread, which swamps the differences measured",
     )
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=RESULTS_DIR, help="directory for multitask.json and .md")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -198,13 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": TARGETS,
         "meets_target": checks,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "multitask.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "multitask.md"), "w") as f:
-        f.write(_markdown(result))
-    print(json.dumps(result))
-    return result
+    return write_results(result, out=os.path.join(args.out, "multitask.json"), markdown=_markdown(result))
 
 
 def _paired_ratio(a: Runner, b: Runner) -> float:

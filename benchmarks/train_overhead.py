@@ -15,12 +15,12 @@ Prints one JSON line and writes benchmarks/results/train_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
+from _results import write_results
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -139,10 +139,7 @@ def main() -> None:
         "ratio": round(ray_ips / plain, 3), "target_ratio": 0.90,
         "ray_time_to_first_step_s": round(first_step_s, 2),
     }
-    os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_overhead.json"), "w") as f:
-        json.dump(figures, f, indent=2)
-    print(json.dumps(figures))
+    write_results(figures)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Prints one JSON line and writes benchmarks/results/tune_overhead.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -32,11 +31,12 @@ import tempfile
 import threading
 import time
 
+from _results import write_results
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mtseg.config import config_from_dict  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GRID = ["equal", "uncertainty", "dwa", "famo"]
 
 
@@ -158,9 +158,6 @@ def main() -> None:
         "same_best_config": grid.best["weighting.name"] == asha.best["weighting.name"],
         "asha_states": {r["weighting.name"]: f"{r['state']} after {r['epochs']}" for r in asha.rows},
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "tune_overhead.json"), "w") as f:
-        json.dump(figures, f, indent=2)
     md = [
         "# Ray Tune overhead and ASHA vs full grid", "",
         f"{figures['setup']}.", "",
@@ -175,9 +172,7 @@ def main() -> None:
         f"| best config: grid / ASHA | {figures['grid_best']['weighting.name']} ({figures['grid_best']['val/miou']}) / "
         f"{figures['asha_best']['weighting.name']} ({figures['asha_best']['val/miou']}) | same |",
     ]
-    with open(os.path.join(RESULTS, "tune_overhead.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    print(json.dumps(figures))
+    write_results(figures, markdown="\n".join(md) + "\n")
 
 
 if __name__ == "__main__":
