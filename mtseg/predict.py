@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
+from tqdm import tqdm
 
 from mtseg import storage
 from mtseg.config import Config
@@ -332,29 +333,6 @@ def _output_names(sources: Sequence[str]) -> list[str]:
     return names
 
 
-class Progress:
-    """A one-line progress report on stderr (rewritten in place on a terminal)."""
-
-    def __init__(self, total: int, what: str = "predict", stream=None, enabled: bool = True):
-        self.total, self.what, self.stream, self.enabled = total, what, stream or sys.stderr, enabled
-        self.start = time.monotonic()
-        self._last_printed = -1
-        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-
-    def update(self, done: int, skipped: int) -> None:
-        """Report ``done`` of ``total`` handled (``skipped`` of them failed)."""
-        if not self.enabled:
-            return
-        step = max(1, self.total // 10)
-        if not self._tty and done < self.total and done // step == self._last_printed // step:
-            return
-        self._last_printed = done
-        rate = (done - skipped) / max(time.monotonic() - self.start, 1e-9)
-        line = f"[{self.what}] {done}/{self.total} images, {skipped} skipped, {rate:.1f} img/s"
-        end = "" if self._tty and done < self.total else "\n"
-        print(("\r" if self._tty else "") + line, end=end, file=self.stream, flush=True)
-
-
 # ---------------------------------------------------------------------------- the command
 
 
@@ -408,7 +386,8 @@ def predict_images(
             their outputs are at that size; default the run's ``data.max_image_side``.
         data_uri: dataset to read the label space from when the checkpoint lacks it.
         score_threshold: lowest instance score outlined in the overlays.
-        progress: print a progress line on stderr.
+        progress: show progress on stderr: a tqdm bar on a terminal; in a log (stderr not a
+            terminal), a plain line at every tenth of the images and at the end instead.
         predictor: an already loaded model (then ``checkpoint``/``device`` are not used).
 
     Returns:
@@ -432,7 +411,9 @@ def predict_images(
     batch_size = batch_size if batch_size is not None else predictor.cfg.data.batch_size
     max_side = max_image_side if max_image_side is not None else predictor.cfg.data.max_image_side
     names = _output_names(sources)
-    bar = Progress(len(sources), enabled=progress)
+    in_log = not sys.stderr.isatty()  # a bar redrawn with \r would fill a log with one line per update
+    bar = tqdm(total=len(sources), desc="[predict]", unit="img", disable=not progress or in_log)
+    log_every, t_images = max(1, len(sources) // 10), time.monotonic()
     images: list[dict] = []
     skipped: list[dict] = []
     all_results: list[dict] = []
@@ -454,15 +435,15 @@ def predict_images(
             for i, item in zip(chunk, decoded):
                 if isinstance(item, Exception):
                     skipped.append({"source": sources[i], "error": str(item)})
-                    print(f"[predict] skipping {storage.redact(str(item))}", file=sys.stderr)
+                    tqdm.write(f"[predict] skipping {storage.redact(str(item))}", file=sys.stderr)
                     continue
                 image, size = item
                 ok.append((i, image))
                 if size != tuple(image.shape[1:]):
                     original[i] = size
-                    print(f"[predict] {storage.redact(sources[i])}: {size[1]}x{size[0]} downscaled to "
-                          f"{image.shape[2]}x{image.shape[1]} (max image side {max_side}); outputs are at that size",
-                          file=sys.stderr)
+                    tqdm.write(f"[predict] {storage.redact(sources[i])}: {size[1]}x{size[0]} downscaled to "
+                               f"{image.shape[2]}x{image.shape[1]} (max image side {max_side}); outputs are at that size",
+                               file=sys.stderr)
             # Ids follow input order, so a file keeps its id whatever else fails.
             preds = predictor.predict([im for _, im in ok], [i + 1 for i, _ in ok])
             for (i, image), pred in zip(ok, preds):
@@ -479,7 +460,13 @@ def predict_images(
                                "instances": len(pred.instances), "files": files})
                 if i in original:
                     images[-1]["downscaled_from"] = {"height": original[i][0], "width": original[i][1]}
-            bar.update(chunk[-1] + 1, len(skipped))
+            bar.update(len(chunk))
+            bar.set_postfix(skipped=len(skipped))
+            done = chunk[-1] + 1
+            if progress and in_log and (done == len(sources) or done // log_every > (done - len(chunk)) // log_every):
+                rate = (done - len(skipped)) / max(time.monotonic() - t_images, 1e-9)
+                print(f"[predict] {done}/{len(sources)} images, {len(skipped)} skipped, {rate:.1f} img/s", file=sys.stderr)
+    bar.close()
     storage.write_bytes(storage.join(out, "coco_results.json"), json.dumps(all_results).encode())
     summary = PredictSummary(images=images, skipped=skipped, out=out, seconds=time.monotonic() - t0)
     record = {"checkpoint": predictor.checkpoint_uri or checkpoint, "images": images, "skipped": skipped,
@@ -546,7 +533,6 @@ __all__ = [
     "PredictError",
     "PredictSummary",
     "Predictor",
-    "Progress",
     "add_parser",
     "find_images",
     "pick_device",

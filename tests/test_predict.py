@@ -178,6 +178,38 @@ def test_directories_are_expanded_and_repeated_names_kept_apart(checkpoint, tmp_
     assert (tmp_path / "out" / "x-2_overlay.png").exists()
 
 
+def _images(directory, count):
+    directory.mkdir()
+    for n in range(count):
+        (directory / f"im{n}.png").write_bytes(_png(np.full((20, 20, 3), 10 * n, np.uint8), "RGB"))
+    return str(directory)
+
+
+def test_progress_in_a_log_is_a_plain_line_per_tenth(checkpoint, tmp_path, capsys):
+    """stderr not a terminal (a job log): lines, not a bar redrawn with carriage returns."""
+    predict_images(checkpoint, [_images(tmp_path / "in", 20)], str(tmp_path / "out"), device="cpu", batch_size=4)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"[predict] {n}/20 images" for n in (4, 8, 12, 16, 20)]
+    assert all(", 0 skipped, " in line and line.endswith(" img/s") for line in lines)
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar(checkpoint, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    predict_images(checkpoint, [_images(tmp_path / "in", 3)], str(tmp_path / "out"), device="cpu", batch_size=2)
+    assert "\r[predict]: 100%|" in term.getvalue() and "3/3" in term.getvalue() and "skipped=0" in term.getvalue()
+    term.seek(0), term.truncate()
+    predict_images(checkpoint, [_images(tmp_path / "in2", 3)], str(tmp_path / "out2"), device="cpu", progress=False)
+    assert term.getvalue() == ""
+
+
 def test_missing_input_and_unavailable_device_fail_with_one_line(checkpoint, tmp_path, capsys):
     from mtseg.cli import main
 
