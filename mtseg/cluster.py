@@ -20,8 +20,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from mtseg.errors import MtsegError
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_BUCKET = "mtseg"
@@ -29,8 +32,40 @@ DEFAULT_STACK_DIR = os.path.join("runs", "stack")
 VACUUM_INTERVAL_S = 60
 
 
-class ClusterError(RuntimeError):
+class ClusterError(MtsegError, RuntimeError):
     """A local service failed to start or stop; the message says which and why."""
+
+
+# Passed on to Ray workers and jobs by name, when set in this environment: where the store is,
+# nothing secret (a job's runtime_env is written in plain text to Ray's logs and job list).
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+# The store's credentials: a local Ray's workers get them through the raylet's environment; a
+# submitted job only on request (``mtseg submit --forward-credentials``).
+CREDENTIAL_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def storage_env(environ: Mapping[str, str] | None = None, *, credentials: bool = False) -> dict[str, str]:
+    """The storage variables set in ``environ``, to pass on to Ray workers or a job.
+
+    Args:
+        environ: environment to read (default ``os.environ``).
+        credentials: add :data:`CREDENTIAL_ENV_VARS` to :data:`STORAGE_ENV_VARS`.
+
+    Returns:
+        ``{name: value}`` of those that are set and not empty.
+    """
+    environ = os.environ if environ is None else environ
+    names = STORAGE_ENV_VARS + (CREDENTIAL_ENV_VARS if credentials else ())
+    return {k: environ[k] for k in names if environ.get(k)}
 
 
 def loopback_env() -> dict[str, str]:
@@ -300,8 +335,6 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     # Inside a Ray job the job's runtime_env already carries the variables; giving them again
     # makes Ray refuse to merge the two (and print both, secrets included).
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-    from mtseg.submit import CREDENTIAL_ENV_VARS
-
     env = dict(env or {})
     credentials = {k: env.pop(k) for k in CREDENTIAL_ENV_VARS if k in env}
     runtime_env = {"env_vars": env} if env and not in_job else None

@@ -22,13 +22,14 @@ from typing import Any
 import yaml
 
 from mtseg import storage
+from mtseg.errors import MtsegError
 
 TASK_NAMES = ("semantic", "supercategory", "boundary", "instance", "reconstruction")
 WEIGHTING_NAMES = ("equal", "static", "uncertainty", "dwa", "gradnorm", "pcgrad", "famo")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 
-class ConfigError(ValueError):
+class ConfigError(MtsegError, ValueError):
     """A config key or value is wrong; the message is one line naming the key."""
 
 

@@ -28,6 +28,7 @@ import torch
 from mtseg import storage
 from mtseg.cluster import ClusterError, SeaweedFS, init_local_ray
 from mtseg.config import load_config
+from mtseg.errors import MtsegError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
 TARGET_MIOU = 0.70
@@ -38,8 +39,10 @@ STEPS = 7
 TRAIN_IMAGES = 1536
 
 
-class DemoError(RuntimeError):
-    pass
+class DemoError(MtsegError, RuntimeError):
+    """The demo could not finish a step."""
+
+    exit_code = 1  # the demo ran and failed, as when it misses its target
 
 
 def _step(n: int, text: str) -> float:

@@ -29,12 +29,9 @@ the table is printed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import pickle
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -436,55 +433,38 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str | None = None, split: str
     return result
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``mtseg evaluate``: prints the table; exit 2 on a usage error."""
-    from mtseg.cli import _storage_env
-    from mtseg.cluster import init_local_ray
+def load_for_evaluation(checkpoint: str, data_uri: str | None = None, split: str | None = None, *,
+                        batch_size: int | None = None, limit: int | None = None,
+                        out: str | None = None) -> tuple[LoadedCheckpoint, str, str]:
+    """Load a checkpoint and check everything :func:`evaluate_loaded` would refuse, before Ray starts.
+
+    Args:
+        checkpoint: checkpoint directory or run directory (local or ``s3://``).
+        data_uri: dataset root; default the run's ``data.uri``.
+        split: split name; default the run's ``data.val_split``.
+        batch_size: images per forward pass (checked only: >= 1 when given).
+        limit: only the first ``limit`` images (checked only: >= 1 when given).
+        out: where the results will be written (checked only: a writable directory).
+
+    Returns:
+        ``(loaded, data_uri, split)`` with the defaults filled in.
+
+    Raises:
+        PredictError: a count below 1, or a label space that differs from the checkpoint's.
+        mtseg.storage.StorageError: ``out`` is not a writable directory.
+        mtseg.train.checkpoint.CheckpointError: not a usable checkpoint.
+    """
+    from mtseg.data.manifest import read_manifest
     from mtseg.train import checkpoint as ckpt
 
-    try:
-        # Everything that can fail on bad input fails before Ray starts.
-        _check_counts(batch_size=args.batch_size, limit=args.limit)
-        if args.out:
-            storage.check_access(args.out)  # not found to be a file only after the inference
-        loaded = ckpt.load_for_inference(args.checkpoint, data_uri=args.data)
-        data_uri = args.data or loaded.cfg.data.uri
-        split = args.split or loaded.cfg.data.val_split
-        from mtseg.data.manifest import read_manifest
-
-        _check_label_space(loaded, read_manifest(data_uri, split), storage.join(data_uri, split))
-        if args.address:
-            os.environ["RAY_ADDRESS"] = args.address
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        init_local_ray(env=_storage_env(), log_to_driver=False)
-        result = evaluate_loaded(loaded, data_uri, split, batch_size=args.batch_size, concurrency=args.concurrency,
-                                 actor_cpus=args.actor_cpus, use_gpu=args.use_gpu, limit=args.limit,
-                                 log=lambda line: print(line, file=sys.stderr))
-    except PredictError as e:
-        print(f"mtseg: error: {e}", file=sys.stderr)
-        return 2
-    files = write_results(result, args.out or loaded.uri)
-    print(result.table())
-    print(f"written: {', '.join(files)}")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``mtseg evaluate`` to the CLI's sub-command parsers."""
-    p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a split (Ray Data batch inference)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (local or s3://)")
-    p.add_argument("--data", default=None, help="dataset root (default: the run's data.uri)")
-    p.add_argument("--split", default=None, help="split name (default: the run's data.val_split)")
-    p.add_argument("--out", default=None, help="where metrics.json and metrics.md go (default: the checkpoint directory)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: data.batch_size)")
-    p.add_argument("--concurrency", type=int, default=None, help="inference actors (default: one per GPU, else one per CPU)")
-    p.add_argument("--actor-cpus", type=float, default=None,
-                   help="CPUs each actor reserves (default: its share of the CPUs the read + decode tasks leave)")
-    p.add_argument("--use-gpu", default="auto", choices=("auto", "true", "false"))
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.set_defaults(fn=cmd_evaluate)
-    return p
+    _check_counts(batch_size=batch_size, limit=limit)
+    if out:
+        storage.check_access(out)  # not found to be a file only after the inference
+    loaded = ckpt.load_for_inference(checkpoint, data_uri=data_uri)
+    data_uri = data_uri or loaded.cfg.data.uri
+    split = split or loaded.cfg.data.val_split
+    _check_label_space(loaded, read_manifest(data_uri, split), storage.join(data_uri, split))
+    return loaded, data_uri, split
 
 
 __all__ = [
@@ -492,10 +472,10 @@ __all__ = [
     "EvalActor",
     "EvalPreprocess",
     "EvaluationResult",
-    "add_parser",
     "build_eval_dataset",
     "evaluate_checkpoint",
     "evaluate_loaded",
+    "load_for_evaluation",
     "plan_actors",
     "write_results",
 ]

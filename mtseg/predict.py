@@ -29,7 +29,6 @@ Checkpoints are loaded as everywhere else, by :func:`mtseg.train.checkpoint.load
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from mtseg import storage
 from mtseg.config import Config
 from mtseg.data.categories import CategoryIndex
+from mtseg.errors import MtsegError
 
 # torch, PIL and the model code are imported where used: `mtseg <any command>` builds this
 # module's argument parser, and should not pay seconds of torch import for it.
@@ -65,7 +65,7 @@ OVERLAY_SCORE_THRESHOLD = 0.5
 READ_THREADS = 4
 
 
-class PredictError(ValueError):
+class PredictError(MtsegError, ValueError):
     """Bad input to ``mtseg predict`` / ``mtseg evaluate``; the message says what was wrong."""
 
 
@@ -485,55 +485,12 @@ def _check_out(out: str) -> str:
     return out
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    """``mtseg predict``: exit 0 when every image ran, 1 when some were skipped, 2 on a usage error."""
-    import warnings
-
-    from PIL import Image
-
-    # PIL warns (two lines) about any image over ~89 Mpixel; predict decodes such an image
-    # reduced to --max-image-side and says so in one line. PIL still refuses one over twice that.
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    try:
-        summary = predict_images(args.checkpoint, args.images, args.out, device=args.device,
-                                 batch_size=args.batch_size, max_image_side=args.max_image_side, data_uri=args.data,
-                                 score_threshold=args.score_threshold, progress=not args.quiet)
-    except PredictError as e:
-        print(f"mtseg: error: {e}", file=sys.stderr)
-        return 2
-    print(f"[predict] {len(summary.images)} images -> {summary.out} ({len(summary.skipped)} skipped) "
-          f"in {summary.seconds:.1f}s")
-    for s in summary.skipped:
-        print(f"[predict] skipped {storage.redact(s['error'])}")
-    return 1 if summary.skipped else 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``mtseg predict`` to the CLI's sub-command parsers."""
-    p = subparsers.add_parser("predict", help="segment image files with a trained checkpoint (PNG overlays + COCO results)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (local or s3://)")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR_OR_URI", help="image files, directories or s3:// prefixes")
-    p.add_argument("--out", required=True, help="output directory (local or s3://)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's data.batch_size)")
-    p.add_argument("--max-image-side", type=int, default=None,
-                   help="larger images are decoded reduced and downscaled to this side (default: the run's data.max_image_side)")
-    p.add_argument("--data", default=None,
-                   help="dataset root to read the label space from, when neither the checkpoint nor the run's data.uri has it")
-    p.add_argument("--score-threshold", type=float, default=OVERLAY_SCORE_THRESHOLD,
-                   help="lowest instance score outlined in the overlays (the JSON keeps all)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(fn=cmd_predict)
-    return p
-
-
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImagePrediction",
     "PredictError",
     "PredictSummary",
     "Predictor",
-    "add_parser",
     "find_images",
     "pick_device",
     "predict_images",

@@ -30,13 +30,15 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from mtseg.errors import MtsegError
+
 T = TypeVar("T")
 
 # Access key ids are identifiers, not secrets (AWS prints them in errors); the rest are secrets.
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
 
-class StorageError(RuntimeError):
+class StorageError(MtsegError, RuntimeError):
     """A storage operation failed; the message names the URI and the reason, with no secrets."""
 
 

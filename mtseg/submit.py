@@ -31,7 +31,6 @@ missing or wrong token fails with one line saying so.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime as _dt
@@ -41,10 +40,13 @@ import secrets
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from mtseg.cluster import CREDENTIAL_ENV_VARS, STORAGE_ENV_VARS, storage_env
+from mtseg.errors import MtsegError
 
 # What each `mtseg submit NAME` runs. The training, tuning and evaluation drivers only
 # coordinate (the work runs in Ray Train workers, Tune trials and Ray Data actors), so they
@@ -83,21 +85,6 @@ JOBS: dict[str, JobSpec] = {
     "predict": JobSpec("jobs/predict.py", 1.0, "predictions on image files", takes_config=False, command="predict"),
 }
 
-# Passed to the job by name, from the submitting environment, when set there: where the store
-# is, nothing secret (a runtime_env is written in plain text to Ray's logs and job list).
-STORAGE_ENV_VARS = (
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
-# Sent only on request (--forward-credentials); otherwise the cluster's own environment applies.
-CREDENTIAL_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
-
 # Kept out of the uploaded working_dir on top of .gitignore (which Ray also honours): the
 # patterns are anchored at the project root, so the package's own mtseg/data/ stays in.
 WORKING_DIR_EXCLUDES = (
@@ -121,15 +108,12 @@ ADDRESS_ENV_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 RUN_METADATA_KEY = "mtseg.run"
 DEFAULT_TOKEN_PATH = Path("~/.ray/auth_token")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# `mtseg submit --wait` and `mtseg jobs logs --follow` exit with the job's outcome; 2 stays
-# mtseg's own "bad input" code (bad config, missing token, unreachable cluster).
-EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 # A head that has just started answers HTTP before its job agent has registered; submissions
 # in that window fail with this message and succeed a moment later.
 _AGENT_NOT_READY = "No available agent"
 
 
-class SubmitError(RuntimeError):
+class SubmitError(MtsegError, RuntimeError):
     """A job could not be submitted or managed; the message is one line naming what was wrong."""
 
 
@@ -438,21 +422,6 @@ def project_root(start: str | os.PathLike | None = None) -> Path:
     raise SubmitError(f"{here}: not inside an mtseg checkout (no pyproject.toml + jobs/ here or above); pass working_dir")
 
 
-def storage_env(environ: Mapping[str, str] | None = None, *, credentials: bool = False) -> dict[str, str]:
-    """The storage variables set in ``environ``, to pass on to a job.
-
-    Args:
-        environ: environment to read (default ``os.environ``).
-        credentials: add :data:`CREDENTIAL_ENV_VARS` to :data:`STORAGE_ENV_VARS`.
-
-    Returns:
-        ``{name: value}`` of those that are set and not empty.
-    """
-    environ = os.environ if environ is None else environ
-    names = STORAGE_ENV_VARS + (CREDENTIAL_ENV_VARS if credentials else ())
-    return {k: environ[k] for k in names if environ.get(k)}
-
-
 def _relative_to_root(path: str, root: Path, what: str) -> str:
     full = Path(path).expanduser()
     full = (full if full.is_absolute() else Path.cwd() / full).resolve()
@@ -474,32 +443,6 @@ def build_entrypoint(script: str, config_rel: str | None = None, overrides: Sequ
     """The shell command the job runs, e.g. ``python jobs/train.py --config jobs/configs/demo.yaml train.lr=0.01``."""
     parts = ["python", script, *(["--config", config_rel] if config_rel else []), *script_args, *overrides]
     return " ".join(shlex.quote(p) for p in parts)
-
-
-def check_arguments(name: str, argv: Sequence[str]) -> None:
-    """Parse ``argv`` with the parser of the job's ``mtseg`` subcommand, as the job will.
-
-    Raises:
-        SubmitError: the arguments are wrong (the message is argparse's, on one line).
-    """
-    import io
-
-    from mtseg.cli import build_parser
-
-    command = JOBS[name].command
-    parser = build_parser()
-    choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
-    if not command or command not in choices:
-        return
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            parser.parse_args([command, *argv])
-    except SystemExit as e:
-        if e.code:
-            lines = [line for line in err.getvalue().splitlines() if line.strip()]
-            reason = lines[-1].split("error: ", 1)[-1] if lines else "bad arguments"
-            raise SubmitError(f"{name}: {reason} (checked before submission)") from None
 
 
 def build_runtime_env(working_dir: str | os.PathLike, env_vars: Mapping[str, str]) -> dict[str, Any]:
@@ -565,6 +508,7 @@ def submit(
     token: str | None = None,
     out: IO[str] | None = None,
     log=None,
+    check_args: Callable[[str, list[str]], None] | None = None,
 ) -> str:
     """Validate the job locally, then submit ``jobs/<script>.py`` through the Ray Jobs API.
 
@@ -591,6 +535,9 @@ def submit(
         token: the Ray auth token; default :func:`load_token`.
         out: where ``wait`` writes the log (default stdout).
         log: one-line progress messages (default: print to stderr).
+        check_args: ``check_args(name, argv)`` raises :class:`SubmitError` when the entry script
+            would refuse ``argv``; the ``mtseg`` command line passes its own parser's check
+            (:func:`mtseg.cli.jobs.check_arguments`). None skips it.
 
     Returns:
         The submission id.
@@ -626,7 +573,8 @@ def submit(
         if config_path or overrides:
             raise SubmitError(f"{name}: takes no --config or key=value overrides; pass its own arguments after --")
         run_name, run = "run", None
-    check_arguments(name, [*(["--config", config_rel] if config_rel else []), *script_args, *overrides])
+    if check_args is not None:
+        check_args(name, [*(["--config", config_rel] if config_rel else []), *script_args, *overrides])
 
     env_vars = storage_env(credentials=forward_credentials) if pass_storage_env else {}
     entrypoint = build_entrypoint(spec.script, config_rel, overrides, script_args)
@@ -659,64 +607,7 @@ def submit(
     return submitted
 
 
-# ---------------------------------------------------------------------------- CLI
-
-
-def _resource(text: str) -> tuple[str, float]:
-    key, sep, value = text.partition("=")
-    try:
-        if not sep or not key:
-            raise ValueError
-        return key, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a resource is NAME=AMOUNT, e.g. accelerator_type:A10G=0.01") from None
-
-
-def _fmt_time(ms: int | None) -> str:
-    if not ms:
-        return "-"
-    return _dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _follow_and_exit(jobs: JobsClient, sid: str) -> int:
-    try:
-        status = jobs.follow(sid, sys.stdout)
-    except KeyboardInterrupt:
-        print(f"\nmtseg: stopped following; job {sid} keeps running (mtseg jobs stop {sid})", file=sys.stderr)
-        return 130
-    print(f"[submit] job {sid} {status}", file=sys.stderr)
-    return EXIT_CODES.get(status, 1)
-
-
-def cmd_submit(args) -> int:
-    """``mtseg submit NAME ...``."""
-    spec = JOBS[args.job]
-    script_args: list[str] = []
-    if args.job == "prepare":
-        script_args += ["--coco-root", args.coco_root]
-    if getattr(args, "restart", False):
-        script_args.append("--restart")
-    if spec.takes_config:
-        config, overrides = args.config, args.overrides
-    else:
-        config, overrides = None, []
-        script_args += args.script_args
-    sid = submit(
-        args.job, config, overrides,
-        address=args.address, wait=False, working_dir=args.working_dir, submission_id=args.submission_id,
-        script_args=script_args, entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus,
-        entrypoint_memory=args.memory, entrypoint_resources=dict(args.resource or []),
-        pass_storage_env=not args.no_storage_env, forward_credentials=args.forward_credentials,
-    )
-    print(sid, flush=True)
-    if not args.wait:
-        print(f"# follow it: mtseg jobs logs {sid} --follow", file=sys.stderr)
-        return 0
-    return _follow_and_exit(client(args.address), sid)
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
+# ---------------------------------------------------------------------------- runs
 
 
 def run_outcome(info) -> str | None:
@@ -750,118 +641,8 @@ def run_outcome(info) -> str | None:
     return f"{status}: {reason}" if reason and status != "finished" else status
 
 
-def _list_jobs(jobs: JobsClient, *, drivers: bool) -> None:
-    rows = [("SUBMISSION_ID", "STATUS", "START", "END", "ENTRYPOINT")]
-    hidden = 0
-    for j in jobs.list_jobs():
-        if j.submission_id:
-            status = str(j.status.value)
-            run = run_outcome(j)
-            if run:
-                status += f" (run: {_shorten(run, 60)})"
-        elif drivers:
-            # A script that called ray.init on this cluster: Ray only knows whether it is still
-            # connected (it reports every disconnect as SUCCEEDED, a SIGKILL or a crash too).
-            status = "driver: " + ("connected" if str(j.status.value) == "RUNNING" else "disconnected")
-        else:
-            hidden += 1
-            continue
-        rows.append((j.submission_id or j.job_id or "-", status, _fmt_time(j.start_time), _fmt_time(j.end_time),
-                     _shorten(j.entrypoint, 70)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
-    if hidden:
-        print(f"# {hidden} driver connection(s) not listed (scripts that called ray.init here; Ray cannot "
-              "tell how they ended): mtseg jobs list --drivers", file=sys.stderr)
-
-
-def cmd_jobs(args) -> int:
-    """``mtseg jobs list|status|logs|stop``."""
-    jobs = client(args.address)
-    if args.action == "list":
-        _list_jobs(jobs, drivers=args.drivers)
-        return 0
-    if not args.id:
-        raise SubmitError(f"jobs {args.action}: a submission id is required")
-    if args.action == "status":
-        info = jobs.info(args.id)
-        print(f"{args.id}: {info.status.value}")
-        run = run_outcome(info)
-        if run:
-            print(f"run: {run}")
-        if info.message:
-            print(f"message: {info.message}")
-        print(f"entrypoint: {info.entrypoint}")
-        print(f"start: {_fmt_time(info.start_time)}  end: {_fmt_time(info.end_time)}")
-        for k, v in sorted((info.metadata or {}).items()):
-            print(f"{k}: {v}")
-        return 0
-    if args.action == "logs":
-        if args.follow:
-            return _follow_and_exit(jobs, args.id)
-        sys.stdout.write(jobs._redact(jobs.logs(args.id)))
-        return 0
-    # stop
-    was_running = jobs.stop(args.id)
-    print(f"{args.id}: stop requested" if was_running else f"{args.id}: was not running ({jobs.status(args.id)})")
-    if args.wait and was_running:
-        print(f"{args.id}: {jobs.wait(args.id)}")
-    return 0
-
-
-def add_parsers(subparsers) -> None:
-    """Add the ``submit`` and ``jobs`` commands to mtseg's argparse ``subparsers``."""
-    address_help = ("Ray Jobs API address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
-                    "RAY_ADDRESS, then the head of `mtseg cluster up`)")
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", default=None, help=address_help)
-    common.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED, 3 STOPPED")
-    common.add_argument("--submission-id", default=None, help="default mtseg-<job>-<run_name>-<UTC time>-<hex>")
-    common.add_argument("--working-dir", default=None, help="directory uploaded as the job's working_dir (default: this checkout)")
-    common.add_argument("--no-storage-env", action="store_true",
-                        help="do not pass this shell's AWS endpoint and region settings; the cluster's own apply")
-    common.add_argument("--forward-credentials", action="store_true",
-                        help="also pass this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
-                             "(Ray writes them in plain text to its logs and `ray job list`; by default the "
-                             "cluster's own credentials apply)")
-    common.add_argument("--num-cpus", type=float, default=None, help="CPUs the driver reserves (default: per job; 0 = on the head)")
-    common.add_argument("--num-gpus", type=float, default=None, help="GPUs the driver reserves (default 0)")
-    common.add_argument("--memory", type=int, default=None, help="bytes of memory the driver reserves")
-    common.add_argument("--resource", type=_resource, action="append", metavar="NAME=AMOUNT",
-                        help="custom resource the driver reserves (repeatable)")
-
-    submit_p = subparsers.add_parser("submit", help="run a job on a Ray cluster through the Ray Jobs API")
-    jobs_sub = submit_p.add_subparsers(dest="job", required=True, metavar="JOB")
-    for name, spec in JOBS.items():
-        p = jobs_sub.add_parser(name, parents=[common], help=spec.help, description=f"{spec.help}: submits {spec.script}")
-        if spec.takes_config:
-            p.add_argument("--config", default=None, help="YAML config inside the project (jobs/configs/*.yaml); validated before submission")
-            p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=0.01")
-        else:
-            p.add_argument("script_args", nargs="*", metavar="-- ARG",
-                           help=f"arguments of `mtseg {spec.command}`, after --, e.g. -- --checkpoint s3://bucket/runs/demo")
-        if name == "prepare":
-            p.add_argument("--coco-root", required=True, help="COCO root with images and annotations (a path on the cluster or s3://...)")
-        if name == "train":
-            p.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
-        p.set_defaults(fn=cmd_submit)
-
-    jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
-    jobs.add_argument("action", choices=("list", "status", "logs", "stop"))
-    jobs.add_argument("id", nargs="?", default=None, help="submission id (all but list)")
-    jobs.add_argument("--address", default=None, help=address_help)
-    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit with its outcome")
-    jobs.add_argument("--wait", action="store_true", help="stop: wait until the job has stopped")
-    jobs.add_argument("--drivers", action="store_true",
-                      help="list: also scripts that called ray.init on the cluster (Ray knows only whether they are connected)")
-    jobs.set_defaults(fn=cmd_jobs)
-
-
 __all__ = [
     "CREDENTIAL_ENV_VARS",
-    "EXIT_CODES",
     "JOBS",
     "RUN_METADATA_KEY",
     "STORAGE_ENV_VARS",
@@ -869,10 +650,8 @@ __all__ = [
     "JobSpec",
     "JobsClient",
     "SubmitError",
-    "add_parsers",
     "build_entrypoint",
     "build_runtime_env",
-    "check_arguments",
     "client",
     "load_token",
     "make_submission_id",

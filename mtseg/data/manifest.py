@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 
 from mtseg import storage
+from mtseg.errors import MtsegError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -36,7 +37,7 @@ _REQUIRED_KEYS = ("schema_version", "split", "categories", "counts", "shards", "
 _SHARD_KEYS = ("path", "rows", "bytes", "sha256")
 
 
-class ManifestError(ValueError):
+class ManifestError(MtsegError, ValueError):
     """A manifest is missing, unreadable or malformed; the message names the file."""
 
 

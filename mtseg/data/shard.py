@@ -50,6 +50,7 @@ from pycocotools.coco import COCO
 from mtseg import storage
 from mtseg.data.manifest import SCHEMA_VERSION, write_manifest
 from mtseg.data.transforms import prepare_image
+from mtseg.errors import MtsegError
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -90,7 +91,7 @@ MAX_DETAILS = 200
 _DETAILS_PER_SHARD = 50
 
 
-class ShardError(ValueError):
+class ShardError(MtsegError, ValueError):
     """Sharding cannot proceed (unusable annotation file, too many bad images); one line, names the split."""
 
 

@@ -41,6 +41,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mtseg import storage
+from mtseg.errors import MtsegError
 
 
 @dataclass(frozen=True)
@@ -290,7 +291,7 @@ def _annotation(obj: _Object, visible: np.ndarray, ann_id: int, image_id: int) -
     }
 
 
-class SynthError(ValueError):
+class SynthError(MtsegError, ValueError):
     """Bad arguments to :func:`synthesize`; the message is one line naming the argument."""
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from mtseg import storage
 from mtseg.config import Config, ConfigError, config_from_dict
 from mtseg.data.categories import CategoryIndex
+from mtseg.errors import MtsegError
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -40,7 +41,7 @@ FORMAT_VERSION = 1
 _CKPT_DIR = re.compile(r"^checkpoint_")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MtsegError, RuntimeError):
     """A checkpoint is missing, incomplete or corrupt, or does not fit its model; the message names the file."""
 
 

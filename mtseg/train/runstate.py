@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mtseg import storage
+from mtseg.errors import MtsegError
 
 _CAUSE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
 LEASE_FILE = "lease.json"
@@ -46,7 +47,7 @@ TTL_S = 90.0
 HEARTBEAT_S = 15.0
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(MtsegError, RuntimeError):
     """Another live driver holds the run's lease."""
 
 

@@ -57,7 +57,7 @@ from mtseg.tune.objective import (
     ensure_baselines,
 )
 from mtseg.tune.results import TuneOutcome, best_train_config, summarize, to_csv, to_markdown, write_results
-from mtseg.tune.search import add_parser, build_tuner, check_options, cmd_tune, run_tune
+from mtseg.tune.search import build_tuner, check_options, run_tune
 from mtseg.tune.space import (
     PBT_MUTABLE,
     Param,
@@ -86,13 +86,11 @@ __all__ = [
     "TaskObjective",
     "TrialSpec",
     "TuneOutcome",
-    "add_parser",
     "baseline_config",
     "baseline_key",
     "best_train_config",
     "build_tuner",
     "check_options",
-    "cmd_tune",
     "delta_m",
     "ensure_baselines",
     "experiment_uri",

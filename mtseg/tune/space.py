@@ -19,6 +19,7 @@ import yaml
 
 from mtseg import storage
 from mtseg.config import Config, ConfigError, coerce_value, config_from_dict, field_spec
+from mtseg.errors import MtsegError
 
 RUNS_DIR = "runs"
 PBT_INIT_DIR = "pbt_init"
@@ -39,7 +40,7 @@ _FORM = re.compile(r"^\s*(choice|grid|uniform|loguniform|randint)\s*\[(.*)\]\s*$
 _FORMS = "choice[a, b, ...] | grid[a, b, ...] | uniform[lo, hi] | loguniform[lo, hi] | randint[lo, hi]"
 
 
-class SearchError(RuntimeError):
+class SearchError(MtsegError, RuntimeError):
     """A search cannot start, resume or finish; the message is one line saying why."""
 
 

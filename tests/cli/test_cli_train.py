@@ -1,7 +1,10 @@
-"""The ``mtseg`` command line (mtseg/cli.py): how commands exit."""
+"""``mtseg train`` (mtseg/cli/train.py): a bad config is one line and exit 2 before anything
+starts, the metrics are strict JSON, and Ctrl-C exits 130."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import queue
 import signal
@@ -9,8 +12,67 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
+
+from mtseg.cli import main
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (None, "is a directory, not a config file"),
+        (b"train:\n  epochs: 2 \xff\n", "not UTF-8 text"),
+        (b"- train\n- model\n", "the top level must be a mapping"),
+        (b"base: &b\n  more: *b\n", "the YAML alias at base.more refers to"),
+    ],
+)
+def test_unusable_config_file(tmp_path, one_line_error, content, needle):
+    path = tmp_path / "config.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert main(["train", "--config", str(path), "train.epochs=1"]) == 2
+    one_line_error(str(path), needle)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+        ("train.lr=inf", "train.lr: expected a finite number, got inf"),
+        ("weighting.static.semantic=-1", "weighting.static.semantic: -1.0 is below the minimum 0.0"),
+        ("train.storage_path=s3://", "train.storage_path: s3://: no bucket name"),
+    ],
+)
+def test_values_accepted_until_now_are_refused(one_line_error, override, needle):
+    assert main(["train", override]) == 2
+    one_line_error(needle)
+
+
+
+def test_train_prints_strict_json_with_null_for_undefined_metrics(monkeypatch, capsys):
+    """No val/mask_ap without instances: the result said NaN, which is not JSON."""
+    from mtseg import cluster
+    from mtseg.train import trainer
+
+    result = types.SimpleNamespace(error=None, metrics={"val/miou": 0.5, "val/mask_ap": math.nan, "val/pq": math.inf, "train/loss": 1.0})
+    # The cluster parts are beside the point here (the Ray Train tests run them): the printing is.
+    monkeypatch.setattr(trainer, "preflight", lambda cfg: None)
+    monkeypatch.setattr(trainer, "run_training", lambda cfg, restart=False: result)
+    monkeypatch.setattr(cluster, "init_local_ray", lambda **kw: None)
+    assert main(["train"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    printed = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert printed == {"val/miou": 0.5, "val/mask_ap": None, "val/pq": None}
+
+
+
 
 # One Ray Train worker on 32 px images, more epochs than the test waits for.
 TINY = [

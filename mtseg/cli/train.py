@@ -1,0 +1,98 @@
+"""``mtseg train``: distributed training on Ray Train (:func:`mtseg.train.trainer.run_training`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+from mtseg.cli import EXIT_FAILED
+
+
+def json_metrics(metrics: dict) -> str:
+    """Metrics as strict JSON: an undefined value (NaN, infinite) is ``null``, as in metrics.json.
+
+    ``json.dumps`` would write ``NaN``, which JSON parsers other than Python's refuse.
+    """
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    return json.dumps(clean, indent=2, allow_nan=False)
+
+
+@contextlib.contextmanager
+def sigint_seen() -> Iterator[Callable[[], bool]]:
+    """Yield a function telling whether SIGINT arrived in the block, whoever handled it.
+
+    Ray Train's ``fit()`` replaces the SIGINT handler with one that aborts the run and then
+    calls ``sys.exit(0)``, which ``ray.get`` re-raises as ``SystemExit(1)``: no
+    KeyboardInterrupt reaches mtseg, and a Ctrl-C looked like a failed run (exit 1). The
+    interpreter writes the number of every signal it handles to the wakeup fd, whichever
+    handler then runs. Ray's handler stays installed after ``fit()``: the previous one is
+    put back on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield lambda: False
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    handler = signal.getsignal(signal.SIGINT)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    seen = False
+
+    def interrupted() -> bool:
+        nonlocal seen
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(read_fd, 512):
+                seen = seen or signal.SIGINT in data
+        return seen
+
+    try:
+        yield interrupted
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGINT, handler)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtseg.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything starts
+    from mtseg.cluster import init_local_ray, storage_env
+    from mtseg.train.trainer import preflight, run_training
+
+    preflight(cfg)  # fail on bad storage/data before any cluster resource is used
+    if cfg.cluster.address:
+        os.environ["RAY_ADDRESS"] = cfg.cluster.address
+    init_local_ray(env=storage_env(credentials=True), dashboard=True, log_to_driver=True)
+    with sigint_seen() as interrupted:
+        try:
+            result = run_training(cfg, restart=args.restart)
+        finally:
+            if interrupted():
+                # Ray Train took the Ctrl-C and aborted the run; however fit() ended, the user
+                # stopped it: main() exits 130.
+                raise KeyboardInterrupt
+    if result.error:
+        from mtseg.train.runstate import error_line
+
+        print(f"mtseg: error: training failed: {error_line(result.error)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json_metrics({k: v for k, v in (result.metrics or {}).items() if k.startswith("val/")}))
+    return 0
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``mtseg train``."""
+    train = subparsers.add_parser("train", help="distributed training on Ray Train")
+    train.add_argument("--config", default=None, help="YAML config (jobs/configs/*.yaml)")
+    train.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=0.01")
+    train.set_defaults(fn=cmd_train)
