@@ -1,45 +1,55 @@
-"""Pictures and reports a person reads: colour maps, per-task overlays, the run report.
+"""The run report a person reads: final metrics, training curves and overlays.
 
-No plotting library is needed: panels are composed with PIL, loss curves are inline SVG.
+:func:`write_report` writes ``report.html``, one self-contained file (the curves and the
+overlay images are embedded as PNG data, nothing is fetched), and ``report.md`` beside it.
+The curves are drawn with matplotlib (Agg, no display) from the run's TensorBoard scalars,
+one panel per group of tags: the training losses on a log scale (the first steps' loss is
+often a hundred times the last), the task weights, the validation metrics, and each other
+scalar on its own axis. An undefined metric (NaN: nothing to measure on the split) reads
+``n/a`` with the reason.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from mtseg.render import palette
+#: Width and height of one curve panel, in inches at :data:`DPI`.
+PANEL_SIZE = (6.4, 3.6)
+DPI = 100
 
 
-def svg_curves(series: dict[str, list[tuple[float, float]]], title: str, width: int = 640, height: int = 260) -> str:
-    """An inline SVG line chart of several (step, value) series."""
-    pts = [p for s in series.values() for p in s]
-    if not pts:
-        return f"<p>{html.escape(title)}: no data</p>"
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    pad = 40
-    colours = palette()
+# ---------------------------------------------------------------------------- metrics
 
-    def xy(p):
-        return pad + (p[0] - x0) / (x1 - x0) * (width - 2 * pad), height - pad - (p[1] - y0) / (y1 - y0) * (height - 2 * pad)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 16 * len(series)}">',
-             f'<text x="{pad}" y="16" font-size="13">{html.escape(title)}</text>',
-             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none" stroke="#999"/>',
-             f'<text x="2" y="{pad + 4}" font-size="10">{y1:.3g}</text><text x="2" y="{height - pad}" font-size="10">{y0:.3g}</text>',
-             f'<text x="{pad}" y="{height - pad + 14}" font-size="10">step {x0:.0f}</text>',
-             f'<text x="{width - pad - 50}" y="{height - pad + 14}" font-size="10">step {x1:.0f}</text>']
-    for i, (name, s) in enumerate(sorted(series.items())):
-        r, g, b = (int(v) for v in colours[i + 1])
-        c = f"#{r:02x}{g:02x}{b:02x}"
-        line = " ".join(f"{x:.1f},{y:.1f}" for x, y in map(xy, sorted(s)))
-        parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{line}"/>')
-        parts.append(f'<text x="{pad}" y="{height + 4 + 16 * i}" font-size="11" fill="{c}">{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def undefined_reason(name: str) -> str:
+    """Why metric ``name`` can be undefined (NaN) on a split."""
+    if name.rsplit("_", 1)[-1] in ("s", "m", "l"):
+        # COCO's small / medium / large area ranges (mask_ap_s, ...): -1 from COCOeval.
+        return "no ground-truth objects of this size in the split"
+    return "nothing to measure on the split (no ground truth and no prediction of this kind)"
+
+
+def format_metric(name: str, value: float) -> str:
+    """``0.7067``, or ``n/a (<reason>)`` for an undefined (NaN) value."""
+    if isinstance(value, float) and math.isnan(value):
+        return f"n/a ({undefined_reason(name)})"
+    return f"{value:.4f}"
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """A markdown table of the numeric metrics, sorted by name; undefined ones read ``n/a`` with the reason."""
+    rows = ["| metric | value |", "|---|---|"]
+    rows += [f"| `{k}` | {format_metric(k, v)} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------- curves
 
 
 def read_scalars(tensorboard_dir: str) -> dict[str, list[tuple[float, float]]]:
@@ -57,35 +67,157 @@ def read_scalars(tensorboard_dir: str) -> dict[str, list[tuple[float, float]]]:
     return {tag: sorted(v.items()) for tag, v in out.items()}
 
 
-def metrics_table(metrics: dict[str, float]) -> str:
-    rows = ["| metric | value |", "|---|---|"]
-    rows += [f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
-    return "\n".join(rows)
+@dataclass
+class Panel:
+    """One plot: a group of series sharing an axis.
+
+    Attributes:
+        title: the panel's title.
+        ylabel: what the y axis measures.
+        series: line label -> [(step, value)].
+        log: log-scale y axis.
+    """
+
+    title: str
+    ylabel: str
+    series: dict[str, list[tuple[float, float]]]
+    log: bool = False
+
+
+def _fraction(points: list[tuple[float, float]]) -> bool:
+    values = [v for _, v in points if not math.isnan(v)]
+    return bool(values) and all(0.0 <= v <= 1.0 for v in values)
+
+
+def group_scalars(scalars: dict[str, list[tuple[float, float]]]) -> list[Panel]:
+    """The panels of a run's scalars, grouped by tag, in reading order.
+
+    ``train/loss`` and ``train/loss/<task>`` share a log-scale panel; ``train/weight/<task>``
+    share one; the ``val/`` metrics between 0 and 1 (mIoU, F1, AP, PQ, ...) share one; every
+    other scalar (learning rate, gradient norm, throughput, a metric in its own units such as
+    PSNR) gets a panel of its own. Series with no defined value are left out.
+    """
+    scalars = {k: v for k, v in scalars.items() if any(math.isfinite(x) for _, x in v)}
+    used: set[str] = set()
+
+    def take(tags: list[str]) -> dict[str, list[tuple[float, float]]]:
+        used.update(tags)
+        return {t: scalars[t] for t in sorted(tags)}
+
+    panels = []
+    losses = take([t for t in scalars if t == "train/loss" or t.startswith("train/loss/")])
+    if losses:
+        series = {("total" if t == "train/loss" else t.removeprefix("train/loss/")): v for t, v in losses.items()}
+        panels.append(Panel("training loss", "loss (log scale)", series, log=True))
+    weights = take([t for t in scalars if t.startswith("train/weight/")])
+    if weights:
+        panels.append(Panel("task weights", "weight", {t.removeprefix("train/weight/"): v for t, v in weights.items()}))
+    fractions = take([t for t in scalars if t.startswith("val/") and _fraction(scalars[t])])
+    if fractions:
+        panels.append(Panel("validation", "score (0 to 1)", {t.removeprefix("val/"): v for t, v in fractions.items()}))
+    for tag in sorted(t for t in scalars if t not in used):
+        log = _wide(scalars[tag])
+        panels.append(Panel(tag, tag.rsplit("/", 1)[-1] + (" (log scale)" if log else ""), {tag: scalars[tag]}, log=log))
+    return panels
+
+
+def _wide(points: list[tuple[float, float]]) -> bool:
+    """Positive values spanning more than a factor of 20 (a gradient norm falling like the loss): log scale."""
+    values = [v for _, v in points if math.isfinite(v)]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 20
+
+
+def plot_panel(panel: Panel):
+    """A matplotlib Figure of one :class:`Panel` (no pyplot: no global state, no display)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=PANEL_SIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    styles = ("-", "--", ":", "-.")
+    for i, (label, points) in enumerate(panel.series.items()):
+        steps, values = zip(*points)
+        # Ten colours, then the same colours dashed: every line stays told apart in the legend.
+        ax.plot(steps, values, linestyle=styles[i // 10 % len(styles)], color=f"C{i % 10}", marker="o", markersize=2.5,
+                linewidth=2.2 if label == "total" else 1.4, label=label)
+    if panel.log:
+        ax.set_yscale("log")
+    ax.set_title(panel.title)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(panel.ylabel)
+    ax.grid(True, which="major", alpha=0.35)
+    if panel.log:
+        ax.grid(True, which="minor", alpha=0.12)
+    if len(panel.series) > 1:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def png_bytes(figure) -> bytes:
+    """A matplotlib Figure as PNG bytes (rendered by Agg)."""
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:1.5em auto;padding:0 1em;color:#222}"
+          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 10px;text-align:left}"
+          "td.num{font-variant-numeric:tabular-nums}.na{color:#777}"
+          ".curves{display:flex;flex-wrap:wrap;gap:8px}img{max-width:100%}")
 
 
 def write_report(out_dir: str, title: str, metrics: dict[str, float], scalars: dict[str, list[tuple[float, float]]],
                  images: Sequence[str], notes: Sequence[str] = ()) -> tuple[str, str]:
-    """``report.md`` and ``report.html`` with the metrics table, loss curves and overlay images."""
+    """Write ``report.md`` and the self-contained ``report.html`` into ``out_dir``.
+
+    Args:
+        out_dir: where the two files go (created if needed).
+        title: the report's heading.
+        metrics: final metrics (``val/miou``, ...); NaN reads ``n/a`` with the reason.
+        scalars: the run's curves, tag -> [(step, value)] (:func:`read_scalars`).
+        images: PNG files shown under "Overlays" (embedded in the HTML, linked from the markdown).
+        notes: paragraphs under the heading.
+
+    Returns:
+        ``(report.md path, report.html path)``.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    losses = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("train/loss/")}
-    weights = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("train/weight/")}
-    vals = {k: v for k, v in scalars.items() if k in ("val/miou", "val/supercategory_miou", "val/boundary_f1", "val/mask_ap")}
     md = [f"# {title}", "", *notes, "", "## Final metrics", "", metrics_table(metrics), "", "## Overlays", ""]
     md += [f"![{os.path.basename(p)}]({os.path.relpath(p, out_dir)})" for p in images]
-    md += ["", "Loss curves: see report.html (or `tensorboard --logdir` on the run's tensorboard/ directory)."]
+    md += ["", "Training curves: see report.html (or `tensorboard --logdir` on the run's tensorboard/ directory)."]
     md_path = os.path.join(out_dir, "report.md")
     with open(md_path, "w") as f:
         f.write("\n".join(md) + "\n")
+
     body = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(n)}</p>" for n in notes]
-    body.append("<h2>Final metrics</h2><table border=1 cellpadding=4><tr><th>metric</th><th>value</th></tr>")
-    body += [f"<tr><td><code>{html.escape(k)}</code></td><td>{v:.4f}</td></tr>" for k, v in sorted(metrics.items())
-             if isinstance(v, (int, float))]
-    body.append("</table><h2>Curves</h2>")
-    body += [svg_curves(losses, "training loss per task"), svg_curves(weights, "task weights"),
-             svg_curves(vals, "validation")]
-    body.append("<h2>Overlays</h2>")
-    body += [f'<p><img src="{html.escape(os.path.relpath(p, out_dir))}"></p>' for p in images]
+    body.append("<h2>Final metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
+    for k, v in sorted(metrics.items()):
+        if isinstance(v, (int, float)):
+            na = isinstance(v, float) and math.isnan(v)
+            body.append(f'<tr><td><code>{html.escape(k)}</code></td><td class="{"na" if na else "num"}">'
+                        f"{html.escape(format_metric(k, v))}</td></tr>")
+    body.append("</table><h2>Training curves</h2>")
+    panels = group_scalars(scalars)
+    if not panels:
+        body.append("<p>No curves: the run recorded no TensorBoard scalars.</p>")
+    body.append('<div class="curves">')
+    body += [f'<img alt="{html.escape(p.title)}" src="{_data_uri(png_bytes(plot_panel(p)))}">' for p in panels]
+    body.append("</div><h2>Overlays</h2>")
+    for p in images:
+        with open(p, "rb") as f:
+            body.append(f'<p><img alt="{html.escape(os.path.basename(p))}" src="{_data_uri(f.read())}"></p>')
     html_path = os.path.join(out_dir, "report.html")
     with open(html_path, "w") as f:
-        f.write("<!doctype html><meta charset=utf-8><title>" + html.escape(title) + "</title>" + "\n".join(body))
+        f.write(f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{_STYLE}</style>\n"
+                + "\n".join(body) + "\n")
     return md_path, html_path
+
+
+__all__ = ["Panel", "format_metric", "group_scalars", "metrics_table", "plot_panel", "png_bytes", "read_scalars",
+           "undefined_reason", "write_report"]
