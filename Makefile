@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test lint test-fast bench clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/mtseg demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest tests
+
+# An import that goes up a layer (pyproject.toml [tool.importlinter]) or a lint error fails the tests.
+lint: setup
+	$(BIN)/lint-imports
+	$(BIN)/ruff check mtseg tests benchmarks jobs
 
 test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow"
