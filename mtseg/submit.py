@@ -66,7 +66,7 @@ class JobSpec:
         takes_config: the script takes ``--config FILE`` and ``key=value`` overrides; otherwise
             it takes its own arguments (``mtseg submit evaluate -- --checkpoint ...``).
         command: the ``mtseg`` subcommand the script runs, whose parser checks the arguments
-            before submission (skipped while that subcommand does not exist).
+            before submission; None for a script with its own parser.
     """
 
     script: str

@@ -22,14 +22,12 @@ def check_arguments(name: str, argv: Sequence[str]) -> None:
         SubmitError: the arguments are wrong (the message is argparse's, on one line).
     """
     command = submit.JOBS[name].command
-    parser = build_parser()
-    choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
-    if not command or command not in choices:
+    if not command:
         return
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            parser.parse_args([command, *argv])
+            build_parser().parse_args([command, *argv])
     except SystemExit as e:
         if e.code:
             lines = [line for line in err.getvalue().splitlines() if line.strip()]
