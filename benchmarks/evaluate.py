@@ -106,7 +106,8 @@ def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | Non
     tasks = build_tasks(cfg, cats)
     evaluator = Evaluator(cats, cfg.tasks.names, coco_gt=coco_gt)
     result = Pass(0, 0.0)
-    for batch in iter_local_batches(data_uri, SPLIT, cats, cfg, False, batch_size=batch_size, limit=limit):
+    for batch in iter_local_batches(data_uri, SPLIT, cats, cfg, False, tasks=tasks, batch_size=batch_size,
+                                    limit=limit):
         evaluate(model, [batch], tasks, cfg, cats, evaluator, torch.device("cpu"))
         result.images += int(batch["image_id"].shape[0])
         if not result.first_images:

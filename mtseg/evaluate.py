@@ -6,7 +6,7 @@ The pipeline streams: no pixels and no predicted maps reach the driver, only per
 states (counts, and COCO results with compressed RLE masks) and the ground-truth rows::
 
     read_parquet(split shards)  ─ streaming, S3 or local
-      └ map_batches(EvalPreprocess)      CPU tasks (fused with the read, one per shard): decode +
+      └ map_batches(ChunkedTransform)    CPU tasks (fused with the read, one per shard): decode +
                                          resize (the validation transform) + targets, plus each
                                          image's ground truth as a JSON row
       └ map_batches(EvalActor)           actor pool, model loaded once per actor (one GPU each
@@ -33,7 +33,7 @@ import json
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,16 +46,7 @@ from mtseg.predict import PredictError
 # torch, Ray and the data pipeline are imported where used, so that building the CLI parser
 # (which imports this module) stays fast.
 if TYPE_CHECKING:
-    import pyarrow as pa
-
-    from mtseg.data.pipeline import SampleTransform
     from mtseg.train.checkpoint import LoadedCheckpoint
-
-#: Shard columns that make up an image's ground truth (everything but the pixels).
-GT_COLUMNS = ("image_id", "height", "width", "annotations")
-
-#: Images per preprocessed chunk (the unit that travels to the actors).
-PREPROCESS_CHUNK_ROWS = 16
 
 #: CPUs a read + decode task reserves: Ray Data's default for a read task, which the decode
 #: map keeps so that the two fuse into one task per shard.
@@ -66,45 +57,6 @@ IMAGES_PER_COCO_SHARD = 64
 
 METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
-
-
-def _gt_row(row: dict) -> dict:
-    """A shard row's ground truth as JSON-able values (RLE counts bytes -> ASCII str)."""
-    anns = []
-    for a in row.get("annotations") or ():
-        a = dict(a)
-        counts = a.get("segmentation_counts")
-        if isinstance(counts, (bytes, bytearray)):
-            a["segmentation_counts"] = counts.decode("ascii")
-        anns.append(a)
-    return {"image_id": int(row["image_id"]), "height": int(row["height"]), "width": int(row["width"]), "annotations": anns}
-
-
-@dataclass(frozen=True)
-class EvalPreprocess:
-    """Ray Data UDF (CPU tasks): shard rows -> the stream's wire layout plus a ``gt`` column.
-
-    A generator over chunks of :data:`PREPROCESS_CHUNK_ROWS` images, so that it can take a
-    whole block (``batch_size=None``, which lets Ray fuse it with the read) without holding a
-    shard's decoded images at once.
-
-    Attributes:
-        transform: the validation :class:`~mtseg.data.pipeline.SampleTransform` (``train=False``).
-    """
-
-    transform: SampleTransform
-
-    def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
-        from mtseg.data.pipeline import READ_COLUMNS
-
-        for start in range(0, batch.num_rows, PREPROCESS_CHUNK_ROWS):
-            cols = {c: batch.column(c).slice(start, PREPROCESS_CHUNK_ROWS).to_pylist() for c in READ_COLUMNS}
-            rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
-            out = self.transform.stack([
-                self.transform.sample(r["image"], r["annotations"], r["image_id"], r["height"], r["width"]) for r in rows
-            ])
-            out["gt"] = np.array([json.dumps(_gt_row(r)) for r in rows], dtype=object)
-            yield out
 
 
 class EvalActor:
@@ -142,12 +94,13 @@ class EvalActor:
         self.with_instances = "instance" in self.cfg.tasks.names
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mtseg.data.pipeline import BATCH_KEYS, to_torch
+        from mtseg.data.pipeline import batch_fields, to_torch
         from mtseg.metrics import Evaluator, coco_gt_from_rows
         from mtseg.train.loop import evaluate
 
         gt_json = [str(s) for s in batch["gt"]]
-        tensors = to_torch({k: batch[k] for k in BATCH_KEYS})  # wire layout -> batch contract
+        fields = batch_fields(self.cfg.data.image_size, self.tasks.values())
+        tensors = to_torch({k: batch[k] for k in fields}, fields)  # wire layout -> batch contract
         coco_gt = None
         if self.with_instances:
             coco_gt = coco_gt_from_rows([json.loads(s) for s in gt_json], self.coco_categories)
@@ -285,15 +238,18 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     import ray
     import ray.data
 
-    from mtseg.data.pipeline import SampleTransform, read_split
+    from mtseg.data.pipeline import ChunkedTransform, SampleTransform, read_split
+    from mtseg.tasks import build_tasks
 
     cfg = loaded.cfg
     ds, manifest = read_split(data_uri, split)
     if limit:
         ds = ds.limit(int(limit))
-    transform = SampleTransform.from_config(loaded.categories, cfg, train=False)
-    # As in the training stream: the preprocessing fuses with the read, one task per shard.
-    ds = ds.map_batches(EvalPreprocess(transform), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    transform = SampleTransform.from_config(loaded.categories, cfg, build_tasks(cfg, loaded.categories), train=False)
+    # The preprocessing fuses with the read, one task per shard; each image's ground truth
+    # travels beside it, so every actor scores its batch against that batch's own images.
+    ds = ds.map_batches(ChunkedTransform(transform, with_gt=True), batch_format="pyarrow", batch_size=None,
+                        zero_copy_batch=True)
     state_ref = ray.put(loaded.model_state)
     return ds.map_batches(
         EvalActor,
@@ -470,7 +426,6 @@ def load_for_evaluation(checkpoint: str, data_uri: str | None = None, split: str
 __all__ = [
     "PREPROCESS_TASK_CPUS",
     "EvalActor",
-    "EvalPreprocess",
     "EvaluationResult",
     "build_eval_dataset",
     "evaluate_checkpoint",

@@ -41,12 +41,14 @@ def trained_checkpoint(tiny_data, tmp_path_factory, seaweedfs):
     """A checkpoint after 3 optimiser steps, in the bucket as Ray Train lays it out: <run>/checkpoint_*/."""
     from mtseg.data.manifest import read_manifest
     from mtseg.data.pipeline import categories_of, iter_local_batches
+    from mtseg.tasks import build_tasks
     from mtseg.train.loop import build_state, train_one_epoch
 
     cfg = _cfg(tiny_data)
     categories = categories_of(read_manifest(tiny_data, cfg.data.train_split))
     state = build_state(cfg, categories, total_steps=3, device=torch.device("cpu"))
-    batches = iter_local_batches(tiny_data, cfg.data.train_split, categories, cfg, True, drop_last=True)
+    batches = iter_local_batches(tiny_data, cfg.data.train_split, categories, cfg, True,
+                                 tasks=build_tasks(cfg, categories), drop_last=True)
     train_one_epoch(state, batches, steps=3)
     local = str(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000")
     # Saved as the trainer does today: meta without categories (read from the dataset instead).
@@ -76,7 +78,8 @@ def _plain_loop_metrics(checkpoint_uri: str, cfg, categories) -> dict[str, float
         fs, path = storage.resolve(uri)
         rows += pq.read_table(path, filesystem=fs, columns=["image_id", "height", "width", "annotations"]).to_pylist()
     evaluator = Evaluator(categories, cfg.tasks.names, coco_gt=coco_gt_from_rows(rows, manifest["categories"]))
-    batches = iter_local_batches(cfg.data.uri, cfg.data.val_split, categories, cfg, False)
+    batches = iter_local_batches(cfg.data.uri, cfg.data.val_split, categories, cfg, False,
+                                 tasks=build_tasks(cfg, categories))
     evaluate(model, batches, build_tasks(cfg, categories), cfg, categories, evaluator, torch.device("cpu"))
     return evaluator.compute()
 

@@ -1,31 +1,32 @@
 """The data stream: parquet shards -> decode -> joint augmentation -> task targets -> batches.
 
-One function does the per-image work, :class:`SampleTransform`, and two drivers feed it:
+One transform does the per-image work, :class:`SampleTransform`: it decodes the image and its
+annotations, augments both jointly and asks each of the run's tasks for its targets
+(:meth:`mtseg.tasks.base.Task.build_targets`); the task objects travel with it to the Ray
+Data workers, so a task registered in the driver needs no lookup there. Three drivers feed it:
 
-* Ray Data (:func:`read_split` + :func:`build_stream`): ``read_parquet`` of the shard files a
-  manifest lists, from a local directory or S3 through the pyarrow filesystem of
-  :func:`mtseg.storage.resolve`, then ``map_batches`` on CPU workers, fused with the read
-  into one task per shard whose output streams out in small chunks. The streaming executor keeps a bounded number of blocks in
-  flight, so memory does not grow with the number of shards; nothing here materializes the
-  dataset. Train workers take their part with ``streaming_split`` / ``get_dataset_shard``
-  and iterate it with :func:`iter_torch` (``iter_torch_batches`` + :func:`to_torch`).
+* training (:func:`worker_batches`): each Ray Train worker streams its slice of the epoch
+  plan (:mod:`mtseg.train.data`) with Ray Data: read tasks of ``rows_per_task`` images read
+  their rows from one shard (S3 or local) and transform them, in plan order;
+* evaluation (:func:`read_split` + :class:`ChunkedTransform`): ``read_parquet`` of a split's
+  shards with the transform fused into the read, one task per shard, whose output streams
+  out in small chunks, each image's ground truth beside it (``mtseg evaluate``'s actors);
 * plain pyarrow (:func:`iter_local_batches`): the same transform over the shards read row
-  group by row group, for the evaluator and for tests that run without Ray.
+  group by row group, without Ray (the demo's pictures, benchmarks, tests).
 
-Between the workers and the consumer, rows travel in a compact *wire* layout
-(:func:`wire_spec`: uint8 image and masks, uint8 labels, float16 heatmap, int16 offsets, all
-exact), about a quarter of the bytes of the float32/int64 batch contract; :func:`to_torch`
-turns a batch into the contract:
-``image`` float32 (B, 3, S, S) in [0, 1]; ``semantic``/``supercategory`` int64 (B, S, S);
-``boundary``/``thing_mask`` float32 (B, S, S); ``center`` float32 (B, 1, S, S); ``offset``
-float32 (B, 2, S, S); ``image_id`` int64 (B,); ``orig_size`` int64 (B, 2) as (height, width).
+Between the workers and the consumer, rows travel in a compact *wire* layout, about a
+quarter of the bytes of the batch contract: the stream's own keys (:func:`stream_fields`:
+uint8 ``image``, ``image_id``, ``orig_size``) and each task's targets
+(:meth:`~mtseg.tasks.base.Task.target_fields`), every value exact. :func:`to_torch` turns a
+batch into the contract: ``image`` float32 (B, 3, S, S) in [0, 1], ``image_id`` int64 (B,),
+``orig_size`` int64 (B, 2) as (height, width), and each task's keys in their contract dtype.
 Validation uses the same code with ``train=False`` (a plain resize, no randomness).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,9 +36,9 @@ import pyarrow.parquet as pq
 import torch
 
 from mtseg import storage
-from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
+from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
-from mtseg.data.targets import build_targets, decode_annotations
+from mtseg.data.targets import Instances, TargetBuilder, WireField, decode_annotations
 from mtseg.data.transforms import apply_joint, build_transform, decode_image, sample_seed
 
 if TYPE_CHECKING:  # Ray is imported lazily: the non-Ray path must not pay for it
@@ -48,20 +49,6 @@ if TYPE_CHECKING:  # Ray is imported lazily: the non-Ray path must not pay for i
 #: Shard columns the stream reads (``file_name`` is for people, not for training).
 READ_COLUMNS = ("image_id", "height", "width", "image", "annotations")
 
-#: Keys of a batch, in contract order.
-BATCH_KEYS = (
-    "image", "semantic", "supercategory", "boundary", "center", "offset", "thing_mask", "image_id", "orig_size",
-)
-
-#: dtype of each key in the batch contract (what :func:`to_torch` returns).
-CONTRACT_DTYPES = {
-    "image": torch.float32, "semantic": torch.int64, "supercategory": torch.int64, "boundary": torch.float32,
-    "center": torch.float32, "offset": torch.float32, "thing_mask": torch.float32, "image_id": torch.int64,
-    "orig_size": torch.int64,
-}
-
-_CONTRACT_NUMPY = {k: torch.empty(0, dtype=v).numpy().dtype for k, v in CONTRACT_DTYPES.items()}
-
 #: Images per output chunk of a map task: small, so a task's working set stays small, and
 #: large enough to amortise the per-chunk overhead.
 CHUNK_ROWS = 16
@@ -69,89 +56,112 @@ CHUNK_ROWS = 16
 #: Rows per pyarrow record batch on the local path.
 LOCAL_READ_BATCH = 64
 
-# Offsets travel as int16: they are whole pixels (centers are rounded to the grid).
-_MAX_IMAGE_SIZE = np.iinfo(np.int16).max
+
+def stream_fields(image_size: int) -> dict[str, WireField]:
+    """The keys every batch has, whatever the tasks: ``image``, ``image_id``, ``orig_size``."""
+    return {
+        "image": WireField((3, image_size, image_size), np.dtype(np.uint8), torch.float32, scale=1.0 / 255.0),
+        "image_id": WireField((), np.dtype(np.int64), torch.int64),
+        "orig_size": WireField((2,), np.dtype(np.int64), torch.int64),
+    }
 
 
-def label_dtype(categories: CategoryIndex) -> np.dtype:
-    """Wire dtype of ``semantic``/``supercategory``: uint8 while every index and 255 (ignore) fit."""
-    fits = categories.num_classes <= IGNORE_INDEX and categories.num_supercategories <= IGNORE_INDEX
-    return np.dtype(np.uint8) if fits else np.dtype(np.int32)
+def batch_fields(image_size: int, tasks: Iterable[TargetBuilder]) -> dict[str, WireField]:
+    """Every key of a batch: the stream's own, then each task's targets, in task order.
+
+    Raises:
+        ValueError: two tasks (or a task and the stream) declare the same key.
+    """
+    own = stream_fields(image_size)
+    fields = {"image": own.pop("image")}
+    for task in tasks:
+        for key, wire in task.target_fields(image_size).items():
+            if key in fields or key in own:
+                raise ValueError(f"task {task.name}: batch key {key!r} is already taken")
+            fields[key] = wire
+    return fields | own
 
 
-def wire_spec(image_size: int, categories: CategoryIndex) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Per-image shape and dtype of every key in the wire layout (the stream's rows).
+_OWN_FIELDS = stream_fields(1)  # shapes unused: what to_torch does with the stream's own keys
+
+
+def to_torch(batch: Mapping[str, Any], fields: Mapping[str, WireField] | None = None) -> dict[str, torch.Tensor]:
+    """A batch in the wire layout (or already in the contract) -> torch tensors of the batch contract.
 
     Args:
-        image_size: output side S, pixels.
-        categories: the label space (it decides the label dtype).
+        batch: numpy arrays (or tensors) with a leading batch dimension.
+        fields: the batch's keys (:func:`batch_fields`, :attr:`SampleTransform.fields`);
+            default the stream's own keys only. Keys without a field pass through unchanged.
 
     Returns:
-        ``{key: (shape without the batch dimension, numpy dtype)}`` for every :data:`BATCH_KEYS`.
+        Dict of torch tensors, each key in its contract dtype; ``image`` in [0, 1].
     """
-    s, lab = image_size, label_dtype(categories)
-    return {
-        "image": ((3, s, s), np.dtype(np.uint8)),
-        "semantic": ((s, s), lab),
-        "supercategory": ((s, s), lab),
-        "boundary": ((s, s), np.dtype(np.uint8)),
-        "center": ((1, s, s), np.dtype(np.float16)),
-        "offset": ((2, s, s), np.dtype(np.int16)),
-        "thing_mask": ((s, s), np.dtype(np.uint8)),
-        "image_id": ((), np.dtype(np.int64)),
-        "orig_size": ((2,), np.dtype(np.int64)),
-    }
+    fields = _OWN_FIELDS if fields is None else fields
+    out = {}
+    for key, value in batch.items():
+        array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        wire = fields.get(key)
+        if wire is not None and wire.scale is not None and array.dtype == wire.wire:
+            array = array.astype(np.float32)
+            array *= np.float32(wire.scale)
+        elif wire is not None:
+            # astype copies: arrays handed out by Ray are read-only, torch wants them writable.
+            array = array.astype(torch.empty(0, dtype=wire.dtype).numpy().dtype, copy=True)
+        elif not array.flags.writeable:
+            array = array.copy()
+        out[key] = torch.from_numpy(np.ascontiguousarray(array))
+    return out
 
 
 @dataclass(frozen=True)
 class SampleTransform:
-    """Decode + joint augmentation + targets for shard rows; picklable, so Ray ships it to workers.
+    """Decode + joint augmentation + task targets for shard rows; picklable, so Ray ships it to workers.
 
     Call it on a batch of shard rows (a ``pyarrow.Table`` / ``RecordBatch`` with the
     :data:`READ_COLUMNS`, as ``map_batches(batch_format="pyarrow")`` hands it) to get the
-    stacked batch in the wire layout (:func:`wire_spec`) as numpy arrays; :meth:`sample`
-    does one image; :func:`to_torch` turns either into the batch contract.
+    stacked batch in the wire layout (:attr:`fields`) as numpy arrays; :meth:`sample` does
+    one image; :meth:`to_torch` turns either into the batch contract.
 
     Attributes:
         categories: the label space (from the split's manifest).
+        tasks: the run's tasks (:func:`mtseg.tasks.build_tasks`); each builds its targets.
         image_size: output side, pixels.
         train: random crop + flip when True, a plain resize when False.
         scale_min: smallest crop area fraction (train).
         hflip: random horizontal flip (train).
-        boundary_width: boundary target thickness, pixels.
-        center_sigma: center heatmap sigma, pixels.
         epoch: mixed into each image's random seed.
         seed: base seed; each image's draws come from (seed, epoch, image_id).
     """
 
     categories: CategoryIndex
+    tasks: tuple[TargetBuilder, ...]
     image_size: int
     train: bool
     scale_min: float = 0.5
     hflip: bool = True
-    boundary_width: int = 2
-    center_sigma: float = 2.0
     epoch: int = 0
     seed: int = 0
     _transform: Any = field(default=None, init=False, repr=False, compare=False)
-    _spec: Any = field(default=None, init=False, repr=False, compare=False)
+    fields: dict[str, WireField] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.image_size <= _MAX_IMAGE_SIZE:
-            raise ValueError(f"image_size: must lie in 1..{_MAX_IMAGE_SIZE}, got {self.image_size}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size: must be >= 1, got {self.image_size}")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
         # Built once per process (and again after unpickling on a Ray worker, see __setstate__).
         transform = build_transform(self.image_size, train=self.train, scale_min=self.scale_min, hflip=self.hflip)
         object.__setattr__(self, "_transform", transform)
-        object.__setattr__(self, "_spec", wire_spec(self.image_size, self.categories))
+        object.__setattr__(self, "fields", batch_fields(self.image_size, self.tasks))
 
     @classmethod
-    def from_config(cls, categories: CategoryIndex, cfg: Config, *, train: bool, epoch: int = 0, seed: int = 0) -> SampleTransform:
+    def from_config(cls, categories: CategoryIndex, cfg: Config, tasks: Mapping[str, TargetBuilder], *, train: bool,
+                    epoch: int = 0, seed: int = 0) -> SampleTransform:
         """The transform a config asks for.
 
         Args:
             categories: the label space.
-            cfg: uses ``data.image_size``, ``data.scale_min``, ``data.hflip``,
-                ``tasks.boundary_width``, ``tasks.center_sigma``.
+            cfg: uses ``data.image_size``, ``data.scale_min``, ``data.hflip``.
+            tasks: ``{name: Task}`` (:func:`mtseg.tasks.build_tasks`), whose targets it builds.
             train: training (augmented) or validation (resize only).
             epoch: epoch number, mixed into the random draws.
             seed: base seed.
@@ -161,12 +171,11 @@ class SampleTransform:
         """
         return cls(
             categories=categories,
+            tasks=tuple(tasks.values()),
             image_size=cfg.data.image_size,
             train=train,
             scale_min=cfg.data.scale_min,
             hflip=cfg.data.hflip,
-            boundary_width=cfg.tasks.boundary_width,
-            center_sigma=cfg.tasks.center_sigma,
             epoch=epoch,
             seed=seed,
         )
@@ -174,7 +183,7 @@ class SampleTransform:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_transform", None)
-        state.pop("_spec", None)
+        state.pop("fields", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -192,7 +201,7 @@ class SampleTransform:
             width: original width, from the row.
 
         Returns:
-            Dict with every key of :data:`BATCH_KEYS`, shapes and dtypes of :func:`wire_spec`.
+            Dict with every key of :attr:`fields`, in their shapes and wire dtypes.
 
         Raises:
             ValueError: the image does not decode or its size differs from (height, width),
@@ -207,26 +216,16 @@ class SampleTransform:
             raise ValueError(f"image {image_id}: {e}") from None
         seed = sample_seed(self.seed, self.epoch, image_id) if self.train else None
         pixels, masks = apply_joint(self._transform, pixels, masks, seed=seed)
-        targets = build_targets(
-            masks, labels, crowd, self.categories, boundary_width=self.boundary_width, center_sigma=self.center_sigma
-        )
-        targets["image"] = pixels.numpy()
-        targets["image_id"] = np.int64(image_id)
-        targets["orig_size"] = np.array([height, width], np.int64)
-        return {k: np.asarray(targets[k]).astype(dtype, copy=False) for k, (_, dtype) in self._spec.items()}
+        instances = Instances(masks, labels, crowd, self.categories)
+        values = {"image": pixels.numpy(), "image_id": np.int64(image_id), "orig_size": np.array([height, width], np.int64)}
+        for task in self.tasks:
+            values.update(task.build_targets(instances))
+        return {k: np.asarray(values[k]).astype(f.wire, copy=False) for k, f in self.fields.items()}
 
     def iter_samples(self, batch: pa.Table | pa.RecordBatch) -> Iterator[dict[str, np.ndarray]]:
-        """:meth:`sample` for every row of a batch of shard rows, one image at a time.
-
-        Raises:
-            ValueError: the batch lacks a column of :data:`READ_COLUMNS`, or a row is bad.
-        """
-        missing = [c for c in READ_COLUMNS if c not in batch.schema.names]
-        if missing:
-            raise ValueError(f"shard rows: missing columns {missing}; is this an mtseg shard?")
-        cols = [batch.column(c).to_pylist() for c in ("image", "annotations", "image_id", "height", "width")]
-        for image, anns, image_id, height, width in zip(*cols):
-            yield self.sample(image, anns, image_id, height, width)
+        """:meth:`sample` for every row of a batch of shard rows, one image at a time."""
+        for row in shard_rows(batch):
+            yield self.sample(row["image"], row["annotations"], row["image_id"], row["height"], row["width"])
 
     def __call__(self, batch: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
         """Transform a batch of shard rows into one stacked batch in the wire layout (numpy)."""
@@ -235,8 +234,37 @@ class SampleTransform:
     def stack(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Stack per-image dicts from :meth:`sample` into a batch; [] gives a 0-length batch."""
         if samples:
-            return {k: np.stack([s[k] for s in samples]) for k in self._spec}
-        return {k: np.zeros((0, *shape), dtype) for k, (shape, dtype) in self._spec.items()}
+            return {k: np.stack([s[k] for s in samples]) for k in self.fields}
+        return {k: np.zeros((0, *f.shape), f.wire) for k, f in self.fields.items()}
+
+    def to_torch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """:func:`to_torch` with this transform's fields."""
+        return to_torch(batch, self.fields)
+
+
+def shard_rows(batch: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
+    """The :data:`READ_COLUMNS` of a batch of shard rows as one dict per row.
+
+    Raises:
+        ValueError: the batch lacks a column of :data:`READ_COLUMNS`.
+    """
+    missing = [c for c in READ_COLUMNS if c not in batch.schema.names]
+    if missing:
+        raise ValueError(f"shard rows: missing columns {missing}; is this an mtseg shard?")
+    cols = {c: batch.column(c).to_pylist() for c in READ_COLUMNS}
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
+def ground_truth(row: Mapping[str, Any]) -> dict:
+    """A shard row's ground truth (everything but the pixels) as JSON-able values (RLE bytes -> ASCII)."""
+    anns = []
+    for a in row.get("annotations") or ():
+        a = dict(a)
+        counts = a.get("segmentation_counts")
+        if isinstance(counts, (bytes, bytearray)):
+            a["segmentation_counts"] = counts.decode("ascii")
+        anns.append(a)
+    return {"image_id": int(row["image_id"]), "height": int(row["height"]), "width": int(row["width"]), "annotations": anns}
 
 
 @dataclass(frozen=True)
@@ -245,86 +273,28 @@ class ChunkedTransform:
 
     A generator, so Ray can let a task's output out as it grows (a block is cut at the
     context's target block size) and a whole shard's outputs are never held in one batch.
+    Use it with ``batch_size=None`` (a whole block per call), which lets Ray fuse the map
+    with the read into one task per shard.
 
     Attributes:
         transform: the per-image work.
         chunk_rows: images per yielded batch.
+        with_gt: add a ``gt`` column: each image's :func:`ground_truth` as a JSON string
+            (evaluation scores each batch against its own images).
     """
 
     transform: SampleTransform
     chunk_rows: int = CHUNK_ROWS
+    with_gt: bool = False
 
     def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, batch.num_rows, self.chunk_rows):
-            yield self.transform(batch.slice(start, self.chunk_rows))
-
-
-def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """A batch in the wire layout (or already in the contract) -> torch tensors of the batch contract.
-
-    Use it as ``collate_fn`` of ``iter_torch_batches`` (see :func:`iter_torch`). Keys outside
-    the contract pass through as tensors unchanged.
-
-    Args:
-        batch: dict of numpy arrays (or tensors) with a leading batch dimension.
-
-    Returns:
-        Dict of torch tensors with the dtypes of :data:`CONTRACT_DTYPES`; ``image`` in [0, 1].
-    """
-    out = {}
-    for key, value in batch.items():
-        array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-        if key == "image" and array.dtype == np.uint8:
-            array = array.astype(np.float32)
-            array *= np.float32(1.0 / 255.0)
-        elif key in _CONTRACT_NUMPY:
-            # astype copies: arrays handed out by Ray are read-only, torch wants them writable.
-            array = array.astype(_CONTRACT_NUMPY[key], copy=True)
-        elif not array.flags.writeable:
-            array = array.copy()
-        out[key] = torch.from_numpy(np.ascontiguousarray(array))
-    return out
-
-
-def iter_torch(stream: Any, batch_size: int, **kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
-    """Iterate a stream as batches of the contract (``iter_torch_batches`` + :func:`to_torch`).
-
-    Args:
-        stream: a ``Dataset`` from :func:`build_stream` or a train worker's ``DataIterator``
-            (``get_dataset_shard`` / ``streaming_split``).
-        batch_size: images per batch.
-        **kwargs: passed to ``iter_torch_batches`` (e.g. ``prefetch_batches``, ``drop_last``,
-            ``local_shuffle_buffer_size``).
-
-    Returns:
-        An iterator of dicts of torch tensors (CPU; move them to the device in the loop).
-    """
-    collate_cls = getattr(sys.modules[__name__], "ContractCollate")  # via the module __getattr__
-    return stream.iter_torch_batches(batch_size=batch_size, collate_fn=collate_cls(), **kwargs)
-
-
-def _contract_collate_class() -> type:
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class ContractCollate(NumpyBatchCollateFn):
-        """``iter_torch_batches`` collate_fn: a numpy batch in the wire layout -> the batch contract."""
-
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return to_torch(batch)
-
-    ContractCollate.__module__ = __name__
-    ContractCollate.__qualname__ = "ContractCollate"
-    return ContractCollate
-
-
-def __getattr__(name: str) -> Any:
-    # ``ContractCollate`` subclasses a Ray class; built on first use (PEP 562) so the non-Ray
-    # path never imports Ray, and found again by name when a worker unpickles it.
-    if name == "ContractCollate":
-        cls = _contract_collate_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            rows = shard_rows(batch.slice(start, self.chunk_rows))
+            t = self.transform
+            out = t.stack([t.sample(r["image"], r["annotations"], r["image_id"], r["height"], r["width"]) for r in rows])
+            if self.with_gt:
+                out["gt"] = np.array([json.dumps(ground_truth(r)) for r in rows], dtype=object)
+            yield out
 
 
 def categories_of(manifest: dict) -> CategoryIndex:
@@ -386,41 +356,69 @@ def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> 
     return ds, manifest
 
 
-def build_stream(
-    ds: ray.data.Dataset,
-    categories: CategoryIndex,
-    cfg: Config,
+def _read_and_transform(task: dict, transform: SampleTransform, out_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data UDF: read tasks (one shard's rows each, in order) -> batches in the wire layout.
+
+    Reads only the needed columns of the shard (pyarrow's S3 client retries, so an object
+    store that blinks does not fail the epoch) and yields ``out_rows`` images at a time,
+    so a large shard never becomes one huge block.
+    """
+    for path, rows in zip(task["path"], task["rows"]):
+        path = str(path)
+        fs, fs_path = storage.resolve(path)
+        with storage.translate_errors(path):
+            table = pq.read_table(fs_path, filesystem=fs, columns=list(READ_COLUMNS))
+        picked = table.take([int(r) for r in rows])
+        for i in range(0, picked.num_rows, out_rows):
+            yield transform(picked.slice(i, out_rows))
+
+
+def worker_batches(
+    segments: Sequence[Any],
+    transform: SampleTransform,
     *,
-    train: bool,
-    epoch: int = 0,
-    seed: int = 0,
-    rows_per_block: int | None = None,
-) -> ray.data.Dataset:
-    """Add decode + augmentation + targets to a Dataset of shard rows.
+    batch_size: int,
+    drop_last: bool,
+    rows_per_task: int,
+    num_cpus: float,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A train worker's stream: its planned rows, in plan order, as batches of the contract.
 
     Args:
-        ds: from :func:`read_split`.
-        categories: the label space (:func:`categories_of` the manifest).
-        cfg: the run's config (image size, augmentation, target parameters).
-        train: augment (random crop + flip) or validate (resize only).
-        epoch: epoch number, mixed into each image's random draws.
-        seed: base seed.
-        rows_per_block: when set, split the read blocks (one per shard) into blocks of this
-            many rows first (a streaming repartition), for more parallel map tasks than there
-            are shards; None keeps one fused read + map task per shard.
+        segments: the worker's slice of the epoch (:func:`mtseg.train.data.plan_epoch`):
+            objects with ``path`` (a shard URI) and ``rows`` (row indices in that shard).
+        transform: the per-image work.
+        batch_size: images per batch.
+        drop_last: drop a last batch smaller than ``batch_size``.
+        rows_per_task: images per Ray Data read task (and per block).
+        num_cpus: CPUs each read task reserves.
 
     Returns:
-        A lazy Dataset whose rows are in the wire layout (:func:`wire_spec`); iterate it
-        with :func:`iter_torch` to get batches of the contract.
+        An iterator of dicts of torch tensors (CPU; move them to the device in the loop).
     """
-    fn = SampleTransform.from_config(categories, cfg, train=train, epoch=epoch, seed=seed)
-    if rows_per_block:
-        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
-    # A function (tasks), not a callable class (actors): stateless work that scales with the
-    # cluster's CPUs. batch_size=None (a whole block per call, chunked by ChunkedTransform)
-    # lets Ray fuse the map with the read into one task per shard; a fixed batch_size would
-    # keep them apart, adding a task and an object-store hop per shard.
-    return ds.map_batches(ChunkedTransform(fn), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    import ray.data
+
+    from mtseg.compat import quiet_idle_executor
+
+    tasks = [{"path": s.path, "rows": list(s.rows)} for s in segments]
+    if not tasks:
+        return iter(())
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    # The plan fixes the order; Ray Data must not reorder blocks finishing out of turn.
+    ds.context.execution_options.preserve_order = True
+    # One dataset per worker per epoch: its plan would be logged every epoch on every worker.
+    ds.context.print_on_execution_start = False
+    # Ray 2.60's executor spins while training holds it back (see mtseg.compat).
+    quiet_idle_executor(ds.context)
+    ds = ds.map_batches(
+        _read_and_transform,
+        fn_kwargs={"transform": transform, "out_rows": rows_per_task},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )
+    batches = ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2)
+    return (transform.to_torch(b) for b in batches)
 
 
 def iter_local_batches(
@@ -430,6 +428,7 @@ def iter_local_batches(
     cfg: Config,
     train: bool,
     *,
+    tasks: Mapping[str, TargetBuilder],
     epoch: int = 0,
     seed: int = 0,
     batch_size: int | None = None,
@@ -445,6 +444,7 @@ def iter_local_batches(
         categories: the label space; None reads it from the manifest.
         cfg: the run's config.
         train: augment or not (see :class:`SampleTransform`).
+        tasks: ``{name: Task}`` (:func:`mtseg.tasks.build_tasks`), whose targets it builds.
         epoch: epoch number for the random draws.
         seed: base seed.
         batch_size: images per batch; default ``cfg.data.batch_size``.
@@ -464,7 +464,7 @@ def iter_local_batches(
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     manifest = read_manifest(uri, split)
     categories = categories or categories_of(manifest)
-    fn = SampleTransform.from_config(categories, cfg, train=train, epoch=epoch, seed=seed)
+    fn = SampleTransform.from_config(categories, cfg, tasks, train=train, epoch=epoch, seed=seed)
     fs, _ = storage.resolve(uri)
     pending: list[dict[str, np.ndarray]] = []
     seen = 0
@@ -479,29 +479,28 @@ def iter_local_batches(
                 for sample in fn.iter_samples(record_batch):
                     pending.append(sample)
                     if len(pending) == batch_size:
-                        yield to_torch(fn.stack(pending))
+                        yield fn.to_torch(fn.stack(pending))
                         pending = []
                 if limit is not None and seen >= limit:
                     break
         if limit is not None and seen >= limit:
             break
     if pending and not drop_last:
-        yield to_torch(fn.stack(pending))
+        yield fn.to_torch(fn.stack(pending))
 
 
 __all__ = [
-    "BATCH_KEYS",
-    "CONTRACT_DTYPES",
-    "ChunkedTransform",
     "CHUNK_ROWS",
     "READ_COLUMNS",
+    "ChunkedTransform",
     "SampleTransform",
-    "build_stream",
+    "batch_fields",
     "categories_of",
+    "ground_truth",
     "iter_local_batches",
-    "iter_torch",
-    "label_dtype",
     "read_split",
+    "shard_rows",
+    "stream_fields",
     "to_torch",
-    "wire_spec",
+    "worker_batches",
 ]

@@ -1,14 +1,15 @@
-"""Task decomposition: one image's COCO instances -> the target of every task.
+"""Task decomposition, the shared half: a shard row's annotations -> decoded instances.
 
-Two steps, both pure numpy (with torch only for pooling):
+Every task builds its own target (:meth:`mtseg.tasks.base.Task.build_targets`, in its own
+module) from the same per-image input, built here:
 
 * :func:`decode_annotations` turns a shard row's annotations (compressed RLE, COCO category
   ids) into binary instance masks with contiguous class labels;
-* :func:`build_targets` turns those masks (usually after joint augmentation, at the model's
-  input size) into the arrays of the training-batch contract: ``semantic``,
-  ``supercategory``, ``boundary``, ``center``, ``offset`` and ``thing_mask``.
-
-The reconstruction task needs only the image, so it has no target here.
+* :class:`Instances` holds those masks after joint augmentation, at the model's input size,
+  and the maps several tasks share (which annotation owns each pixel, the category map,
+  the thing pixels), each computed once per image on first use;
+* :class:`WireField` is how a task declares a target key in the batch: its shape, its dtype
+  on the wire (between Ray Data workers and the training loop) and in the batch contract.
 
 Overlapping instances are resolved the way panoptic conversions of COCO do it: smaller
 instances are painted over larger ones, so every pixel belongs to at most one instance and
@@ -17,21 +18,52 @@ the instance targets (centers, offsets) are computed on the visible part of each
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
 
-#: Keys :func:`build_targets` returns, in the order of the batch contract.
-TARGET_KEYS = ("semantic", "supercategory", "boundary", "center", "offset", "thing_mask")
 
-# The Gaussian is cut at this many sigmas: beyond it the values are < 1.2e-4 and only cost time.
-_GAUSSIAN_RADIUS_SIGMAS = 3.0
+@dataclass(frozen=True)
+class WireField:
+    """One key of a batch, per image: how it travels and what the training loop gets.
+
+    Attributes:
+        shape: the array's shape without the batch dimension.
+        wire: numpy dtype between the Ray Data workers and the consumer; it must hold every
+            value exactly (uint8 masks and labels, float16 heatmaps, int16 whole-pixel
+            offsets: about a quarter of the bytes of the contract).
+        dtype: torch dtype in the batch contract (what models, losses and metrics see).
+        scale: when set, the contract is ``wire * scale`` (the uint8 image -> [0, 1]);
+            otherwise a plain cast.
+    """
+
+    shape: tuple[int, ...]
+    wire: np.dtype
+    dtype: torch.dtype
+    scale: float | None = None
+
+
+class TargetBuilder(Protocol):
+    """What the stream needs of a task (:class:`mtseg.tasks.base.Task` implements it)."""
+
+    name: str
+
+    def target_fields(self, image_size: int) -> dict[str, WireField]: ...
+
+    def build_targets(self, instances: Instances) -> dict[str, np.ndarray]: ...
+
+
+def label_field(image_size: int, num_labels: int) -> WireField:
+    """A (S, S) label map of ``num_labels`` classes plus :data:`IGNORE_INDEX`: uint8 on the wire while they fit."""
+    wire = np.uint8 if num_labels <= IGNORE_INDEX else np.int32
+    return WireField((image_size, image_size), np.dtype(wire), torch.int64)
 
 
 def decode_annotations(
@@ -85,93 +117,64 @@ def decode_annotations(
     return masks, np.asarray(labels, np.int64), np.asarray(crowd, bool)
 
 
-def build_targets(
-    masks: np.ndarray,
-    labels: np.ndarray,
-    iscrowd: np.ndarray,
-    categories: CategoryIndex,
-    *,
-    boundary_width: int,
-    center_sigma: float,
-) -> dict[str, np.ndarray]:
-    """Build every task's target from instance masks.
+class Instances:
+    """One image's instances after joint augmentation, and the maps tasks build targets from.
+
+    The derived maps are computed on first use and shared by every task that reads them:
+    treat them as read-only.
 
     Args:
         masks: (N, H, W) binary instance masks (any integer or bool dtype); N may be 0.
         labels: (N,) contiguous class index (1..K) of each instance.
         iscrowd: (N,) whether each annotation is a crowd region.
-        categories: the label space (for the class -> supercategory map).
-        boundary_width: thickness of the boundary target, pixels (>= 1).
-        center_sigma: sigma of the center heatmap Gaussian, pixels (> 0).
-
-    Returns:
-        A dict, arrays for one image of HxW:
-        ``semantic`` int64 (H, W): 0 background, 1..K class, 255 crowd not covered by an instance;
-        ``supercategory`` int64 (H, W): the same through ``categories.class_to_super``;
-        ``boundary`` float32 (H, W): 1 within ``boundary_width`` px inside the edge of every
-        segment (instance or crowd region), which includes every class change;
-        ``center`` float32 (1, H, W): max over instances of a Gaussian with peak 1 at each
-        non-crowd instance's mass centroid (rounded to the pixel grid);
-        ``offset`` float32 (2, H, W): (dy, dx) from each instance pixel to its centroid, 0 elsewhere;
-        ``thing_mask`` float32 (H, W): 1 on pixels of non-crowd instances.
+        categories: the label space.
 
     Raises:
-        ValueError: shapes disagree, a label is outside 1..K, or a parameter is out of range.
+        ValueError: shapes disagree or a label is outside 1..K.
     """
-    masks = np.asarray(masks)
-    labels = np.asarray(labels, np.int64).reshape(-1)
-    iscrowd = np.asarray(iscrowd, bool).reshape(-1)
-    if masks.ndim != 3:
-        raise ValueError(f"masks: expected (N, H, W), got shape {masks.shape}")
-    n, h, w = masks.shape
-    if labels.shape != (n,) or iscrowd.shape != (n,):
-        raise ValueError(f"labels/iscrowd: expected {n} entries each, got {labels.shape[0]} and {iscrowd.shape[0]}")
-    if n and (labels.min() < 1 or labels.max() >= categories.num_classes):
-        raise ValueError(f"labels: class indices must lie in 1..{categories.num_classes - 1}, got {labels.tolist()}")
-    if boundary_width < 1:
-        raise ValueError(f"boundary_width: must be >= 1, got {boundary_width}")
-    if center_sigma <= 0:
-        raise ValueError(f"center_sigma: must be > 0, got {center_sigma}")
 
-    segments = _segment_map(masks.astype(bool, copy=False), iscrowd)
-    # Segment s (1-based) is annotation s-1; 0 is background.
-    seg_label = np.concatenate([[0], labels])
-    seg_crowd = np.concatenate([[False], iscrowd])
+    def __init__(self, masks: np.ndarray, labels: np.ndarray, iscrowd: np.ndarray, categories: CategoryIndex):
+        masks = np.asarray(masks)
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        iscrowd = np.asarray(iscrowd, bool).reshape(-1)
+        if masks.ndim != 3:
+            raise ValueError(f"masks: expected (N, H, W), got shape {masks.shape}")
+        n = masks.shape[0]
+        if labels.shape != (n,) or iscrowd.shape != (n,):
+            raise ValueError(f"labels/iscrowd: expected {n} entries each, got {labels.shape[0]} and {iscrowd.shape[0]}")
+        if n and (labels.min() < 1 or labels.max() >= categories.num_classes):
+            raise ValueError(f"labels: class indices must lie in 1..{categories.num_classes - 1}, got {labels.tolist()}")
+        self.masks, self.labels, self.iscrowd, self.categories = masks, labels, iscrowd, categories
 
-    semantic = seg_label[segments]
-    semantic[seg_crowd[segments]] = IGNORE_INDEX
-    super_lut = np.full(256, IGNORE_INDEX, np.int64)
-    super_lut[: categories.num_classes] = categories.class_to_super
-    supercategory = super_lut[semantic]
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W)."""
+        return self.masks.shape[1], self.masks.shape[2]
 
-    things = (segments > 0) & ~seg_crowd[segments]
-    center, offset = _instance_targets(np.where(things, segments, 0), n, center_sigma)
-    return {
-        "semantic": semantic.astype(np.int64, copy=False),
-        "supercategory": supercategory,
-        "boundary": _boundary(segments, boundary_width),
-        "center": center,
-        "offset": offset,
-        "thing_mask": things.astype(np.float32),
-    }
+    @functools.cached_property
+    def segments(self) -> np.ndarray:
+        """(H, W) int64: the annotation (1-based) that owns each pixel, 0 for background (see :func:`segment_map`)."""
+        return segment_map(self.masks.astype(bool, copy=False), self.iscrowd)
 
+    @functools.cached_property
+    def crowd(self) -> np.ndarray:
+        """(H, W) bool: pixels owned by a crowd region."""
+        return np.concatenate([[False], self.iscrowd])[self.segments]
 
-def empty_targets(height: int, width: int) -> dict[str, np.ndarray]:
-    """Targets of an image without instances (all background): :func:`build_targets` with N = 0."""
-    return {
-        "semantic": np.zeros((height, width), np.int64),
-        "supercategory": np.zeros((height, width), np.int64),
-        "boundary": np.zeros((height, width), np.float32),
-        "center": np.zeros((1, height, width), np.float32),
-        "offset": np.zeros((2, height, width), np.float32),
-        "thing_mask": np.zeros((height, width), np.float32),
-    }
+    @functools.cached_property
+    def semantic(self) -> np.ndarray:
+        """(H, W) int64: 0 background, 1..K class, :data:`IGNORE_INDEX` crowd not covered by an instance."""
+        semantic = np.concatenate([[0], self.labels])[self.segments]
+        semantic[self.crowd] = IGNORE_INDEX
+        return semantic
+
+    @functools.cached_property
+    def things(self) -> np.ndarray:
+        """(H, W) bool: pixels of non-crowd instances."""
+        return (self.segments > 0) & ~self.crowd
 
 
-# ---------------------------------------------------------------------------- helpers
-
-
-def _segment_map(masks: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
+def segment_map(masks: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
     """(H, W) int64 map of the annotation (1-based) that owns each pixel, 0 for background.
 
     Non-crowd instances win over crowd regions (a crowd region is only "ignore" where no
@@ -190,58 +193,4 @@ def _segment_map(masks: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
     return segments
 
 
-def _boundary(segments: np.ndarray, width: int) -> np.ndarray:
-    """1 on foreground pixels with a differently-labelled pixel within ``width`` px (Chebyshev).
-
-    A pixel is on a boundary when the max and min segment id in its (2w+1)^2 window differ:
-    one max-pool and one min-pool instead of a loop over neighbours. The image border is not
-    an edge (replicate padding): after a crop it is not an object's outline.
-    """
-    h, w = segments.shape
-    if not segments.any():
-        return np.zeros((h, w), np.float32)
-    x = torch.from_numpy(segments).to(torch.float32)[None, None]  # exact for ids < 2**24
-    x = F.pad(x, (width, width, width, width), mode="replicate")
-    k = 2 * width + 1
-    hi = F.max_pool2d(x, k, stride=1)
-    lo = -F.max_pool2d(-x, k, stride=1)
-    edge = (hi != lo)[0, 0].numpy() & (segments > 0)
-    return edge.astype(np.float32)
-
-
-def _instance_targets(instances: np.ndarray, n: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Center heatmap (1, H, W) and offsets (2, H, W) from a map of visible instance ids (0 = none)."""
-    h, w = instances.shape
-    center = np.zeros((1, h, w), np.float32)
-    offset = np.zeros((2, h, w), np.float32)
-    if n == 0 or not instances.any():
-        return center, offset
-    ys, xs = np.indices((h, w), dtype=np.float64)
-    flat = instances.reshape(-1)
-    count = np.bincount(flat, minlength=n + 1).astype(np.float64)
-    visible = count > 0
-    visible[0] = False
-    safe = np.maximum(count, 1.0)
-    # Rounded to the pixel grid so the heatmap peaks at exactly 1.0 where the offsets point.
-    cy = np.rint(np.bincount(flat, weights=ys.reshape(-1), minlength=n + 1) / safe)
-    cx = np.rint(np.bincount(flat, weights=xs.reshape(-1), minlength=n + 1) / safe)
-
-    inside = instances > 0
-    offset[0][inside] = (cy[instances] - ys)[inside]
-    offset[1][inside] = (cx[instances] - xs)[inside]
-
-    radius = int(np.ceil(_GAUSSIAN_RADIUS_SIGMAS * sigma))
-    g = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-(g[:, None] ** 2 + g[None, :] ** 2) / (2.0 * sigma**2)).astype(np.float32)
-    heat = center[0]
-    for i in np.flatnonzero(visible):  # one window per instance, not per pixel
-        y, x = int(cy[i]), int(cx[i])
-        y0, y1, x0, x1 = max(0, y - radius), min(h, y + radius + 1), max(0, x - radius), min(w, x + radius + 1)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        patch = kernel[y0 - y + radius : y1 - y + radius, x0 - x + radius : x1 - x + radius]
-        np.maximum(heat[y0:y1, x0:x1], patch, out=heat[y0:y1, x0:x1])
-    return center, offset
-
-
-__all__ = ["TARGET_KEYS", "build_targets", "decode_annotations", "empty_targets"]
+__all__ = ["Instances", "TargetBuilder", "WireField", "decode_annotations", "label_field", "segment_map"]

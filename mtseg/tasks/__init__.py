@@ -1,7 +1,8 @@
 """Tasks of the multi-task model: one module per task, and the registry that names them.
 
 Adding a task is one new module implementing :class:`~mtseg.tasks.base.Task` and one
-line in :data:`TASKS`::
+line in :data:`TASKS`; a task defined outside mtseg is added with one call,
+``mtseg.tasks.register(MyTask)`` (or ``@register`` on the class)::
 
     tasks = build_tasks(cfg, categories)              # {name: Task}, in cfg.tasks.names order
     images = model_inputs(batch, tasks, cfg, train=True)
@@ -33,6 +34,34 @@ TASKS: dict[str, type[Task]] = {
     "instance": InstanceTask,
     "reconstruction": ReconstructionTask,
 }
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Add a task class to :data:`TASKS` under its ``name``, so that configs can name it.
+
+    Usable as a class decorator. Registering the same class again (same module and
+    qualified name, e.g. a module imported twice) replaces the entry.
+
+    Args:
+        cls: a concrete subclass of :class:`~mtseg.tasks.base.Task`.
+
+    Returns:
+        ``cls``.
+
+    Raises:
+        TypeError: ``cls`` is not a Task subclass.
+        ValueError: its name is empty or another task class already has it.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"register: {cls!r} is not a subclass of mtseg.tasks.Task")
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: {cls.__qualname__} has no name (set the class attribute name)")
+    known = TASKS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"register: task {name!r} is already {known.__module__}.{known.__qualname__}")
+    TASKS[name] = cls
+    return cls
 
 
 def build_tasks(cfg: Config, categories: CategoryIndex) -> dict[str, Task]:
@@ -120,4 +149,5 @@ __all__ = [
     "build_tasks",
     "compute_losses",
     "model_inputs",
+    "register",
 ]

@@ -1,7 +1,9 @@
 """The interface every task implements, and helpers shared by the task modules.
 
-A task owns four things: which batch keys it reads (``target_keys``), its head
-(``build_head``), its loss (``loss``, stateless) and its metric (``metric``). It may
+A task owns its targets, built from each image's decoded instances in the data stream, and
+their keys in the batch (``build_targets`` / ``target_fields``), which batch keys its loss
+reads (``target_keys``), its head (``build_head``), its loss (``loss``, stateless) and its
+metric (``metric``). It may
 also transform the model's input (``transform_inputs``: the reconstruction task masks
 patches) and refine the raw head outputs (``refine_outputs``: the supercategory task
 ties the category head to the COCO hierarchy). The model and the trainer call these
@@ -24,8 +26,11 @@ from torch import nn
 from mtseg.data.categories import IGNORE_INDEX
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from mtseg.config import Config
     from mtseg.data.categories import CategoryIndex
+    from mtseg.data.targets import Instances, WireField
 
 
 class TaskMetric(ABC):
@@ -75,6 +80,24 @@ class Task(ABC):
     @abstractmethod
     def from_config(cls, cfg: Config, categories: CategoryIndex) -> Task:
         """Build the task from the resolved config and the dataset's label spaces."""
+
+    def target_fields(self, image_size: int) -> dict[str, WireField]:
+        """This task's targets in the batch: ``{key: WireField}`` for images of ``image_size`` px a side.
+
+        Default: none (the task learns from the image alone, which the stream always carries).
+        """
+        return {}
+
+    def build_targets(self, instances: Instances) -> dict[str, np.ndarray]:
+        """One image's targets, an array per key of :meth:`target_fields` (batch dimension left out).
+
+        Runs in the Ray Data workers, once per image after joint augmentation, on a task
+        object shipped there with the stream (so it must pickle: a plain dataclass does).
+
+        Args:
+            instances: the image's decoded instances and the maps tasks share.
+        """
+        return {}
 
     @property
     @abstractmethod

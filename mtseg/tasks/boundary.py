@@ -11,14 +11,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mtseg.data.targets import Instances, WireField
 from mtseg.tasks.base import Task, TaskMetric, labeled_mask, valid_pixels, weighted_mean
 
 # Caps the balancing weight: a crop with a handful of edge pixels would otherwise weight
 # each of them by thousands and make the loss spike.
 MAX_POS_WEIGHT = 20.0
+
+
+def boundary_map(segments: np.ndarray, width: int) -> np.ndarray:
+    """(H, W) float32: 1 on the pixels of a segment with a different segment within ``width`` px (Chebyshev).
+
+    Every segment's edge (instance or crowd region, so every class change too), on its inside.
+    A pixel is on an edge when the max and min segment id in its (2w+1)^2 window differ: one
+    max-pool and one min-pool instead of a loop over neighbours. The image border is not an
+    edge (replicate padding): after a crop it is not an object's outline.
+
+    Args:
+        segments: (H, W) int64 id of the segment owning each pixel, 0 = background.
+        width: edge thickness, pixels (>= 1).
+    """
+    h, w = segments.shape
+    if not segments.any():
+        return np.zeros((h, w), np.float32)
+    x = torch.from_numpy(segments).to(torch.float32)[None, None]  # exact for ids < 2**24
+    x = F.pad(x, (width, width, width, width), mode="replicate")
+    k = 2 * width + 1
+    hi = F.max_pool2d(x, k, stride=1)
+    lo = -F.max_pool2d(-x, k, stride=1)
+    edge = (hi != lo)[0, 0].numpy() & (segments > 0)
+    return edge.astype(np.float32)
 
 
 def balanced_bce(logit: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -74,15 +100,30 @@ class BoundaryMetric(TaskMetric):
 
 @dataclass(frozen=True)
 class BoundaryTask(Task):
-    """Per-pixel edge detection (crowd pixels are not counted)."""
+    """Per-pixel edge detection (crowd pixels are not counted).
 
+    Attributes:
+        width: thickness of the target's edges, pixels (``tasks.boundary_width``).
+    """
+
+    width: int = 2
     name: ClassVar[str] = "boundary"
     head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("boundary",)
 
     @classmethod
     def from_config(cls, cfg, categories) -> BoundaryTask:
-        return cls()
+        return cls(width=cfg.tasks.boundary_width)
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"tasks.boundary_width: must be >= 1, got {self.width}")
+
+    def target_fields(self, image_size: int) -> dict[str, WireField]:
+        return {"boundary": WireField((image_size, image_size), np.dtype(np.uint8), torch.float32)}
+
+    def build_targets(self, instances: Instances) -> dict[str, np.ndarray]:
+        return {"boundary": boundary_map(instances.segments, self.width)}
 
     @property
     def out_channels(self) -> int:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
+from mtseg.data.targets import Instances, WireField, label_field
 from mtseg.tasks.base import ConfusionMatrix, Task, image_weights, labeled_mask, masked_cross_entropy
 
 
@@ -38,6 +40,12 @@ class SemanticTask(Task):
     @classmethod
     def from_config(cls, cfg, categories) -> SemanticTask:
         return cls(num_classes=categories.num_classes)
+
+    def target_fields(self, image_size: int) -> dict[str, WireField]:
+        return {"semantic": label_field(image_size, self.num_classes)}
+
+    def build_targets(self, instances: Instances) -> dict[str, np.ndarray]:
+        return {"semantic": instances.semantic}
 
     @property
     def out_channels(self) -> int:

@@ -16,8 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
+from mtseg.data.categories import IGNORE_INDEX
+from mtseg.data.targets import Instances, WireField, label_field
 from mtseg.tasks.base import ConfusionMatrix, Task, image_weights, labeled_mask, masked_cross_entropy
 
 
@@ -86,6 +89,15 @@ class SupercategoryTask(Task):
             class_to_super=tuple(categories.class_to_super),
             hierarchical=cfg.tasks.hierarchical,
         )
+
+    def target_fields(self, image_size: int) -> dict[str, WireField]:
+        return {"supercategory": label_field(image_size, self.num_supercategories)}
+
+    def build_targets(self, instances: Instances) -> dict[str, np.ndarray]:
+        # Category map -> supercategory map through a lookup table; crowd (ignore) stays ignore.
+        lut = np.full(256, IGNORE_INDEX, np.int64)
+        lut[: len(self.class_to_super)] = self.class_to_super
+        return {"supercategory": lut[instances.semantic]}
 
     @property
     def out_channels(self) -> int:

@@ -32,9 +32,10 @@ from mtseg import storage
 from mtseg.config import Config, ConfigError, config_from_dict, to_yaml
 from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
-from mtseg.data.pipeline import SampleTransform, to_torch
+from mtseg.data.pipeline import SampleTransform, worker_batches
+from mtseg.tasks import build_tasks
 from mtseg.train import checkpoint as ckpt
-from mtseg.train.data import plan_epoch, steps_per_epoch, worker_stream
+from mtseg.train.data import plan_epoch, steps_per_epoch
 from mtseg.train.loop import TrainState, build_state, evaluate, train_one_epoch
 from mtseg.train.runstate import LEASE_FILE, OUTCOME_FILE, check_free, describe_exit, guard_run
 
@@ -61,6 +62,8 @@ class DataPlan:
         self.train_manifest = read_manifest(cfg.data.uri, cfg.data.train_split)
         self.val_manifest = read_manifest(cfg.data.uri, cfg.data.val_split)
         self.categories = CategoryIndex.from_categories(self.train_manifest["categories"])
+        # The stream's own task objects (they travel to the Ray Data workers and build the targets).
+        self.tasks = build_tasks(cfg, self.categories)
         self.train_shards = list(zip(shard_uris(cfg.data.uri, cfg.data.train_split, self.train_manifest),
                                      (int(s["rows"]) for s in self.train_manifest["shards"])))
         self.val_shards = list(zip(shard_uris(cfg.data.uri, cfg.data.val_split, self.val_manifest),
@@ -76,17 +79,18 @@ class DataPlan:
     def train_batches(self, epoch: int, start: int, world_size: int, rank: int):
         cfg = self.cfg
         segments = plan_epoch(self.train_shards, seed=cfg.train.seed, epoch=epoch, world_size=world_size, rank=rank, start=start)
-        transform = SampleTransform.from_config(self.categories, cfg, train=True, epoch=epoch, seed=cfg.train.seed)
-        return _iterate(worker_stream(segments, transform, rows_per_task=cfg.data.rows_per_read_task,
-                                      num_cpus=cfg.data.map_num_cpus), cfg.data.batch_size, drop_last=True)
+        transform = SampleTransform.from_config(self.categories, cfg, self.tasks, train=True, epoch=epoch,
+                                                seed=cfg.train.seed)
+        return worker_batches(segments, transform, batch_size=cfg.data.batch_size, drop_last=True,
+                              rows_per_task=cfg.data.rows_per_read_task, num_cpus=cfg.data.map_num_cpus)
 
     def val_batches(self, world_size: int, rank: int):
         cfg = self.cfg
         segments = plan_epoch(self.val_shards, seed=0, epoch=0, world_size=world_size, rank=rank,
                               shuffle=False, drop_remainder=False)
-        transform = SampleTransform.from_config(self.categories, cfg, train=False)
-        return _iterate(worker_stream(segments, transform, rows_per_task=cfg.data.rows_per_read_task,
-                                      num_cpus=cfg.data.map_num_cpus), cfg.data.batch_size, drop_last=False)
+        transform = SampleTransform.from_config(self.categories, cfg, self.tasks, train=False)
+        return worker_batches(segments, transform, batch_size=cfg.data.batch_size, drop_last=False,
+                              rows_per_task=cfg.data.rows_per_read_task, num_cpus=cfg.data.map_num_cpus)
 
     @functools.cached_property
     def coco_gt(self):
@@ -111,12 +115,6 @@ def _truncate(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, int]
         out.append((path, min(n, left)))
         left -= n
     return out
-
-
-def _iterate(ds, batch_size: int, drop_last: bool):
-    if ds is None:
-        return iter(())
-    return (to_torch({k: v for k, v in b.items()}) for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2))
 
 
 # ---------------------------------------------------------------------------- worker side

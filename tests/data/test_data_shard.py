@@ -101,6 +101,7 @@ def test_images_the_training_decoder_cannot_read_are_converted_once(coco_root, t
     from mtseg.config import load_config
     from mtseg.data.pipeline import SampleTransform, categories_of
     from mtseg.data.transforms import decode_image
+    from mtseg.tasks import build_tasks
 
     entries = _load(coco_root)["images"][:3]
     expected = {}
@@ -130,7 +131,8 @@ def test_images_the_training_decoder_cannot_read_are_converted_once(coco_root, t
     converted = [r for r in rows if r["image_id"] in {e["id"] for e in entries[:2]}]
     assert all(r["image"].startswith(b"\x89PNG") for r in converted)  # lossless, once
 
-    transform = SampleTransform.from_config(categories_of(manifest), load_config(None), train=True)
+    cfg, categories = load_config(None), categories_of(manifest)
+    transform = SampleTransform.from_config(categories, cfg, build_tasks(cfg, categories), train=True)
     for row in rows:  # what a training worker does with each row
         sample = transform.sample(row["image"], row["annotations"], row["image_id"], row["height"], row["width"])
         assert sample["image"].dtype == np.uint8

@@ -1,11 +1,16 @@
-"""Targets on hand-built masks: a square's boundary ring, center and offsets; crowd; classes."""
+"""Targets on hand-built masks, built by each task from the shared decoded instances:
+a square's boundary ring, center and offsets; crowd; classes."""
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
-from mtseg.data.targets import TARGET_KEYS, build_targets, decode_annotations, empty_targets
+from mtseg.data.targets import Instances, decode_annotations
+from mtseg.tasks.boundary import BoundaryTask
+from mtseg.tasks.instance import InstanceTask
+from mtseg.tasks.semantic import SemanticTask
+from mtseg.tasks.supercategory import SupercategoryTask
 
 CATEGORIES = [
     {"id": 1, "name": "person", "supercategory": "person"},
@@ -25,10 +30,21 @@ def _square(h, w, y0, x0, side):
     return m
 
 
-def _targets(masks, labels, crowd, cats, width=1, sigma=1.5):
-    return build_targets(
-        np.asarray(masks, np.uint8), np.asarray(labels), np.asarray(crowd, bool), cats, boundary_width=width, center_sigma=sigma
+def _tasks(cats, width=1, sigma=1.5):
+    return (
+        SemanticTask(num_classes=cats.num_classes),
+        SupercategoryTask(num_supercategories=cats.num_supercategories, class_to_super=tuple(cats.class_to_super)),
+        BoundaryTask(width=width),
+        InstanceTask(center_sigma=sigma),
     )
+
+
+def _targets(masks, labels, crowd, cats, width=1, sigma=1.5):
+    instances = Instances(np.asarray(masks, np.uint8), np.asarray(labels), np.asarray(crowd, bool), cats)
+    out = {}
+    for task in _tasks(cats, width, sigma):
+        out.update(task.build_targets(instances))
+    return out
 
 
 @pytest.mark.parametrize("width", [1, 2, 3])
@@ -109,11 +125,27 @@ def test_smaller_instance_is_painted_over_a_larger_one(cats):
 
 def test_no_instances_gives_all_background(cats):
     t = _targets(np.zeros((0, 8, 10)), [], [], cats)
-    ref = empty_targets(8, 10)
-    assert set(t) == set(TARGET_KEYS)
-    for k in TARGET_KEYS:
-        assert t[k].dtype == ref[k].dtype and t[k].shape == ref[k].shape
-        assert not t[k].any()
+    expected = {
+        "semantic": ((8, 10), np.int64), "supercategory": ((8, 10), np.int64), "boundary": ((8, 10), np.float32),
+        "center": ((1, 8, 10), np.float32), "offset": ((2, 8, 10), np.float32), "thing_mask": ((8, 10), np.float32),
+    }
+    assert set(t) == set(expected)
+    for k, (shape, dtype) in expected.items():
+        assert t[k].shape == shape and t[k].dtype == dtype, k
+        assert not t[k].any(), k
+
+
+def test_each_task_declares_the_keys_it_builds(cats):
+    t = _targets([_square(16, 16, 2, 2, 5)], [1], [False], cats)
+    for task in _tasks(cats):
+        fields = task.target_fields(16)
+        assert set(task.build_targets(Instances(np.zeros((0, 16, 16)), [], [], cats))) == set(fields)
+        for key, field in fields.items():
+            assert t[key].shape == field.shape, key
+            # The wire dtype holds every target value: exactly, or to 1e-3 for float16 heatmaps.
+            atol = 1e-3 if field.wire == np.float16 else 0.0
+            np.testing.assert_allclose(t[key].astype(field.wire).astype(t[key].dtype), t[key], atol=atol, rtol=0,
+                                       err_msg=key)
 
 
 def test_bad_inputs_fail_with_a_clear_message(cats):
@@ -124,6 +156,8 @@ def test_bad_inputs_fail_with_a_clear_message(cats):
         _targets(sq[0], [1], [False], cats)
     with pytest.raises(ValueError, match="boundary_width"):
         _targets(sq, [1], [False], cats, width=0)
+    with pytest.raises(ValueError, match="center_sigma"):
+        _targets(sq, [1], [False], cats, sigma=0.0)
 
 
 def _ann(mask, category_id, iscrowd=0, ann_id=1):

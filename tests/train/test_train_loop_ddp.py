@@ -24,6 +24,7 @@ WORKER = textwrap.dedent(
     from mtseg.data.manifest import read_manifest
     from mtseg.data.categories import CategoryIndex
     from mtseg.data.pipeline import iter_local_batches
+    from mtseg.tasks import build_tasks
     from mtseg.train.loop import build_state, train_one_epoch
 
     out_dir, data_uri, weightings, backend = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
@@ -40,7 +41,8 @@ WORKER = textwrap.dedent(
             "tasks.patch_size=4", f"weighting.name={weighting}", "train.warmup_steps=0",
             f"model.sync_batchnorm={backend == 'nccl'}"])
         state = build_state(cfg, categories, total_steps=3, device=device, wrap_model=wrap)
-        batches = list(iter_local_batches(data_uri, "train2017", categories, cfg, train=True, drop_last=True))
+        batches = list(iter_local_batches(data_uri, "train2017", categories, cfg, train=True,
+                                          tasks=build_tasks(cfg, categories), drop_last=True))
         mine = batches[rank::2]  # each rank trains on its own images
         steps = {"n": 0, "identical_every_step": True}
 

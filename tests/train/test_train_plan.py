@@ -2,7 +2,7 @@
 
 import pytest
 
-from mtseg.train.data import plan_epoch, read_tasks, steps_per_epoch
+from mtseg.train.data import plan_epoch, steps_per_epoch
 
 SHARDS = [("s0", 10), ("s1", 7), ("s2", 10), ("s3", 4)]  # 31 images
 
@@ -44,10 +44,6 @@ def test_validation_plan_covers_every_image_once_in_order():
     assert flat == [(p, i) for p, n in SHARDS for i in range(n)]
 
 
-def test_read_tasks_and_steps():
-    segs = plan_epoch(SHARDS, seed=0, epoch=0, world_size=1, rank=0)
-    tasks = read_tasks(segs, rows_per_task=4)
-    assert sum(len(t["rows"]) for t in tasks) == 31
-    assert all(len(t["rows"]) <= 4 for t in tasks)
+def test_steps_per_epoch():
     assert steps_per_epoch(31, world_size=2, batch_size=4, grad_accum=1) == 3
     assert steps_per_epoch(31, world_size=2, batch_size=4, grad_accum=2) == 1
