@@ -134,11 +134,17 @@ def plot_panel(panel: Panel):
     fig = Figure(figsize=PANEL_SIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     styles = ("-", "--", ":", "-.")
-    for i, (label, points) in enumerate(panel.series.items()):
+    i = 0
+    for label, points in panel.series.items():
         steps, values = zip(*points)
-        # Ten colours, then the same colours dashed: every line stays told apart in the legend.
+        if label == "total":
+            ax.plot(steps, values, color="black", marker="o", markersize=2.5, linewidth=2.2, label=label)
+            continue
+        # Ten colours, then the same colours dashed: every line stays told apart in the legend,
+        # and a task has the same colour in the loss and the weight panels (both sorted by name).
         ax.plot(steps, values, linestyle=styles[i // 10 % len(styles)], color=f"C{i % 10}", marker="o", markersize=2.5,
-                linewidth=2.2 if label == "total" else 1.4, label=label)
+                linewidth=1.4, label=label)
+        i += 1
     if panel.log:
         ax.set_yscale("log")
     ax.set_title(panel.title)

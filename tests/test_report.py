@@ -54,6 +54,8 @@ def test_a_panel_has_labelled_axes_ticks_and_a_legend():
     assert ax.get_yscale() == "log" and ax.get_xlabel() == "optimiser step" and "loss" in ax.get_ylabel()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["total", "alpha", "beta"]
     assert len({line.get_color() for line in ax.get_lines()}) == 3
+    weights = plot_panel(group_scalars(SCALARS)[1]).axes[0]
+    assert [line.get_color() for line in weights.get_lines()] == [line.get_color() for line in ax.get_lines()[1:]]
     low, high = ax.get_ylim()
     assert low <= 0.01 and high >= 11.5  # from the first step to the last, not flattened
     assert len([t for t in ax.get_yticks() if low <= t <= high]) >= 3  # decades, not just min and max
