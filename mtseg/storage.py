@@ -11,28 +11,29 @@ here, so the S3 endpoint and credentials are handled once:
 Writes are atomic: an object is either complete under its final name or absent. Locally that
 is a temp file + ``os.replace``; on S3 a single PUT (boto3 ``put_object``) is atomic by itself,
 whereas a streamed multipart upload can be completed with partial data when interrupted.
+
+Retries have one layer: the S3 clients' own. boto3 clients retry with botocore's ``standard``
+mode and pyarrow's S3FileSystem with the AWS SDK's standard strategy (connection errors, 5xx,
+throttling; exponential backoff with jitter); mtseg adds no loop around them. A failure that
+is left after them becomes one line, classified by exception type and S3 error code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import posixpath
-import random
 import re
 import shutil
-import time
 import uuid
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from mtseg.errors import MtsegError
-
-T = TypeVar("T")
 
 # Access key ids are identifiers, not secrets (AWS prints them in errors); the rest are secrets.
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
@@ -40,6 +41,22 @@ _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
 class StorageError(MtsegError, RuntimeError):
     """A storage operation failed; the message names the URI and the reason, with no secrets."""
+
+
+class NotFoundError(StorageError):
+    """The object or file asked for does not exist."""
+
+
+# Attempts per request, retries included. botocore backs off from 50 ms and the AWS SDK in
+# pyarrow from 1 s (doubling, up to 20 s, times a random factor): with these counts each waits
+# about half a minute on average before giving up, which rides out an object store restarting
+# (tests/train/test_train_ray.py stops one for seconds mid-run). The checks a command makes
+# before it starts (check_access, ensure_bucket) report a store that is down within a second.
+BOTO_MAX_ATTEMPTS = 12
+ARROW_MAX_ATTEMPTS = 7
+CHECK_MAX_ATTEMPTS = 5
+CONNECT_TIMEOUT_S = 5
+READ_TIMEOUT_S = 30
 
 
 def redact(text: str) -> str:
@@ -148,7 +165,7 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, key: str | None, secret: str | None, token: str | None, region: str):
-    kwargs: dict = {"region": region, "connect_timeout": 5, "request_timeout": 30}
+    kwargs: dict = {"region": region, "connect_timeout": CONNECT_TIMEOUT_S, "request_timeout": READ_TIMEOUT_S}
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret, session_token=token)
     if endpoint:
@@ -157,7 +174,7 @@ def _s3_filesystem(endpoint: str | None, key: str | None, secret: str | None, to
         kwargs["scheme"] = parsed.scheme or "http"
         # S3-compatible servers (SeaweedFS, MinIO) want path-style addressing.
         kwargs["force_virtual_addressing"] = False
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=5)
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=ARROW_MAX_ATTEMPTS)
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -184,8 +201,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def s3_client():
-    """A boto3 S3 client for bucket and object admin, with the same endpoint and credentials."""
+def s3_client(max_attempts: int | None = None):
+    """A boto3 S3 client for bucket and object admin, with the same endpoint and credentials.
+
+    Args:
+        max_attempts: per request, retries included (botocore's ``standard`` retry mode);
+            default :data:`BOTO_MAX_ATTEMPTS`.
+    """
     import boto3
     from botocore.config import Config as BotoConfig
 
@@ -201,9 +223,9 @@ def s3_client():
         endpoint_url=s3_endpoint(),
         region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=BotoConfig(
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
+            retries={"max_attempts": max_attempts or BOTO_MAX_ATTEMPTS, "mode": "standard"},
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=READ_TIMEOUT_S,
             s3={"addressing_style": "path"},
         ),
     )
@@ -232,57 +254,94 @@ def _os_reason(path: str, exc: OSError, needed: int | None = None) -> str:
     return (exc.strerror or str(exc)).rstrip(".")
 
 
-def describe_error(uri: str, exc: BaseException) -> str:
-    """A one-line, secret-free reason for a storage failure on ``uri``."""
-    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
-        return redact(f"{uri}: {_os_reason(str(uri), exc)}")
-    text = str(exc)
-    low = text.lower()
-    code = ""
-    resp = getattr(exc, "response", None)
-    if isinstance(resp, dict):
-        code = str(resp.get("Error", {}).get("Code", ""))
-    if code in ("NoSuchBucket",) or "nosuchbucket" in low or "bucket does not exist" in low:
-        reason = "bucket does not exist"
-    elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or any(
-        s in low
-        for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "accessdenied", "access_denied", "http status 403", "forbidden")
-    ):
-        reason = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-    elif any(s in low for s in ("connection refused", "could not connect", "couldn't connect", "connect timeout", "timed out", "endpoint url", "curlcode: 7", "failed to connect")):
-        reason = f"cannot reach the S3 endpoint {s3_endpoint() or '(AWS default)'}"
-    elif isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404") or "not found" in low or "nosuchkey" in low:
-        reason = "not found"
-    else:
-        reason = text.splitlines()[0] if text else type(exc).__name__
-    return redact(f"{uri}: {reason}")
+ACCESS_DENIED = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+NOT_FOUND, NO_BUCKET = "not found", "bucket does not exist"
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
 
 
-def _wrap(uri: str, fn: Callable[[], T]) -> T:
+def s3_error_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``NoSuchKey``, ``AccessDenied``, ``404``...), else ""."""
+    from botocore.exceptions import ClientError
+
+    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+
+
+def _boto_reason(exc: BaseException) -> str | None:
+    """What a botocore exception means, or None when ``exc`` is not one."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    # Refused, connect or read timeout, closed without a response, proxy, TLS.
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return f"cannot reach the S3 endpoint {s3_endpoint() or '(AWS default)'}"
+    if not isinstance(exc, ClientError):
+        return None
+    code = s3_error_code(exc)
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code == "NoSuchBucket":
+        return NO_BUCKET
+    if code in _DENIED_CODES or status == 403:
+        return ACCESS_DENIED
+    if code in _NOT_FOUND_CODES or status == 404:
+        return NOT_FOUND
+    return str(exc).splitlines()[0]
+
+
+def _bucket_reason(uri: str) -> str | None:
+    """Why the bucket of ``uri`` cannot be used, asked once through boto3, or None when it can.
+
+    pyarrow reports S3 failures other than a missing object as a plain OSError whose only
+    detail is its text; boto3 answers the same question with an exception type and a code.
+    """
+    bucket, _ = split_s3(uri)
     try:
-        return fn()
+        s3_client(max_attempts=1).head_bucket(Bucket=bucket)
+    except Exception as e:  # noqa: BLE001 - classified below
+        reason = _boto_reason(e)
+        return NO_BUCKET if reason == NOT_FOUND else reason  # a HEAD answers a missing bucket with a bare 404
+    return None
+
+
+def _reason(uri: str, exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return _os_reason(str(uri), exc)
+    reason = _boto_reason(exc)
+    if reason is None and isinstance(exc, FileNotFoundError):
+        reason = NOT_FOUND
+    if reason is None and isinstance(exc, OSError) and is_s3(uri):
+        reason = _bucket_reason(uri)
+    if reason is None:
+        text = str(exc)
+        reason = text.splitlines()[0] if text else type(exc).__name__
+    return reason
+
+
+def describe_error(uri: str, exc: BaseException) -> str:
+    """A one-line, secret-free reason for a storage failure on ``uri``.
+
+    Classified by exception type: a local OSError by its errno, a botocore error by its S3
+    error code and HTTP status, pyarrow's ``FileNotFoundError`` as not found, and any other
+    pyarrow error on S3 by asking boto3 about the bucket.
+    """
+    if isinstance(exc, StorageError):
+        return str(exc)
+    return redact(f"{uri}: {_reason(uri, exc)}")
+
+
+@contextlib.contextmanager
+def translate_errors(uri: str) -> Iterator[None]:
+    """Turn any backend error raised inside into a one-line :class:`StorageError` on ``uri``.
+
+    A missing object or file raises :class:`NotFoundError`.
+    """
+    try:
+        yield
     except StorageError:
         raise
     except Exception as e:  # noqa: BLE001 - every backend error becomes one clear line
-        raise StorageError(describe_error(uri, e)) from None
-
-
-def retry(fn: Callable[[], T], *, what: str, attempts: int = 6, base_delay: float = 0.5, max_delay: float = 8.0) -> T:
-    """Call ``fn`` with exponential backoff on transient storage errors (connection, 5xx, throttling).
-
-    Used for checkpoint uploads: an object store down for a few seconds must not kill training.
-    """
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            msg = describe_error(what, e)
-            permanent = any(s in msg for s in ("access denied", "bucket does not exist", "unsupported URI"))
-            if permanent or attempt == attempts - 1:
-                raise StorageError(msg) from None
-            delay = min(max_delay, base_delay * 2**attempt) * (0.5 + random.random() / 2)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+        reason = _reason(uri, e)
+        raise (NotFoundError if reason == NOT_FOUND else StorageError)(redact(f"{uri}: {reason}")) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -294,7 +353,8 @@ def write_bytes(uri: str, data: bytes) -> None:
     """
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        _wrap(uri, lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        with translate_errors(uri):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         return
     _, path = resolve(uri)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -315,25 +375,21 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-
-    def _read():
-        with fs.open_input_stream(path) as f:
-            return f.read()
-
-    return _wrap(uri, _read)
+    with translate_errors(uri), fs.open_input_stream(path) as f:
+        return f.read()
 
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    info = _wrap(uri, lambda: fs.get_file_info(path))
-    return info.type != pafs.FileType.NotFound
+    with translate_errors(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def list_files(uri: str, recursive: bool = False) -> list[str]:
     """Files directly under (or, with ``recursive``, anywhere below) ``uri``, as URIs, sorted."""
     fs, path = resolve(uri)
-    selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
-    infos = _wrap(uri, lambda: fs.get_file_info(selector))
+    with translate_errors(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
     prefix = "s3://" if is_s3(uri) else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
 
@@ -341,8 +397,8 @@ def list_files(uri: str, recursive: bool = False) -> list[str]:
 def list_dirs(uri: str) -> list[str]:
     """Immediate sub-directories of ``uri`` as URIs, sorted."""
     fs, path = resolve(uri)
-    selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
-    infos = _wrap(uri, lambda: fs.get_file_info(selector))
+    with translate_errors(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
     prefix = "s3://" if is_s3(uri) else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.Directory)
 
@@ -368,27 +424,25 @@ def delete(uri: str, recursive: bool = False, *, within: str | None = None) -> N
     if within is not None and not is_inside(uri, within):
         raise StorageError(f"{uri}: refusing to delete outside {within}")
     fs, path = resolve(uri)
-    info = _wrap(uri, lambda: fs.get_file_info(path))
-    if info.type == pafs.FileType.NotFound:
-        return
-    if info.type == pafs.FileType.Directory:
-        if recursive:
-            _wrap(uri, lambda: fs.delete_dir(path))
-        return
-    _wrap(uri, lambda: fs.delete_file(path))
+    with translate_errors(uri):
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.Directory and recursive:
+            fs.delete_dir(path)
+        elif kind == pafs.FileType.File:
+            fs.delete_file(path)
 
 
 def ensure_bucket(name: str) -> None:
     """Create bucket ``name`` if it does not exist (idempotent)."""
-    client = s3_client()
+    uri = f"s3://{name}"
     try:
-        client.head_bucket(Bucket=name)
+        with translate_errors(uri):
+            s3_client(max_attempts=CHECK_MAX_ATTEMPTS).head_bucket(Bucket=name)
         return
-    except Exception as e:  # noqa: BLE001
-        reason = describe_error(f"s3://{name}", e)
-        if "not found" not in reason and "does not exist" not in reason:
-            raise StorageError(reason) from None
-    _wrap(f"s3://{name}", lambda: client.create_bucket(Bucket=name))
+    except NotFoundError:
+        pass
+    with translate_errors(uri):
+        s3_client().create_bucket(Bucket=name)
 
 
 def check_access(uri: str) -> None:
@@ -404,13 +458,10 @@ def check_access(uri: str) -> None:
     if is_s3(uri):
         bucket, _ = split_s3(uri)
         try:
-            s3_client().head_bucket(Bucket=bucket)
-        except Exception as e:  # noqa: BLE001
-            reason = describe_error(uri, e)
-            # HEAD on a bucket has no body, so a missing bucket is a bare 404.
-            if reason.endswith(": not found"):
-                reason = f"{uri}: bucket {bucket!r} does not exist"
-            raise StorageError(reason) from None
+            with translate_errors(uri):
+                s3_client(max_attempts=CHECK_MAX_ATTEMPTS).head_bucket(Bucket=bucket)
+        except NotFoundError:  # a HEAD answers a missing bucket with a bare 404
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
         return
     _, path = resolve(uri)
     parent = path
@@ -423,17 +474,16 @@ def check_access(uri: str) -> None:
         raise StorageError(f"{uri}: not writable")
 
 
-# ---------------------------------------------------------------------------- fault-tolerant filesystem
+# ---------------------------------------------------------------------------- Ray's storage filesystem
 
 
 class _UploadOnClose:
-    """A writable file that buffers in memory and PUTs the whole object on close, with retries.
+    """A writable file that buffers in memory and PUTs the whole object on close (:func:`write_bytes`).
 
     A streamed upload interrupted half-way can leave a truncated object (or fail the whole
-    checkpoint); one PUT of the complete bytes, retried with backoff, cannot. The PUT goes
-    through boto3, not pyarrow: this runs on one of Arrow's I/O threads (inside ``copy_files``),
-    and a pyarrow S3 stream would queue its multipart parts on that same, possibly exhausted,
-    pool and deadlock.
+    checkpoint); one PUT of the complete bytes cannot. The PUT goes through boto3, not pyarrow:
+    this runs on one of Arrow's I/O threads (inside ``copy_files``), and a pyarrow S3 stream
+    would queue its multipart parts on that same, possibly exhausted, pool and deadlock.
     """
 
     def __init__(self, uri: str):
@@ -463,73 +513,66 @@ class _UploadOnClose:
     def close(self) -> None:
         if self.closed:
             return
-        data = self._buf.getvalue()
-        retry(lambda: write_bytes(self._uri, data), what=self._uri)
+        write_bytes(self._uri, self._buf.getvalue())
         self.closed = True
 
 
-class RetryingFileSystemHandler(pafs.FileSystemHandler):
-    """Wraps a pyarrow filesystem so every operation retries transient errors with backoff.
+class _WholeObjectHandler(pafs.FileSystemHandler):
+    """An S3FileSystem whose files are read and written whole, each with one boto3 GET or PUT.
 
-    Given to Ray Train as ``RunConfig(storage_filesystem=...)``: checkpoint uploads and the
-    checkpoint manager's bookkeeping survive an object store that is down for a few seconds.
+    Ray Train and Tune copy checkpoints and experiment state with ``pyarrow.fs.copy_files`` on
+    Arrow's I/O threads; see :class:`_UploadOnClose` for why a file is not streamed there.
+    Everything else is the S3FileSystem's own; retries are the two clients' (no layer here).
     """
 
-    def __init__(self, fs: pafs.S3FileSystem, attempts: int = 8):
-        if not isinstance(fs, pafs.S3FileSystem):
-            raise TypeError(f"RetryingFileSystemHandler wraps an S3FileSystem, not {type(fs).__name__}")
+    def __init__(self, fs: pafs.S3FileSystem):
         self.fs = fs
-        self.attempts = attempts
 
     def __eq__(self, other):
-        return isinstance(other, RetryingFileSystemHandler) and self.fs.equals(other.fs)
+        return isinstance(other, _WholeObjectHandler) and self.fs.equals(other.fs)
 
     def __ne__(self, other):
         return not self == other
 
-    def _r(self, fn, what):
-        return retry(fn, what=what, attempts=self.attempts)
-
     def get_type_name(self):
-        return "retrying+" + self.fs.type_name
+        return "whole-object+" + self.fs.type_name
 
     def normalize_path(self, path):
         return self.fs.normalize_path(path)
 
     def get_file_info(self, paths):
-        return self._r(lambda: self.fs.get_file_info(paths), str(paths[:1]))
+        return self.fs.get_file_info(paths)
 
     def get_file_info_selector(self, selector):
-        return self._r(lambda: self.fs.get_file_info(selector), selector.base_dir)
+        return self.fs.get_file_info(selector)
 
     def create_dir(self, path, recursive):
-        return self._r(lambda: self.fs.create_dir(path, recursive=recursive), path)
+        return self.fs.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path):
-        return self._r(lambda: self.fs.delete_dir(path), path)
+        return self.fs.delete_dir(path)
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
-        return self._r(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok), path)
+        return self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
 
     def delete_root_dir_contents(self):
-        return self._r(lambda: self.fs.delete_dir_contents("/", accept_root_dir=True), "/")
+        return self.fs.delete_dir_contents("/", accept_root_dir=True)
 
     def delete_file(self, path):
-        return self._r(lambda: self.fs.delete_file(path), path)
+        return self.fs.delete_file(path)
 
     def move(self, src, dest):
-        return self._r(lambda: self.fs.move(src, dest), src)
+        return self.fs.move(src, dest)
 
     def copy_file(self, src, dest):
-        return self._r(lambda: self.fs.copy_file(src, dest), src)
+        return self.fs.copy_file(src, dest)
 
     def _get(self, path):
-        # boto3, not pyarrow, for the same reason as _UploadOnClose: no nested Arrow I/O.
         import pyarrow as pa
 
         bucket, _, key = path.partition("/")
-        data = self._r(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(), "s3://" + path)
-        return pa.BufferReader(data)
+        with translate_errors("s3://" + path):
+            return pa.BufferReader(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
     def open_input_stream(self, path):
         return self._get(path)
@@ -546,12 +589,20 @@ class RetryingFileSystemHandler(pafs.FileSystemHandler):
         raise NotImplementedError("append is not supported on object storage")
 
 
-def retrying_filesystem(fs: pafs.S3FileSystem) -> pafs.FileSystem:
-    """``fs`` wrapped so each operation retries transient storage errors (see RetryingFileSystemHandler)."""
-    return pafs.PyFileSystem(RetryingFileSystemHandler(fs))
+def ray_storage(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(storage_filesystem, storage_path)`` to give Ray Train's or Tune's ``RunConfig`` for ``uri``.
+
+    On S3, files are read and written whole through boto3 (see :class:`_WholeObjectHandler`):
+    a checkpoint file is complete or absent, and no copy deadlocks Arrow's I/O pool.
+    """
+    fs, path = resolve(uri)
+    if is_s3(uri):
+        fs = pafs.PyFileSystem(_WholeObjectHandler(fs))
+    return fs, path
 
 
 __all__ = [
+    "NotFoundError",
     "StorageError",
     "check_access",
     "check_uri",
@@ -565,12 +616,13 @@ __all__ = [
     "list_files",
     "read_bytes",
     "redact",
+    "ray_storage",
     "resolve",
-    "retry",
-    "retrying_filesystem",
     "s3_client",
     "s3_endpoint",
+    "s3_error_code",
     "s3_filesystem",
     "split_s3",
+    "translate_errors",
     "write_bytes",
 ]

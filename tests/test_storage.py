@@ -1,5 +1,8 @@
 import errno
 import os
+import socket
+import threading
+import uuid
 
 import pytest
 
@@ -138,3 +141,110 @@ def test_s3_unreachable_endpoint(s3_env, monkeypatch):
 def test_redact(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     assert storage.redact("key=s3cr3t-value") == "key=***"
+
+
+@pytest.fixture
+def dropping_endpoint(monkeypatch):
+    """An S3 endpoint that closes every connection unanswered; ``count()`` is connections so far.
+
+    Each attempt of a request is one connection, so the count shows how many times the one
+    retry layer tried, where nested retries would multiply it.
+    """
+    server = socket.create_server(("127.0.0.1", 0))
+    connections = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed at teardown
+                return
+            connections.append(1)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-value")
+    monkeypatch.setattr(storage, "BOTO_MAX_ATTEMPTS", 3)
+    monkeypatch.setattr(storage, "ARROW_MAX_ATTEMPTS", 3)
+    storage._s3_filesystem.cache_clear()
+    yield lambda: len(connections)
+    server.close()
+    storage._s3_filesystem.cache_clear()
+
+
+def _one_line(info) -> str:
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+# botocore's urllib3 opens one more connection when the first is closed without a reply.
+def test_boto3_calls_try_max_attempts_times_then_one_line(dropping_endpoint):
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
+    with pytest.raises(StorageError) as info:
+        storage.write_bytes("s3://bkt/p/x", b"x")
+    assert _one_line(info) == f"s3://bkt/p/x: cannot reach the S3 endpoint {endpoint}"
+    assert dropping_endpoint() in (3, 4)
+
+
+def test_pyarrow_calls_try_max_attempts_times_then_ask_boto3_once(dropping_endpoint):
+    endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
+    with pytest.raises(StorageError) as info:
+        storage.exists("s3://bkt/p/x")
+    assert _one_line(info) == f"s3://bkt/p/x: cannot reach the S3 endpoint {endpoint}"
+    # 3 by pyarrow, then one HEAD of the bucket to classify pyarrow's untyped OSError.
+    assert dropping_endpoint() in (4, 5)
+
+
+def test_checks_before_a_command_fail_within_their_attempts(dropping_endpoint):
+    with pytest.raises(StorageError, match=r"^s3://bkt/p: cannot reach the S3 endpoint http://127.0.0.1:\d+$"):
+        storage.check_access("s3://bkt/p")
+    assert dropping_endpoint() in (storage.CHECK_MAX_ATTEMPTS, storage.CHECK_MAX_ATTEMPTS + 1)
+
+
+def test_ray_storage_uploads_whole_objects_with_no_retry_of_its_own(dropping_endpoint):
+    fs, path = storage.ray_storage("s3://bkt/run")
+    assert path == "bkt/run"
+    with pytest.raises(StorageError, match="s3://bkt/run/ckpt/state.pt: cannot reach the S3 endpoint"):
+        with fs.open_output_stream(f"{path}/ckpt/state.pt") as f:
+            f.write(b"state")
+    assert dropping_endpoint() in (3, 4)  # one PUT of the whole file, tried by botocore alone
+
+
+@pytest.mark.slow
+def test_s3_missing_key_is_not_found_by_type_and_code(s3_bucket):
+    uri = storage.join(s3_bucket, "missing.bin")
+    with pytest.raises(storage.NotFoundError) as info:  # pyarrow: FileNotFoundError
+        storage.read_bytes(uri)
+    assert _one_line(info) == f"{uri}: not found"
+    bucket, key = storage.split_s3(uri)
+    with pytest.raises(Exception) as info:  # boto3: ClientError NoSuchKey
+        storage.s3_client().get_object(Bucket=bucket, Key=key)
+    assert storage.s3_error_code(info.value) == "NoSuchKey"
+    assert storage.describe_error(uri, info.value) == f"{uri}: not found"
+
+
+@pytest.mark.slow
+def test_s3_missing_bucket_is_classified_for_pyarrow_and_boto3(s3_env):
+    import pyarrow.fs as pafs
+
+    bucket = f"no-such-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(OSError) as info:  # pyarrow says so only in its message
+        storage.s3_filesystem().get_file_info(pafs.FileSelector(f"{bucket}/p"))
+    assert storage.describe_error(f"s3://{bucket}/p", info.value) == f"s3://{bucket}/p: bucket does not exist"
+    with pytest.raises(StorageError, match=rf"^s3://{bucket}/p: bucket '{bucket}' does not exist$"):
+        storage.check_access(f"s3://{bucket}/p")
+    storage.ensure_bucket(bucket)  # a HEAD's bare 404 is what makes ensure_bucket create it
+    storage.ensure_bucket(bucket)
+    storage.check_access(f"s3://{bucket}/p")
+    storage.s3_client().delete_bucket(Bucket=bucket)
+
+
+@pytest.mark.slow
+def test_s3_access_denied_is_classified_for_writes_too(s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
+    uri = storage.join(s3_bucket, "x")
+    with pytest.raises(StorageError) as info:  # boto3: SignatureDoesNotMatch, 403, not retried
+        storage.write_bytes(uri, b"x")
+    assert _one_line(info) == f"{uri}: {storage.ACCESS_DENIED}"

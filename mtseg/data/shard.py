@@ -335,10 +335,8 @@ def _read_image(image_uri: str, entry: dict) -> tuple[bytes | None, str, str]:
     """
     try:
         data = storage.read_bytes(image_uri)
-    except storage.StorageError as e:
-        if str(e).endswith(": not found"):
-            return None, "missing_file", ""
-        raise
+    except storage.NotFoundError:
+        return None, "missing_file", ""
     try:
         data, pixels, converted = prepare_image(data)
     except ValueError as e:

@@ -119,14 +119,9 @@ def _read_json(uri: str) -> tuple[dict | None, str | None]:
     except (OSError, ValueError, storage.StorageError):
         return None, None
     except Exception as e:  # noqa: BLE001 - botocore's NoSuchKey and friends
-        if _s3_code(e) in ("NoSuchKey", "404"):
+        if storage.s3_error_code(e) in ("NoSuchKey", "404"):
             return None, None
         raise storage.StorageError(storage.describe_error(uri, e)) from None
-
-
-def _s3_code(exc: BaseException) -> str:
-    resp = getattr(exc, "response", None)
-    return str(resp.get("Error", {}).get("Code", "")) if isinstance(resp, dict) else ""
 
 
 class _Unsupported(Exception):
@@ -145,7 +140,7 @@ def _put_conditional(uri: str, body: bytes, *, if_none_match: bool = False, if_m
         storage.s3_client().put_object(**kwargs)
         return True
     except Exception as e:  # noqa: BLE001
-        code = _s3_code(e)
+        code = storage.s3_error_code(e)
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
             return False
         if code in ("NotImplemented", "501"):

@@ -314,7 +314,7 @@ def preflight(cfg: Config) -> DataPlan:
 
 
 def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint: str = ""):
-    """The ``TorchTrainer`` for ``cfg``: scaling, storage (retrying on S3), failures, checkpoint policy.
+    """The ``TorchTrainer`` for ``cfg``: scaling, storage (:func:`mtseg.storage.ray_storage`), failures, checkpoint policy.
 
     ``mtseg train`` fits it directly; ``mtseg tune`` builds one per trial (Train V2's form).
 
@@ -326,9 +326,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    fs, path = storage.resolve(cfg.train.storage_path)
-    if storage.is_s3(cfg.train.storage_path):
-        fs = storage.retrying_filesystem(fs)
+    fs, path = storage.ray_storage(cfg.train.storage_path)
     use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and _cluster_has_gpus())
     if cfg.model.sync_batchnorm and not use_gpu and cfg.train.num_workers > 1:
         # torch's SyncBatchNorm runs on CUDA only; on CPU workers the broadcast of rank 0's

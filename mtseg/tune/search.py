@@ -103,9 +103,7 @@ def build_tuner(cfg: Config, params: dict[str, Param], spec: TrialSpec):
     """The ``ray.tune.Tuner`` of a new search (see :func:`run_tune`)."""
     from ray import tune
 
-    fs, path = storage.resolve(cfg.train.storage_path)
-    if storage.is_s3(cfg.train.storage_path):
-        fs = storage.retrying_filesystem(fs)
+    fs, path = storage.ray_storage(cfg.train.storage_path)
     t = cfg.tune
     return tune.Tuner(
         _trainable(spec),
@@ -166,9 +164,7 @@ def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_
     check_options(cfg, resume=resume, restart=restart, delta_m=delta_m)
     exp = experiment_uri(cfg)
     saved = storage.join(exp, CONFIG_FILE)
-    fs, path = storage.resolve(cfg.train.storage_path)
-    if storage.is_s3(cfg.train.storage_path):
-        fs = storage.retrying_filesystem(fs)
+    fs, path = storage.ray_storage(cfg.train.storage_path)
     exp_path = f"{path}/{cfg.tune.experiment_name}"
     if restart:
         log(f"[tune] --restart: deleting {exp}")
