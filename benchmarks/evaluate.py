@@ -104,7 +104,7 @@ def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | Non
     cfg, cats = loaded.cfg, loaded.categories
     model = build_inference_model(cfg, cats, loaded.model_state)
     tasks = build_tasks(cfg, cats)
-    evaluator = Evaluator(cats, cfg.tasks.names, coco_gt=coco_gt)
+    evaluator = Evaluator(cats, tasks, coco_gt=coco_gt)
     result = Pass(0, 0.0)
     for batch in iter_local_batches(data_uri, SPLIT, cats, cfg, False, tasks=tasks, batch_size=batch_size,
                                     limit=limit):

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mtseg import storage
 from mtseg.cluster import ClusterError, SeaweedFS, init_local_ray
@@ -249,41 +248,46 @@ def _best_checkpoint(result):
 
 
 def _write_overlays(model_dir: str, cfg, data_uri: str, out_dir: str, count: int) -> list[str]:
-    """image | ground truth | prediction, one row per task, for ``count`` validation images."""
+    """image | ground truth | prediction, one row per task (as the task draws it), for ``count`` validation images."""
+    from PIL import Image
+
     from mtseg.data.pipeline import iter_local_batches
-    from mtseg.render import blend, colorize, heatmap, instance_map, panel, to_uint8_image
+    from mtseg.fusion import fused_predictions
+    from mtseg.render import colorize, instance_map, panel, to_uint8_image
     from mtseg.tasks import build_tasks
     from mtseg.train import checkpoint as ckpt
     from mtseg.train.loop import predict_batch
+
+    def tile(picture) -> np.ndarray:
+        return np.asarray(picture.convert("RGB")) if isinstance(picture, Image.Image) else picture
 
     loaded = ckpt.load_for_inference(model_dir, data_uri=data_uri)
     categories = loaded.categories
     model = ckpt.build_inference_model(cfg, categories, loaded.model_state)
     tasks = build_tasks(cfg, categories)
-    batch = next(iter_local_batches(data_uri, cfg.data.val_split, categories, cfg, train=False, tasks=tasks,
-                                    batch_size=count))
+    batch = next(iter_local_batches(data_uri, cfg.data.val_split, categories, cfg, train=False, batch_size=count))
     outputs, semantic, instances = predict_batch(model, batch, tasks, cfg, categories)
+    fused = fused_predictions(semantic)
     paths = []
     overlay_dir = os.path.join(out_dir, "overlays")
     os.makedirs(overlay_dir, exist_ok=True)
     for i in range(batch["image"].shape[0]):
         image = to_uint8_image(batch["image"][i].numpy())
-        rows = [("semantic", [("image", image), ("ground truth", blend(image, batch["semantic"][i].numpy())),
-                              ("prediction (fused)", blend(image, semantic[i].numpy()))])]
-        if "supercategory" in outputs:
-            rows.append(("supercategory", [("image", image), ("ground truth", colorize(batch["supercategory"][i].numpy())),
-                                           ("prediction", colorize(outputs["supercategory"][i].argmax(0).numpy()))]))
-        if "boundary" in outputs:
-            rows.append(("boundary", [("image", image), ("ground truth", heatmap(batch["boundary"][i].numpy())),
-                                      ("prediction", heatmap(torch.sigmoid(outputs["boundary"][i, 0]).numpy()))]))
-        if "instance" in outputs:
-            inst = instance_map(instances[i], tuple(semantic[i].shape)) if instances is not None else np.zeros(semantic[i].shape, int)
-            rows.append(("instance", [("image", image), ("gt centers", heatmap(batch["center"][i, 0].numpy())),
-                                      ("pred centers", heatmap(outputs["instance"][i, 0].numpy())),
-                                      ("pred instances", colorize(inst % 254 + (inst > 0)))]))
-        if "reconstruction" in outputs:
-            rows.append(("reconstruction", [("image", image), ("ground truth", image),
-                                            ("prediction", to_uint8_image(outputs["reconstruction"][i].numpy()))]))
+        size = (image.shape[0], image.shape[1])
+        rows = []
+        for name, task in tasks.items():
+            pred = fused[name][i].cpu().numpy() if name in fused else task.output_map(outputs[name][i].cpu(), size)
+            if pred is None:
+                continue
+            tiles = [("image", image)]
+            target = task.target_map(batch, i)
+            if target is not None:
+                tiles.append(("ground truth", tile(task.draw(image, target, categories))))
+            tiles.append(("prediction (fused)" if name in fused else "prediction", tile(task.draw(image, pred, categories))))
+            rows.append((name, tiles))
+        if instances is not None:
+            inst = instance_map(instances[i], size)
+            rows.append(("instances", [("image", image), ("prediction (fused)", colorize(inst % 254 + (inst > 0)))]))
         path = os.path.join(overlay_dir, f"val_{int(batch['image_id'][i])}.png")
         panel(rows).save(path)
         paths.append(path)

@@ -78,6 +78,7 @@ class EvalActor:
         import torch
 
         from mtseg.config import config_from_dict
+        from mtseg.fusion import has_instances
         from mtseg.tasks import build_tasks
         from mtseg.train import checkpoint as ckpt
 
@@ -91,7 +92,7 @@ class EvalActor:
         self.device = torch.device(device)
         self.model = ckpt.build_inference_model(self.cfg, self.categories, model_state, self.device)
         self.tasks = build_tasks(self.cfg, self.categories)
-        self.with_instances = "instance" in self.cfg.tasks.names
+        self.with_instances = has_instances(self.cfg.tasks.names)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mtseg.data.pipeline import batch_fields, to_torch
@@ -104,7 +105,7 @@ class EvalActor:
         coco_gt = None
         if self.with_instances:
             coco_gt = coco_gt_from_rows([json.loads(s) for s in gt_json], self.coco_categories)
-        evaluator = Evaluator(self.categories, self.cfg.tasks.names, coco_gt=coco_gt)
+        evaluator = Evaluator(self.categories, self.tasks, coco_gt=coco_gt)
         evaluate(self.model, [tensors], self.tasks, self.cfg, self.categories, evaluator, self.device)
         return {
             "state": np.array([pickle.dumps(evaluator.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)], dtype=object),
@@ -306,7 +307,9 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
             empty split.
     """
     from mtseg.data.manifest import read_manifest
+    from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator, coco_gt_from_rows, ray_map
+    from mtseg.tasks import build_tasks
 
     _check_counts(batch_size=batch_size, limit=limit)
     batch_size = batch_size if batch_size is not None else loaded.cfg.data.batch_size
@@ -334,11 +337,11 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     log(f"[evaluate] {images} images in {inference_s:.1f}s ({images / inference_s:.1f} img/s); computing metrics")
 
     t1 = time.monotonic()
-    names = loaded.cfg.tasks.names
-    coco_gt = coco_gt_from_rows(gt_rows, manifest["categories"]) if "instance" in names else None
-    evaluator = Evaluator(loaded.categories, names, coco_gt=coco_gt, prefix=prefix)
+    tasks = build_tasks(loaded.cfg, loaded.categories)
+    coco_gt = coco_gt_from_rows(gt_rows, manifest["categories"]) if has_instances(tasks) else None
+    evaluator = Evaluator(loaded.categories, tasks, coco_gt=coco_gt, prefix=prefix)
     for blob in states:
-        part = Evaluator(loaded.categories, names, coco_gt=coco_gt, prefix=prefix)
+        part = Evaluator(loaded.categories, tasks, coco_gt=coco_gt, prefix=prefix)
         part.load_state_dict(pickle.loads(blob))
         evaluator.merge(part)
     shards = coco_shards or max(1, min(math.ceil(images / IMAGES_PER_COCO_SHARD), 2 * int(resources.get("CPU", 1))))

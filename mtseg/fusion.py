@@ -10,6 +10,11 @@
 * :func:`instances_to_coco`: instances -> COCO result dicts (compressed RLE, COCO
   category id, score) ready for ``COCO.loadRes`` / ``COCOeval``.
 
+What the evaluator scores from here: :func:`fused_predictions` names the task whose metric
+takes the fused map instead of the head's own argmax, and when :func:`has_instances` the
+fused instances are scored with COCO mask AP and panoptic quality (the evaluator needs the
+COCO ground truth for those).
+
 All categories are things (COCO instance annotations only), so every non-background
 pixel of the semantic map belongs to some instance.
 """
@@ -33,6 +38,20 @@ def _check_classes(logits: torch.Tensor, categories: CategoryIndex) -> None:
             f"fusion: semantic output must be (B, {categories.num_classes}, H, W) for this dataset, "
             f"got {tuple(logits.shape)}"
         )
+
+
+def has_instances(task_names) -> bool:
+    """Whether a model with these tasks has the head :func:`fuse_instances` groups into instances."""
+    return "instance" in task_names
+
+
+def fused_predictions(semantic_map: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{task: fused prediction}`` for :meth:`mtseg.metrics.Evaluator.process`.
+
+    Args:
+        semantic_map: (B, H, W) from :func:`fuse_semantic`.
+    """
+    return {"semantic": semantic_map}
 
 
 @torch.no_grad()

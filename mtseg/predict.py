@@ -8,10 +8,9 @@ side exceeds ``data.max_image_side`` (or ``--max-image-side``)::
 
     <out>/<name>_overlay.png        final (fused) segmentation over the image, instance outlines,
                                     and a legend of the category names present
-    <out>/<name>_supercategory.png  supercategory map over the image, with its legend
-    <out>/<name>_boundary.png       boundary probability
-    <out>/<name>_center.png         instance center heatmap
-    <out>/<name>_reconstruction.png the self-supervised reconstruction
+    <out>/<name>_<task>.png         each other task's picture, as its task module draws it
+                                    (supercategory map with a legend, boundary probability,
+                                    instance center heatmap, the reconstruction)
     <out>/<name>_instances.json     the image's instances as COCO results (compressed RLE)
 
 one PNG per task the model has, plus ``coco_results.json`` (all instances) and ``summary.json``
@@ -21,8 +20,9 @@ file is reported and skipped; the others still run.
 Images are decoded as in training (:func:`mtseg.data.transforms.load_image`) and go through
 the validation transform (a plain resize to ``data.image_size``), the model
 and the fusion (:func:`mtseg.train.loop.predict_batch`, the code validation uses), and every
-output is resized back to the image's own size: label maps with nearest neighbour, probability
-maps bilinearly, instance masks inside :func:`mtseg.fusion.instances_to_coco`.
+output is resized back to the image's own size (each task's ``output_map``: label maps with
+nearest neighbour, probability maps bilinearly), instance masks inside
+:func:`mtseg.fusion.instances_to_coco`.
 
 Checkpoints are loaded as everywhere else, by :func:`mtseg.train.checkpoint.load_for_inference`.
 """
@@ -97,31 +97,15 @@ class ImagePrediction:
     Attributes:
         image_id: the id used in the COCO results.
         semantic: (H, W) int64 fused class map (0 = background, CategoryIndex order).
-        supercategory: (H, W) int64 supercategory map, when the model has the task.
-        boundary: (H, W) float32 boundary probability, when the model has the task.
-        center: (H, W) float32 instance center heatmap, when the model has the task.
-        reconstruction: (H, W, 3) uint8 reconstructed image, when the model has the task.
+        maps: ``{task: map}`` of every task whose prediction fusion does not replace, as the
+            task's ``output_map`` gives it (e.g. (H, W) probabilities, (H, W, 3) uint8 images).
         instances: COCO result dicts (``segmentation`` compressed RLE at (H, W)).
     """
 
     image_id: int
     semantic: np.ndarray
-    supercategory: np.ndarray | None = None
-    boundary: np.ndarray | None = None
-    center: np.ndarray | None = None
-    reconstruction: np.ndarray | None = None
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
     instances: list[dict] = field(default_factory=list)
-
-
-def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """(C, h, w) -> (C, H, W); ``nearest`` for labels (as float: exact below 2**24)."""
-    import torch.nn.functional as F
-
-    if tuple(x.shape[-2:]) == size:
-        return x
-    if mode == "nearest":
-        return F.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
-    return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
 class Predictor:
@@ -186,7 +170,8 @@ class Predictor:
         """
         import torch
 
-        from mtseg.fusion import instances_to_coco
+        from mtseg.fusion import fused_predictions, instances_to_coco
+        from mtseg.tasks.base import resize_map
         from mtseg.train.loop import _autocast, predict_batch
 
         if len(images) != len(image_ids):
@@ -200,19 +185,15 @@ class Predictor:
             outputs, semantic, instances = predict_batch(self.model, batch, self.tasks, self.cfg, self.categories)
         outputs = {k: v.float().cpu() for k, v in outputs.items()}
         semantic = semantic.cpu()
+        fused = fused_predictions(semantic)  # drawn in the overlay
         preds = []
         for i, (image, image_id) in enumerate(zip(images, image_ids)):
             size = (int(image.shape[1]), int(image.shape[2]))
-            pred = ImagePrediction(image_id=int(image_id), semantic=_resize(semantic[i:i + 1], size, "nearest")[0].numpy())
-            if "supercategory" in outputs:
-                pred.supercategory = _resize(outputs["supercategory"][i].argmax(0, keepdim=True), size, "nearest")[0].numpy()
-            if "boundary" in outputs:
-                pred.boundary = _resize(torch.sigmoid(outputs["boundary"][i, :1]), size, "bilinear")[0].numpy()
-            if "instance" in outputs:
-                pred.center = _resize(outputs["instance"][i, :1].clamp(0, 1), size, "bilinear")[0].clamp(0, 1).numpy()
-            if "reconstruction" in outputs:
-                rec = _resize(outputs["reconstruction"][i].clamp(0, 1), size, "bilinear").clamp(0, 1)
-                pred.reconstruction = (rec.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            pred = ImagePrediction(image_id=int(image_id), semantic=resize_map(semantic[i:i + 1], size, "nearest")[0].numpy())
+            for name, task in self.tasks.items():
+                values = None if name in fused else task.output_map(outputs[name][i], size)
+                if values is not None:
+                    pred.maps[name] = values
             if instances is not None:
                 pred.instances = instances_to_coco(instances[i], int(image_id), self.categories, orig_size=size)
             preds.append(pred)
@@ -222,7 +203,7 @@ class Predictor:
 # ---------------------------------------------------------------------------- pictures
 
 
-def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex,
+def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex, tasks: dict,
            score_threshold: float = OVERLAY_SCORE_THRESHOLD) -> dict[str, Image.Image]:
     """The pictures of one prediction.
 
@@ -230,33 +211,24 @@ def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex,
         image: (H, W, 3) uint8 RGB, the original image.
         pred: its prediction (maps at (H, W)).
         categories: names for the legends.
+        tasks: the model's tasks (:attr:`Predictor.tasks`); each draws its own map.
         score_threshold: lowest instance score outlined in the overlay.
 
     Returns:
-        ``{"overlay": ..., "supercategory": ..., "boundary": ..., "center": ..., "reconstruction": ...}``
-        (PIL images; only the outputs the model has).
+        ``{"overlay": ..., task: ...}`` (PIL images; one per map in ``pred.maps``).
     """
     from PIL import Image
 
-    from mtseg.render import beside, blend, heatmap, legend, outlines
+    from mtseg.render import beside, blend, legend, outlines
 
     h = image.shape[0]
     present = [int(c) for c in np.unique(pred.semantic) if 0 < c < categories.num_classes]
     overlay = outlines(blend(image, pred.semantic), pred.instances, score_threshold)
     names = [(0, "background")] + [(c, categories.names[c - 1]) for c in present]
     pictures = {"overlay": beside(overlay, legend(names, h))}
-    if pred.supercategory is not None:
-        supers = [int(s) for s in np.unique(pred.supercategory) if 0 < s < categories.num_supercategories]
-        pictures["supercategory"] = beside(
-            blend(image, pred.supercategory),
-            legend([(0, "background")] + [(s, categories.supercategories[s - 1]) for s in supers], h),
-        )
-    if pred.boundary is not None:
-        pictures["boundary"] = Image.fromarray(heatmap(pred.boundary, stretch=False))
-    if pred.center is not None:
-        pictures["center"] = Image.fromarray(heatmap(pred.center, stretch=False))
-    if pred.reconstruction is not None:
-        pictures["reconstruction"] = Image.fromarray(pred.reconstruction)
+    for name, values in pred.maps.items():
+        picture = tasks[name].draw(image, values, categories)
+        pictures[name] = picture if isinstance(picture, Image.Image) else Image.fromarray(picture)
     return pictures
 
 
@@ -447,7 +419,7 @@ def predict_images(
             # Ids follow input order, so a file keeps its id whatever else fails.
             preds = predictor.predict([im for _, im in ok], [i + 1 for i, _ in ok])
             for (i, image), pred in zip(ok, preds):
-                pictures = render(image.permute(1, 2, 0).numpy(), pred, predictor.categories, score_threshold)
+                pictures = render(image.permute(1, 2, 0).numpy(), pred, predictor.categories, predictor.tasks, score_threshold)
                 files = []
                 for kind, picture in pictures.items():
                     files.append(f"{names[i]}_{kind}.png")

@@ -77,7 +77,7 @@ def _plain_loop_metrics(checkpoint_uri: str, cfg, categories) -> dict[str, float
     for uri in shard_uris(cfg.data.uri, cfg.data.val_split, manifest):
         fs, path = storage.resolve(uri)
         rows += pq.read_table(path, filesystem=fs, columns=["image_id", "height", "width", "annotations"]).to_pylist()
-    evaluator = Evaluator(categories, cfg.tasks.names, coco_gt=coco_gt_from_rows(rows, manifest["categories"]))
+    evaluator = Evaluator(categories, build_tasks(cfg, categories), coco_gt=coco_gt_from_rows(rows, manifest["categories"]))
     batches = iter_local_batches(cfg.data.uri, cfg.data.val_split, categories, cfg, False,
                                  tasks=build_tasks(cfg, categories))
     evaluate(model, batches, build_tasks(cfg, categories), cfg, categories, evaluator, torch.device("cpu"))

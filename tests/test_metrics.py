@@ -10,7 +10,9 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
+from mtseg.config import config_from_dict
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
+from mtseg.fusion import fused_predictions
 from mtseg.metrics import (
     PSNR,
     BoundaryF1,
@@ -23,6 +25,7 @@ from mtseg.metrics import (
     masks_to_coco_results,
     segments_from_results,
 )
+from mtseg.tasks import build_tasks
 
 CATEGORIES = [
     {"id": 1, "name": "person", "supercategory": "person"},
@@ -317,6 +320,13 @@ def test_gt_segments_from_coco():
 # ---------------------------------------------------------------------------- Evaluator
 
 
+ALL_TASKS = ["semantic", "supercategory", "boundary", "instance", "reconstruction"]
+
+
+def _evaluator(cats: CategoryIndex, names: list[str], **kwargs) -> Evaluator:
+    return Evaluator(cats, build_tasks(config_from_dict({"tasks": {"names": names}}), cats), **kwargs)
+
+
 def _perfect_batch(cats: CategoryIndex, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     b, h, w = 2, 16, 16
@@ -354,10 +364,9 @@ def _perfect_instances(cats: CategoryIndex):
 def test_evaluator_perfect_predictions():
     cats = CategoryIndex.from_categories(CATEGORIES)
     rows, _ = _tiny_rows()
-    ev = Evaluator(cats, ["semantic", "supercategory", "boundary", "instance", "reconstruction"],
-                   coco_gt=coco_gt_from_rows(rows, CATEGORIES))
+    ev = _evaluator(cats, ALL_TASKS, coco_gt=coco_gt_from_rows(rows, CATEGORIES))
     batch, outputs = _perfect_batch(cats)
-    ev.process(batch, outputs, outputs["semantic"].argmax(1), _perfect_instances(cats))
+    ev.process(batch, outputs, fused_predictions(outputs["semantic"].argmax(1)), _perfect_instances(cats))
     m = ev.compute()
     assert set(m) == {
         "val/miou", "val/pixel_acc", "val/supercategory_miou", "val/boundary_f1", "val/boundary_precision",
@@ -372,21 +381,32 @@ def test_evaluator_perfect_predictions():
 
 def test_evaluator_only_reports_present_tasks():
     cats = CategoryIndex.from_categories(CATEGORIES)
-    ev = Evaluator(cats, ["semantic"])
+    ev = _evaluator(cats, ["semantic"])
     batch, outputs = _perfect_batch(cats)
     ev.process(batch, {"semantic": outputs["semantic"]})  # argmax of the logits when no fused map
     assert set(ev.compute()) == {"val/miou", "val/pixel_acc"}
     # instance without ground truth: no mask metrics
-    assert set(Evaluator(cats, ["instance"]).compute()) == set()
+    assert set(_evaluator(cats, ["semantic", "instance"]).compute()) == {"val/miou", "val/pixel_acc"}
     with pytest.raises(ValueError, match="outputs: missing 'boundary'"):
-        Evaluator(cats, ["boundary"]).process(batch, {})
+        _evaluator(cats, ["semantic", "boundary"]).process(batch, {"semantic": outputs["semantic"]})
+    with pytest.raises(ValueError, match="batch: missing 'boundary'"):
+        _evaluator(cats, ["semantic", "boundary"]).process({"semantic": batch["semantic"]}, outputs)
+
+
+def test_fused_semantic_map_replaces_the_argmax():
+    cats = CategoryIndex.from_categories(CATEGORIES)
+    batch, outputs = _perfect_batch(cats)
+    ev = _evaluator(cats, ["semantic", "supercategory"])
+    ev.process(batch, outputs, fused_predictions(torch.zeros_like(batch["semantic"])))
+    m = ev.compute()
+    assert m["val/miou"] < 1.0 and m["val/supercategory_miou"] == 1.0  # the fused map is scored, not the logits
 
 
 def test_evaluator_state_dict_and_merge_equal_one_pass():
     cats = CategoryIndex.from_categories(CATEGORIES)
     rows, _ = _tiny_rows()
     gt = coco_gt_from_rows(rows, CATEGORIES)
-    tasks = ["semantic", "supercategory", "boundary", "instance", "reconstruction"]
+    tasks = ALL_TASKS
     batches = [_perfect_batch(cats, seed) for seed in range(3)]
     g = torch.Generator().manual_seed(7)
     for _, outputs in batches:  # imperfect outputs so that the numbers are not all 1.0
@@ -395,14 +415,14 @@ def test_evaluator_state_dict_and_merge_equal_one_pass():
         outputs["reconstruction"] = outputs["reconstruction"] + 0.1
     inst = _perfect_instances(cats)
 
-    one = Evaluator(cats, tasks, coco_gt=gt)
+    one = _evaluator(cats, tasks, coco_gt=gt)
     for (batch, outputs), instances in zip(batches, [inst, [], []]):
         one.process(batch, outputs, None, instances)
-    a, b = Evaluator(cats, tasks, coco_gt=gt), Evaluator(cats, tasks, coco_gt=gt)
+    a, b = _evaluator(cats, tasks, coco_gt=gt), _evaluator(cats, tasks, coco_gt=gt)
     a.process(*batches[0], None, inst)
     for batch, outputs in batches[1:]:
         b.process(batch, outputs, None, [])
-    shipped = Evaluator(cats, tasks, coco_gt=gt)
+    shipped = _evaluator(cats, tasks, coco_gt=gt)
     shipped.load_state_dict(pickle.loads(pickle.dumps(b.state_dict())))
     a.merge(shipped)
     a.all_reduce()  # no process group: no-op

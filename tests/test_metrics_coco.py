@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from mtseg.config import config_from_dict
 from mtseg.data.categories import CategoryIndex
 from mtseg.metrics import (
     CocoMaskEvaluator,
@@ -30,6 +31,7 @@ from mtseg.metrics import (
     merge_eval_imgs,
     ray_map,
 )
+from mtseg.tasks import build_tasks
 
 CATEGORIES = [
     {"id": 1, "name": "person", "supercategory": "person"},
@@ -318,16 +320,19 @@ _WORKER = textwrap.dedent(
     """
     import pickle, sys
     import torch.distributed as dist
+    from mtseg.config import config_from_dict
     from mtseg.data.categories import CategoryIndex
     from mtseg.metrics import Evaluator
     from mtseg.metrics.coco import _coco_from_dataset
+    from mtseg.tasks import build_tasks
 
     rank, world, tmp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     with open(f"{tmp}/inputs.pkl", "rb") as f:
         inputs = pickle.load(f)
-    ev = Evaluator(CategoryIndex.from_categories(inputs["categories"]), inputs["tasks"],
-                   coco_gt=_coco_from_dataset(inputs["gt"]))
+    cats = CategoryIndex.from_categories(inputs["categories"])
+    tasks = build_tasks(config_from_dict({"tasks": {"names": inputs["tasks"]}}), cats)
+    ev = Evaluator(cats, tasks, coco_gt=_coco_from_dataset(inputs["gt"]))
     for batch, outputs, instances in inputs["parts"][rank]:
         ev.process(batch, outputs, None, instances)
     ev.all_reduce(num_shards=2)
@@ -383,7 +388,8 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process(data, tmp_path):
     logs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
 
-    single = Evaluator(CategoryIndex.from_categories(CATEGORIES), tasks, coco_gt=gt)
+    cats = CategoryIndex.from_categories(CATEGORIES)
+    single = Evaluator(cats, build_tasks(config_from_dict({"tasks": {"names": tasks}}), cats), coco_gt=gt)
     for batch, outputs, instances in parts:
         single.process(batch, outputs, None, instances)
     want = single.compute()

@@ -84,7 +84,7 @@ def test_predict_grayscale_rgba_and_corrupt_in_one_call(checkpoint, tmp_path, ca
     assert {im["name"]: im["image_id"] for im in summary["images"]} == {"gray": 1, "rgba": 2, "photo": 4}
     all_results = json.loads((out / "coco_results.json").read_text())
     for name, (h, w) in sizes.items():
-        for task in ("boundary", "center", "reconstruction"):
+        for task in ("boundary", "instance", "reconstruction"):
             with Image.open(out / f"{name}_{task}.png") as im:
                 assert im.size == (w, h) and im.mode == "RGB"
         for picture in ("overlay", "supercategory"):  # the image plus a legend beside it
@@ -146,10 +146,12 @@ def test_predictor_maps_come_back_at_each_image_size(checkpoint):
     for image, pred, image_id in zip(images, preds, (5, 6)):
         h, w = image.shape[1:]
         assert pred.image_id == image_id
-        assert pred.semantic.shape == pred.supercategory.shape == pred.boundary.shape == pred.center.shape == (h, w)
-        assert pred.reconstruction.shape == (h, w, 3) and pred.reconstruction.dtype == np.uint8
-        assert 0 <= pred.boundary.min() and pred.boundary.max() <= 1
-        assert pred.semantic.max() < 4 and pred.supercategory.max() < 3
+        maps = pred.maps
+        assert set(maps) == {"supercategory", "boundary", "instance", "reconstruction"}  # semantic: fused
+        assert pred.semantic.shape == maps["supercategory"].shape == maps["boundary"].shape == maps["instance"].shape == (h, w)
+        assert maps["reconstruction"].shape == (h, w, 3) and maps["reconstruction"].dtype == np.uint8
+        assert 0 <= maps["boundary"].min() and maps["boundary"].max() <= 1
+        assert pred.semantic.max() < 4 and maps["supercategory"].max() < 3
         assert all(r["image_id"] == image_id for r in pred.instances)
 
 

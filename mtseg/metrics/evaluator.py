@@ -1,30 +1,35 @@
 """Validation metrics of a multi-task model, combined (detectron2's ``DatasetEvaluators`` idea).
 
-One :class:`Evaluator` owns one accumulator per metric of the configured tasks::
+One :class:`Evaluator` owns each task's metric (the task declares it, see
+:class:`mtseg.tasks.base.Task`) and, given the COCO ground truth, the metrics of the fused
+instances::
 
-    ev = Evaluator(categories, cfg.tasks.names, coco_gt=gt)
+    ev = Evaluator(categories, tasks, coco_gt=gt)     # tasks: {name: Task}
     for batch in val_batches:
         outputs = model(batch["image"])
-        fused = fuse(outputs)                     # fused semantic map + COCO instance results
-        ev.process(batch, outputs, fused.semantic, fused.coco_results)
-    ev.all_reduce()                               # under DDP: every rank gets the totals
-    metrics = ev.compute()                        # {"val/miou": ..., "val/mask_ap": ..., ...}
+        ev.process(batch, outputs, fused, coco_results)  # fused: {task: fused prediction}
+    ev.all_reduce()                                   # under DDP: every rank gets the totals
+    metrics = ev.compute()                            # {"val/miou": ..., "val/mask_ap": ..., ...}
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pycocotools.coco import COCO
 
 from mtseg.data.categories import CategoryIndex
-from mtseg.metrics.base import SumMetric
 from mtseg.metrics.coco import CocoMaskEvaluator, MapFn
-from mtseg.metrics.dense import PSNR, BoundaryF1, ConfusionMatrix
 from mtseg.metrics.panoptic import PanopticQuality, gt_segments_from_coco, segments_from_results
+
+if TYPE_CHECKING:
+    from mtseg.tasks.base import Task
+
+#: Keys of the fused instances' accumulators (never a task's name: those hold task metrics).
+_MASK, _PANOPTIC = "mask", "panoptic"
 
 
 def _flatten_results(instances: Iterable[Any]) -> list[dict]:
@@ -39,96 +44,76 @@ def _flatten_results(instances: Iterable[Any]) -> list[dict]:
 
 
 class Evaluator:
-    """Validation metrics for the tasks present, as one slash-namespaced dict.
+    """Validation metrics for the tasks given, as one slash-namespaced dict.
 
-    ============== ================================================ ===============================
-    task           metric                                           keys
-    ============== ================================================ ===============================
-    semantic       confusion matrix of the fused semantic map       miou, pixel_acc
-    supercategory  confusion matrix of argmax supercategory logits  supercategory_miou
-    boundary       BoundaryF1 of ``sigmoid(logit) > 0.5``           boundary_f1, _precision, _recall
-    reconstruction PSNR of the output clamped to [0, 1] vs image    psnr
-    instance       COCO mask AP (needs ``coco_gt`` and instances)   mask_ap, mask_ap50, mask_ap75,
-                                                                    mask_ap_s, mask_ap_m, mask_ap_l
-    instance       panoptic quality over things (same condition)    pq, sq, rq
-    ============== ================================================ ===============================
+    Every task with a metric (:meth:`Task.metric`) contributes the keys of its
+    :meth:`Task.compute_metric`. With ``coco_gt``, the fused instances
+    (:func:`mtseg.fusion.fuse_instances` as COCO results) add COCO mask AP (``mask_ap``,
+    ``mask_ap50``, ``mask_ap75``, ``mask_ap_s``, ``mask_ap_m``, ``mask_ap_l``) and panoptic
+    quality over things (``pq``, ``sq``, ``rq``).
 
     Args:
         categories: the dataset's label spaces.
-        task_names: the model's tasks (``cfg.tasks.names``).
-        coco_gt: ground truth at original resolution for mask AP and PQ; without it the
-            instance metrics are off.
-        boundary_tolerance: BoundaryF1 tolerance in pixels.
+        tasks: the model's tasks, ``{name: Task}`` (:func:`mtseg.tasks.build_tasks`).
+        coco_gt: ground truth at original resolution for mask AP and PQ; pass it when the
+            model fuses instances (:func:`mtseg.fusion.has_instances`); without it those
+            metrics are off.
         pq_score_threshold: lowest instance score pasted into the panoptic prediction.
         prefix: namespace of the returned keys.
     """
 
-    def __init__(self, categories: CategoryIndex, task_names: Iterable[str], coco_gt: COCO | None = None,
-                 boundary_tolerance: int = 2, pq_score_threshold: float = 0.5, prefix: str = "val"):
+    def __init__(self, categories: CategoryIndex, tasks: Mapping[str, Task], coco_gt: COCO | None = None,
+                 pq_score_threshold: float = 0.5, prefix: str = "val"):
         self.categories = categories
-        self.task_names = tuple(task_names)
+        self.tasks = dict(tasks)
         self.coco_gt = coco_gt
         self.prefix = prefix
         self.pq_score_threshold = float(pq_score_threshold)
         self.metrics: dict[str, Any] = {}
-        tasks = set(self.task_names)
-        if "semantic" in tasks:
-            self.metrics["semantic"] = ConfusionMatrix(categories.num_classes)
-        if "supercategory" in tasks:
-            self.metrics["supercategory"] = ConfusionMatrix(categories.num_supercategories)
-        if "boundary" in tasks:
-            self.metrics["boundary"] = BoundaryF1(boundary_tolerance)
-        if "reconstruction" in tasks:
-            self.metrics["reconstruction"] = PSNR(max_val=1.0)
-        if "instance" in tasks and coco_gt is not None:
-            self.metrics["mask"] = CocoMaskEvaluator(coco_gt)
-            self.metrics["panoptic"] = PanopticQuality(categories.num_classes)
+        for name, task in self.tasks.items():
+            metric = task.metric()
+            if metric is not None:
+                self.metrics[name] = metric
+        if coco_gt is not None:
+            self.metrics[_MASK] = CocoMaskEvaluator(coco_gt)
+            self.metrics[_PANOPTIC] = PanopticQuality(categories.num_classes)
 
     def reset(self) -> None:
         """Forget everything processed so far."""
         for m in self.metrics.values():
             m.reset()
 
-    @staticmethod
-    def _get(source: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
-        if key not in source:
-            raise ValueError(f"{what}: missing '{key}' (needed by the {key} metric)")
-        return source[key]
-
     @torch.no_grad()
     def process(self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor],
-                semantic_pred: torch.Tensor | None = None, instances: Iterable[Any] | None = None) -> None:
+                fused: Mapping[str, torch.Tensor] | None = None, instances: Iterable[Any] | None = None) -> None:
         """Add one batch.
 
         Args:
-            batch: training-batch dict (the data contract): ``image``, ``semantic``,
-                ``supercategory``, ``boundary``, ``image_id`` as the tasks need.
-            outputs: model outputs (logits at input resolution).
-            semantic_pred: (B, H, W) fused semantic class map; argmax of
-                ``outputs["semantic"]`` when None.
+            batch: training-batch dict (the data contract): ``image``, ``image_id`` and the
+                tasks' targets.
+            outputs: model outputs (logits at input resolution), ``{task: tensor}``.
+            fused: fused predictions that replace a task's own decision from its output,
+                ``{task: tensor}`` (:func:`mtseg.fusion.fused_predictions`).
             instances: COCO result dicts of this batch's images (COCO category ids, masks at
                 the original image size, e.g. from :func:`mtseg.metrics.masks_to_coco_results`),
                 as a flat list or one list per image. Needed for mask AP and PQ.
         """
-        m = self.metrics
-        if "semantic" in m:
-            if semantic_pred is None:
-                semantic_pred = self._get(outputs, "semantic", "outputs").argmax(1)
-            m["semantic"].update(semantic_pred, self._get(batch, "semantic", "batch"))
-        if "supercategory" in m:
-            pred = self._get(outputs, "supercategory", "outputs").argmax(1)
-            m["supercategory"].update(pred, self._get(batch, "supercategory", "batch"))
-        if "boundary" in m:
-            # sigmoid(x) > 0.5 <=> x > 0, without computing the sigmoid.
-            pred = self._get(outputs, "boundary", "outputs")[:, 0] > 0
-            m["boundary"].update_from_maps(pred, self._get(batch, "boundary", "batch") > 0.5)
-        if "reconstruction" in m:
-            recon = self._get(outputs, "reconstruction", "outputs").float().clamp(0.0, 1.0)
-            m["reconstruction"].update(recon, self._get(batch, "image", "batch").float())
-        if "mask" in m and instances is not None:
+        fused = fused or {}
+        for name, task in self.tasks.items():
+            if name not in self.metrics:
+                continue
+            if name not in outputs and name not in fused:
+                raise ValueError(f"outputs: missing '{name}' (needed by the {name} metric)")
+            for key in task.target_keys:
+                if key not in batch:
+                    raise ValueError(f"batch: missing '{key}' (needed by the {name} metric)")
+            task.update_metric(self.metrics[name], outputs.get(name), batch, fused.get(name))
+        if _MASK in self.metrics and instances is not None:
+            if "image_id" not in batch:
+                raise ValueError("batch: missing 'image_id' (needed by the mask AP metric)")
             results = _flatten_results(instances)
-            m["mask"].update(results)
-            self._update_panoptic(results, self._get(batch, "image_id", "batch"))
+            self.metrics[_MASK].update(results)
+            self._update_panoptic(results, batch["image_id"])
 
     def _update_panoptic(self, results: list[dict], image_ids: torch.Tensor) -> None:
         by_image: dict[int, list[dict]] = defaultdict(list)
@@ -142,7 +127,7 @@ class Evaluator:
             pred = segments_from_results(by_image.get(image_id, []), int(info["height"]), int(info["width"]),
                                          class_of=class_of, score_threshold=self.pq_score_threshold)
             gt, void = gt_segments_from_coco(self.coco_gt, image_id, class_of=class_of)
-            self.metrics["panoptic"].update(pred, gt, void)
+            self.metrics[_PANOPTIC].update(pred, gt, void)
 
     def all_reduce(self, num_shards: int = 1, executor: MapFn | None = None) -> None:
         """Combine all torch.distributed ranks (call on every rank; no-op without a process group).
@@ -152,7 +137,7 @@ class Evaluator:
             executor: ``map``-like callable for those shards.
         """
         for name, metric in self.metrics.items():
-            if name == "mask":
+            if name == _MASK:
                 metric.all_reduce(num_shards=num_shards, executor=executor)
             else:
                 metric.all_reduce()
@@ -173,10 +158,10 @@ class Evaluator:
         if set(state) != set(self.metrics):
             raise ValueError(f"load_state_dict: metrics differ, {sorted(state)} vs {sorted(self.metrics)}")
         for name, metric in list(self.metrics.items()):
-            if isinstance(metric, SumMetric):
-                self.metrics[name] = type(metric).from_state(state[name])
-            else:
+            if name == _MASK:
                 self.metrics[name] = CocoMaskEvaluator.from_state(state[name], self.coco_gt)
+            else:
+                self.metrics[name] = type(metric).from_state(state[name])
 
     def compute(self, num_shards: int = 1, executor: MapFn | None = None) -> dict[str, float]:
         """All metrics as ``{"<prefix>/<name>": float}``.
@@ -188,20 +173,12 @@ class Evaluator:
         Returns:
             Keys for the tasks present only (see the class docstring); NaN where undefined.
         """
-        p = self.prefix
-        out: dict[str, float] = {}
-        m = self.metrics
-        if "semantic" in m:
-            r = m["semantic"].compute()
-            out[f"{p}/miou"], out[f"{p}/pixel_acc"] = r["miou"], r["pixel_acc"]
-        if "supercategory" in m:
-            out[f"{p}/supercategory_miou"] = m["supercategory"].compute()["miou"]
-        if "boundary" in m:
-            out.update({f"{p}/{k}": v for k, v in m["boundary"].compute().items()})
-        if "reconstruction" in m:
-            out[f"{p}/psnr"] = m["reconstruction"].compute()["psnr"]
-        if "mask" in m:
-            out.update({f"{p}/{k}": v for k, v in m["mask"].compute(num_shards, executor).items()})
-            r = m["panoptic"].compute()
-            out.update({f"{p}/pq": r["pq"], f"{p}/sq": r["sq"], f"{p}/rq": r["rq"]})
-        return out
+        values: dict[str, float] = {}
+        for name, task in self.tasks.items():
+            if name in self.metrics:
+                values.update(task.compute_metric(self.metrics[name]))
+        if _MASK in self.metrics:
+            values.update(self.metrics[_MASK].compute(num_shards, executor))
+            r = self.metrics[_PANOPTIC].compute()
+            values.update({"pq": r["pq"], "sq": r["sq"], "rq": r["rq"]})
+        return {f"{self.prefix}/{k}": v for k, v in values.items()}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtseg.tasks.base import Task, TaskMetric
+from mtseg.tasks.base import Task
 from mtseg.tasks.boundary import BoundaryTask
 from mtseg.tasks.instance import InstanceTask
 from mtseg.tasks.reconstruction import ReconstructionTask
@@ -131,11 +131,6 @@ def compute_losses(
     return {name: task.loss(outputs[name], batch) for name, task in tasks.items()}
 
 
-def build_metrics(tasks: dict[str, Task]) -> dict[str, TaskMetric]:
-    """A fresh metric per task, ``{task: TaskMetric}``."""
-    return {name: task.metric() for name, task in tasks.items()}
-
-
 __all__ = [
     "TASKS",
     "BoundaryTask",
@@ -144,8 +139,6 @@ __all__ = [
     "SemanticTask",
     "SupercategoryTask",
     "Task",
-    "TaskMetric",
-    "build_metrics",
     "build_tasks",
     "compute_losses",
     "model_inputs",

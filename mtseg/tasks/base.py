@@ -1,13 +1,18 @@
 """The interface every task implements, and helpers shared by the task modules.
 
-A task owns its targets, built from each image's decoded instances in the data stream, and
+A task owns: its targets, built from each image's decoded instances in the data stream, and
 their keys in the batch (``build_targets`` / ``target_fields``), which batch keys its loss
-reads (``target_keys``), its head (``build_head``), its loss (``loss``, stateless) and its
-metric (``metric``). It may
-also transform the model's input (``transform_inputs``: the reconstruction task masks
-patches) and refine the raw head outputs (``refine_outputs``: the supercategory task
-ties the category head to the COCO hierarchy). The model and the trainer call these
-hooks on every task alike; nothing branches on a task's name.
+reads (``target_keys``), its head (``build_head``), its
+loss (``loss``, stateless), its validation metric (``metric`` / ``update_metric`` /
+``compute_metric``, built from the classes of :mod:`mtseg.metrics`), the metric Δm%
+compares with its single-task baseline (``objective``, ``higher_is_better``, ``requires``)
+and how its prediction is drawn (``output_map`` / ``target_map`` / ``draw``, with the
+primitives of :mod:`mtseg.render`). It may also transform the model's input
+(``transform_inputs``: the reconstruction task masks patches) and refine the raw head
+outputs (``refine_outputs``: the supercategory task ties the category head to the COCO
+hierarchy). The model, trainer, evaluator, predict, the demo and the Tune objective call
+these hooks on every task alike; nothing outside ``mtseg/tasks/`` branches on a task's name
+(:mod:`mtseg.fusion` combines specific heads by design).
 
 Images without annotations (``batch["labeled"] == False``, optional, default all
 labeled) contribute only to unsupervised losses: supervised tasks weight each image by
@@ -20,45 +25,18 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mtseg.data.categories import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import numpy as np
+    from PIL import Image
 
     from mtseg.config import Config
     from mtseg.data.categories import CategoryIndex
     from mtseg.data.targets import Instances, WireField
-
-
-class TaskMetric(ABC):
-    """A streaming metric: ``update`` per batch, ``reduce_from_all_processes`` once, ``compute``."""
-
-    def __init__(self) -> None:
-        self.totals: torch.Tensor | None = None
-
-    @abstractmethod
-    def update(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        """Accumulate one batch (``output`` is this task's model output)."""
-
-    @abstractmethod
-    def compute(self) -> dict[str, float]:
-        """The metric values so far (names without a prefix, e.g. ``miou``)."""
-
-    def reset(self) -> None:
-        self.totals = None
-
-    def _add(self, values: torch.Tensor) -> None:
-        # Sums live in one float64 tensor so that merging across workers is one all_reduce.
-        values = values.detach().to(torch.float64)
-        self.totals = values if self.totals is None else self.totals + values.to(self.totals.device)
-
-    def reduce_from_all_processes(self) -> None:
-        """Sum the accumulated totals over all workers (collective: call on every rank)."""
-        if self.totals is not None and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.totals)
+    from mtseg.metrics.base import SumMetric
 
 
 class Task(ABC):
@@ -67,10 +45,17 @@ class Task(ABC):
     Attributes:
         name: the task's key in configs, model outputs and losses.
         target_keys: the batch keys its loss reads.
+        objective: the validation metric (key without the ``val/`` prefix) Δm% compares
+            with the task's single-task baseline; empty: the task takes no part in Δm%.
+        higher_is_better: the direction of ``objective``.
+        requires: tasks this one refines: its single-task baseline trains them beside it.
     """
 
     name: ClassVar[str]
     target_keys: ClassVar[tuple[str, ...]]
+    objective: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ()
     # Hidden width of the head relative to the decoder's. Heads predicting a few channels
     # (edges, centers, offsets, RGB) do with half, as Panoptic-DeepLab's instance head does;
     # this keeps the multi-task step close to the single-task one.
@@ -121,9 +106,49 @@ class Task(ABC):
     def loss(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scalar loss of this task's output (at input resolution) against the batch targets."""
 
-    @abstractmethod
-    def metric(self) -> TaskMetric:
-        """A fresh metric for this task."""
+    def metric(self) -> SumMetric | None:
+        """A fresh validation accumulator (a class of :mod:`mtseg.metrics`), or None (default)."""
+        return None
+
+    def update_metric(self, metric: SumMetric, output: torch.Tensor, batch: dict[str, torch.Tensor],
+                      prediction: torch.Tensor | None = None) -> None:
+        """Add one batch to ``metric`` (from :meth:`metric`).
+
+        Args:
+            metric: this task's accumulator.
+            output: this task's model output at input resolution.
+            batch: the batch with the task's targets.
+            prediction: the fused prediction of this task when :mod:`mtseg.fusion` made one
+                (the final semantic map); None: the task decides from ``output``.
+        """
+
+    def compute_metric(self, metric: SumMetric) -> dict[str, float]:
+        """The values of ``metric``, keyed as reported without the ``val/`` prefix (e.g. ``miou``)."""
+        return {}
+
+    def output_map(self, output: torch.Tensor, size: tuple[int, int]) -> np.ndarray | None:
+        """One image's output ``(C, h, w)`` as the map its picture shows, resized to ``size`` (H, W).
+
+        None (default): the task draws no picture.
+        """
+        return None
+
+    def target_map(self, batch: dict[str, torch.Tensor], index: int) -> np.ndarray | None:
+        """Image ``index``'s target in :meth:`output_map`'s form (the demo draws it beside the prediction)."""
+        return None
+
+    def draw(self, image: np.ndarray, values: np.ndarray, categories: CategoryIndex) -> np.ndarray | Image.Image:
+        """The picture of a map from :meth:`output_map` or :meth:`target_map`.
+
+        Args:
+            image: (H, W, 3) uint8 RGB at the map's size.
+            values: the map.
+            categories: label names for legends.
+
+        Returns:
+            (H, W, 3) uint8 RGB, or a PIL image (e.g. with a legend beside).
+        """
+        raise NotImplementedError(f"task {self.name}: output_map without draw")
 
     def check_batch(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
         """Raise one clear error if a target is missing or does not match the output's size."""
@@ -135,6 +160,15 @@ class Task(ABC):
                     f"task {self.name}: batch[{key!r}] is {tuple(batch[key].shape)}, "
                     f"output is {tuple(output.shape)}: spatial sizes differ"
                 )
+
+
+def resize_map(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W): ``nearest`` for labels (as float: exact below 2**24), else bilinear."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return nn.functional.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
+    return nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
 def conv_head(in_channels: int, out_channels: int, hidden: int | None = None) -> nn.Sequential:
@@ -203,45 +237,3 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, image_weigh
     if image_weight is not None:
         valid = valid * image_weight
     return (loss * valid).sum() / valid.sum().clamp_min(1.0)
-
-
-class ConfusionMatrix(TaskMetric):
-    """Confusion matrix over ``num_classes`` (bincount), ignoring :data:`IGNORE_INDEX`.
-
-    Subclasses implement ``update`` (which output and target to compare) on top of
-    :meth:`update_labels`.
-
-    ``compute`` gives ``miou`` (mean over classes present in prediction or target) and
-    ``pixel_acc``.
-    """
-
-    def __init__(self, num_classes: int):
-        super().__init__()
-        self.num_classes = num_classes
-
-    def update_labels(self, pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """Accumulate predicted and true labels ``(B, H, W)``; ``keep`` masks pixels out."""
-        n = self.num_classes
-        valid = target != IGNORE_INDEX
-        if keep is not None:
-            valid &= keep
-        idx = target[valid].to(torch.int64) * n + pred[valid].to(torch.int64)
-        self._add(torch.bincount(idx, minlength=n * n).reshape(-1))
-
-    def matrix(self) -> torch.Tensor:
-        n = self.num_classes
-        if self.totals is None:
-            return torch.zeros(n, n, dtype=torch.float64)
-        return self.totals.reshape(n, n).cpu()
-
-    def compute(self) -> dict[str, float]:
-        m = self.matrix()
-        tp = m.diag()
-        union = m.sum(0) + m.sum(1) - tp
-        present = union > 0
-        iou = tp[present] / union[present]
-        total = m.sum()
-        return {
-            "miou": float(iou.mean()) if present.any() else 0.0,
-            "pixel_acc": float(tp.sum() / total) if total > 0 else 0.0,
-        }

@@ -3,7 +3,9 @@
 Target ``batch["boundary"]`` (B, H, W) float32, 1 on edges. Head: 1 logit.
 Loss: BCE with a positive weight balancing edge against non-edge pixels (Xie and Tu
 2015, HED), since edges cover a few percent of the pixels and plain BCE learns to
-predict none. Metric: boundary precision, recall and F1 with a 1-pixel tolerance.
+predict none. Metric: boundary F1, precision and recall (:class:`mtseg.metrics.BoundaryF1`) of
+``logit > 0`` against the target, matching within :data:`BOUNDARY_TOLERANCE` pixels (Euclidean
+distance: a disk). Picture: the boundary probability on a fixed 0..1 scale.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from mtseg.data.targets import Instances, WireField
-from mtseg.tasks.base import Task, TaskMetric, labeled_mask, valid_pixels, weighted_mean
+from mtseg.metrics.dense import BoundaryF1
+from mtseg.render import heatmap
+from mtseg.tasks.base import Task, resize_map, valid_pixels, weighted_mean
 
 # Caps the balancing weight: a crop with a handful of edge pixels would otherwise weight
 # each of them by thousands and make the loss spike.
 MAX_POS_WEIGHT = 20.0
+
+#: Pixels a predicted edge may lie from a true one (and back) and still match: edges are a
+#: few pixels wide and upsampled logits blur them by about as much.
+BOUNDARY_TOLERANCE = 2
 
 
 def boundary_map(segments: np.ndarray, width: int) -> np.ndarray:
@@ -67,37 +75,6 @@ def balanced_bce(logit: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return weighted_mean(loss, weight)
 
 
-class BoundaryMetric(TaskMetric):
-    """Boundary precision / recall / F1 at logit > 0, matching within ``tolerance`` pixels."""
-
-    def __init__(self, tolerance: int = 1):
-        super().__init__()
-        self.tolerance = tolerance
-
-    def _dilate(self, x: torch.Tensor) -> torch.Tensor:
-        k = 2 * self.tolerance + 1
-        return F.max_pool2d(x[:, None].float(), k, stride=1, padding=self.tolerance)[:, 0] > 0
-
-    def update(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        pred = output[:, 0] > 0
-        gt = batch["boundary"] > 0.5
-        keep = labeled_mask(batch, gt)
-        if keep is not None:
-            pred, gt = pred & keep, gt & keep
-        matched_pred = (pred & self._dilate(gt)).sum()
-        matched_gt = (gt & self._dilate(pred)).sum()
-        self._add(torch.stack([matched_pred, pred.sum(), matched_gt, gt.sum()]))
-
-    def compute(self) -> dict[str, float]:
-        if self.totals is None:
-            return {"f1": 0.0, "precision": 0.0, "recall": 0.0}
-        mp, np_, mg, ng = self.totals.tolist()
-        precision = mp / np_ if np_ else 0.0
-        recall = mg / ng if ng else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        return {"f1": f1, "precision": precision, "recall": recall}
-
-
 @dataclass(frozen=True)
 class BoundaryTask(Task):
     """Per-pixel edge detection (crowd pixels are not counted).
@@ -110,6 +87,8 @@ class BoundaryTask(Task):
     name: ClassVar[str] = "boundary"
     head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("boundary",)
+    objective: ClassVar[str] = "boundary_f1"
+    requires: ClassVar[tuple[str, ...]] = ("semantic",)
 
     @classmethod
     def from_config(cls, cfg, categories) -> BoundaryTask:
@@ -134,5 +113,21 @@ class BoundaryTask(Task):
         target = batch["boundary"]
         return balanced_bce(output[:, 0], target, valid_pixels(batch, target))
 
-    def metric(self) -> BoundaryMetric:
-        return BoundaryMetric()
+    def metric(self) -> BoundaryF1:
+        return BoundaryF1(BOUNDARY_TOLERANCE)
+
+    def update_metric(self, metric, output, batch, prediction=None) -> None:
+        # sigmoid(x) > 0.5 <=> x > 0, without computing the sigmoid.
+        metric.update_from_maps(output[:, 0] > 0, batch["boundary"] > 0.5)
+
+    def compute_metric(self, metric) -> dict[str, float]:
+        return metric.compute()
+
+    def output_map(self, output, size):
+        return resize_map(torch.sigmoid(output[:1]), size, "bilinear")[0].numpy()
+
+    def target_map(self, batch, index):
+        return batch["boundary"][index].cpu().numpy()
+
+    def draw(self, image, values, categories):
+        return heatmap(values, stretch=False)

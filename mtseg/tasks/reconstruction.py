@@ -11,7 +11,8 @@ for the supervised heads; evaluation (``train=False``) never masks.
 
 Target: ``batch["image"]`` (B, 3, H, W) in [0, 1]; ``batch["recon_mask"]`` (B, 1, H, W)
 written by :meth:`ReconstructionTask.transform_inputs`. Head: 3 channels through a
-sigmoid (image space [0, 1]). Metric: PSNR on the masked pixels.
+sigmoid (image space [0, 1]). Metric: PSNR (:class:`mtseg.metrics.PSNR`) of the output against
+the image; validation never masks, so over every pixel. Picture: the reconstructed image.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from mtseg.tasks.base import Task, TaskMetric, conv_head, head_hidden
+from mtseg.metrics.dense import PSNR
+from mtseg.render import to_uint8_image
+from mtseg.tasks.base import Task, conv_head, head_hidden, resize_map
 
 # The model's input normalisation mean (ImageNet); masked pixels are set to it.
 MASK_FILL = (0.485, 0.456, 0.406)
@@ -69,25 +72,6 @@ def random_patch_mask(
     return mask[:, :, :height, :width].to(device if device is not None else draw_device)
 
 
-class ReconstructionMetric(TaskMetric):
-    """PSNR (images in [0, 1]) over the masked pixels (all pixels without a mask)."""
-
-    def update(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        sq = (output.float() - batch["image"].float()) ** 2
-        mask = batch.get("recon_mask")
-        if mask is None:
-            self._add(torch.stack([sq.sum(), torch.tensor(float(sq.numel()), device=sq.device)]))
-        else:
-            mask = mask.float().expand_as(sq)
-            self._add(torch.stack([(sq * mask).sum(), mask.sum()]))
-
-    def compute(self) -> dict[str, float]:
-        if self.totals is None or self.totals[1] == 0:
-            return {"psnr": 0.0}
-        mse = float(self.totals[0] / self.totals[1])
-        return {"psnr": 10.0 * math.log10(1.0 / max(mse, 1e-10))}
-
-
 @dataclass(frozen=True)
 class ReconstructionTask(Task):
     """Masked-patch image reconstruction.
@@ -102,6 +86,7 @@ class ReconstructionTask(Task):
     name: ClassVar[str] = "reconstruction"
     head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("image",)
+    objective: ClassVar[str] = "psnr"
 
     @classmethod
     def from_config(cls, cfg, categories) -> ReconstructionTask:
@@ -136,5 +121,21 @@ class ReconstructionTask(Task):
         mask = mask.float()
         return (diff * mask).sum() / (mask.sum() * diff.shape[1]).clamp_min(1.0)
 
-    def metric(self) -> ReconstructionMetric:
-        return ReconstructionMetric()
+    def metric(self) -> PSNR:
+        return PSNR(max_val=1.0)
+
+    def update_metric(self, metric, output, batch, prediction=None) -> None:
+        metric.update(output.float().clamp(0.0, 1.0), batch["image"].float())
+
+    def compute_metric(self, metric) -> dict[str, float]:
+        return {"psnr": metric.compute()["psnr"]}
+
+    def output_map(self, output, size):
+        rec = resize_map(output.clamp(0, 1), size, "bilinear").clamp(0, 1)
+        return (rec.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+    def target_map(self, batch, index):
+        return to_uint8_image(batch["image"][index].cpu().numpy())
+
+    def draw(self, image, values, categories):
+        return values

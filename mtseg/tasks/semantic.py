@@ -1,7 +1,9 @@
 """Semantic segmentation: one of K COCO categories or background per pixel.
 
 Target ``batch["semantic"]`` (B, H, W) int64, 0 = background, 1..K, 255 = crowd (ignored).
-Head: K+1 logits. Loss: cross-entropy. Metric: mIoU and pixel accuracy.
+Head: K+1 logits. Loss: cross-entropy. Metric: mIoU and pixel accuracy of the fused semantic
+map (:func:`mtseg.fusion.fuse_semantic`), the argmax of the logits without one. Picture: the
+categories over the image.
 """
 
 from __future__ import annotations
@@ -13,16 +15,9 @@ import numpy as np
 import torch
 
 from mtseg.data.targets import Instances, WireField, label_field
-from mtseg.tasks.base import ConfusionMatrix, Task, image_weights, labeled_mask, masked_cross_entropy
-
-
-class SemanticMetric(ConfusionMatrix):
-    """mIoU and pixel accuracy of the argmax of the semantic logits."""
-
-    def update(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        target = batch["semantic"]
-        keep = labeled_mask(batch, target)
-        self.update_labels(output.argmax(1), target, None if keep is None else keep.expand_as(target))
+from mtseg.metrics.dense import ConfusionMatrix
+from mtseg.render import blend
+from mtseg.tasks.base import Task, image_weights, masked_cross_entropy, resize_map
 
 
 @dataclass(frozen=True)
@@ -36,6 +31,7 @@ class SemanticTask(Task):
     num_classes: int
     name: ClassVar[str] = "semantic"
     target_keys: ClassVar[tuple[str, ...]] = ("semantic",)
+    objective: ClassVar[str] = "miou"
 
     @classmethod
     def from_config(cls, cfg, categories) -> SemanticTask:
@@ -56,5 +52,21 @@ class SemanticTask(Task):
         target = batch["semantic"]
         return masked_cross_entropy(output, target, image_weights(batch, target))
 
-    def metric(self) -> SemanticMetric:
-        return SemanticMetric(self.num_classes)
+    def metric(self) -> ConfusionMatrix:
+        return ConfusionMatrix(self.num_classes)
+
+    def update_metric(self, metric, output, batch, prediction=None) -> None:
+        metric.update(output.argmax(1) if prediction is None else prediction, batch["semantic"])
+
+    def compute_metric(self, metric) -> dict[str, float]:
+        r = metric.compute()
+        return {"miou": r["miou"], "pixel_acc": r["pixel_acc"]}
+
+    def output_map(self, output, size):
+        return resize_map(output.argmax(0, keepdim=True), size, "nearest")[0].numpy()
+
+    def target_map(self, batch, index):
+        return batch["semantic"][index].cpu().numpy()
+
+    def draw(self, image, values, categories):
+        return blend(image, values)

@@ -1,7 +1,8 @@
 """Supercategory segmentation, tied to the category head through the COCO hierarchy.
 
 Target ``batch["supercategory"]`` (B, H, W) int64, 0 = background, 1..S, 255 = crowd.
-Head: S+1 logits. Loss: cross-entropy. Metric: mIoU.
+Head: S+1 logits. Loss: cross-entropy. Metric: mIoU (``supercategory_miou``). Picture: the
+supercategories over the image, with a legend.
 
 Hierarchical tie (``cfg.tasks.hierarchical``): the category output becomes
 ``log p(c) = log p(super(c)) + log p(c | super(c))``, with ``p(c | s)`` a softmax of the
@@ -21,7 +22,9 @@ import torch
 
 from mtseg.data.categories import IGNORE_INDEX
 from mtseg.data.targets import Instances, WireField, label_field
-from mtseg.tasks.base import ConfusionMatrix, Task, image_weights, labeled_mask, masked_cross_entropy
+from mtseg.metrics.dense import ConfusionMatrix
+from mtseg.render import beside, blend, legend
+from mtseg.tasks.base import Task, image_weights, masked_cross_entropy, resize_map
 
 
 def hierarchical_log_probs(
@@ -52,18 +55,6 @@ def hierarchical_log_probs(
     return log_super.index_select(1, class_to_super) + log_conditional
 
 
-class SupercategoryMetric(ConfusionMatrix):
-    """mIoU of the argmax of the supercategory logits."""
-
-    def update(self, output: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        target = batch["supercategory"]
-        keep = labeled_mask(batch, target)
-        self.update_labels(output.argmax(1), target, None if keep is None else keep.expand_as(target))
-
-    def compute(self) -> dict[str, float]:
-        return {"miou": super().compute()["miou"]}
-
-
 @dataclass(frozen=True)
 class SupercategoryTask(Task):
     """Per-pixel supercategory classification.
@@ -80,6 +71,8 @@ class SupercategoryTask(Task):
     name: ClassVar[str] = "supercategory"
     head_width: ClassVar[float] = 0.5
     target_keys: ClassVar[tuple[str, ...]] = ("supercategory",)
+    objective: ClassVar[str] = "supercategory_miou"
+    requires: ClassVar[tuple[str, ...]] = ("semantic",)
     _index_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -125,5 +118,22 @@ class SupercategoryTask(Task):
         target = batch["supercategory"]
         return masked_cross_entropy(output, target, image_weights(batch, target))
 
-    def metric(self) -> SupercategoryMetric:
-        return SupercategoryMetric(self.num_supercategories)
+    def metric(self) -> ConfusionMatrix:
+        return ConfusionMatrix(self.num_supercategories)
+
+    def update_metric(self, metric, output, batch, prediction=None) -> None:
+        metric.update(output.argmax(1) if prediction is None else prediction, batch["supercategory"])
+
+    def compute_metric(self, metric) -> dict[str, float]:
+        return {"supercategory_miou": metric.compute()["miou"]}
+
+    def output_map(self, output, size):
+        return resize_map(output.argmax(0, keepdim=True), size, "nearest")[0].numpy()
+
+    def target_map(self, batch, index):
+        return batch["supercategory"][index].cpu().numpy()
+
+    def draw(self, image, values, categories):
+        present = [int(s) for s in np.unique(values) if 0 < s < categories.num_supercategories]
+        names = [(0, "background")] + [(s, categories.supercategories[s - 1]) for s in present]
+        return beside(blend(image, values), legend(names, image.shape[0]))

@@ -19,7 +19,7 @@ from torch import nn
 
 from mtseg.config import Config
 from mtseg.data.categories import CategoryIndex
-from mtseg.fusion import fuse_instances, fuse_semantic, instances_to_coco
+from mtseg.fusion import fuse_instances, fuse_semantic, fused_predictions, has_instances, instances_to_coco
 from mtseg.models import build_model
 from mtseg.tasks import build_tasks, compute_losses, model_inputs
 from mtseg.train.optim import build_optimizer, build_scheduler
@@ -219,7 +219,7 @@ def predict_batch(state_or_model, batch: dict[str, torch.Tensor], tasks: dict, c
     inputs = model_inputs(batch, tasks, cfg, train=False)
     outputs = {k: v.float() for k, v in model(inputs).items()}
     semantic = fuse_semantic(outputs, categories, hierarchical=cfg.tasks.hierarchical)
-    instances = fuse_instances(outputs, semantic, categories) if "instance" in outputs else None
+    instances = fuse_instances(outputs, semantic, categories) if has_instances(outputs) else None
     return outputs, semantic, instances
 
 
@@ -249,5 +249,5 @@ def evaluate(
             for i, inst in enumerate(instances):
                 h, w = (int(x) for x in batch["orig_size"][i].tolist())
                 results.extend(instances_to_coco(inst, int(batch["image_id"][i]), categories, orig_size=(h, w)))
-        evaluator.process(batch, outputs, semantic, results)
+        evaluator.process(batch, outputs, fused_predictions(semantic), results)
 

@@ -168,6 +168,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from mtseg.compat import quiet_train_report_log
+    from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator
 
     cfg = config_from_dict(config["cfg"])
@@ -246,7 +247,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                             generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + state.step * world + rank))
         state.strategy.on_epoch_end()
         # Validation: every worker evaluates its part, the accumulators merge across workers.
-        evaluator = Evaluator(plan.categories, cfg.tasks.names, coco_gt=plan.coco_gt if "instance" in cfg.tasks.names else None)
+        evaluator = Evaluator(plan.categories, state.tasks, coco_gt=plan.coco_gt if has_instances(cfg.tasks.names) else None)
         evaluate(state.model, plan.val_batches(world, rank), state.tasks, cfg, plan.categories, evaluator, device)
         evaluator.all_reduce()
         val = evaluator.compute()

@@ -49,12 +49,11 @@ Trainable, PBT checkpoint rebase), :mod:`~mtseg.tune.results` (table, best confi
 
 from mtseg.tune.objective import (
     DELTA_M,
-    OBJECTIVES,
-    TaskObjective,
     baseline_config,
     baseline_key,
     delta_m,
     ensure_baselines,
+    task_objective,
 )
 from mtseg.tune.results import TuneOutcome, best_train_config, summarize, to_csv, to_markdown, write_results
 from mtseg.tune.search import build_tuner, check_options, run_tune
@@ -78,12 +77,10 @@ from mtseg.tune.trial import (
 
 __all__ = [
     "DELTA_M",
-    "OBJECTIVES",
     "PBT_MUTABLE",
     "TRIAL_DRIVER_CPUS",
     "Param",
     "SearchError",
-    "TaskObjective",
     "TrialSpec",
     "TuneOutcome",
     "baseline_config",
@@ -99,6 +96,7 @@ __all__ = [
     "start_from_checkpoint",
     "run_tune",
     "summarize",
+    "task_objective",
     "to_csv",
     "to_markdown",
     "trial_config",

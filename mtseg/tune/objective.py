@@ -12,33 +12,29 @@ import hashlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from mtseg import storage
 from mtseg.config import Config, ConfigError, TuneConfig
 from mtseg.tune.space import BASELINES_DIR, RUNS_DIR, SearchError, trial_config
 
-
-@dataclass(frozen=True)
-class TaskObjective:
-    """A task's validation metric and the task set of its single-task baseline run."""
-
-    metric: str
-    baseline_tasks: tuple[str, ...]
-    higher_is_better: bool = True
-
-
-# supercategory, boundary and instance refine semantic (config validation requires it), so
-# their "single-task" baselines train semantic + that task and take only that task's metric.
-OBJECTIVES: dict[str, TaskObjective] = {
-    "semantic": TaskObjective("val/miou", ("semantic",)),
-    "supercategory": TaskObjective("val/supercategory_miou", ("semantic", "supercategory")),
-    "boundary": TaskObjective("val/boundary_f1", ("semantic", "boundary")),
-    "instance": TaskObjective("val/mask_ap", ("semantic", "instance")),
-    "reconstruction": TaskObjective("val/psnr", ("reconstruction",)),
-}
 DELTA_M = "val/delta_m"
+
+
+def task_objective(task: str) -> tuple[str, bool, tuple[str, ...]]:
+    """What Δm% takes from ``task``, as its task module declares it.
+
+    Returns:
+        ``(metric key, higher_is_better, baseline task set)``; the baseline trains the task
+        with the tasks it refines (``Task.requires``: their config needs them) and takes only
+        this task's metric.
+    """
+    from mtseg.tasks import TASKS
+
+    cls = TASKS.get(task)
+    if cls is None or not cls.objective:
+        raise ConfigError(f"tasks.names: no objective for task {task!r}")
+    return f"val/{cls.objective}", cls.higher_is_better, (*cls.requires, task)
 
 
 # Fields that say where or how verbosely a run goes, not what it learns: left out of the
@@ -53,16 +49,16 @@ _NOT_RECIPE = {
 def baseline_config(cfg: Config, task: str) -> Config:
     """The single-task baseline of ``task`` for ``cfg``'s recipe (model, data, schedule).
 
-    Equal weighting over :data:`OBJECTIVES`'s task set; the search space is not applied, so
-    trials that vary the architecture are compared with the base architecture's baselines.
+    Equal weighting over the task's baseline task set (:func:`task_objective`); the search
+    space is not applied, so trials that vary the architecture are compared with the base
+    architecture's baselines.
     """
-    if task not in OBJECTIVES:
-        raise ConfigError(f"tasks.names: no objective for task {task!r}")
+    _, _, baseline_tasks = task_objective(task)
     base = cfg.to_dict()
     base["tune"] = dataclasses.asdict(TuneConfig())
     base["weighting"]["name"] = "equal"
     base["weighting"]["static"] = {}
-    return trial_config(base, {"tasks.names": list(OBJECTIVES[task].baseline_tasks)})
+    return trial_config(base, {"tasks.names": list(baseline_tasks)})
 
 
 def baseline_key(cfg: Config) -> str:
@@ -85,8 +81,9 @@ def delta_m(metrics: dict[str, Any], baselines: dict[str, dict], tasks: list[str
     """Δm% = mean over tasks of the relative gain over the single-task baseline, x 100.
 
     ``Δm = 100 / T * Σ_i (-1)^{l_i} (M_i - B_i) / B_i`` with ``l_i = 1`` when lower is better
-    (every metric here is higher-better). A task whose baseline is missing, not finite or
-    not positive (e.g. mask AP 0 on a tiny run) has no relative gain and is left out.
+    (each task declares its direction, ``Task.higher_is_better``). A task whose baseline is
+    missing, not finite or not positive (e.g. mask AP 0 on a tiny run) has no relative gain
+    and is left out.
 
     Args:
         metrics: a trial's validation metrics (``val/miou``, ...).
@@ -104,7 +101,7 @@ def delta_m(metrics: dict[str, Any], baselines: dict[str, dict], tasks: list[str
         base, value = b.get("value"), metrics.get(b["metric"])
         if not (_finite(base) and _finite(value)) or base <= 0:
             continue
-        sign = 1.0 if OBJECTIVES.get(task, TaskObjective("", ())).higher_is_better else -1.0
+        sign = 1.0 if task_objective(task)[1] else -1.0
         gains.append(sign * (value - base) / base)
     return 100.0 * sum(gains) / len(gains) if gains else math.nan
 
@@ -150,7 +147,7 @@ def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
         result = run_training(bcfg, log=log)
         if result.error:
             raise SearchError(f"baseline {task}: training failed: {result.error}")
-        metric = OBJECTIVES[task].metric
+        metric = task_objective(task)[0]
         value = (result.metrics or {}).get(metric)
         record = {"task": task, "metric": metric, "value": float(value) if _finite(value) else None, "key": key,
                   "tasks": list(bcfg.tasks.names), "run": storage.join(bcfg.train.storage_path, bcfg.train.run_name)}

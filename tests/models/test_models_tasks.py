@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mtseg.config import TASK_NAMES, load_config
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
-from mtseg.tasks import TASKS, build_metrics, build_tasks, compute_losses, model_inputs
+from mtseg.tasks import TASKS, build_tasks, compute_losses, model_inputs
 from mtseg.tasks.boundary import MAX_POS_WEIGHT, BoundaryTask
 from mtseg.tasks.instance import InstanceTask
 from mtseg.tasks.reconstruction import MASK_FILL, ReconstructionTask, random_patch_mask
@@ -139,41 +138,28 @@ def test_compute_losses_errors_name_what_is_missing():
         compute_losses(tasks, out, {"semantic": torch.zeros(1, 4, 4, dtype=torch.long), "boundary": torch.zeros(1, 8, 8)})
 
 
-def test_metrics_are_perfect_for_perfect_outputs():
-    cfg = load_config(None, [])
-    tasks = build_tasks(cfg, CATEGORIES)
-    metrics = build_metrics(tasks)
+def test_each_task_draws_its_output_and_target_at_the_image_size():
+    tasks = build_tasks(load_config(None, []), CATEGORIES)
     sem = torch.randint(0, CATEGORIES.num_classes, (2, 16, 16))
-    c2s = torch.tensor(CATEGORIES.class_to_super)
-    boundary = (torch.rand(2, 16, 16) > 0.8).float()
-    center, offset = torch.rand(2, 1, 16, 16), torch.randn(2, 2, 16, 16)
-    image = torch.rand(2, 3, 16, 16)
     batch = {
+        "image": torch.rand(2, 3, 16, 16),
         "semantic": sem,
-        "supercategory": c2s[sem],
-        "boundary": boundary,
-        "center": center,
-        "offset": offset,
-        "thing_mask": (sem > 0).float(),
-        "image": image,
+        "supercategory": torch.tensor(CATEGORIES.class_to_super)[sem],
+        "boundary": (torch.rand(2, 16, 16) > 0.8).float(),
+        "center": torch.rand(2, 1, 16, 16),
     }
-    outputs = {
-        "semantic": F.one_hot(sem, CATEGORIES.num_classes).permute(0, 3, 1, 2).float(),
-        "supercategory": F.one_hot(c2s[sem], CATEGORIES.num_supercategories).permute(0, 3, 1, 2).float(),
-        "boundary": (boundary * 20 - 10)[:, None],
-        "instance": torch.cat([center, offset], 1),
-        "reconstruction": image.clone(),
-    }
-    for name, metric in metrics.items():
-        metric.update(outputs[name], batch)
-        metric.reduce_from_all_processes()  # no-op without torch.distributed
-    assert metrics["semantic"].compute() == {"miou": 1.0, "pixel_acc": 1.0}
-    assert metrics["supercategory"].compute() == {"miou": 1.0}
-    assert metrics["boundary"].compute()["f1"] == 1.0
-    assert metrics["instance"].compute() == {"center_mse": 0.0, "offset_epe": 0.0}
-    assert metrics["reconstruction"].compute()["psnr"] == pytest.approx(100.0)  # capped at MSE 1e-10
+    outputs = {name: torch.randn(task.out_channels, 16, 16) for name, task in tasks.items()}
+    image = np.zeros((24, 40, 3), np.uint8)  # the original image: maps come back at its size
+    for name, task in tasks.items():
+        for values in (task.output_map(outputs[name], (24, 40)), task.target_map(batch, 1)):
+            assert values.shape[:2] in ((24, 40), (16, 16)), name
+            picture = np.asarray(task.draw(image if values.shape[0] == 24 else image[:16, :16], values, CATEGORIES))
+            assert picture.dtype == np.uint8 and picture.shape[2] == 3 and picture.shape[0] >= values.shape[0], name
+    # probabilities are drawn on a fixed scale: a map of zeros is black, not stretched
+    assert not np.asarray(tasks["boundary"].draw(image, np.zeros((24, 40), np.float32), CATEGORIES)).any()
 
-    outputs["reconstruction"] = image + 0.1
-    metrics["reconstruction"].reset()
-    metrics["reconstruction"].update(outputs["reconstruction"], batch)
-    assert metrics["reconstruction"].compute()["psnr"] == pytest.approx(10 * math.log10(1 / 0.01), rel=1e-4)
+
+def test_tasks_declare_their_delta_m_objective():
+    for name, cls in TASKS.items():
+        assert cls.objective, name
+        assert all(r in TASKS and r != name for r in cls.requires), name
