@@ -265,7 +265,8 @@ def _write_overlays(model_dir: str, cfg, data_uri: str, out_dir: str, count: int
     categories = loaded.categories
     model = ckpt.build_inference_model(cfg, categories, loaded.model_state)
     tasks = build_tasks(cfg, categories)
-    batch = next(iter_local_batches(data_uri, cfg.data.val_split, categories, cfg, train=False, batch_size=count))
+    batch = next(iter_local_batches(data_uri, cfg.data.val_split, categories, cfg, train=False, tasks=tasks,
+                                    batch_size=count))
     outputs, semantic, instances = predict_batch(model, batch, tasks, cfg, categories)
     fused = fused_predictions(semantic)
     paths = []
