@@ -120,10 +120,15 @@ def _autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _no_sync(model: nn.Module):
-    # Gradients are averaged once per optimiser step by sync_gradients (after the weighting
-    # strategy has combined the tasks), not by DDP's hooks during backward.
-    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+def _grad_sync(model: nn.Module, ddp_averages: bool, last_micro_batch: bool):
+    """DDP's all-reduce during backward, or not (see :mod:`mtseg.weighting.base`).
+
+    It runs only on the last micro-batch of a step, and only for strategies whose backward is
+    one pass (``ddp_averages``); otherwise :func:`sync_gradients` averages after backward.
+    """
+    if not hasattr(model, "no_sync") or (ddp_averages and last_micro_batch):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
@@ -163,6 +168,10 @@ def train_one_epoch(
         p for p in state.strategy.parameters() if p.requires_grad
     ]
     buffers = list(state.model.buffers()) + list(state.strategy.buffers())
+    # DDP averages the model's gradients during a single-pass backward; what it does not
+    # reach (the strategy's own parameters) is averaged after it.
+    ddp_averages = state.strategy.single_backward and hasattr(state.model, "no_sync")
+    to_sync = [p for p in state.strategy.parameters() if p.requires_grad] if ddp_averages else all_params
     sums: dict[str, float] = {}
     it: Iterator = iter(batches)
     for _ in range(steps):
@@ -172,11 +181,11 @@ def train_one_epoch(
         ids: list[int] = []
         images = 0
         state.optimizer.zero_grad(set_to_none=True)
-        for _ in range(accum):
+        for micro in range(accum):
             batch = to_device(next(it), state.device, cfg.model.channels_last)
             ids.extend(int(i) for i in batch["image_id"].tolist())
             images += int(batch["image"].shape[0])
-            with _no_sync(state.model):
+            with _grad_sync(state.model, ddp_averages, micro == accum - 1):
                 with _autocast(state.device, cfg.train.amp):
                     inputs = model_inputs(batch, state.tasks, cfg, train=True, generator=generator)
                     outputs = state.model(inputs)
@@ -188,7 +197,7 @@ def train_one_epoch(
             for p in all_params:
                 if p.grad is not None:
                     p.grad.div_(accum)
-        sync_gradients(all_params)
+        sync_gradients(to_sync)
         grad_norm = 0.0
         if cfg.train.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(all_params, cfg.train.grad_clip))

@@ -13,17 +13,21 @@ log-variances) and returns the per-task weight it used, for logging.
 
 Distributed data parallel (DDP) design
 --------------------------------------
-The trainer runs forward and ``strategy.backward`` inside DDP's ``model.no_sync()``, so
-that DDP's bucketed all-reduce does not fire on the first of several backward passes,
-and then calls :func:`sync_gradients` once: one coalesced all-reduce averaging every
-``.grad`` over the world.
+Strategies whose ``backward`` is one ``.backward()`` of a combined loss
+(``single_backward``: equal, static, uncertainty, DWA, FAMO) run it as DDP intends: DDP's
+bucketed all-reduce averages the model's gradients while the backward pass runs (only the
+last micro-batch of a gradient-accumulation step syncs), and :func:`sync_gradients` then
+averages the strategy's own parameters (uncertainty's log-variances). The gradient of a
+weighted sum is the weighted sum of gradients, so this is the same average.
 
-* Strategies that only scale losses (equal, static, uncertainty) need nothing more: the
-  gradient of a weighted sum is the weighted sum of gradients, and averaging it over
-  ranks is exactly what DDP would have done.
 * Strategies that derive weights from loss values (DWA, FAMO) first average the loss
   values over ranks (:func:`all_reduce_mean`), so every rank computes the same weights
   and updates the same state.
+
+Strategies that take per-task gradients run forward and ``backward`` inside DDP's
+``model.no_sync()``, so that DDP's all-reduce does not fire on their several backward
+passes, and the trainer then calls :func:`sync_gradients` once: one coalesced all-reduce
+averaging every ``.grad`` over the world.
 * Strategies that manipulate per-task gradients (PCGrad, GradNorm) compute the per-task
   gradients of the shared parameters (``torch.autograd.grad``/``backward`` with
   ``retain_graph``), flatten them into one (T, P) tensor and average it over ranks with
@@ -31,8 +35,8 @@ and then calls :func:`sync_gradients` once: one coalesced all-reduce averaging e
   gradients and writes identical shared ``.grad``. The later :func:`sync_gradients`
   leaves those unchanged (the average of identical values) and averages the heads'.
 
-Running forward under ``no_sync`` also skips DDP's buffer broadcast, so after each
-optimiser step the trainer calls :func:`sync_buffers`, which broadcasts every buffer
+Forward under ``no_sync`` also skips DDP's buffer broadcast, so after each optimiser step
+the trainer calls :func:`sync_buffers` (whichever path ran), which broadcasts every buffer
 (BatchNorm running statistics, strategy state) from rank 0: all ranks then hold the same
 parameters and buffers after every step. ``model.sync_batchnorm`` additionally makes
 BatchNorm normalise with statistics of the global batch (SyncBatchNorm).
@@ -44,6 +48,7 @@ GradNorm's weights) in parameters or buffers, so ``state_dict()`` checkpoints it
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -205,6 +210,12 @@ class WeightingStrategy(nn.Module):
     Args:
         task_names: the tasks, in the order losses are reported.
     """
+
+    #: Whether :meth:`backward` is a single ``.backward()`` of one combined loss. Then the
+    #: trainer lets DDP average the model's gradients during that pass (bucketed, overlapping
+    #: the backward); strategies that take per-task gradients (PCGrad, GradNorm) run under
+    #: ``no_sync`` and :func:`sync_gradients` averages everything after them.
+    single_backward: ClassVar[bool] = True
 
     def __init__(self, task_names: list[str]):
         super().__init__()

@@ -52,6 +52,8 @@ class GradNormWeighting(WeightingStrategy):
         lr: learning rate of the weights' Adam.
     """
 
+    single_backward = False  # per-task gradients first: averaged by sync_gradients
+
     def __init__(self, task_names: list[str], alpha: float = 1.5, lr: float = 0.025):
         super().__init__(task_names)
         t = len(task_names)

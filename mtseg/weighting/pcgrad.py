@@ -58,6 +58,8 @@ class PCGradWeighting(WeightingStrategy):
         seed: seeds the projection order (with the step count), identical on every rank.
     """
 
+    single_backward = False  # per-task gradients first: averaged by sync_gradients
+
     def __init__(self, task_names: list[str], seed: int = 0):
         super().__init__(task_names)
         self.seed = int(seed)
