@@ -1,8 +1,9 @@
 """Data-parallel replicas stay identical: every parameter AND buffer, bit for bit, after every step.
 
 Two gloo ranks run :func:`mtseg.train.loop.train_one_epoch` as a Ray Train worker does (the
-model wrapped in DDP, forward under ``no_sync``, one gradient all-reduce per step) on the
-real multi-task model with BatchNorm, each rank on its own batches. BatchNorm running
+model wrapped in DDP, whose bucketed all-reduce averages the gradients during backward for
+these single-pass strategies) on the real multi-task model with BatchNorm, each rank on its
+own batches. BatchNorm running
 statistics are computed from each rank's batch, so without the buffer broadcast they would
 differ after the first step.
 """

@@ -1,7 +1,9 @@
 """Every strategy gives the same update on two gloo ranks as in one process on the averaged losses.
 
-Each rank sees its own batch; the strategy runs as the trainer runs it (backward without
-DDP's hooks, then one ``sync_gradients``). Both ranks must end with identical parameters
+Each rank sees its own batch; the strategy runs as the trainer runs per-task-gradient
+strategies (backward without DDP's hooks, then one ``sync_gradients``; for single-pass
+strategies the trainer lets DDP average the model's gradients, the same mean:
+tests/train/test_train_loop_ddp.py). Both ranks must end with identical parameters
 and strategy state, equal to a single process fed the mean of the two ranks' losses,
 i.e. to the update of the global batch.
 """
