@@ -1,8 +1,9 @@
 """The training and evaluation loop, as library functions that run with or without Ray.
 
 ``train_fn_per_worker`` (mtseg/train/trainer.py) is a thin wrapper: it builds a
-:class:`TrainState`, feeds :func:`train_one_epoch` with the worker's slice of the Ray Data
-stream and calls :func:`evaluate`. Tests call the same functions on plain iterables.
+:class:`TrainState` and calls :func:`fit`, which runs the epochs (:func:`train_one_epoch`,
+:func:`validate`, a report with a checkpoint) over the worker's slice of the Ray Data stream.
+Tests call the same functions on plain iterables.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TrainState:
         step: optimiser steps taken since the start of the run.
         epoch_rows: images each worker has consumed in the current epoch (every worker
             consumes the same number per step, so one integer locates the whole stream).
+        last_val: the metrics of the latest validation (empty before the first).
     """
 
     cfg: Config
@@ -49,7 +51,7 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     epoch_rows: int = 0
-    best: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
 
     @property
     def module(self) -> nn.Module:
@@ -65,7 +67,8 @@ class TrainState:
             "epoch": self.epoch,
             "step": self.step,
             "epoch_rows": self.epoch_rows,
-            "best": dict(self.best),
+            # Where checkpoints have always kept it (the on-disk format is unchanged).
+            "best": {"last_val": dict(self.last_val)},
             "rng": torch.get_rng_state(),
         }
 
@@ -77,7 +80,8 @@ class TrainState:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.epoch_rows = int(state["epoch_rows"])
-        self.best = dict(state.get("best", {}))
+        last_val = state.get("best", {}).get("last_val", {})
+        self.last_val = dict(last_val) if isinstance(last_val, dict) else {}
         if "rng" in state:
             torch.set_rng_state(state["rng"])
 
@@ -260,3 +264,56 @@ def evaluate(
                 results.extend(instances_to_coco(inst, int(batch["image_id"][i]), categories, orig_size=(h, w)))
         evaluator.process(batch, outputs, fused_predictions(semantic), results)
 
+
+def validate(state: TrainState, batches: Iterable[dict[str, torch.Tensor]], evaluator) -> dict[str, float]:
+    """Evaluate this worker's validation batches, merge ``evaluator`` across workers, compute.
+
+    Returns:
+        The numeric metrics (``val/miou``, ...) as floats, the same on every worker.
+    """
+    evaluate(state.model, batches, state.tasks, state.cfg, state.categories, evaluator, state.device)
+    evaluator.all_reduce()
+    return {k: float(v) for k, v in evaluator.compute().items() if isinstance(v, (int, float))}
+
+
+def fit(
+    state: TrainState,
+    *,
+    steps_per_epoch: int,
+    train_batches: Callable[[int, int], Iterable[dict[str, torch.Tensor]]],
+    validate: Callable[[], dict[str, float]],
+    report: Callable[[dict[str, float]], None],
+    on_step: Callable[[TrainState, dict[str, float], list[int]], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Train from where ``state`` stands to the end of ``train.epochs``.
+
+    Each epoch: the rest of its optimiser steps (:func:`train_one_epoch`, resumed at
+    ``state.epoch_rows``), the weighting strategy's epoch end, validation into
+    ``state.last_val``, then ``report(last_val)`` with the epoch counted (the caller
+    checkpoints there).
+
+    Args:
+        steps_per_epoch: optimiser steps of a full epoch (every worker takes the same).
+        train_batches: ``(epoch, start_rows)`` -> this worker's batches from that position.
+        validate: runs validation and returns the merged metrics (see :func:`validate`).
+        report: called at every epoch end with the validation metrics.
+        on_step: passed to :func:`train_one_epoch`.
+        rank, world_size: seed each worker's step-dependent randomness (masking, ...).
+    """
+    cfg = state.cfg
+    rows_per_step = cfg.data.batch_size * cfg.train.grad_accum
+    while state.epoch < cfg.train.epochs:
+        done = state.epoch_rows // rows_per_step
+        if done < steps_per_epoch:
+            batches = train_batches(state.epoch, state.epoch_rows)
+            generator = torch.Generator().manual_seed(cfg.train.seed * 1000003 + state.step * world_size + rank)
+            train_one_epoch(state, batches, steps=steps_per_epoch - done, on_step=on_step, generator=generator)
+        state.strategy.on_epoch_end()
+        state.last_val = validate()
+        log("[val] epoch {}: {}".format(state.epoch + 1, "  ".join(f"{k}={v:.4f}" for k, v in sorted(state.last_val.items()))))
+        state.epoch += 1
+        state.epoch_rows = 0
+        report(dict(state.last_val))

@@ -36,7 +36,7 @@ from mtseg.data.pipeline import SampleTransform, worker_batches
 from mtseg.tasks import build_tasks
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.data import plan_epoch, steps_per_epoch
-from mtseg.train.loop import TrainState, build_state, evaluate, train_one_epoch
+from mtseg.train.loop import TrainState, build_state, fit, validate
 from mtseg.train.runstate import LEASE_FILE, OUTCOME_FILE, check_free, describe_exit, guard_run
 
 VAL_METRIC = "val/miou"
@@ -161,14 +161,88 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
     return True
 
 
+class _Reporter:
+    """What a worker tells the world: Ray Train reports (with checkpoints), TensorBoard, image ids.
+
+    Rank 0 writes the checkpoints and TensorBoard events; every rank reports (Ray Train waits
+    for all of them) and, with ``train.log_image_ids``, logs the ids it trained on.
+    """
+
+    def __init__(self, state: TrainState, cfg: Config, plan: DataPlan, *, rank: int, per_epoch: int, total_steps: int,
+                 local_dir: str, restored: bool):
+        self.state, self.cfg, self.rank = state, cfg, rank
+        self.per_epoch, self.total_steps = per_epoch, total_steps
+        self.config_yaml = to_yaml(cfg)
+        self.categories = plan.categories.to_categories()  # the label space travels with every checkpoint
+        self.writer = None
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run replaces what was logged after its checkpoint (step S), and keeps S itself.
+            self.writer = SummaryWriter(os.path.join(local_dir, "tensorboard"), purge_step=state.step + 1 if restored else None)
+        self.id_log = None
+        if cfg.train.log_image_ids:
+            os.makedirs(os.path.join(local_dir, "image_ids"), exist_ok=True)
+            # A run that starts from step 0 starts its audit log afresh; a resumed one appends.
+            self.id_log = open(os.path.join(local_dir, "image_ids", f"rank{rank}.jsonl"), "a" if restored else "w")
+
+    def report(self, metrics: dict[str, float], with_checkpoint: bool = True) -> None:
+        """``ray.train.report`` the metrics with the counters (and, from rank 0, a checkpoint)."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        state = self.state
+        metrics = {**metrics, "train/epoch": state.epoch, "train/step": state.step, "train/total_steps": self.total_steps,
+                   "train/epoch_rows": state.epoch_rows}
+        metrics.setdefault(VAL_METRIC, state.last_val.get(VAL_METRIC, 0.0))
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            if self.rank == 0:
+                ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics, "categories": self.categories},
+                          self.config_yaml)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics)
+
+    def scalars(self, metrics: dict[str, float], step: int, *, flush: bool = False) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            if flush:
+                self.writer.flush()
+
+    def on_step(self, st: TrainState, metrics: dict[str, float], ids: list[int]) -> None:
+        """After each optimiser step: the id log; every ``log_every_steps`` a report; a mid-epoch checkpoint."""
+        cfg = self.cfg
+        if self.id_log is not None:
+            self.id_log.write(json.dumps({"epoch": st.epoch, "step": st.step, "ids": ids}) + "\n")
+            self.id_log.flush()
+        every = cfg.train.checkpoint_every_steps
+        rows_per_step = cfg.data.batch_size * cfg.train.grad_accum
+        at_checkpoint = bool(every) and st.step % every == 0 and st.epoch_rows < self.per_epoch * rows_per_step
+        if st.step % cfg.train.log_every_steps == 0 or at_checkpoint:
+            metrics = _all_reduce_mean(metrics, st.device)
+            # At a checkpoint what came before must be on disk: a run resumed from it purges
+            # the events after it, and a killed driver would leave a gap (the writer otherwise
+            # flushes every 120 s).
+            self.scalars(metrics, st.step, flush=at_checkpoint)
+            self.report(metrics, with_checkpoint=at_checkpoint)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.id_log is not None:
+            self.id_log.close()
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: thin wiring of the library functions."""
+    """Ray Train worker entry point: build the state, resume it, :func:`~mtseg.train.loop.fit`."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
     from mtseg.compat import quiet_train_report_log
-    from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator
 
     cfg = config_from_dict(config["cfg"])
@@ -186,84 +260,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     total_steps = per_epoch * cfg.train.epochs
     state = build_state(cfg, plan.categories, total_steps, device, wrap_model=ray.train.torch.prepare_model)
     restored = _restore(state, run_uri(cfg), log, config.get("init_checkpoint", ""))
-    rows_per_step = cfg.data.batch_size * cfg.train.grad_accum
     # Chosen on the driver: a worker's working directory is Ray's, not the user's.
-    local_dir = config.get("local_dir") or local_run_dir(cfg)
+    reporter = _Reporter(state, cfg, plan, rank=rank, per_epoch=per_epoch, total_steps=total_steps,
+                         local_dir=config.get("local_dir") or local_run_dir(cfg), restored=restored)
 
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
+    def validate_epoch() -> dict[str, float]:
+        # Every worker evaluates its part; the accumulators merge across workers.
+        evaluator = Evaluator(plan.categories, cfg.tasks.names, coco_gt=plan.coco_gt if "instance" in cfg.tasks.names else None)
+        val = validate(state, plan.val_batches(world, rank), evaluator)
+        reporter.scalars(val, state.step, flush=True)
+        return val
 
-        # A resumed run replaces what was logged after its checkpoint (step S), and keeps S itself.
-        writer = SummaryWriter(os.path.join(local_dir, "tensorboard"), purge_step=state.step + 1 if restored else None)
-    id_log = None
-    if cfg.train.log_image_ids:
-        os.makedirs(os.path.join(local_dir, "image_ids"), exist_ok=True)
-        # A run that starts from step 0 starts its audit log afresh; a resumed one appends.
-        id_log = open(os.path.join(local_dir, "image_ids", f"rank{rank}.jsonl"), "a" if restored else "w")
-
-    last_val: dict[str, float] = dict(state.best.get("last_val", {})) if isinstance(state.best.get("last_val"), dict) else {}
-    config_yaml = to_yaml(cfg)
-    categories = plan.categories.to_categories()  # the label space travels with every checkpoint
-
-    def report(metrics: dict[str, float], with_checkpoint: bool) -> None:
-        metrics = {**metrics, "train/epoch": state.epoch, "train/step": state.step, "train/total_steps": total_steps,
-                   "train/epoch_rows": state.epoch_rows}
-        metrics.setdefault(VAL_METRIC, last_val.get(VAL_METRIC, 0.0))
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            if rank == 0:
-                state.best["last_val"] = dict(last_val)
-                ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics, "categories": categories}, config_yaml)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
-
-    def on_step(st: TrainState, metrics: dict[str, float], ids: list[int]) -> None:
-        if id_log is not None:
-            id_log.write(json.dumps({"epoch": st.epoch, "step": st.step, "ids": ids}) + "\n")
-            id_log.flush()
-        every = cfg.train.checkpoint_every_steps
-        at_checkpoint = bool(every) and st.step % every == 0 and st.epoch_rows < per_epoch * rows_per_step
-        if st.step % cfg.train.log_every_steps == 0 or at_checkpoint:
-            metrics = _all_reduce_mean(metrics, device)
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, st.step)
-                if at_checkpoint:
-                    # A run resumed from this checkpoint purges the events after it; what came
-                    # before must be on disk, or a killed driver leaves a gap (the writer
-                    # otherwise flushes every 120 s).
-                    writer.flush()
-            report(metrics, with_checkpoint=at_checkpoint)
-
-    while state.epoch < cfg.train.epochs:
-        done = state.epoch_rows // rows_per_step
-        if done < per_epoch:
-            batches = plan.train_batches(state.epoch, state.epoch_rows, world, rank)
-            train_one_epoch(state, batches, steps=per_epoch - done, on_step=on_step,
-                            generator=torch.Generator().manual_seed(cfg.train.seed * 1000003 + state.step * world + rank))
-        state.strategy.on_epoch_end()
-        # Validation: every worker evaluates its part, the accumulators merge across workers.
-        evaluator = Evaluator(plan.categories, state.tasks, coco_gt=plan.coco_gt if has_instances(cfg.tasks.names) else None)
-        evaluate(state.model, plan.val_batches(world, rank), state.tasks, cfg, plan.categories, evaluator, device)
-        evaluator.all_reduce()
-        val = evaluator.compute()
-        last_val = {k: float(v) for k, v in val.items() if isinstance(v, (int, float))}
-        if writer is not None:
-            for k, v in last_val.items():
-                writer.add_scalar(k, v, state.step)
-            writer.flush()
-        log("[val] epoch {}: {}".format(state.epoch + 1, "  ".join(f"{k}={v:.4f}" for k, v in sorted(last_val.items()))))
-        state.epoch += 1
-        state.epoch_rows = 0
-        report(dict(last_val), with_checkpoint=True)
-    if writer is not None:
-        writer.close()
-    if id_log is not None:
-        id_log.close()
+    fit(state, steps_per_epoch=per_epoch, train_batches=lambda epoch, start: plan.train_batches(epoch, start, world, rank),
+        validate=validate_epoch, report=reporter.report, on_step=reporter.on_step, rank=rank, world_size=world, log=log)
+    reporter.close()
 
 
 # ---------------------------------------------------------------------------- driver side
