@@ -223,9 +223,17 @@ class SampleTransform:
         return {k: np.asarray(values[k]).astype(f.wire, copy=False) for k, f in self.fields.items()}
 
     def iter_samples(self, batch: pa.Table | pa.RecordBatch) -> Iterator[dict[str, np.ndarray]]:
-        """:meth:`sample` for every row of a batch of shard rows, one image at a time."""
-        for row in shard_rows(batch):
-            yield self.sample(row["image"], row["annotations"], row["image_id"], row["height"], row["width"])
+        """:meth:`sample` for every row of a batch of shard rows, one image at a time.
+
+        Raises:
+            ValueError: the batch lacks a column of :data:`READ_COLUMNS`, or a row is bad.
+        """
+        missing = [c for c in READ_COLUMNS if c not in batch.schema.names]
+        if missing:
+            raise ValueError(f"shard rows: missing columns {missing}; is this an mtseg shard?")
+        cols = [batch.column(c).to_pylist() for c in ("image", "annotations", "image_id", "height", "width")]
+        for image, anns, image_id, height, width in zip(*cols):
+            yield self.sample(image, anns, image_id, height, width)
 
     def __call__(self, batch: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
         """Transform a batch of shard rows into one stacked batch in the wire layout (numpy)."""
@@ -240,19 +248,6 @@ class SampleTransform:
     def to_torch(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """:func:`to_torch` with this transform's fields."""
         return to_torch(batch, self.fields)
-
-
-def shard_rows(batch: pa.Table | pa.RecordBatch) -> list[dict[str, Any]]:
-    """The :data:`READ_COLUMNS` of a batch of shard rows as one dict per row.
-
-    Raises:
-        ValueError: the batch lacks a column of :data:`READ_COLUMNS`.
-    """
-    missing = [c for c in READ_COLUMNS if c not in batch.schema.names]
-    if missing:
-        raise ValueError(f"shard rows: missing columns {missing}; is this an mtseg shard?")
-    cols = {c: batch.column(c).to_pylist() for c in READ_COLUMNS}
-    return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
 def ground_truth(row: Mapping[str, Any]) -> dict:
@@ -289,10 +284,10 @@ class ChunkedTransform:
 
     def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, batch.num_rows, self.chunk_rows):
-            rows = shard_rows(batch.slice(start, self.chunk_rows))
-            t = self.transform
-            out = t.stack([t.sample(r["image"], r["annotations"], r["image_id"], r["height"], r["width"]) for r in rows])
+            chunk = batch.slice(start, self.chunk_rows)
+            out = self.transform(chunk)
             if self.with_gt:
+                rows = chunk.select(["image_id", "height", "width", "annotations"]).to_pylist()
                 out["gt"] = np.array([json.dumps(ground_truth(r)) for r in rows], dtype=object)
             yield out
 
@@ -499,7 +494,6 @@ __all__ = [
     "ground_truth",
     "iter_local_batches",
     "read_split",
-    "shard_rows",
     "stream_fields",
     "to_torch",
     "worker_batches",

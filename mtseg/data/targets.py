@@ -146,11 +146,6 @@ class Instances:
             raise ValueError(f"labels: class indices must lie in 1..{categories.num_classes - 1}, got {labels.tolist()}")
         self.masks, self.labels, self.iscrowd, self.categories = masks, labels, iscrowd, categories
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(H, W)."""
-        return self.masks.shape[1], self.masks.shape[2]
-
     @functools.cached_property
     def segments(self) -> np.ndarray:
         """(H, W) int64: the annotation (1-based) that owns each pixel, 0 for background (see :func:`segment_map`)."""
