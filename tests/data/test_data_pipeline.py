@@ -211,11 +211,11 @@ def test_label_maps_widen_for_large_label_spaces():
 
 
 @dataclass(frozen=True)
-class ForegroundTask(Task):
-    """A task defined outside mtseg: 1 on every annotated pixel."""
+class ProbeTask(Task):
+    """A task defined outside mtseg: 1 on every annotated pixel (a foreground mask)."""
 
-    name: ClassVar[str] = "foreground"
-    target_keys: ClassVar[tuple[str, ...]] = ("foreground",)
+    name: ClassVar[str] = "probe"
+    target_keys: ClassVar[tuple[str, ...]] = ("probe",)
 
     @classmethod
     def from_config(cls, cfg, categories):
@@ -226,13 +226,13 @@ class ForegroundTask(Task):
         return 1
 
     def target_fields(self, image_size):
-        return {"foreground": WireField((image_size, image_size), np.dtype(np.uint8), torch.float32)}
+        return {"probe": WireField((image_size, image_size), np.dtype(np.uint8), torch.float32)}
 
     def build_targets(self, instances):
-        return {"foreground": instances.segments > 0}
+        return {"probe": instances.segments > 0}
 
     def loss(self, output, batch):
-        return torch.nn.functional.binary_cross_entropy_with_logits(output[:, 0], batch["foreground"])
+        return torch.nn.functional.binary_cross_entropy_with_logits(output[:, 0], batch["probe"])
 
     def metric(self):
         return None
@@ -240,23 +240,23 @@ class ForegroundTask(Task):
 
 def test_a_task_defined_outside_mtseg_builds_its_target_in_the_stream(shards, cfg, tasks):
     cats = categories_of(read_manifest(shards, SPLIT))
-    with_fg = {**tasks, "foreground": ForegroundTask()}
-    fn = pickle.loads(pickle.dumps(SampleTransform.from_config(cats, cfg, with_fg, train=True, seed=2)))
-    assert fn.fields["foreground"].dtype == torch.float32
-    batches = _collect(iter_local_batches(shards, SPLIT, cats, cfg, train=True, tasks=with_fg, seed=2))
-    assert batches["foreground"].dtype == torch.float32
+    with_probe = {**tasks, "probe": ProbeTask()}
+    fn = pickle.loads(pickle.dumps(SampleTransform.from_config(cats, cfg, with_probe, train=True, seed=2)))
+    assert fn.fields["probe"].dtype == torch.float32
+    batches = _collect(iter_local_batches(shards, SPLIT, cats, cfg, train=True, tasks=with_probe, seed=2))
+    assert batches["probe"].dtype == torch.float32
     # Annotated pixels: a class or crowd (ignore) in the semantic target.
-    assert torch.equal(batches["foreground"], (batches["semantic"] > 0).float())
-    assert batches["foreground"].any()
+    assert torch.equal(batches["probe"], (batches["semantic"] > 0).float())
+    assert batches["probe"].any()
     # Its key sits beside the others; the rest of the batch is what it is without it.
     plain = _collect(iter_local_batches(shards, SPLIT, cats, cfg, train=True, tasks=tasks, seed=2))
-    assert set(batches) == set(plain) | {"foreground"}
+    assert set(batches) == set(plain) | {"probe"}
     assert all(torch.equal(batches[k], plain[k]) for k in plain)
 
 
 def test_two_tasks_cannot_claim_one_batch_key(shards, cfg, tasks):
     @dataclass(frozen=True)
-    class Clash(ForegroundTask):
+    class Clash(ProbeTask):
         name: ClassVar[str] = "clash"
 
         def target_fields(self, image_size):
@@ -268,20 +268,26 @@ def test_two_tasks_cannot_claim_one_batch_key(shards, cfg, tasks):
 
 
 def test_register_adds_a_task_with_one_call():
+    import mtseg.config
+
+    tasks, names = dict(TASKS), list(getattr(mtseg.config, "KNOWN_TASK_NAMES", ()))
     try:
-        assert register(ForegroundTask) is ForegroundTask and TASKS["foreground"] is ForegroundTask
-        register(ForegroundTask)  # again: the same class, no error
+        assert register(ProbeTask) is ProbeTask and TASKS["probe"] is ProbeTask
+        register(ProbeTask)  # again: the same class, no error
 
         @dataclass(frozen=True)
-        class Other(ForegroundTask):
+        class Other(ProbeTask):
             pass
 
-        with pytest.raises(ValueError, match="task 'foreground' is already"):
+        with pytest.raises(ValueError, match="task 'probe' is already"):
             register(Other)
         with pytest.raises(TypeError, match="not a subclass"):
             register(dict)
-    finally:
-        TASKS.pop("foreground", None)
+    finally:  # the registry as it was, for the tests that follow
+        TASKS.clear()
+        TASKS.update(tasks)
+        if names:
+            mtseg.config.KNOWN_TASK_NAMES[:] = names
 
 
 def _jpeg(h, w):
