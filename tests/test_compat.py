@@ -55,3 +55,27 @@ def test_idle_backoff_is_installed_once_and_hooks_into_the_executor_step():
     # IdleBackoff reads the executor's operators from _topology and asks each for its tasks.
     assert "_topology" in vars(StreamingExecutor(ctx))
     assert callable(PhysicalOperator.num_active_tasks)
+
+
+def test_idle_backoff_sleeps_longer_while_idle_and_resets_when_a_task_runs(monkeypatch):
+    slept = []
+    monkeypatch.setattr(compat.time, "sleep", slept.append)
+
+    class Op:
+        active = 0
+
+        def num_active_tasks(self):
+            return self.active
+
+    class Executor:
+        _topology = {Op(): None}
+
+    executor, backoff = Executor(), compat.IdleBackoff()
+    for _ in range(8):
+        backoff.on_execution_step(executor)
+    assert slept == [0.001, 0.002, 0.004, 0.008, 0.016, 0.02, 0.02, 0.02]
+    next(iter(executor._topology)).active = 1
+    backoff.on_execution_step(executor)  # busy: no sleep, back to the shortest
+    next(iter(executor._topology)).active = 0
+    backoff.on_execution_step(executor)
+    assert slept[-1] == 0.001 and len(slept) == 9
