@@ -243,6 +243,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from mtseg.compat import quiet_train_report_log
+    from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator
 
     cfg = config_from_dict(config["cfg"])
@@ -266,7 +267,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def validate_epoch() -> dict[str, float]:
         # Every worker evaluates its part; the accumulators merge across workers.
-        evaluator = Evaluator(plan.categories, cfg.tasks.names, coco_gt=plan.coco_gt if "instance" in cfg.tasks.names else None)
+        evaluator = Evaluator(plan.categories, state.tasks, coco_gt=plan.coco_gt if has_instances(cfg.tasks.names) else None)
         val = validate(state, plan.val_batches(world, rank), evaluator)
         reporter.scalars(val, state.step, flush=True)
         return val
