@@ -10,9 +10,10 @@ function (:meth:`mtseg.data.pipeline.SampleTransform.sample`: JPEG decode, RLE d
 random-resized-crop + flip, task targets) and end with the same training batches:
 
 * ``ray_data``: ``mtseg data shard`` output in a SeaweedFS S3 bucket (started here on
-  127.0.0.1), streamed on a local Ray with 2 CPUs the way a training worker streams its
-  epoch (:func:`mtseg.train.data.plan_epoch` + :func:`mtseg.data.pipeline.worker_batches`,
-  one worker, the config's read task size and CPUs);
+  127.0.0.1), streamed on a local Ray with 2 CPUs as ``mtseg evaluate`` streams a split
+  (:func:`~mtseg.data.pipeline.read_split` + :class:`~mtseg.data.pipeline.ChunkedTransform`,
+  the transform fused with the read into one task per shard), consumed as batches of the
+  contract;
 * ``dataloader``: ``torch.utils.data.DataLoader`` with 2 worker processes reading the COCO
   JPEG files and instances JSON from local disk (pycocotools turns each annotation into RLE
   per item, as a plain COCO dataset class does).
@@ -44,12 +45,11 @@ from torch.utils.data import DataLoader, Dataset
 from mtseg import storage
 from mtseg.cluster import SeaweedFS, init_local_ray
 from mtseg.config import load_config
-from mtseg.data.manifest import read_manifest, shard_uris
-from mtseg.data.pipeline import SampleTransform, categories_of, worker_batches
+from mtseg.data.manifest import read_manifest
+from mtseg.data.pipeline import ChunkedTransform, SampleTransform, categories_of, read_split
 from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
 from mtseg.tasks import build_tasks
-from mtseg.train.data import plan_epoch
 
 SPLIT = "train2017"
 
@@ -130,14 +130,13 @@ def run_both(uri: str, coco_root: str, cfg, passes: int, env: dict) -> tuple[dic
         manifest = read_manifest(uri, SPLIT)
         cats = categories_of(manifest)
         fn = SampleTransform.from_config(cats, cfg, build_tasks(cfg, cats), train=True)
-        shards = list(zip(shard_uris(uri, SPLIT, manifest), (int(s["rows"]) for s in manifest["shards"])))
         dataset = CocoFiles(coco_root, SPLIT, fn)
         ray_runs, dl_runs = [], []
         for _ in range(passes + 1):  # the first pass of each is the warm-up
-            segments = plan_epoch(shards, seed=cfg.train.seed, epoch=0, world_size=1, rank=0)
-            ray_runs.append(_one_pass(worker_batches(segments, fn, batch_size=cfg.data.batch_size, drop_last=False,
-                                                     rows_per_task=cfg.data.rows_per_read_task,
-                                                     num_cpus=cfg.data.map_num_cpus)))
+            stream = read_split(uri, SPLIT)[0].map_batches(ChunkedTransform(fn), batch_format="pyarrow", batch_size=None,
+                                                           zero_copy_batch=True)
+            batches = stream.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy")
+            ray_runs.append(_one_pass(fn.to_torch(b) for b in batches))
             loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=2, collate_fn=_Collate(fn))
             dl_runs.append(_one_pass(loader))
         return _summary(ray_runs), _summary(dl_runs)
