@@ -25,6 +25,8 @@ from mtseg import storage
 from mtseg.errors import MtsegError
 
 TASK_NAMES = ("semantic", "supercategory", "boundary", "instance", "reconstruction")
+#: Every task a config may name: the built-in ones, then those ``mtseg.tasks.register`` adds.
+KNOWN_TASK_NAMES: list[str] = list(TASK_NAMES)
 WEIGHTING_NAMES = ("equal", "static", "uncertainty", "dwa", "gradnorm", "pcgrad", "famo")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
@@ -96,7 +98,7 @@ class ModelConfig:
 
 @dataclass
 class TasksConfig:
-    names: list[str] = _f(default_factory=lambda: list(TASK_NAMES), choices=TASK_NAMES)
+    names: list[str] = _f(default_factory=lambda: list(TASK_NAMES), choices=KNOWN_TASK_NAMES)
     hierarchical: bool = _f(True, help="tie category and supercategory heads through the COCO hierarchy")
     boundary_width: int = _f(2, min=1, help="boundary target thickness, pixels")
     center_sigma: float = _f(2.0, min=0.1, help="instance center heatmap Gaussian sigma, pixels")
@@ -385,8 +387,8 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.tasks.names)) != len(cfg.tasks.names):
         raise ConfigError(f"tasks.names: duplicate task in {cfg.tasks.names}")
     for task in cfg.weighting.static:
-        if task not in TASK_NAMES:
-            raise ConfigError(f"weighting.static.{task}: unknown task; tasks are {', '.join(TASK_NAMES)}")
+        if task not in KNOWN_TASK_NAMES:
+            raise ConfigError(f"weighting.static.{task}: unknown task; tasks are {', '.join(KNOWN_TASK_NAMES)}")
     if cfg.weighting.name in ("gradnorm", "pcgrad", "famo", "dwa") and len(cfg.tasks.names) < 2:
         raise ConfigError(f"weighting.name: {cfg.weighting.name} needs at least two tasks")
     if cfg.tasks.patch_size > cfg.data.image_size:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -117,12 +118,14 @@ def test_one_register_call_makes_a_task_known():
 @pytest.mark.slow
 def test_a_registered_task_trains_validates_and_is_drawn(ray_local, tiny_dataset, s3_bucket, tmp_path, _in_tmp):
     from mtseg.cli import main
-    from mtseg.train.trainer import run_training, run_uri
+    from mtseg.report import read_scalars
+    from mtseg.train.trainer import local_run_dir, run_training, run_uri
 
     cfg = _cfg(tiny_dataset, s3_bucket, train={"run_name": "six"})
     result = run_training(cfg)
     assert result.error is None
-    assert math.isfinite(result.metrics["train/loss/foreground"])
+    losses = read_scalars(os.path.join(local_run_dir(cfg), "tensorboard"))["train/loss/foreground"]
+    assert losses and all(math.isfinite(v) for _, v in losses)  # it trained
     assert 0.0 <= result.metrics["val/foreground_iou"] <= 1.0  # validation reports its metric
     assert "val/miou" in result.metrics and "val/mask_ap" in result.metrics  # beside the other five
 

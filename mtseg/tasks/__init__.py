@@ -2,7 +2,8 @@
 
 Adding a task is one new module implementing :class:`~mtseg.tasks.base.Task` and one
 line in :data:`TASKS`; a task defined outside mtseg is added with one call,
-``mtseg.tasks.register(MyTask)`` (or ``@register`` on the class)::
+``mtseg.tasks.register(MyTask)`` (or ``@register`` on the class). Configs may then name it, and
+the Ray Train workers and Tune trials register it too (:func:`task_classes` travels with them)::
 
     tasks = build_tasks(cfg, categories)              # {name: Task}, in cfg.tasks.names order
     images = model_inputs(batch, tasks, cfg, train=True)
@@ -12,10 +13,12 @@ line in :data:`TASKS`; a task defined outside mtseg is added with one call,
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import torch
 
+from mtseg.config import KNOWN_TASK_NAMES
 from mtseg.tasks.base import Task
 from mtseg.tasks.boundary import BoundaryTask
 from mtseg.tasks.instance import InstanceTask
@@ -61,7 +64,22 @@ def register(cls: type[Task]) -> type[Task]:
     if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"register: task {name!r} is already {known.__module__}.{known.__qualname__}")
     TASKS[name] = cls
+    if name not in KNOWN_TASK_NAMES:
+        KNOWN_TASK_NAMES.append(name)
+    module = sys.modules.get(cls.__module__)
+    if module is not None and not module.__name__.startswith("mtseg."):
+        # Ray workers unpickle the class, and its module (a script, a test file) may not be
+        # importable there: ship its code instead of a reference (a class unpickled that way
+        # has no module here, and ships by value again).
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(module)
     return cls
+
+
+def task_classes() -> tuple[type[Task], ...]:
+    """Every registered task class, to ship to Ray workers and :func:`register` there."""
+    return tuple(TASKS.values())
 
 
 def build_tasks(cfg: Config, categories: CategoryIndex) -> dict[str, Task]:
@@ -143,4 +161,5 @@ __all__ = [
     "compute_losses",
     "model_inputs",
     "register",
+    "task_classes",
 ]

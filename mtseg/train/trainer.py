@@ -33,7 +33,7 @@ from mtseg.config import Config, ConfigError, config_from_dict, to_yaml
 from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
 from mtseg.data.pipeline import SampleTransform, worker_batches
-from mtseg.tasks import build_tasks
+from mtseg.tasks import build_tasks, task_classes
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.data import plan_epoch, steps_per_epoch
 from mtseg.train.loop import TrainState, build_state, fit, validate
@@ -245,7 +245,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from mtseg.compat import quiet_train_report_log
     from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator
+    from mtseg.tasks import register
 
+    for task in config.get("tasks", ()):  # tasks registered in the driver, e.g. in a user's script
+        register(task)
     cfg = config_from_dict(config["cfg"])
     quiet_train_report_log(cfg.train.ray_log_level)
     ctx = ray.train.get_context()
@@ -349,7 +352,8 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
         resources["GPU"] = 1
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "local_dir": local_run_dir(cfg), "init_checkpoint": init_checkpoint},
+        train_loop_config={"cfg": cfg.to_dict(), "local_dir": local_run_dir(cfg), "init_checkpoint": init_checkpoint,
+                           "tasks": task_classes()},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.run_name,

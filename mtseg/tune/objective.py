@@ -87,7 +87,8 @@ def delta_m(metrics: dict[str, Any], baselines: dict[str, dict], tasks: list[str
 
     Args:
         metrics: a trial's validation metrics (``val/miou``, ...).
-        baselines: ``{task: {"metric": key, "value": float|None, ...}}`` from :func:`ensure_baselines`.
+        baselines: ``{task: {"metric": key, "value": float|None, "higher_is_better": bool, ...}}``
+            from :func:`ensure_baselines` (without ``higher_is_better``, the registered task's).
         tasks: the trial's tasks.
 
     Returns:
@@ -101,7 +102,8 @@ def delta_m(metrics: dict[str, Any], baselines: dict[str, dict], tasks: list[str
         base, value = b.get("value"), metrics.get(b["metric"])
         if not (_finite(base) and _finite(value)) or base <= 0:
             continue
-        sign = 1.0 if task_objective(task)[1] else -1.0
+        higher = b["higher_is_better"] if "higher_is_better" in b else task_objective(task)[1]
+        sign = 1.0 if higher else -1.0
         gains.append(sign * (value - base) / base)
     return 100.0 * sum(gains) / len(gains) if gains else math.nan
 
@@ -119,8 +121,9 @@ def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
     ``tune.max_concurrent_trials`` at once. Needs a connected Ray.
 
     Returns:
-        ``{task: {"task", "metric", "value", "key", "tasks", "run"}}``; ``value`` is None
-        where the metric was undefined (NaN).
+        ``{task: {"task", "metric", "value", "key", "tasks", "run", "higher_is_better"}}``;
+        ``value`` is None where the metric was undefined (NaN). The direction is the task's
+        own, so that Δm% needs no task registry where it is computed (a Train controller).
     """
     root = baselines_uri(cfg)
     out: dict[str, dict] = {}
@@ -135,7 +138,7 @@ def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
         else:
             missing[task] = (bcfg, key)
     if not missing:
-        return out
+        return _with_directions(out)
 
     from mtseg.train.trainer import run_training
 
@@ -158,4 +161,10 @@ def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
     with ThreadPoolExecutor(max_workers=max(1, cfg.tune.max_concurrent_trials)) as pool:
         for task, record in zip(missing, pool.map(train, list(missing))):
             out[task] = record
-    return out
+    return _with_directions(out)
+
+
+def _with_directions(baselines: dict[str, dict]) -> dict[str, dict]:
+    for task, record in baselines.items():
+        record["higher_is_better"] = task_objective(task)[1]
+    return baselines

@@ -9,6 +9,7 @@ import yaml
 
 from mtseg import storage
 from mtseg.config import Config, ConfigError, config_from_dict, to_yaml
+from mtseg.tasks import task_classes
 from mtseg.tune.objective import DELTA_M, ensure_baselines
 from mtseg.tune.results import TuneOutcome, summarize, write_results
 from mtseg.tune.space import (
@@ -185,7 +186,8 @@ def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_
     baselines = ensure_baselines(cfg, log=log) if delta_m else {}
     run_cfg = _absolute(cfg)
     spec = TrialSpec(base=run_cfg.to_dict(), runs_uri=storage.join(experiment_uri(run_cfg), RUNS_DIR),
-                     init_uri=storage.join(experiment_uri(run_cfg), PBT_INIT_DIR), baselines=baselines)
+                     init_uri=storage.join(experiment_uri(run_cfg), PBT_INIT_DIR), baselines=baselines,
+                     tasks=task_classes())
     if resume:
         log(f"[tune] resuming {exp}")
         tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True, resume_errored=True,

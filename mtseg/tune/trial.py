@@ -88,12 +88,23 @@ class TrialSpec:
         runs_uri: where the trials' Train runs live.
         init_uri: where rebased PBT start checkpoints are written.
         baselines: single-task baselines for Δm% (empty: no Δm).
+        tasks: the registered task classes (:func:`mtseg.tasks.task_classes`), registered again
+            in each trial's process.
     """
 
     base: dict
     runs_uri: str
     init_uri: str
     baselines: dict = field(default_factory=dict)
+    tasks: tuple = ()
+
+    def config(self, values: dict) -> Config:
+        """The trial's config: the base with the trial's sampled ``values``."""
+        from mtseg.tasks import register
+
+        for task in self.tasks:
+            register(task)
+        return trial_config(self.base, values)
 
 
 def _is_epoch_end(metrics: dict) -> bool:
@@ -190,7 +201,7 @@ def trial_class():
 
         def setup(self, config: dict, spec: TrialSpec):
             self.spec = spec
-            self.cfg = trial_config(spec.base, config)
+            self.cfg = spec.config(config)
             self.run_name, self.init = self.trial_id, ""
             self.queue = None
             self.thread: threading.Thread | None = None

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from mtseg import storage
-from mtseg.tasks import TASKS
+from mtseg.config import TASK_NAMES
 from mtseg.tune import baseline_config, baseline_key, delta_m, ensure_baselines, task_objective
 
 
@@ -35,17 +35,17 @@ def test_delta_m_leaves_out_tasks_without_a_usable_baseline():
 
 
 def test_baselines_train_each_task_on_its_own_recipe(make_cfg):
-    cfg = make_cfg({"weighting.name": "grid[equal, uncertainty]"}, tasks={"names": list(TASKS)},
+    cfg = make_cfg({"weighting.name": "grid[equal, uncertainty]"}, tasks={"names": list(TASK_NAMES)},
                    weighting={"name": "static", "static": {"semantic": 3.0}})
     # supercategory, boundary and instance refine semantic: their baselines train it beside them.
     expected = {"semantic": ("semantic",), "supercategory": ("semantic", "supercategory"),
                 "boundary": ("semantic", "boundary"), "instance": ("semantic", "instance"),
                 "reconstruction": ("reconstruction",)}
-    for task in TASKS:
+    for task in TASK_NAMES:
         b = baseline_config(cfg, task)
         assert tuple(b.tasks.names) == expected[task] == task_objective(task)[2]
         assert b.weighting.name == "equal" and b.weighting.static == {}
-    assert {t: task_objective(t)[:2] for t in TASKS} == {
+    assert {t: task_objective(t)[:2] for t in TASK_NAMES} == {
         "semantic": ("val/miou", True), "supercategory": ("val/supercategory_miou", True),
         "boundary": ("val/boundary_f1", True), "instance": ("val/mask_ap", True), "reconstruction": ("val/psnr", True),
     }
