@@ -71,17 +71,22 @@ class EvalActor:
             checkpoint once and every actor fetches the weights from the object store.
         device: ``cpu`` or ``cuda``.
         num_threads: torch intra-op threads (CPU actors).
+        tasks: the driver's registered task classes (:func:`mtseg.tasks.task_classes`),
+            registered here before the config is read.
     """
 
-    def __init__(self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu", num_threads: int = 1):
+    def __init__(self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu", num_threads: int = 1,
+                 tasks: tuple = ()):
         import ray
         import torch
 
         from mtseg.config import config_from_dict
         from mtseg.fusion import has_instances
-        from mtseg.tasks import build_tasks
+        from mtseg.tasks import build_tasks, register
         from mtseg.train import checkpoint as ckpt
 
+        for task in tasks:
+            register(task)
         if isinstance(model_state, ray.ObjectRef):
             model_state = ray.get(model_state)
         if device == "cpu":
@@ -240,7 +245,7 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     import ray.data
 
     from mtseg.data.pipeline import ChunkedTransform, SampleTransform, read_split
-    from mtseg.tasks import build_tasks
+    from mtseg.tasks import build_tasks, task_classes
 
     cfg = loaded.cfg
     ds, manifest = read_split(data_uri, split)
@@ -255,7 +260,8 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     return ds.map_batches(
         EvalActor,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "categories": loaded.categories.to_categories(),
-                               "model_state": state_ref, "device": plan["device"], "num_threads": plan["threads"]},
+                               "model_state": state_ref, "device": plan["device"], "num_threads": plan["threads"],
+                               "tasks": task_classes()},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan["actors"]),

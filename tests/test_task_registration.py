@@ -3,9 +3,10 @@
 ``ForegroundTask`` below (object vs background, built from the instance maps) is written here,
 in the test, with its own head, loss, metric, picture and Δm% objective, and registered with
 ``mtseg.tasks.register``. Without any edit under ``mtseg/``: a 1-worker Ray Train run trains it
-beside the five built-in tasks, validation reports its metric, ``mtseg predict`` draws it, and a
-2-trial Tune search reports a Δm% that counts it. Tiny sizes, as the other Ray tests (32 px,
-48 images, one epoch); they share the session's Ray and SeaweedFS (tests/conftest.py).
+beside the five built-in tasks, validation and ``mtseg evaluate`` report its metric, ``mtseg
+predict`` draws it, and a 2-trial Tune search reports a Δm% that counts it. Tiny sizes, as the
+other Ray tests (32 px, 48 images, one epoch); they share the session's Ray and SeaweedFS
+(tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -128,6 +129,12 @@ def test_a_registered_task_trains_validates_and_is_drawn(ray_local, tiny_dataset
     assert losses and all(math.isfinite(v) for _, v in losses)  # it trained
     assert 0.0 <= result.metrics["val/foreground_iou"] <= 1.0  # validation reports its metric
     assert "val/miou" in result.metrics and "val/mask_ap" in result.metrics  # beside the other five
+
+    # mtseg evaluate's Ray Data actors score it too
+    assert main(["evaluate", "--checkpoint", run_uri(cfg), "--data", tiny_dataset, "--split", "val2017",
+                 "--batch-size", "4", "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["metrics"]["val/foreground_iou"] == pytest.approx(result.metrics["val/foreground_iou"], abs=1e-9)
 
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(image)
