@@ -94,6 +94,7 @@ class Pass:
 def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | None = None) -> Pass:
     """Training validation's loop in one process over the split (model build included)."""
     from mtseg.data.pipeline import iter_local_batches
+    from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator
     from mtseg.predict import build_inference_model
     from mtseg.tasks import build_tasks
@@ -104,7 +105,7 @@ def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | Non
     cfg, cats = loaded.cfg, loaded.categories
     model = build_inference_model(cfg, cats, loaded.model_state)
     tasks = build_tasks(cfg, cats)
-    evaluator = Evaluator(cats, tasks, coco_gt=coco_gt)
+    evaluator = Evaluator(cats, tasks, coco_gt=coco_gt if has_instances(tasks) else None)
     result = Pass(0, 0.0)
     for batch in iter_local_batches(data_uri, SPLIT, cats, cfg, False, tasks=tasks, batch_size=batch_size,
                                     limit=limit):
