@@ -46,7 +46,7 @@ class Task(ABC):
         name: the task's key in configs, model outputs and losses.
         target_keys: the batch keys its loss reads.
         objective: the validation metric (key without the ``val/`` prefix) Δm% compares
-            with the task's single-task baseline; empty: the task takes no part in Δm%.
+            with the task's single-task baseline; a Tune search with Δm% needs one per task.
         higher_is_better: the direction of ``objective``.
         requires: tasks this one refines: its single-task baseline trains them beside it.
     """
