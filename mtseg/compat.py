@@ -80,3 +80,23 @@ def quiet_idle_executor(context) -> None:
     """Install :class:`IdleBackoff` on a dataset's context (``ds.context``)."""
     if IdleBackoff not in context.custom_execution_callback_classes:
         context.custom_execution_callback_classes.append(IdleBackoff)
+
+
+def forget_running_trials(search_alg) -> None:
+    """Ray 2.60 (mtseg issue 12): make a restored Tune search algorithm count no trial as running.
+
+    Tune uploads its experiment state and the search algorithm's state as separate files. A
+    driver killed between the two leaves an algorithm that still counts a finished trial as
+    running; at ``max_concurrent`` it then never hands out another trial and the resumed search
+    waits forever. Tune re-queues the restored trials itself, so the running set can start
+    empty. Call it after ``set_state``; the counters are private state of
+    ``BasicVariantGenerator`` (``_live_trials``) and ``ConcurrencyLimiter`` (``live_trials``,
+    ``num_unfinished_live_trials``).
+    """
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if isinstance(search_alg, BasicVariantGenerator):
+        search_alg._live_trials = set()
+    elif isinstance(search_alg, ConcurrencyLimiter):
+        search_alg.live_trials = set()
+        search_alg.num_unfinished_live_trials = 0

@@ -56,19 +56,16 @@ def _scheduler(cfg: Config, params: dict[str, Param]):
 
 
 def _search_alg(cfg: Config):
-    """The search algorithm, bounding its own concurrency with a restore that cannot stall.
-
-    Tune uploads its experiment state and the search algorithm's state as separate files. A
-    driver killed between the two leaves an algorithm that still counts a finished trial as
-    running; at ``max_concurrent`` it then never hands out another trial and the resumed
-    search waits forever. Restored trials are re-queued by Tune itself, so the running set
-    starts empty after a restore (at worst a resumed search briefly runs the restored trials
-    on top of ``max_concurrent`` new ones).
+    """The search algorithm, bounding its own concurrency, with a restore that cannot stall.
 
     Random sampling and grid[...] use Tune's ``BasicVariantGenerator``; Optuna (TPE, seeded
-    by ``train.seed``) runs behind a ``ConcurrencyLimiter``.
+    by ``train.seed``) runs behind a ``ConcurrencyLimiter``. After a restore neither counts a
+    trial as running (:func:`mtseg.compat.forget_running_trials`: a driver killed between
+    Tune's two state uploads would otherwise leave a resumed search waiting forever).
     """
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    from mtseg.compat import forget_running_trials
 
     limit = cfg.tune.max_concurrent_trials
     if cfg.tune.search_alg == "optuna":
@@ -77,15 +74,14 @@ def _search_alg(cfg: Config):
         class ResumableLimiter(ConcurrencyLimiter):
             def set_state(self, state):
                 super().set_state(state)
-                self.live_trials = set()
-                self.num_unfinished_live_trials = 0
+                forget_running_trials(self)
 
         return ResumableLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=limit)
 
     class ResumableVariantGenerator(BasicVariantGenerator):
         def set_state(self, state):
             super().set_state(state)
-            self._live_trials = set()
+            forget_running_trials(self)
 
     return ResumableVariantGenerator(max_concurrent=limit)
 
