@@ -136,6 +136,7 @@ class TrainConfig:
     cpus_per_worker: float = _f(1.0, min=0.0)
     use_gpu: str = _f("auto", choices=("auto", "true", "false"))
     checkpoint_every_steps: int = _f(50, min=0, help="0 = only at epoch end")
+    val_every_epochs: int = _f(1, min=1, help="validate (and checkpoint at epoch end) every N epochs, and after the last")
     keep_checkpoints: int = _f(2, min=1, help="best K by val/miou are kept")
     log_every_steps: int = _f(10, min=1)
     max_failures: int = _f(3, min=-1)

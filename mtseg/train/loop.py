@@ -291,9 +291,10 @@ def fit(
     """Train from where ``state`` stands to the end of ``train.epochs``.
 
     Each epoch: the rest of its optimiser steps (:func:`train_one_epoch`, resumed at
-    ``state.epoch_rows``), the weighting strategy's epoch end, validation into
-    ``state.last_val``, then ``report(last_val)`` with the epoch counted (the caller
-    checkpoints there).
+    ``state.epoch_rows``), the weighting strategy's epoch end, then, every
+    ``train.val_every_epochs`` epochs and after the last, validation into ``state.last_val``
+    and ``report(last_val)`` with the epoch counted (the caller checkpoints there, so every
+    checkpoint's metrics are its own model's).
 
     Args:
         steps_per_epoch: optimiser steps of a full epoch (every worker takes the same).
@@ -312,6 +313,10 @@ def fit(
             generator = torch.Generator().manual_seed(cfg.train.seed * 1000003 + state.step * world_size + rank)
             train_one_epoch(state, batches, steps=steps_per_epoch - done, on_step=on_step, generator=generator)
         state.strategy.on_epoch_end()
+        if (state.epoch + 1) % cfg.train.val_every_epochs and state.epoch + 1 < cfg.train.epochs:
+            state.epoch += 1
+            state.epoch_rows = 0
+            continue
         state.last_val = validate()
         log("[val] epoch {}: {}".format(state.epoch + 1, "  ".join(f"{k}={v:.4f}" for k, v in sorted(state.last_val.items()))))
         state.epoch += 1

@@ -94,3 +94,17 @@ def test_last_val_is_where_checkpoints_have_always_kept_it(batches, tmp_path):
     assert fresh.last_val == {"val/miou": 0.25}
     fresh.load_state_dict({k: v for k, v in saved.items() if k != "best"})  # no validation yet
     assert fresh.last_val == {}
+
+
+def test_val_every_epochs_validates_and_reports_every_nth_epoch_and_the_last(batches):
+    cfg, categories, data = batches
+    cfg = load_config(None, [f"data.uri={cfg.data.uri}", "data.image_size=32",
+                             "data.batch_size=4", "model.decoder_channels=8", "tasks.names=[semantic, boundary]",
+                             "tasks.patch_size=4", "weighting.name=uncertainty", "train.warmup_steps=1",
+                             "train.epochs=5", "train.val_every_epochs=2"])
+    state = build_state(cfg, categories, total_steps=5 * STEPS_PER_EPOCH, device=torch.device("cpu"))
+    reports = []
+    _fit(state, data, reports)
+    # Epochs 2 and 4, and 5 (the last); each report holds its own epoch's validation.
+    assert [r["val/step"] for r in reports] == [2 * STEPS_PER_EPOCH, 4 * STEPS_PER_EPOCH, 5 * STEPS_PER_EPOCH]
+    assert (state.epoch, state.step) == (5, 5 * STEPS_PER_EPOCH)
