@@ -341,11 +341,14 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     if address:
         return ray.init(address=address, runtime_env=runtime_env, **kwargs)
     os.environ.update(credentials)  # the local raylet, and so every worker, starts with them
+    from mtseg.compat import worker_pool_config
+
     return ray.init(
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         _node_ip_address=LOOPBACK,
         runtime_env=runtime_env,
+        _system_config=worker_pool_config(num_cpus),
         **kwargs,
     )
 
@@ -449,8 +452,11 @@ class RayHead:
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         venv_bin = str(Path(sys.executable).parent)
+        from mtseg.compat import worker_pool_config
+
         full_env = {
             **os.environ, **loopback_env(),
+            **{f"RAY_{k}": str(v) for k, v in worker_pool_config(self.num_cpus).items()},
             # Token auth on explicitly: without it `ray start` only enables it when a token exists.
             "RAY_AUTH_MODE": "token",
             # A job's `python jobs/train.py` must run this environment's Python.

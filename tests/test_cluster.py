@@ -137,3 +137,31 @@ def test_vacuum_reclaims_deleted_objects(s3_env, seaweedfs):
             break
         time.sleep(1)
     assert used_mb() <= before + 8
+
+
+@pytest.mark.slow
+def test_local_ray_reuses_an_idle_worker_while_the_cpus_are_held(ray_local):
+    """Ray 2.60 kills idle workers beyond the node's *available* CPUs after 1 s unless
+    mtseg.compat.worker_pool_config raises the limit: with Train holding the CPUs, every Ray
+    Data read task would start (and import torch in) a new process."""
+    import ray
+
+    @ray.remote(num_cpus=1.75)
+    class Holder:  # what Ray Train's workers hold during training
+        def ready(self):
+            return True
+
+    @ray.remote(num_cpus=0.25)
+    def pid():
+        return os.getpid()
+
+    holder = Holder.remote()
+    try:
+        ray.get(holder.ready.remote())
+        pids = []
+        for _ in range(3):
+            pids.append(ray.get(pid.remote()))
+            time.sleep(2.5)  # idle for longer than Ray's 1 s killing threshold
+        assert len(set(pids)) == 1, f"a new worker process per task: {pids}"
+    finally:
+        ray.kill(holder)
