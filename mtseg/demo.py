@@ -1,7 +1,7 @@
 """``make demo`` / ``mtseg demo``: the main job end to end on the embedded default.
 
 SeaweedFS and Ray on 127.0.0.1, synthetic COCO-format data sharded into the object store,
-2 Ray Train workers streaming from it, evaluation, overlays and a report; everything it
+Ray Train streaming from it (one 2-thread worker on 2 cores, see jobs/configs/demo.yaml), evaluation, overlays and a report; everything it
 started is stopped at the end. Each step prints what it does; a failure names the step.
 
 What the user keeps, under ``runs/demo/``: the best model as a plain local checkpoint
@@ -124,7 +124,7 @@ def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_im
         model_dir = export_model(_checkpoint_uri(best, storage_path), os.path.join(out_dir, "model"))
         print(f"  model: {model_dir} (from {best.path})")
         images = _write_overlays(model_dir, cfg, data_uri, out_dir, count=4)
-        from mtseg.report import read_scalars, write_report
+        from mtseg.report import format_metric, read_scalars, write_report
 
         scalars = read_scalars(os.path.join(local_run_dir(cfg), "tensorboard"))
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -139,7 +139,7 @@ def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_im
         )
         print(f"  metrics: {os.path.join(out_dir, 'metrics.json')}\n  report: {md}, {html_path}")
         for k in sorted(metrics):
-            print(f"  {k:28s} {metrics[k]:.4f}")
+            print(f"  {k:28s} {format_metric(k, metrics[k])}")
         miou = metrics.get("val/miou", 0.0)
         image = os.path.join(info["splits"]["val2017"]["image_dir"], _first_image(info["splits"]["val2017"]["annotation_file"]))
         # The checkpoints Ray Train deleted stay on disk until their volume is compacted.
