@@ -178,15 +178,20 @@ def _s3_filesystem(endpoint: str | None, key: str | None, secret: str | None, to
     return pafs.S3FileSystem(**kwargs)
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """A pyarrow S3 filesystem configured from the environment (cached per settings)."""
-    return _s3_filesystem(
+def _s3_settings() -> tuple[str | None, str | None, str | None, str | None, str]:
+    """Endpoint, access key, secret, session token and region from the environment: the cache key of a client."""
+    return (
         s3_endpoint(),
         os.environ.get("AWS_ACCESS_KEY_ID"),
         os.environ.get("AWS_SECRET_ACCESS_KEY"),
         os.environ.get("AWS_SESSION_TOKEN"),
         os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
     )
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """A pyarrow S3 filesystem configured from the environment (cached per settings)."""
+    return _s3_filesystem(*_s3_settings())
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -213,14 +218,7 @@ def s3_client(max_attempts: int | None = None):
         max_attempts: per request, retries included (botocore's ``standard`` retry mode);
             default :data:`BOTO_MAX_ATTEMPTS`.
     """
-    return _s3_client(
-        s3_endpoint(),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_SECRET_ACCESS_KEY"),
-        os.environ.get("AWS_SESSION_TOKEN"),
-        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        max_attempts or BOTO_MAX_ATTEMPTS,
-    )
+    return _s3_client(*_s3_settings(), max_attempts or BOTO_MAX_ATTEMPTS)
 
 
 @functools.lru_cache(maxsize=16)
