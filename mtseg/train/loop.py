@@ -300,7 +300,7 @@ def fit(
         steps_per_epoch: optimiser steps of a full epoch (every worker takes the same).
         train_batches: ``(epoch, start_rows)`` -> this worker's batches from that position.
         validate: runs validation and returns the merged metrics (see :func:`validate`).
-        report: called at every epoch end with the validation metrics.
+        report: called after each validation with its metrics.
         on_step: passed to :func:`train_one_epoch`.
         rank, world_size: seed each worker's step-dependent randomness (masking, ...).
     """
