@@ -2,29 +2,17 @@
 
     mtseg evaluate --checkpoint s3://bucket/runs/demo/checkpoint_000012 --data s3://bucket/shards --split val2017
 
-The pipeline streams: no pixels and no predicted maps reach the driver, only per-batch metric
-states (counts, and COCO results with compressed RLE masks) and the ground-truth rows::
+The pipeline streams; only per-batch metric states and ground-truth rows reach the driver::
 
-    read_parquet(split shards)  ─ streaming, S3 or local
-      └ map_batches(ChunkedTransform)    CPU tasks (fused with the read, one per shard): decode +
-                                         resize (the validation transform) + targets, plus each
-                                         image's ground truth as a JSON row
-      └ map_batches(EvalActor)           actor pool, model loaded once per actor (one GPU each
-                                         when the cluster has GPUs): forward + fusion + the
-                                         per-batch Evaluator -> one row {state, gt}
-    driver: ground truth from the gt rows, per-batch states merged into one Evaluator,
-            COCO mask AP with the per-image matching in parallel Ray tasks (official numbers)
+    read_parquet(split shards)
+      └ map_batches(ChunkedTransform)    CPU tasks fused with the read: validation transform +
+                                         targets + each image's ground truth as JSON
+      └ map_batches(EvalActor)           actor pool (one GPU each when there are GPUs): the
+                                         per-batch Evaluator of :func:`mtseg.train.loop.evaluate`
+    driver: states merged into one Evaluator, COCO matching in parallel Ray tasks
 
-The per-batch work is :func:`mtseg.train.loop.evaluate` feeding a
-:class:`mtseg.metrics.Evaluator`: the very code training validation runs, so the two report
-the same numbers for the same model and images. Each actor evaluates a batch against that
-batch's own ground truth (built from the rows it received), so no actor needs the whole
-split's annotations; the driver merges the states (sums for the dense metrics and PQ, COCO
-results with compressed RLE masks for mask AP) and runs ``CocoMaskEvaluator.compute`` with
-``ray_map``, which equals a single-process pycocotools run bit for bit.
-
-Results go to ``metrics.json`` and ``metrics.md`` beside the checkpoint (or ``--out``), and
-the table is printed.
+The per-batch work is the code training validation runs, so both report the same numbers.
+Results go to ``metrics.json`` and ``metrics.md`` beside the checkpoint (or ``--out``).
 """
 
 from __future__ import annotations
@@ -60,9 +48,7 @@ METRICS_MD = "metrics.md"
 
 
 class EvalActor:
-    """Ray Data UDF (actor pool): batch -> one row with the batch's Evaluator state.
-
-    The model is built and its weights loaded once, in the constructor.
+    """Ray Data UDF (actor pool): batch -> one row with the batch's Evaluator state; loads the model once.
 
     Args:
         cfg: the run's config as a dict (``Config.to_dict()``).
@@ -168,29 +154,19 @@ class EvaluationResult:
         return "\n".join(lines) + "\n"
 
 
-def _cluster_resources() -> dict[str, float]:
-    import ray
-
-    return dict(ray.cluster_resources())
-
-
 def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurrency: int | None = None,
-                actor_cpus: float | None = None, preprocess_cpus: float = PREPROCESS_TASK_CPUS) -> dict[str, Any]:
+                actor_cpus: float | None = None) -> dict[str, Any]:
     """How many inference actors, with which resources.
 
-    GPU actors take one GPU each, one actor per GPU by default. CPU actors run one torch
-    thread each, one actor per CPU by default (several single-threaded forwards use small
-    images' convolutions better than one multi-threaded forward). Either way the actors
-    together reserve at most the cluster's CPUs minus ``preprocess_cpus``: the read +
-    decode tasks feeding them need that much free to be scheduled at all, and with every
-    CPU held by an actor the stream would stall forever.
+    One actor per GPU, else one single-threaded actor per CPU (several small forwards use the
+    CPUs better than one multi-threaded one). The actors leave :data:`PREPROCESS_TASK_CPUS`
+    free: with every CPU held by an actor no read + decode task could run and the stream stalls.
 
     Args:
         resources: ``ray.cluster_resources()``.
         use_gpu: ``auto`` (GPUs when the cluster has them), ``true`` or ``false``.
         concurrency: number of actors; default as above.
         actor_cpus: CPUs each actor reserves; default its share of the CPUs left over (at most 1).
-        preprocess_cpus: CPUs one read + decode task reserves.
 
     Returns:
         ``{"actors", "device", "num_cpus", "num_gpus", "threads"}``.
@@ -198,6 +174,7 @@ def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurren
     Raises:
         PredictError: GPUs asked for and absent, or bad numbers.
     """
+    preprocess_cpus = PREPROCESS_TASK_CPUS
     gpus = int(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 0))
     if use_gpu not in ("auto", "true", "false"):
@@ -231,9 +208,6 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     """The lazy Ray Dataset of per-batch evaluator states (see the module docstring).
 
     Args:
-        loaded: the checkpoint.
-        data_uri: dataset root.
-        split: split name.
         batch_size: images per model forward.
         plan: from :func:`plan_actors`.
         limit: evaluate the first ``limit`` images only.
@@ -252,8 +226,7 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     if limit:
         ds = ds.limit(int(limit))
     transform = SampleTransform.from_config(loaded.categories, cfg, build_tasks(cfg, loaded.categories), train=False)
-    # The preprocessing fuses with the read, one task per shard; each image's ground truth
-    # travels beside it, so every actor scores its batch against that batch's own images.
+    # Each image's ground truth travels beside it: an actor scores a batch against its own images.
     ds = ds.map_batches(ChunkedTransform(transform, with_gt=True), batch_format="pyarrow", batch_size=None,
                         zero_copy_batch=True)
     state_ref = ray.put(loaded.model_state)
@@ -288,7 +261,7 @@ def _check_counts(**counts: int | None) -> None:
 
 def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int | None = None,
                     concurrency: int | None = None, actor_cpus: float | None = None, use_gpu: str = "auto",
-                    limit: int | None = None, coco_shards: int | None = None, prefix: str = "val",
+                    limit: int | None = None, coco_shards: int | None = None,
                     log: Callable[[str], None] = print) -> EvaluationResult:
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
 
@@ -302,7 +275,6 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
         use_gpu: ``auto``, ``true`` or ``false``.
         limit: only the first ``limit`` images.
         coco_shards: Ray tasks for the COCO per-image matching; default by image count and CPUs.
-        prefix: metric key namespace.
         log: progress lines.
 
     Returns:
@@ -312,6 +284,8 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
         PredictError: bad arguments, a label space that differs from the checkpoint's, or an
             empty split.
     """
+    import ray
+
     from mtseg.data.manifest import read_manifest
     from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator, coco_gt_from_rows, ray_map
@@ -321,7 +295,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     batch_size = batch_size if batch_size is not None else loaded.cfg.data.batch_size
     manifest = read_manifest(data_uri, split)
     _check_label_space(loaded, manifest, storage.join(data_uri, split))
-    resources = _cluster_resources()
+    resources = dict(ray.cluster_resources())
     plan = plan_actors(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
     try:
         ds, _ = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit)
@@ -345,9 +319,9 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     t1 = time.monotonic()
     tasks = build_tasks(loaded.cfg, loaded.categories)
     coco_gt = coco_gt_from_rows(gt_rows, manifest["categories"]) if has_instances(tasks) else None
-    evaluator = Evaluator(loaded.categories, tasks, coco_gt=coco_gt, prefix=prefix)
+    evaluator = Evaluator(loaded.categories, tasks, coco_gt=coco_gt)
     for blob in states:
-        part = Evaluator(loaded.categories, tasks, coco_gt=coco_gt, prefix=prefix)
+        part = Evaluator(loaded.categories, tasks, coco_gt=coco_gt)
         part.load_state_dict(pickle.loads(blob))
         evaluator.merge(part)
     shards = coco_shards or max(1, min(math.ceil(images / IMAGES_PER_COCO_SHARD), 2 * int(resources.get("CPU", 1))))
@@ -382,17 +356,12 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str | None = None, split: str
         split: split name; default the run's ``data.val_split``.
         out: where the two files go; default the checkpoint directory itself.
         log: progress lines.
-        **options: :func:`evaluate_loaded` keyword arguments (batch_size, concurrency,
-            actor_cpus, use_gpu, limit, coco_shards, prefix).
+        **options: :func:`evaluate_loaded` keyword arguments.
 
     Returns:
         The :class:`EvaluationResult`, with ``files`` set.
     """
-    from mtseg.train import checkpoint as ckpt
-
-    loaded = ckpt.load_for_inference(checkpoint, data_uri=data_uri)
-    data_uri = data_uri or loaded.cfg.data.uri
-    split = split or loaded.cfg.data.val_split
+    loaded, data_uri, split = load_for_evaluation(checkpoint, data_uri, split, out=out)
     result = evaluate_loaded(loaded, data_uri, split, log=log, **options)
     write_results(result, out or loaded.uri)
     return result
@@ -403,13 +372,8 @@ def load_for_evaluation(checkpoint: str, data_uri: str | None = None, split: str
                         out: str | None = None) -> tuple[LoadedCheckpoint, str, str]:
     """Load a checkpoint and check everything :func:`evaluate_loaded` would refuse, before Ray starts.
 
-    Args:
-        checkpoint: checkpoint directory or run directory (local or ``s3://``).
-        data_uri: dataset root; default the run's ``data.uri``.
-        split: split name; default the run's ``data.val_split``.
-        batch_size: images per forward pass (checked only: >= 1 when given).
-        limit: only the first ``limit`` images (checked only: >= 1 when given).
-        out: where the results will be written (checked only: a writable directory).
+    ``batch_size``, ``limit`` and ``out`` are only checked (counts >= 1, a writable directory);
+    the other arguments are :func:`evaluate_checkpoint`'s.
 
     Returns:
         ``(loaded, data_uri, split)`` with the defaults filled in.
