@@ -18,7 +18,7 @@ from mtseg.metrics.coco import (
     merge_eval_imgs,
     ray_map,
 )
-from mtseg.metrics.dense import PSNR, BoundaryF1, ConfusionMatrix, label_boundaries
+from mtseg.metrics.dense import PSNR, BoundaryF1, ConfusionMatrix
 from mtseg.metrics.evaluator import Evaluator
 from mtseg.metrics.panoptic import PanopticQuality, gt_segments_from_coco, segments_from_results
 
@@ -34,7 +34,6 @@ __all__ = [
     "coco_gt_from_rows",
     "evaluate_image_shard",
     "gt_segments_from_coco",
-    "label_boundaries",
     "masks_to_coco_results",
     "merge_eval_imgs",
     "ray_map",

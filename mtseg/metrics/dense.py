@@ -1,8 +1,7 @@
 """Pixel metrics accumulated as counts: confusion-matrix mIoU, boundary F1, PSNR.
 
 Each keeps one tensor of sums, never a per-image average, so that workers' results combine
-exactly (see :class:`mtseg.metrics.base.SumMetric`). The sums live on the device of the
-first ``update`` (the GPU during training) and move to the CPU in ``state_dict``.
+exactly (see :class:`mtseg.metrics.base.SumMetric`).
 """
 
 from __future__ import annotations
@@ -20,14 +19,9 @@ from mtseg.metrics.base import SumMetric
 class ConfusionMatrix(SumMetric):
     """Semantic segmentation confusion matrix: mIoU, pixel accuracy, per-class IoU.
 
-    Rows are ground truth, columns predictions (torchvision references' layout), counted
-    with one ``bincount`` per update. Pixels whose target is ``ignore_index`` (or outside
-    ``[0, num_classes)``) are skipped.
-
-    mIoU is the mean of per-class IoU over the classes that occur in the target or in the
-    prediction of at least one counted pixel; a class with neither has an undefined IoU
-    (reported as NaN in ``iou_per_class``) and is left out of the mean. Background (class 0)
-    is a class like any other and is included.
+    Rows are ground truth, columns predictions (torchvision references' layout). mIoU
+    averages over the classes present in the target or the prediction (background
+    included); an absent class has IoU NaN and is left out.
 
     Args:
         num_classes: number of classes including background.
@@ -93,40 +87,6 @@ class ConfusionMatrix(SumMetric):
         return {"miou": miou, "pixel_acc": pixel_acc, "iou_per_class": [float(v) for v in iou]}
 
 
-def label_boundaries(labels: torch.Tensor, ignore_index: int | None = IGNORE_INDEX,
-                     reference: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixels whose label differs from a 4-neighbour's (both sides of every edge).
-
-    Args:
-        labels: (B, H, W) integer label map.
-        ignore_index: label of pixels that take no part; an edge touching one in
-            ``reference`` is not a boundary. None: every pixel counts.
-        reference: (B, H, W) map whose ``ignore_index`` pixels decide which edges count;
-            defaults to ``labels`` (pass the target when computing the prediction's boundary,
-            so that both ignore the same regions).
-
-    Returns:
-        (B, H, W) bool boundary map; the image border is not a boundary.
-    """
-    if labels.dim() != 3:
-        raise ValueError(f"labels: expected (B, H, W), got {tuple(labels.shape)}")
-    ref = labels if reference is None else reference
-    if ref.shape != labels.shape:
-        raise ValueError(f"reference: shape {tuple(ref.shape)} != labels {tuple(labels.shape)}")
-    out = torch.zeros_like(labels, dtype=torch.bool)
-    # Vertical neighbours (rows i, i+1), then horizontal (columns j, j+1).
-    for dim in (1, 2):
-        n = labels.shape[dim]
-        a, b = labels.narrow(dim, 0, n - 1), labels.narrow(dim, 1, n - 1)
-        edge = a != b
-        if ignore_index is not None:
-            ra, rb = ref.narrow(dim, 0, n - 1), ref.narrow(dim, 1, n - 1)
-            edge &= (ra != ignore_index) & (rb != ignore_index)
-        out.narrow(dim, 0, n - 1).logical_or_(edge)
-        out.narrow(dim, 1, n - 1).logical_or_(edge)
-    return out
-
-
 def _disk(radius: int, device: torch.device) -> torch.Tensor:
     r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
     return ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2).float()[None, None]
@@ -143,15 +103,10 @@ def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 class BoundaryF1(SumMetric):
     """Boundary F1 with a pixel tolerance (the BF score of Csurka et al., BMVC 2013).
 
-    A predicted boundary pixel is correct when a ground-truth boundary pixel lies within
-    ``tolerance`` pixels (Euclidean); a ground-truth boundary pixel is recalled when a
-    predicted one lies within the same distance. The four counts (predicted, correct
-    predicted, ground truth, recalled ground truth) are summed over the whole dataset and
-    precision/recall/F1 are computed once from the sums, not averaged per image: images
-    with long boundaries weigh more, and images without boundaries cannot produce 0/0.
-
-    With no predicted boundary pixels precision is 0; with no ground-truth boundary pixels
-    recall is 0; when neither exists anywhere all three are NaN.
+    A boundary pixel matches when one of the other map lies within ``tolerance`` pixels
+    (Euclidean). The counts are summed over the dataset and precision/recall/F1 computed
+    once from the sums, so images without boundaries cannot produce 0/0; all three are NaN
+    when neither map has a boundary pixel anywhere.
 
     Args:
         tolerance: match distance in pixels (0 = exact position).
@@ -199,26 +154,6 @@ class BoundaryF1(SumMetric):
         state = self._state_on(counts.device)
         state += counts
 
-    @torch.no_grad()
-    def update_from_labels(self, pred: torch.Tensor, target: torch.Tensor,
-                           ignore_index: int = IGNORE_INDEX) -> None:
-        """Count one batch of label maps, comparing their boundaries (see :func:`label_boundaries`).
-
-        Edges that touch a target ``ignore_index`` pixel are left out of both maps.
-
-        Args:
-            pred: (B, H, W) predicted labels (semantic classes or instance ids).
-            target: (B, H, W) target labels.
-            ignore_index: target label of pixels to skip.
-        """
-        if pred.shape != target.shape:
-            raise ValueError(f"pred/target: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
-        pred = pred.to(target.device)
-        self.update_from_maps(
-            label_boundaries(pred, ignore_index, reference=target),
-            label_boundaries(target, ignore_index),
-        )
-
     def compute(self) -> dict[str, float]:
         """Returns: ``{"boundary_f1", "boundary_precision", "boundary_recall"}`` as floats."""
         n_pred, tp_pred, n_gt, tp_gt = (int(v) for v in self._state.cpu())
@@ -231,11 +166,9 @@ class BoundaryF1(SumMetric):
 
 
 class PSNR(SumMetric):
-    """Peak signal-to-noise ratio over a dataset: ``10 log10(max_val^2 / MSE)``.
+    """Dataset-level peak signal-to-noise ratio, ``10 log10(max_val^2 / MSE)`` (not a mean of per-image PSNRs).
 
-    The squared error and the element count are summed over all updates and the MSE is
-    taken once at the end (dataset-level PSNR, not a mean of per-image PSNRs). A perfect
-    reconstruction gives +inf; nothing counted gives NaN.
+    A perfect reconstruction gives +inf; nothing counted gives NaN.
 
     Args:
         max_val: largest possible pixel value (1.0 for images in [0, 1]).
