@@ -9,7 +9,7 @@ import json
 def cmd_synth(args: argparse.Namespace) -> int:
     from mtseg.data.synth import synthesize
 
-    info = synthesize(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed)
+    info = synthesize(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed, profile=args.profile)
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -34,7 +34,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=320)
     synth.add_argument("--val", type=int, default=80)
-    synth.add_argument("--size", type=int, default=64)
+    synth.add_argument("--size", type=int, default=None,
+                       help="default profile: image side (64); coco profile: long side (640)")
+    synth.add_argument("--profile", choices=("default", "coco"), default="default",
+                       help="default: the demo's small shapes; coco: 640x480 JPEGs with COCO's 80 categories and statistics")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(fn=cmd_synth)
     shard = data.add_parser("shard", help="COCO images + instances json -> parquet shards + manifest")

@@ -41,6 +41,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mtseg import storage
+from mtseg.data import coco_profile
 from mtseg.errors import MtsegError
 
 
@@ -72,6 +73,7 @@ SPLITS = ("train2017", "val2017")
 _ID_BASE = {"train2017": 0, "val2017": 10_000_000}
 _JPEG_QUALITY = 95
 _MIN_SIZE = 16
+_MIN_COCO_SIZE = 64  # COCO's size classes are in absolute pixels: 32^2 and 96^2
 
 # Deterministic schedule of the quirks so that even a dozen images carry each of them.
 _EMPTY_EVERY, _EMPTY_AT = 12, 1
@@ -272,22 +274,29 @@ def _visible_masks(objects: list[_Object]) -> list[np.ndarray]:
 
 
 def _annotation(obj: _Object, visible: np.ndarray, ann_id: int, image_id: int) -> dict:
+    polygons = obj.polygons if obj.polygons is not None and np.array_equal(visible, obj.mask) else None
+    return _make_annotation(obj.category.id, obj.iscrowd, polygons, visible, ann_id, image_id)
+
+
+def _make_annotation(category_id: int, iscrowd: int, polygons: Polygons | None, visible: np.ndarray, ann_id: int,
+                     image_id: int) -> dict:
+    """COCO's annotation of a visible mask: uncompressed RLE for crowd, else the polygons when given, else RLE."""
     fortran = np.asfortranarray(visible.astype(np.uint8))
     rle = mask_utils.encode(fortran)
-    if obj.iscrowd:
+    if iscrowd:
         segmentation: object = _uncompressed_rle(visible)
-    elif obj.polygons is not None and np.array_equal(visible, obj.mask):
-        segmentation = obj.polygons
+    elif polygons is not None:
+        segmentation = polygons
     else:
         segmentation = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
     return {
         "id": ann_id,
         "image_id": image_id,
-        "category_id": obj.category.id,
+        "category_id": category_id,
         "segmentation": segmentation,
         "area": float(mask_utils.area(rle)),
         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        "iscrowd": obj.iscrowd,
+        "iscrowd": iscrowd,
     }
 
 
@@ -305,7 +314,7 @@ def _write(path: str, data: bytes) -> None:
         raise storage.StorageError(storage.describe_error(path, e)) from None
 
 
-def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int) -> dict:
+def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int, profile: str = "default") -> dict:
     image_dir = os.path.join(out_dir, split)
     try:
         os.makedirs(image_dir, exist_ok=True)
@@ -317,26 +326,36 @@ def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int
     for index in range(count):
         rng = np.random.default_rng([seed, split_code, index])
         image_id = _ID_BASE[split] + index + 1
-        image, objects = _render(rng, index, size)
+        if profile == "coco":
+            image, drawn = coco_profile.render(rng, size)
+            quality = coco_profile.JPEG_QUALITY
+            objects = [((cid, crowd, polys), visible) for cid, crowd, polys, visible in drawn]
+        else:
+            image, objects = _render(rng, index, size)
+            quality = _JPEG_QUALITY
         file_name = f"{image_id:012d}.jpg"
         buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=_JPEG_QUALITY)
+        image.save(buf, format="JPEG", quality=quality)
         _write(os.path.join(image_dir, file_name), buf.getvalue())
-        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        images.append({"id": image_id, "file_name": file_name, "height": image.height, "width": image.width})
         stats["empty_images"] += not objects
         stats["grayscale_images"] += image.mode == "L"
         for obj, visible in objects:
-            ann = _annotation(obj, visible, _ID_BASE[split] * 10 + len(annotations) + 1, image_id)
+            ann_id = _ID_BASE[split] * 10 + len(annotations) + 1
+            if isinstance(obj, _Object):
+                ann = _annotation(obj, visible, ann_id, image_id)
+            else:
+                ann = _make_annotation(*obj, visible, ann_id, image_id)
             annotations.append(ann)
             stats["crowd_annotations"] += ann["iscrowd"]
             stats["polygon_annotations"] += isinstance(ann["segmentation"], list)
             stats["rle_annotations"] += isinstance(ann["segmentation"], dict)
     coco = {
-        "info": {"description": f"mtseg synthetic COCO ({split}, seed {seed}, {size}px)", "version": "1.0"},
+        "info": {"description": _description(split, seed, size, profile), "version": "1.0"},
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": categories(),
+        "categories": categories(profile),
     }
     ann_file = os.path.join(out_dir, "annotations", f"instances_{split}.json")
     # Atomic, and written after every image: its presence means the split is complete.
@@ -344,12 +363,28 @@ def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int
     return {"images": len(images), "annotations": len(annotations), "image_dir": image_dir, "annotation_file": ann_file, **stats}
 
 
-def categories() -> list[dict]:
-    """The synthetic dataset's COCO ``categories`` entries (``id``, ``name``, ``supercategory``)."""
+def _description(split: str, seed: int, size: int, profile: str) -> str:
+    if profile == "coco":
+        return f"mtseg synthetic COCO, coco profile ({split}, seed {seed}, {size}px long side)"
+    return f"mtseg synthetic COCO ({split}, seed {seed}, {size}px)"
+
+
+def categories(profile: str = "default") -> list[dict]:
+    """The synthetic dataset's COCO ``categories`` entries (``id``, ``name``, ``supercategory``).
+
+    Args:
+        profile: ``"default"`` (six shapes) or ``"coco"`` (COCO's 80 categories).
+    """
+    if profile == "coco":
+        return coco_profile.categories()
     return [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in CATEGORIES]
 
 
-def synthesize(out_dir: str, *, train: int = 320, val: int = 80, size: int = 64, seed: int = 0) -> dict:
+PROFILES = ("default", "coco")
+
+
+def synthesize(out_dir: str, *, train: int = 320, val: int = 80, size: int | None = None, seed: int = 0,
+               profile: str = "default") -> dict:
     """Write a synthetic COCO-format dataset (``train2017``, ``val2017``) under ``out_dir``.
 
     Args:
@@ -357,33 +392,42 @@ def synthesize(out_dir: str, *, train: int = 320, val: int = 80, size: int = 64,
             names are overwritten.
         train: number of training images (>= 0).
         val: number of validation images (>= 0).
-        size: image side in pixels (square images, >= 16).
+        size: ``default`` profile: image side in pixels (square images, >= 16; default 64).
+            ``coco`` profile: long side (default 640, >= 64; the short side is 3/4 of it).
         seed: random seed; the same arguments give byte-identical output.
+        profile: ``"default"``: the demo's small learnable shapes (see the module docstring);
+            ``"coco"``: images that cost what COCO's do (:mod:`mtseg.data.coco_profile`).
 
     Returns:
-        ``{"root": out_dir, "categories": [...], "splits": {split: {"images", "annotations",
-        "image_dir", "annotation_file", "empty_images", "grayscale_images",
+        ``{"root": out_dir, "profile": profile, "categories": [...], "splits": {split: {"images",
+        "annotations", "image_dir", "annotation_file", "empty_images", "grayscale_images",
         "crowd_annotations", "polygon_annotations", "rle_annotations"}}}``.
 
     Raises:
-        SynthError: a count is negative, the size is too small, or ``out_dir`` is not local.
+        SynthError: a count is negative, the size is too small, the profile unknown, or
+            ``out_dir`` is not local.
         mtseg.storage.StorageError: ``out_dir`` cannot be written (a file in the way, read-only,
             a full disk).
     """
     out_dir = str(out_dir)
     if "://" in out_dir and not out_dir.startswith("file://"):
         raise SynthError(f"out_dir: {out_dir!r} must be a local directory (shard it to object storage afterwards)")
+    if profile not in PROFILES:
+        raise SynthError(f"profile: must be one of {', '.join(PROFILES)}, got {profile!r}")
     for name, value in (("train", train), ("val", val)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SynthError(f"{name}: image count must be an integer >= 0, got {value!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < _MIN_SIZE:
-        raise SynthError(f"size: image side must be an integer >= {_MIN_SIZE} pixels, got {size!r}")
+    min_size = _MIN_SIZE if profile == "default" else _MIN_COCO_SIZE
+    if size is None:
+        size = 64 if profile == "default" else coco_profile.DEFAULT_SIDE
+    if isinstance(size, bool) or not isinstance(size, int) or size < min_size:
+        raise SynthError(f"size: image side must be an integer >= {min_size} pixels, got {size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise SynthError(f"seed: must be an integer >= 0, got {seed!r}")
     storage.check_access(out_dir)
     out_dir = storage.resolve(out_dir)[1]  # absolute, without file://
-    splits = {split: _synthesize_split(out_dir, split, n, size, seed) for split, n in zip(SPLITS, (train, val))}
-    return {"root": out_dir, "categories": categories(), "splits": splits}
+    splits = {split: _synthesize_split(out_dir, split, n, size, seed, profile) for split, n in zip(SPLITS, (train, val))}
+    return {"root": out_dir, "profile": profile, "categories": categories(profile), "splits": splits}
 
 
-__all__ = ["CATEGORIES", "SPLITS", "SynthCategory", "SynthError", "categories", "synthesize"]
+__all__ = ["CATEGORIES", "PROFILES", "SPLITS", "SynthCategory", "SynthError", "categories", "synthesize"]

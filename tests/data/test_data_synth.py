@@ -149,3 +149,79 @@ def test_empty_split_is_valid_coco(tmp_path):
     result = synthesize(str(tmp_path), train=0, val=2, size=32)
     data = json.loads(open(result["splits"]["train2017"]["annotation_file"]).read())
     assert data["images"] == [] and data["annotations"] == [] and data["categories"]
+
+
+# ----------------------------------------------------------------------------- the coco profile
+
+
+@pytest.fixture(scope="module")
+def coco_synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth_coco")
+    result = synthesize(str(root), train=30, val=2, seed=5, profile="coco")
+    return root, result
+
+
+def test_coco_profile_has_cocos_80_categories_and_12_supercategories(coco_synth):
+    root, result = coco_synth
+    cats = _coco(root).dataset["categories"]
+    ids = [c["id"] for c in cats]
+    assert len(ids) == 80 and len(set(ids)) == 80 and min(ids) == 1 and max(ids) == 90
+    assert {12, 26, 29, 30, 45, 66, 68, 69, 71, 83} & set(ids) == set()  # COCO's gaps
+    by_id = {c["id"]: (c["name"], c["supercategory"]) for c in cats}
+    assert by_id[1] == ("person", "person") and by_id[18] == ("dog", "animal") and by_id[90] == ("toothbrush", "indoor")
+    index = CategoryIndex.from_categories(cats)
+    assert index.num_classes == 81 and index.num_supercategories == 13
+    assert result["profile"] == "coco" and result["categories"] == cats
+
+
+def test_coco_profile_images_are_640x480_jpegs_of_cocos_weight(coco_synth):
+    root, _ = coco_synth
+    coco = _coco(root)
+    shapes, weights = set(), []
+    for info in coco.dataset["images"]:
+        path = os.path.join(root, "train2017", info["file_name"])
+        weights.append(os.path.getsize(path))
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            assert img.size == (info["width"], info["height"])
+        shapes.add((info["height"], info["width"]))
+    assert shapes == {(480, 640), (640, 480)}  # landscape and some portrait
+    assert 100_000 < np.mean(weights) < 250_000, np.mean(weights)
+
+
+def test_coco_profile_instances_are_drawn_like_cocos(coco_synth):
+    root, result = coco_synth
+    coco = _coco(root)
+    anns = [a for a in coco.dataset["annotations"] if not a["iscrowd"]]
+    per_image = len(anns) / len(coco.dataset["images"])
+    assert 4.5 < per_image < 10.5, per_image
+    areas = np.array([a["area"] for a in anns])
+    small, large = (areas < 32**2).mean(), (areas >= 96**2).mean()
+    assert 0.3 < small < 0.52 and 0.14 < large < 0.35, (small, large)
+    # Occlusion: some annotations are visible parts only (RLE), the rest polygons.
+    split = result["splits"]["train2017"]
+    assert split["rle_annotations"] > 0 and split["polygon_annotations"] > split["rle_annotations"]
+    for ann in anns[:40]:  # masks are the stated areas and inside their boxes
+        mask = coco.annToMask(ann)
+        assert mask.sum() == ann["area"]
+
+
+def test_coco_profile_has_crowd_regions_and_is_deterministic(tmp_path):
+    a = synthesize(str(tmp_path / "a"), train=12, val=0, seed=2, profile="coco", size=128)
+    synthesize(str(tmp_path / "b"), train=12, val=0, seed=2, profile="coco", size=128)
+    synthesize(str(tmp_path / "c"), train=12, val=0, seed=3, profile="coco", size=128)
+    assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b") != _tree_digest(tmp_path / "c")
+    assert {(i["height"], i["width"]) for i in _coco(tmp_path / "a").dataset["images"]} <= {(96, 128), (128, 96)}
+    crowd = sum(
+        synthesize(str(tmp_path / f"s{s}"), train=12, val=0, seed=s, profile="coco", size=128)["splits"]["train2017"][
+            "crowd_annotations"]
+        for s in range(4)
+    )
+    assert crowd > 0
+    assert a["splits"]["train2017"]["grayscale_images"] == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [({"profile": "lvis"}, "profile"), ({"profile": "coco", "size": 32}, "size")])
+def test_coco_profile_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        synthesize(str(tmp_path), train=1, val=0, **kwargs)
