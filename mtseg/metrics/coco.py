@@ -1,15 +1,10 @@
 """COCO mask AP with pycocotools' own ``COCOeval``, the per-image matching run in parallel.
 
-``COCOeval`` works in three steps: ``evaluate()`` matches detections to ground truth image
-by image (the expensive part), ``accumulate()`` turns the per-image matchings (``evalImgs``)
-into precision/recall tables, ``summarize()`` reads the 12 standard numbers off them. The
-matching of one image depends on nothing but that image, so here it runs on shards of the
-image ids (serially, in a process pool, in Ray tasks, or on every torch.distributed rank),
-and the shards' ``evalImgs`` are put back in exactly the order a single ``evaluate()`` over
-all images produces before the unmodified ``accumulate()`` and ``summarize()`` run. The
-numbers are therefore those of a plain single-process pycocotools run, bit for bit; no
-re-implementation of the matching or of the accumulation is involved (detectron2 instead
-gathers all predictions on rank 0 and by default uses a faster unofficial C++ evaluator).
+``COCOeval.evaluate()`` (the expensive part) matches each image on its own, so it runs on
+shards of the image ids (serially, in a process pool, in Ray tasks, or on every
+torch.distributed rank); the shards' ``evalImgs`` are put back in the order one
+``evaluate()`` produces before the unmodified ``accumulate()`` and ``summarize()`` run.
+The numbers equal a single-process pycocotools run bit for bit.
 
 Typical use::
 
@@ -46,6 +41,8 @@ STAT_NAMES = ("mask_ap", "mask_ap50", "mask_ap75", "mask_ap_s", "mask_ap_m", "ma
 # A map-like callable: executor(fn, iterable1, iterable2, ...) -> iterable of fn(*args).
 MapFn = Callable[..., Iterable[Any]]
 
+_NUM_AREAS = len(Params(iouType="segm").areaRng)
+
 
 _quiet_lock = threading.Lock()
 _quiet_depth = 0
@@ -54,11 +51,10 @@ _saved_stdout = None
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence pycocotools' progress prints (the numbers are read from COCOeval.stats).
+    """Silence pycocotools' progress prints.
 
-    ``contextlib.redirect_stdout`` swaps the process-wide ``sys.stdout``; nested or
-    concurrent uses from a thread-pool executor would restore it in the wrong order, so
-    the first entrant redirects and the last one out restores.
+    Unlike ``contextlib.redirect_stdout`` this nests across threads (a thread-pool
+    executor): the first entrant redirects and the last one out restores.
     """
     global _quiet_depth, _saved_stdout
     with _quiet_lock:
@@ -91,20 +87,12 @@ def coco_gt_from_rows(rows: Any, categories: Sequence[dict]) -> COCO:
 
     Args:
         rows: shard rows as dicts (``image_id``, ``height``, ``width``, optional
-            ``file_name``, ``annotations`` with ``id``, ``category_id`` (COCO id),
-            ``iscrowd``, ``bbox``, ``area``, ``segmentation_size``,
-            ``segmentation_counts``), or a pyarrow Table / RecordBatch with those columns
-            (the ``image`` column is never read).
-        categories: COCO ``categories`` entries (``id``, ``name``, ``supercategory``), e.g.
-            from the split's manifest.
+            ``file_name``, ``annotations`` as written by ``mtseg data shard``).
+        categories: COCO ``categories`` entries, e.g. from the split's manifest.
 
     Returns:
-        A ``pycocotools.coco.COCO`` whose ``dataset`` has ``images``, ``annotations`` (RLE
-        segmentations with ``counts`` as str) and ``categories``.
+        A ``pycocotools.coco.COCO`` with RLE segmentations (``counts`` as str).
     """
-    if hasattr(rows, "to_pylist"):
-        cols = [c for c in ("image_id", "file_name", "height", "width", "annotations") if c in rows.schema.names]
-        rows = rows.select(cols).to_pylist()
     cat_ids = {int(c["id"]) for c in categories}
     if not cat_ids:
         raise ValueError("categories: the ground truth defines no categories")
@@ -158,11 +146,7 @@ def _load_results(gt: COCO, results: list[dict]) -> COCO:
 
 
 def _subset_dataset(dataset: dict, img_ids: Iterable[int]) -> dict:
-    """The images in ``img_ids`` and their annotations, annotation dicts copied.
-
-    COCOeval writes into annotation dicts (``segmentation`` -> RLE, ``ignore``), so shards
-    work on copies and leave the caller's ground truth as it was.
-    """
+    """The images in ``img_ids`` and copies of their annotations (COCOeval writes into them)."""
     ids = {int(i) for i in img_ids}
     return {
         "images": [im for im in dataset.get("images", []) if int(im["id"]) in ids],
@@ -175,17 +159,15 @@ def evaluate_image_shard(gt_dataset: dict, results: list[dict], img_ids: Sequenc
     """Run ``COCOeval.evaluate()`` (segm) on a subset of the images; picklable for pools and Ray.
 
     Args:
-        gt_dataset: a COCO ground-truth dataset dict (``images``, ``annotations``,
-            ``categories``); it may hold more images than ``img_ids`` and is not modified.
-        results: COCO result dicts; those of other images are ignored. If every one carries
-            an ``id`` (its 1-based position in the full result list, as ``loadRes`` would
-            number it), detection ids in the output use those ids instead of shard-local ones.
+        gt_dataset: a COCO ground-truth dataset dict (not modified); may hold more images.
+        results: COCO result dicts; those of other images are ignored. When every one has
+            an ``id`` (its 1-based position in the full result list), detection ids in the
+            output are those instead of shard-local ones.
         img_ids: the images of this shard (non-empty).
 
     Returns:
-        ``COCOeval.evalImgs`` for these images: a list indexed ``[k][a][i]`` flattened
-        (category-major, then area range, then image id in ascending order), ``None`` where
-        an image has neither ground truth nor detections of a category.
+        ``COCOeval.evalImgs`` for these images (category-major, then area range, then
+        ascending image id).
     """
     ids = sorted({int(i) for i in img_ids})
     if not ids:
@@ -259,12 +241,7 @@ def merge_eval_imgs(shard_img_ids: Sequence[Sequence[int]], shard_eval_imgs: Seq
 
 
 def accumulate_eval_imgs(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list) -> COCOeval:
-    """``COCOeval.accumulate()`` and ``summarize()`` over merged per-image matchings.
-
-    Args:
-        coco_gt: the ground truth (only its category ids are read).
-        img_ids: every evaluated image id.
-        eval_imgs: merged evalImgs (see :func:`merge_eval_imgs`).
+    """``COCOeval.accumulate()`` and ``summarize()`` over merged evalImgs (:func:`merge_eval_imgs`).
 
     Returns:
         The COCOeval object with ``eval`` and ``stats`` (12 numbers, -1 where undefined).
@@ -283,10 +260,12 @@ def accumulate_eval_imgs(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list)
     return ev
 
 
-def _stats_to_metrics(stats: np.ndarray) -> dict[str, float]:
+def _summarize(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list) -> tuple[dict[str, float], np.ndarray]:
+    """(metrics, COCOeval.stats) of merged evalImgs."""
+    stats = np.asarray(accumulate_eval_imgs(coco_gt, img_ids, eval_imgs).stats, dtype=np.float64)
     # pycocotools reports -1 where a number is undefined (e.g. no large objects): NaN says so
     # without pulling averages and charts towards -1.
-    return {name: (float(v) if v > -1 else math.nan) for name, v in zip(STAT_NAMES, stats)}
+    return {name: (float(v) if v > -1 else math.nan) for name, v in zip(STAT_NAMES, stats)}, stats
 
 
 def ray_map(**remote_options: Any) -> MapFn:
@@ -319,8 +298,8 @@ def masks_to_coco_results(image_id: int, masks: Any, labels: Any, scores: Any,
         labels: (N,) contiguous class indices (>= 1, CategoryIndex order).
         scores: (N,) confidences.
         categories: the dataset's CategoryIndex, to map classes back to COCO ids.
-        orig_size: (height, width) of the original image; masks are resized (nearest) to it
-            when they differ, since COCO ground truth lives at the original resolution.
+        orig_size: (height, width) of the original image (where COCO ground truth lives);
+            masks are resized (nearest) to it.
 
     Returns:
         ``[{"image_id", "category_id", "segmentation": {"size", "counts": str}, "score"}]``.
@@ -360,10 +339,8 @@ class CocoMaskEvaluator:
     """Accumulates COCO instance-segmentation results and computes official mask AP.
 
     Args:
-        coco_gt: ground truth (from the original annotation file via ``COCO(path)``, or
-            from shard rows via :func:`coco_gt_from_rows`). Every image in it is evaluated,
-            as in a plain pycocotools run: an image without results counts its objects as
-            missed.
+        coco_gt: ground truth (``COCO(path)`` or :func:`coco_gt_from_rows`). Every image in
+            it is evaluated: an image without results counts its objects as missed.
 
     Attributes:
         stats: after :meth:`compute` / :meth:`all_reduce`, ``COCOeval.stats`` (12 numbers,
@@ -383,9 +360,6 @@ class CocoMaskEvaluator:
         self._has_bbox: bool | None = None
         self._reduced: dict[str, float] | None = None
         self.stats: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self._results)
 
     def update(self, results: Iterable[dict]) -> None:
         """Add COCO result dicts.
@@ -464,8 +438,7 @@ class CocoMaskEvaluator:
         datasets = [_subset_dataset(self.coco_gt.dataset, ids) for ids in shards]
         run = executor or map
         shard_evals = list(run(evaluate_image_shard, datasets, shard_results, shards))
-        num_areas = len(Params(iouType="segm").areaRng)
-        return merge_eval_imgs(shards, shard_evals, len(self._cat_ids), num_areas)
+        return merge_eval_imgs(shards, shard_evals, len(self._cat_ids), _NUM_AREAS)
 
     def compute(self, num_shards: int = 1, executor: MapFn | None = None) -> dict[str, float]:
         """Mask AP over all ground-truth images.
@@ -478,24 +451,20 @@ class CocoMaskEvaluator:
 
         Returns:
             ``{"mask_ap", "mask_ap50", "mask_ap75", "mask_ap_s", "mask_ap_m", "mask_ap_l"}``;
-            NaN where pycocotools reports -1 (no ground truth in that area range). With no
-            results at all every defined number is 0.0.
+            NaN where pycocotools reports -1 (no ground truth in that area range).
         """
         if self._reduced is not None:
             return dict(self._reduced)
         ids, eval_imgs = self._evaluate(self._img_ids, self._numbered_results(), num_shards, executor)
-        ev = accumulate_eval_imgs(self.coco_gt, ids, eval_imgs)
-        self.stats = np.asarray(ev.stats, dtype=np.float64)
-        return _stats_to_metrics(self.stats)
+        metrics, self.stats = _summarize(self.coco_gt, ids, eval_imgs)
+        return metrics
 
     def all_reduce(self, num_shards: int = 1, executor: MapFn | None = None) -> None:
         """Evaluate over all torch.distributed ranks' results; then every rank's compute() has the total.
 
-        Each rank matches one contiguous share of the image ids: results are routed to the
-        rank owning their image, matched there, and only the per-image matchings are
-        gathered on rank 0 for the single official ``accumulate()``; the numbers are then
-        broadcast. Detection ids follow the rank-order concatenation of the results, as in
-        one run over ``rank0 + rank1 + ...``. No-op without a process group.
+        Results go to the rank owning their image's share of the ids, are matched there,
+        and the matchings are gathered on rank 0 for one ``accumulate()``, whose numbers
+        are broadcast. Equals one run over ``rank0 + rank1 + ...`` results.
 
         Args:
             num_shards: shards of this rank's share, for ``executor``.
@@ -515,11 +484,8 @@ class CocoMaskEvaluator:
         gathered = _dist.gather_objects(local, dst=0)
         metrics = stats = None
         if rank == 0:
-            num_areas = len(Params(iouType="segm").areaRng)
             parts = [g for g in gathered if g[0]]
-            ids, eval_imgs = merge_eval_imgs([p[0] for p in parts], [p[1] for p in parts], len(self._cat_ids), num_areas)
-            ev = accumulate_eval_imgs(self.coco_gt, ids, eval_imgs)
-            stats = np.asarray(ev.stats, dtype=np.float64)
-            metrics = _stats_to_metrics(stats)
+            ids, eval_imgs = merge_eval_imgs([p[0] for p in parts], [p[1] for p in parts], len(self._cat_ids), _NUM_AREAS)
+            metrics, stats = _summarize(self.coco_gt, ids, eval_imgs)
         metrics, stats = _dist.broadcast_object((metrics, stats), src=0)
         self._reduced, self.stats = metrics, stats
