@@ -2,29 +2,17 @@
 
     mtseg predict --checkpoint s3://bucket/runs/demo/checkpoint_000012 photos/ cat.jpg s3://bucket/more/ --out preds/
 
-For every readable image (RGB, grayscale, palette, RGBA, CMYK or 16-bit; JPEG, PNG, WebP, GIF, and
-what else PIL reads, converted as ``mtseg data shard`` converts it), downscaled first when a
-side exceeds ``data.max_image_side`` (or ``--max-image-side``)::
+For every readable image (decoded as training decodes it, downscaled first when a side
+exceeds ``data.max_image_side``)::
 
-    <out>/<name>_overlay.png        final (fused) segmentation over the image, instance outlines,
-                                    and a legend of the category names present
-    <out>/<name>_<task>.png         each other task's picture, as its task module draws it
-                                    (supercategory map with a legend, boundary probability,
-                                    instance center heatmap, the reconstruction)
+    <out>/<name>_overlay.png        fused segmentation, instance outlines and a legend
+    <out>/<name>_<task>.png         each other task's picture, as its task draws it
     <out>/<name>_instances.json     the image's instances as COCO results (compressed RLE)
 
-one PNG per task the model has, plus ``coco_results.json`` (all instances) and ``summary.json``
-(image ids, sources, sizes, and every file that was skipped with the reason). An unreadable
-file is reported and skipped; the others still run.
-
-Images are decoded as in training (:func:`mtseg.data.transforms.load_image`) and go through
-the validation transform (a plain resize to ``data.image_size``), the model
-and the fusion (:func:`mtseg.train.loop.predict_batch`, the code validation uses), and every
-output is resized back to the image's own size (each task's ``output_map``: label maps with
-nearest neighbour, probability maps bilinearly), instance masks inside
-:func:`mtseg.fusion.instances_to_coco`.
-
-Checkpoints are loaded as everywhere else, by :func:`mtseg.train.checkpoint.load_for_inference`.
+plus ``coco_results.json`` (all instances) and ``summary.json`` (images, and every skipped
+file with the reason). Images go through the validation transform, the model and the fusion
+(:func:`mtseg.train.loop.predict_batch`, the code validation uses); every output is resized
+back to the image's own size.
 """
 
 from __future__ import annotations
@@ -144,20 +132,6 @@ class Predictor:
         model = build_inference_model(loaded.cfg, loaded.categories, loaded.model_state, dev)
         return cls(loaded.cfg, loaded.categories, model, dev, checkpoint_uri=loaded.uri)
 
-    def preprocess(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """uint8 (3, H, W) images of any sizes -> float (B, 3, S, S) in [0, 1].
-
-        The validation transform (resize to ``data.image_size``) and the stream's own uint8 ->
-        float conversion (:func:`mtseg.data.pipeline.to_torch`), so that an image gives the
-        model exactly the input it gets in ``mtseg evaluate`` and training validation.
-        """
-        import torch
-
-        from mtseg.data.pipeline import to_torch
-
-        resized = torch.stack([self._resize_in(im) for im in images])
-        return to_torch({"image": resized.numpy()})["image"]
-
     def predict(self, images: Sequence[torch.Tensor], image_ids: Sequence[int]) -> list[ImagePrediction]:
         """Run a batch of decoded images of any sizes.
 
@@ -170,6 +144,7 @@ class Predictor:
         """
         import torch
 
+        from mtseg.data.pipeline import to_torch
         from mtseg.fusion import fused_predictions, instances_to_coco
         from mtseg.tasks.base import resize_map
         from mtseg.train.loop import _autocast, predict_batch
@@ -178,7 +153,10 @@ class Predictor:
             raise ValueError(f"predict: {len(images)} images but {len(image_ids)} ids")
         if not images:
             return []
-        batch = {"image": self.preprocess(images).to(self.device)}
+        # The validation resize and the stream's own uint8 -> float conversion: the model gets
+        # exactly the input it gets in `mtseg evaluate` and training validation.
+        resized = torch.stack([self._resize_in(im) for im in images])
+        batch = {"image": to_torch({"image": resized.numpy()})["image"].to(self.device)}
         if self.cfg.model.channels_last:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), _autocast(self.device, self.cfg.train.amp):
@@ -269,12 +247,7 @@ def find_images(inputs: Sequence[str]) -> list[str]:
 
 
 def read_image(source: str, *, max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Read and decode one image file or object to uint8 RGB, as training decodes it.
-
-    Args:
-        source: a local path or ``s3://`` object.
-        max_side: a larger image is decoded reduced and downscaled to fit (see
-            :func:`mtseg.data.transforms.load_image`); None for no limit.
+    """Read and decode one image (local or ``s3://``) as training does (:func:`mtseg.data.transforms.load_image`).
 
     Returns:
         ``(pixels, (height, width))``: uint8 (3, h, w) pixels and the file's own size.
@@ -376,7 +349,11 @@ def predict_images(
         raise PredictError(f"--batch-size: must be >= 1, got {batch_size}")
     if max_image_side is not None and max_image_side < 16:
         raise PredictError(f"--max-image-side: must be >= 16, got {max_image_side}")
-    out = _check_out(out)
+    out = storage.check_uri(out)
+    try:
+        storage.check_access(out)
+    except storage.StorageError as e:
+        raise PredictError(f"--out {e}") from None
     sources = find_images(inputs)
     if predictor is None:
         predictor = Predictor.from_checkpoint(checkpoint, device=device, data_uri=data_uri)
@@ -445,16 +422,6 @@ def predict_images(
               "categories": predictor.categories.to_categories(), "seconds": round(summary.seconds, 3)}
     storage.write_bytes(storage.join(out, "summary.json"), (json.dumps(record, indent=1) + "\n").encode())
     return summary
-
-
-def _check_out(out: str) -> str:
-    """``out`` validated as a directory to write into, before any work (see :func:`mtseg.storage.check_access`)."""
-    out = storage.check_uri(out)
-    try:
-        storage.check_access(out)
-    except storage.StorageError as e:
-        raise PredictError(f"--out {e}") from None
-    return out
 
 
 __all__ = [
