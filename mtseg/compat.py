@@ -1,8 +1,7 @@
-"""Workarounds for Ray behaviour, in one place. Each names the Ray version it was written for.
+"""Workarounds for Ray behaviour that touch private Ray APIs, each naming the Ray version it was written for.
 
-Everything here touches a private Ray API; when Ray changes, this is the one module to check
-(tests/test_compat.py fails, naming the API, when one of them moves).
-Import it only where Ray is already in use.
+When Ray changes, this is the one module to check (tests/test_compat.py names the API that
+moved). Import it only where Ray is already in use.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ from collections.abc import Iterable
 
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-# Ray 2.60 logs INFO lines per ignore file and per upload (again on every retry) while it
-# packages a job's working_dir, and warns that .git is now excluded by default (mtseg excludes
-# it anyway); mtseg submit prints its own one-line summaries instead. These are the loggers of
-# ray/_private/runtime_env/{packaging,working_dir}.py, with the level that keeps them quiet.
+# Ray 2.60 logs INFO lines per ignore file and per upload while it packages a job's working_dir,
+# and warns that .git is excluded by default; mtseg submit prints its own one-line summaries.
 RUNTIME_ENV_LOG_LEVELS = {
     "ray._private.runtime_env.packaging": logging.WARNING,
     "ray._private.runtime_env.working_dir": logging.ERROR,
@@ -27,8 +24,7 @@ RUNTIME_ENV_LOG_LEVELS = {
 def excluded_by_ray(path: str, patterns: Iterable[str]) -> bool:
     """Whether Ray leaves ``path`` (relative, POSIX) out of a runtime_env upload excluding ``patterns``.
 
-    Ray 2.60: the matcher Ray itself applies to ``runtime_env`` excludes (its vendored pathspec,
-    gitignore syntax), so a check before submitting agrees with what is uploaded.
+    Ray 2.60: uses Ray's own matcher (its vendored pathspec), so the check agrees with the upload.
     """
     from ray._private.thirdparty.pathspec import PathSpec
 
@@ -52,12 +48,9 @@ def quiet_train_report_log(level: str | int) -> None:
 def worker_pool_config(num_cpus: int | None) -> dict[str, int]:
     """Ray system config that keeps idle worker processes for reuse (Ray 2.60).
 
-    Ray keeps at most ``num_workers_soft_limit`` idle worker processes and kills the others
-    after ``idle_worker_killing_time_threshold_ms`` (1 s). Unset, the limit is the node's
-    *available* CPUs, about zero while Ray Train's workers and Ray Data's read tasks hold
-    them: every read task then started a fresh Python process that imported torch again (49
-    processes in one ``make demo`` on 2 CPUs, seconds of CPU each). Pass it as
-    ``ray.init(_system_config=...)``, or as ``RAY_<key>`` variables to ``ray start``.
+    Ray's default ``num_workers_soft_limit`` is the node's *available* CPUs, about zero while
+    Train and Data hold them, so every read task started a fresh process importing torch. Pass
+    it as ``ray.init(_system_config=...)``, or as ``RAY_<key>`` variables to ``ray start``.
     """
     return {"num_workers_soft_limit": max(8, 2 * (num_cpus or os.cpu_count() or 1))}
 
@@ -65,14 +58,10 @@ def worker_pool_config(num_cpus: int | None) -> dict[str, int]:
 class IdleBackoff(ExecutionCallback):
     """Ray 2.60: keep Ray Data's streaming executor from spinning while it waits on its consumer.
 
-    The executor waits for work (``ray.wait`` with a timeout) only while some task runs.
-    When all of its operators are held back because the consumer (a Train worker's training
-    step) is slower than the reads, its scheduling loop spins: in ``make demo`` each Train
-    worker's executor thread took 61% of a core (py-spy, per-thread CPU time) on a 2-core
-    machine where the two training threads got about a third of a core each. Sleeping a few
-    milliseconds after a step that found nothing running hands that core back; the sleep
-    doubles while the executor stays idle (1 ms to 20 ms: a training step takes hundreds of
-    ms and two batches are prefetched) and drops back as soon as a task runs.
+    With every operator held back by a slower consumer (a training step), the executor's loop
+    spins: 61% of a core per Train worker in ``make demo`` on 2 cores. A step that found nothing
+    running sleeps, 1 ms doubling to 20 ms (a training step takes hundreds of ms), and the
+    sleep drops back as soon as a task runs.
     """
 
     min_sleep_s = 0.001
@@ -97,15 +86,11 @@ def quiet_idle_executor(context) -> None:
 
 
 def forget_running_trials(search_alg) -> None:
-    """Ray 2.60 (mtseg issue 12): make a restored Tune search algorithm count no trial as running.
+    """Ray 2.60: make a restored Tune search algorithm count no trial as running (call after ``set_state``).
 
-    Tune uploads its experiment state and the search algorithm's state as separate files. A
-    driver killed between the two leaves an algorithm that still counts a finished trial as
-    running; at ``max_concurrent`` it then never hands out another trial and the resumed search
-    waits forever. Tune re-queues the restored trials itself, so the running set can start
-    empty. Call it after ``set_state``; the counters are private state of
-    ``BasicVariantGenerator`` (``_live_trials``) and ``ConcurrencyLimiter`` (``live_trials``,
-    ``num_unfinished_live_trials``).
+    A driver killed between Tune's experiment-state and search-state uploads leaves an
+    algorithm counting a finished trial as running; at ``max_concurrent`` the resumed search
+    then waits forever. Tune re-queues the restored trials itself, so the set can start empty.
     """
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 

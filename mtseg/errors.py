@@ -1,26 +1,18 @@
-"""The base class of every error mtseg raises on purpose.
+"""The base class of every error mtseg raises on purpose; the bottom layer, importing nothing from mtseg.
 
-An :class:`MtsegError` carries a one-line message naming what was wrong (a config key, a path,
-an argument) and is meant for the user, not a traceback: the command line prints it as
-``mtseg: error: <message>`` and exits with its :attr:`~MtsegError.exit_code`. Each module keeps
-its own subclass (``ConfigError``, ``StorageError``, ...), and most also derive from
-``ValueError`` or ``RuntimeError`` so that callers catching those keep working.
-
-This module is the bottom layer of the package: it imports nothing from mtseg.
+Each module keeps its own subclass (``ConfigError``, ``StorageError``, ...), most also deriving
+from ``ValueError`` or ``RuntimeError``; the command line prints one as ``mtseg: error: <message>``.
 """
 
 from __future__ import annotations
 
 
 class MtsegError(Exception):
-    """An error with a one-line message for the user.
+    """An error with a one-line message for the user (a config key, a path, an argument), not a traceback.
 
     Attributes:
-        exit_code: what ``mtseg`` exits with when the error ends a command: 2, bad input or an
-            unusable environment (config, data, storage, cluster), unless a subclass says otherwise.
+        exit_code: what ``mtseg`` exits with: 2, bad input or an unusable environment, unless a
+            subclass says otherwise.
     """
 
     exit_code: int = 2
-
-
-__all__ = ["MtsegError"]
