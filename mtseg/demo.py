@@ -1,13 +1,10 @@
 """``make demo`` / ``mtseg demo``: the main job end to end on the embedded default.
 
-SeaweedFS and Ray on 127.0.0.1, synthetic COCO-format data sharded into the object store,
-Ray Train streaming from it (one 2-thread worker on 2 cores, see jobs/configs/demo.yaml), evaluation, overlays and a report; everything it
-started is stopped at the end. Each step prints what it does; a failure names the step.
-
-What the user keeps, under ``runs/demo/``: the best model as a plain local checkpoint
-(``model/``, which ``mtseg predict`` and ``mtseg evaluate`` load with no object store
-running), the validation split as local shards (``shards/``, for ``mtseg evaluate --data``),
-the synthetic COCO images, the report, and the store's data directory, vacuumed.
+SeaweedFS and Ray on 127.0.0.1, synthetic COCO-format data sharded into the object store, Ray
+Train streaming from it (jobs/configs/demo.yaml), overlays and a report; everything it started
+is stopped at the end. ``runs/demo/`` keeps the best model as a local checkpoint (``model/``,
+for ``mtseg predict`` and ``mtseg evaluate`` with no store running), the validation split as
+local shards (``shards/``), the synthetic images, the report, and the store's files.
 """
 
 from __future__ import annotations
@@ -32,9 +29,8 @@ from mtseg.errors import MtsegError
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "demo.yaml"
 TARGET_MIOU = 0.70
 STEPS = 7
-# Four times the images of earlier demos for a quarter of the epochs (1536 x 7, was 384 x 28):
-# the same 672 optimiser steps, but each epoch ends with a validation and a checkpoint upload,
-# which took a third of make demo's wall time. (576 steps end at 0.6996 val mIoU: too few.)
+# Many images over few epochs: each epoch ends with a validation and a checkpoint upload.
+# 672 optimiser steps reach the target; 576 end at 0.6996 val mIoU.
 TRAIN_IMAGES = 1536
 
 
@@ -172,10 +168,8 @@ def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_im
 def export_model(checkpoint_uri: str, model_dir: str) -> str:
     """Copy a training checkpoint's model out of storage into a local, self-contained checkpoint.
 
-    The export keeps what inference needs (the weights, ``config.yaml``, and ``meta.json`` with
-    the label space, metrics and a new hash) and drops the optimiser and schedule state, which
-    is two thirds of a training checkpoint; ``mtseg predict`` and ``mtseg evaluate`` load it
-    like any checkpoint, with no object store running.
+    Keeps the weights, ``config.yaml`` and ``meta.json``; drops the optimiser and schedule
+    state (two thirds of a training checkpoint).
 
     Args:
         checkpoint_uri: a complete checkpoint directory, local or ``s3://``.
