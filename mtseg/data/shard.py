@@ -1,31 +1,16 @@
 """COCO (images + instances JSON, local or ``s3://``) → parquet shards + ``manifest.json``.
 
-One row per image: the original file bytes (converted only when the training decoder cannot
-read them, see below) and the image's annotations with the segmentation converted to
-compressed RLE by pycocotools (polygons, multi-part polygons and uncompressed crowd RLE
-alike), so readers decode every mask the same way. The row layout is
-:data:`SHARD_SCHEMA`; the manifest is described in :mod:`mtseg.data.manifest`.
+One row per image (:data:`SHARD_SCHEMA`): the image file's bytes and its annotations with
+every segmentation as compressed RLE, so readers decode every mask the same way.
 
-Guarantees:
-
-* **Atomic.** Every object goes through :func:`mtseg.storage.write_bytes` (a temp file +
-  rename locally, a single PUT on S3), so no half-written shard ever sits under its final
-  name. The manifest is written last: its presence means the split is complete.
-* **Resumable.** Shard boundaries are fixed (sorted image ids, chunked), and after each shard
-  a small sidecar (``_progress/shard-NNNNN.json``: fingerprint, rows, bytes, sha256 and what
-  was skipped) is written. A re-run skips every shard whose sidecar matches this input and
-  whose file has the recorded size and row count (read from the parquet footer only).
-  The ``_`` prefix keeps the sidecars out of parquet dataset discovery.
-* **Readable later.** Every image is decoded whole with the decoder training and predict use
-  (:func:`mtseg.data.transforms.prepare_image`); one in a format that decoder does not read
-  (BMP, TIFF, ...) but PIL does is converted once, to a lossless 8-bit RGB PNG, and counted
-  per source format (``converted`` in the manifest).
-* **Never silent.** Bad input is skipped, counted per reason and listed (first few examples)
-  in the manifest: missing, corrupt or truncated images, images whose size disagrees with the
-  JSON, degenerate polygons, invalid RLE, annotations pointing at unknown images or
-  categories. More than ``max_bad_fraction`` bad images fails the run (:class:`ShardError`).
-  Storage failures (endpoint down, access denied) are not "bad input" and stop the run.
-* **Flat memory.** Images are read one shard at a time; only the annotation JSON is held whole.
+* **Atomic.** Every object is written whole (:func:`mtseg.storage.write_bytes`); the manifest
+  (:mod:`mtseg.data.manifest`) goes last, so its presence means the split is complete.
+* **Resumable.** Shard boundaries are fixed; a sidecar per shard (``_progress/``, kept out of
+  parquet discovery by the ``_``) lets a re-run skip every shard already complete for this input.
+* **Readable later.** Every image is decoded with the decoder training uses; a format it does
+  not read (BMP, TIFF, ...) is converted once to a lossless PNG.
+* **Never silent.** Bad input is skipped, counted per reason and listed in the manifest; more
+  than ``max_bad_fraction`` bad images fails the run. Storage failures stop it.
 """
 
 from __future__ import annotations
@@ -135,11 +120,9 @@ def _get(obj: Any, key: str) -> Any:
 
 
 def _load_coco(raw: bytes, where: str, tally: _Tally) -> tuple[COCO, list[dict], list[int]]:
-    """Parse and clean the instances JSON; index it with pycocotools.
+    """Parse, clean and index the instances JSON: (coco, categories by id, valid image ids sorted).
 
-    Returns (coco, categories sorted by id, valid image ids sorted). Malformed or duplicate
-    image entries and annotations pointing at unknown images/categories are counted in
-    ``tally`` and left out of the index.
+    Malformed or duplicate entries are counted in ``tally`` and left out of the index.
     """
     try:
         data = json.loads(raw)
@@ -329,9 +312,8 @@ def _read_image(image_uri: str, entry: dict) -> tuple[bytes | None, str, str]:
     """(bytes the training decoder reads, "", converted-from format or "") for a good image,
     or (None, reason, detail). Storage outages raise.
 
-    The image is decoded whole by :func:`mtseg.data.transforms.prepare_image`, the decoder
-    training and predict use, so a shard never holds an image that fails later; a format that
-    decoder does not read (BMP, TIFF, ...) is converted to PNG here, once.
+    Decoded whole here (:func:`mtseg.data.transforms.prepare_image`) so a shard never holds an
+    image that fails later.
     """
     try:
         data = storage.read_bytes(image_uri)
@@ -358,18 +340,15 @@ def _shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
+def _sidecar_uri(split_uri: str, index: int) -> str:
+    return storage.join(split_uri, PROGRESS_DIR, f"shard-{index:05d}.json")
+
+
 def _remove_stale(split_uri: str, shard_files: set[str], num_chunks: int, log: Callable[[str], None]) -> None:
-    """Delete shard files and sidecars of an earlier run that this run does not produce.
+    """Delete shards and sidecars of an earlier run (another ``images_per_shard``) this run does not produce.
 
-    They appear when a split is re-sharded with another ``images_per_shard`` or fewer images;
-    left in place, anything that globs the directory would read images twice.
-
-    Args:
-        split_uri: the split's output directory.
-        shard_files: names of the shards this run lists in its manifest.
-        num_chunks: number of shard slots this run has (sidecars below it are kept, including
-            those of slots whose every image was bad and so have no shard file).
-        log: receives one line per removed file.
+    Left in place, anything that globs the directory would read images twice. Sidecars of the
+    ``num_chunks`` slots of this run are kept, even of slots with no shard file (all bad).
     """
     for uri in storage.list_files(split_uri) + storage.list_files(storage.join(split_uri, PROGRESS_DIR)):
         name = uri.rsplit("/", 1)[-1]
@@ -391,7 +370,7 @@ def _fingerprint(annotations_sha256: str, image_ids: list[int]) -> str:
 
 def _completed(split_uri: str, index: int, fingerprint: str) -> dict | None:
     """The sidecar of a shard that is already complete for this input, else None."""
-    sidecar_uri = storage.join(split_uri, PROGRESS_DIR, _shard_name(index).replace(".parquet", ".json"))
+    sidecar_uri = _sidecar_uri(split_uri, index)
     try:
         if not storage.exists(sidecar_uri):
             return None
@@ -468,12 +447,10 @@ def shard_coco(
     create_bucket: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Shard one COCO split into parquet files plus a manifest.
+    """Shard one COCO split into ``<out_uri>/<split>/shard-NNNNN.parquet`` plus, last, its ``manifest.json``.
 
     Reads ``<coco_root>/annotations/instances_<split>.json`` and the images under
-    ``<coco_root>/<split>/``; writes ``<out_uri>/<split>/shard-NNNNN.parquet``, per-shard
-    sidecars under ``<out_uri>/<split>/_progress/`` and, last, ``<out_uri>/<split>/manifest.json``.
-    Shards already complete for this input (from an interrupted run) are not written again.
+    ``<coco_root>/<split>/``. Shards already complete for this input are not written again.
 
     Args:
         coco_root: COCO root, a local directory or ``s3://bucket/prefix``.
@@ -491,11 +468,9 @@ def shard_coco(
         The manifest (also written to ``<out_uri>/<split>/manifest.json``).
 
     Raises:
-        ShardError: bad arguments, an unusable annotation file, or more bad images than
-            ``max_bad_fraction`` allows.
-        mtseg.storage.StorageError: a malformed URI, an output that cannot be written (missing
-            bucket, a file in the way, a full disk), or the store failed (endpoint down,
-            access denied).
+        ShardError: bad arguments, an unusable annotation file, or too many bad images.
+        mtseg.storage.StorageError: a malformed URI, an output that cannot be written, or the
+            store failed.
     """
     if not isinstance(split, str) or not split or "/" in split:
         raise ShardError(f"split: must be a plain name like 'train2017', got {split!r}")
@@ -560,10 +535,7 @@ def shard_coco(
                 sidecar.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
                 storage.write_bytes(storage.join(split_uri, name), data)
             # The sidecar goes after its shard: a crash in between only costs rewriting the shard.
-            storage.write_bytes(
-                storage.join(split_uri, PROGRESS_DIR, name.replace(".parquet", ".json")),
-                json.dumps(sidecar, sort_keys=True).encode(),
-            )
+            storage.write_bytes(_sidecar_uri(split_uri, index), json.dumps(sidecar, sort_keys=True).encode())
             skipped = sum(sidecar["skipped"]["images"].values())
             converted = sum(sidecar["converted"].values())
             log(f"{split}: {name} written ({sidecar['rows']} rows, {skipped} image(s) skipped, "
