@@ -39,21 +39,10 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def validate_name(key: str, value: str) -> str:
-    """Check that a run, experiment or job name is a plain name, usable as one path segment.
+    """Return ``value`` if it is a plain name (one path segment), else raise ConfigError naming ``key``.
 
-    Names become storage prefixes (``<storage_path>/<run_name>``) that ``--restart`` deletes,
-    so ``..``, ``.`` or a ``/`` would point a delete outside the run.
-
-    Args:
-        key: what the name is, for the message (``train.run_name``).
-        value: the name.
-
-    Returns:
-        ``value`` unchanged.
-
-    Raises:
-        ConfigError: one line naming ``key`` when the name is not letters, digits and ``-_.``,
-            or is ``.``/``..``.
+    Names become storage prefixes that ``--restart`` deletes, so ``..``, ``.`` or a ``/`` would
+    point a delete outside the run.
     """
     if not isinstance(value, str) or not _PLAIN_NAME.match(value) or value in (".", ".."):
         raise ConfigError(f"{key}: {value!r} is not a plain name (letters, digits and -_. only, not '.' or '..')")
@@ -115,6 +104,8 @@ class WeightingConfig:
     gradnorm_lr: float = _f(0.025, min=0.0)
     famo_lr: float = _f(0.025, min=0.0)
     famo_gamma: float = _f(0.001, min=0.0)
+    rep_grad: bool = _f(False, help="pcgrad/gradnorm: per-task gradients at the shared representation, one encoder "
+                        "backward (LibMTL's rep_grad; an approximation, faster)")
 
 
 @dataclass
@@ -185,10 +176,6 @@ class Config:
 # ---------------------------------------------------------------------------- coercion
 
 
-def _describe(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
     """Coerce ``value`` to the annotated type ``tp`` and check the field's metadata.
 
@@ -203,7 +190,7 @@ def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(key, item_tp, v, meta) for v in value]
     if origin is dict:
-        k_tp, v_tp = typing.get_args(tp)
+        v_tp = typing.get_args(tp)[1]
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): _coerce(f"{key}.{k}", v_tp, v, meta) for k, v in value.items()}
@@ -239,7 +226,7 @@ def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         out = str(value)
     else:  # pragma: no cover - every field uses one of the types above
-        raise ConfigError(f"{key}: unsupported type {_describe(tp)}")
+        raise ConfigError(f"{key}: unsupported type {tp}")
 
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
     if choices and out not in choices:
@@ -249,10 +236,6 @@ def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
     if hi is not None and out > hi:
         raise ConfigError(f"{key}: {out!r} is above the maximum {hi}")
     return out
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
 
 
 def field_spec(dotted: str) -> tuple[Any, dict]:
@@ -266,7 +249,7 @@ def field_spec(dotted: str) -> tuple[Any, dict]:
         if part not in fields:
             where = ".".join(parts[:i]) or "config"
             raise ConfigError(f"{dotted}: unknown key; {where} has {', '.join(sorted(fields))}")
-        tp = _hints(cls)[part]
+        tp = typing.get_type_hints(cls)[part]
         if dataclasses.is_dataclass(tp):
             cls = tp
             continue
@@ -289,7 +272,7 @@ def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"
@@ -303,7 +286,8 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``tree[a][b] = value`` for ``dotted`` ``a.b``, creating sections on the way."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -333,7 +317,7 @@ def config_from_dict(data: dict | None, overrides: list[str] | tuple[str, ...] =
         raise ConfigError(f"config: expected a mapping of sections (data, model, train, ...), got a {type(tree).__name__}")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
@@ -392,6 +376,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"weighting.static.{task}: unknown task; tasks are {', '.join(KNOWN_TASK_NAMES)}")
     if cfg.weighting.name in ("gradnorm", "pcgrad", "famo", "dwa") and len(cfg.tasks.names) < 2:
         raise ConfigError(f"weighting.name: {cfg.weighting.name} needs at least two tasks")
+    if cfg.weighting.rep_grad and cfg.weighting.name not in ("gradnorm", "pcgrad"):
+        raise ConfigError(f"weighting.rep_grad: only gradnorm and pcgrad have it, not {cfg.weighting.name}")
     if cfg.tasks.patch_size > cfg.data.image_size:
         raise ConfigError(f"tasks.patch_size: {cfg.tasks.patch_size} exceeds data.image_size {cfg.data.image_size}")
     if "supercategory" in cfg.tasks.names or "boundary" in cfg.tasks.names or "instance" in cfg.tasks.names:
@@ -400,16 +386,12 @@ def validate(cfg: Config) -> None:
     for key, uri in (("data.uri", cfg.data.uri), ("data.unlabeled_uri", cfg.data.unlabeled_uri),
                      ("train.storage_path", cfg.train.storage_path)):
         if uri or key != "data.unlabeled_uri":
-            _check_uri(key, uri)
+            try:
+                storage.check_uri(uri)
+            except storage.StorageError as e:
+                raise ConfigError(f"{key}: {e}") from None
     validate_name("train.run_name", cfg.train.run_name)
     validate_name("tune.experiment_name", cfg.tune.experiment_name)
-
-
-def _check_uri(key: str, uri: str) -> None:
-    try:
-        storage.check_uri(uri)
-    except storage.StorageError as e:
-        raise ConfigError(f"{key}: {e}") from None
 
 
 def to_yaml(cfg: Config) -> str:
@@ -444,6 +426,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "save_config",
+    "set_dotted",
     "to_yaml",
     "validate",
     "validate_name",

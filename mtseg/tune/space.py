@@ -1,14 +1,13 @@
 """The search space: parse ``tune.space``, check it against the typed config, build trial configs.
 
-Also where an experiment lives: ``<storage_path>/<tune.experiment_name>/`` holds Tune's state,
-the trials' Train runs (``runs/``), PBT's rebased start checkpoints (``pbt_init/``) and the
-results (``results/``); single-task baselines are shared by every experiment under
-``<storage_path>/baselines/``.
+An experiment lives in ``<storage_path>/<tune.experiment_name>/``: Tune's state, ``runs/``,
+``pbt_init/`` and ``results/``; baselines are shared under ``<storage_path>/baselines/``.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import itertools
 import math
 import re
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from mtseg import storage
-from mtseg.config import Config, ConfigError, coerce_value, config_from_dict, field_spec
+from mtseg.config import Config, ConfigError, coerce_value, config_from_dict, field_spec, set_dotted
 from mtseg.errors import MtsegError
 
 RUNS_DIR = "runs"
@@ -51,14 +50,8 @@ def experiment_uri(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class Param:
-    """One searched key.
-
-    Attributes:
-        key: dotted config key (``weighting.static.semantic``).
-        kind: ``choice``, ``grid``, ``uniform``, ``loguniform`` or ``randint``.
-        values: the candidate values (choice, grid) or the inclusive bounds (the ranges), each
-            already in the key's type.
-    """
+    """One searched key: its kind (``choice``, ``grid``, ``uniform``, ...) and the candidate values
+    or inclusive bounds, already in the key's type."""
 
     key: str
     kind: str
@@ -81,15 +74,7 @@ class Param:
 
 
 def parse_param(key: str, text: Any) -> Param:
-    """Parse one search-space entry and check it against the typed config.
-
-    Args:
-        key: dotted config key, as in ``mtseg train`` overrides.
-        text: ``choice[..]``, ``grid[..]``, ``uniform[lo, hi]``, ``loguniform[lo, hi]`` or
-            ``randint[lo, hi]``.
-
-    Returns:
-        The parsed :class:`Param`.
+    """Parse one search-space entry (``key``: dotted config key, ``text``: ``choice[..]``, ...).
 
     Raises:
         ConfigError: one line naming ``tune.space.<key>`` and what is wrong.
@@ -141,24 +126,12 @@ def trial_config(base: dict, values: dict[str, Any]) -> Config:
     """
     tree = copy.deepcopy(base)
     for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = copy.deepcopy(value)
+        set_dotted(tree, key, value)
     return config_from_dict(tree)
 
 
 def _is_pbt_mutable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in PBT_MUTABLE)
-
-
-def _optuna_available() -> bool:
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # Above this many combinations of discrete values, each key is checked on its own.
@@ -189,8 +162,8 @@ def _check_combinations(cfg: Config, params: dict[str, Param]) -> None:
 def validate_search(cfg: Config) -> dict[str, Param]:
     """Check ``cfg.tune`` and its search space against the typed config, before Ray starts.
 
-    Every combination of the discrete values (choice, grid), with each range at its bounds, is
-    put into the base config and validated, so a trial can't fail on its config.
+    Every combination of discrete values, ranges at their bounds, is validated, so no trial
+    fails on its config.
 
     Returns:
         ``{dotted key: Param}`` in the order written.
@@ -211,7 +184,7 @@ def validate_search(cfg: Config) -> dict[str, Param]:
             raise ConfigError(f"tune.space.{key}: task {key.split('.')[2]!r} is not trained (tasks.names: {', '.join(cfg.tasks.names)})")
     has_grid = any(p.kind == "grid" for p in params.values())
     if t.search_alg == "optuna":
-        if not _optuna_available():
+        if importlib.util.find_spec("optuna") is None:
             raise ConfigError('tune.search_alg: optuna is not installed (pip install "mtseg[optuna]"), use random')
         if has_grid:
             raise ConfigError("tune.search_alg: optuna samples its own points; write choice[...] instead of grid[...]")
