@@ -8,10 +8,8 @@
 - :class:`Evaluator`: the validation metrics of a multi-task model in one dict.
 """
 
-from mtseg.metrics.base import SumMetric
 from mtseg.metrics.coco import (
     CocoMaskEvaluator,
-    accumulate_eval_imgs,
     coco_gt_from_rows,
     evaluate_image_shard,
     masks_to_coco_results,
@@ -29,8 +27,6 @@ __all__ = [
     "Evaluator",
     "PSNR",
     "PanopticQuality",
-    "SumMetric",
-    "accumulate_eval_imgs",
     "coco_gt_from_rows",
     "evaluate_image_shard",
     "gt_segments_from_coco",

@@ -1,9 +1,8 @@
-"""torch.distributed helpers shared by the metrics: every one is a no-op without a process group.
+"""torch.distributed helpers shared by the metrics.
 
-Counts are summed with one ``all_reduce`` per metric (as torchvision's reference
-``ConfusionMatrix`` does). Python objects (COCO results, per-image matchings) travel over a
-gloo group even when training uses NCCL, so that they are pickled through host memory rather
-than staged in GPU memory (detectron2's ``comm`` does the same).
+Python objects (COCO results, per-image matchings) travel over a gloo group even when
+training uses NCCL, so they pass through host memory rather than GPU memory (as
+detectron2's ``comm`` does).
 """
 
 from __future__ import annotations
@@ -28,14 +27,7 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks and return the result on ``tensor``'s device.
-
-    Args:
-        tensor: counts to sum; left untouched.
-
-    Returns:
-        The summed tensor (a copy; ``tensor`` itself when not distributed).
-    """
+    """``tensor`` (left untouched) summed over all ranks, on its device; itself when not distributed."""
     if not is_distributed():
         return tensor
     # NCCL only reduces CUDA tensors; metric state may sit on the CPU (e.g. after merge()).
@@ -48,7 +40,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _object_group_for(default_group_id: int):
+def _object_group_for(_default_group_id: int):
+    # Keyed by the default group's id so that a re-initialised process group gets a new one.
     # new_group is collective: every rank reaches it from the same all_reduce() call.
     if dist.get_backend() == "gloo":
         return dist.group.WORLD
@@ -68,14 +61,7 @@ def all_gather_int(value: int) -> list[int]:
 
 
 def exchange_objects(buckets: list[Any]) -> list[Any]:
-    """All-to-all for Python objects: rank ``r`` sends ``buckets[d]`` to rank ``d``.
-
-    Args:
-        buckets: one picklable object per destination rank.
-
-    Returns:
-        What every source rank sent to this rank, in source-rank order.
-    """
+    """All-to-all for Python objects: ``buckets[d]`` goes to rank ``d``; returns what each rank sent here."""
     rank, world = rank_and_world()
     if len(buckets) != world:
         raise ValueError(f"exchange_objects: {len(buckets)} buckets for a world of {world}")

@@ -1,9 +1,7 @@
-"""The accumulator protocol shared by the count-based metrics.
+"""The accumulator shared by the count-based metrics: one tensor of sums.
 
-A metric keeps one tensor of sums. ``update`` adds a batch, ``compute`` turns the sums into
-numbers, and because sums add, results from several workers combine exactly: ``merge`` in
-one process, ``all_reduce`` over torch.distributed (one collective), ``state_dict`` /
-``from_state`` between Ray actors.
+Sums add, so workers' results combine exactly: ``merge`` in one process, ``all_reduce``
+over torch.distributed, ``state_dict`` / ``from_state`` between Ray actors.
 """
 
 from __future__ import annotations
@@ -18,8 +16,7 @@ from mtseg.metrics._dist import all_reduce_sum
 class SumMetric:
     """Base class: one tensor of sums with reset / merge / all_reduce / state_dict.
 
-    Subclasses define ``_empty_state()`` (the zero sums), ``_config()`` (constructor
-    keyword arguments, used to rebuild and to check that two metrics can merge), an
+    Subclasses define ``_empty_state()``, ``_config()`` (constructor keyword arguments), an
     ``update`` that adds to ``self._state_on(device)``, and ``compute()``.
     """
 
@@ -42,11 +39,7 @@ class SumMetric:
         return self._state
 
     def merge(self, other: SumMetric) -> None:
-        """Add ``other``'s sums to this metric.
-
-        Args:
-            other: a metric of the same class built with the same arguments.
-        """
+        """Add the sums of ``other`` (same class, same constructor arguments) to this metric."""
         if type(other) is not type(self) or other._config() != self._config():
             raise ValueError(
                 f"merge: cannot merge {type(other).__name__}{other._config()} into "
@@ -64,14 +57,7 @@ class SumMetric:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]):
-        """Rebuild a metric from :meth:`state_dict` output.
-
-        Args:
-            state: what :meth:`state_dict` returned.
-
-        Returns:
-            A new metric holding the same sums.
-        """
+        """A new metric holding the sums of :meth:`state_dict` output ``state``."""
         state = dict(state)
         sums = torch.as_tensor(state.pop("state"))
         metric = cls(**state)

@@ -15,7 +15,7 @@ instances::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,43 +32,27 @@ if TYPE_CHECKING:
 _MASK, _PANOPTIC = "mask", "panoptic"
 
 
-def _flatten_results(instances: Iterable[Any]) -> list[dict]:
-    """A flat list of COCO result dicts from a flat list or a per-image list of lists."""
-    flat: list[dict] = []
-    for item in instances:
-        if isinstance(item, Mapping):
-            flat.append(dict(item))
-        else:
-            flat.extend(dict(r) for r in item)
-    return flat
-
-
 class Evaluator:
     """Validation metrics for the tasks given, as one slash-namespaced dict.
 
     Every task with a metric (:meth:`Task.metric`) contributes the keys of its
-    :meth:`Task.compute_metric`. With ``coco_gt``, the fused instances
-    (:func:`mtseg.fusion.fuse_instances` as COCO results) add COCO mask AP (``mask_ap``,
-    ``mask_ap50``, ``mask_ap75``, ``mask_ap_s``, ``mask_ap_m``, ``mask_ap_l``) and panoptic
-    quality over things (``pq``, ``sq``, ``rq``).
+    :meth:`Task.compute_metric`; with ``coco_gt``, the fused instances add COCO mask AP
+    (``mask_ap``, ``mask_ap50``, ...) and panoptic quality (``pq``, ``sq``, ``rq``).
 
     Args:
         categories: the dataset's label spaces.
         tasks: the model's tasks, ``{name: Task}`` (:func:`mtseg.tasks.build_tasks`).
         coco_gt: ground truth at original resolution for mask AP and PQ; pass it when the
-            model fuses instances (:func:`mtseg.fusion.has_instances`); without it those
-            metrics are off.
-        pq_score_threshold: lowest instance score pasted into the panoptic prediction.
+            model fuses instances (:func:`mtseg.fusion.has_instances`).
         prefix: namespace of the returned keys.
     """
 
     def __init__(self, categories: CategoryIndex, tasks: Mapping[str, Task], coco_gt: COCO | None = None,
-                 pq_score_threshold: float = 0.5, prefix: str = "val"):
+                 prefix: str = "val"):
         self.categories = categories
         self.tasks = dict(tasks)
         self.coco_gt = coco_gt
         self.prefix = prefix
-        self.pq_score_threshold = float(pq_score_threshold)
         self.metrics: dict[str, Any] = {}
         for name, task in self.tasks.items():
             metric = task.metric()
@@ -85,7 +69,7 @@ class Evaluator:
 
     @torch.no_grad()
     def process(self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor],
-                fused: Mapping[str, torch.Tensor] | None = None, instances: Iterable[Any] | None = None) -> None:
+                fused: Mapping[str, torch.Tensor] | None = None, instances: Sequence[dict] | None = None) -> None:
         """Add one batch.
 
         Args:
@@ -94,9 +78,8 @@ class Evaluator:
             outputs: model outputs (logits at input resolution), ``{task: tensor}``.
             fused: fused predictions that replace a task's own decision from its output,
                 ``{task: tensor}`` (:func:`mtseg.fusion.fused_predictions`).
-            instances: COCO result dicts of this batch's images (COCO category ids, masks at
-                the original image size, e.g. from :func:`mtseg.metrics.masks_to_coco_results`),
-                as a flat list or one list per image. Needed for mask AP and PQ.
+            instances: COCO result dicts of this batch's images (masks at the original image
+                size, e.g. from :func:`mtseg.fusion.instances_to_coco`), for mask AP and PQ.
         """
         fused = fused or {}
         for name, task in self.tasks.items():
@@ -111,11 +94,10 @@ class Evaluator:
         if _MASK in self.metrics and instances is not None:
             if "image_id" not in batch:
                 raise ValueError("batch: missing 'image_id' (needed by the mask AP metric)")
-            results = _flatten_results(instances)
-            self.metrics[_MASK].update(results)
-            self._update_panoptic(results, batch["image_id"])
+            self.metrics[_MASK].update(instances)
+            self._update_panoptic(instances, batch["image_id"])
 
-    def _update_panoptic(self, results: list[dict], image_ids: torch.Tensor) -> None:
+    def _update_panoptic(self, results: Sequence[dict], image_ids: torch.Tensor) -> None:
         by_image: dict[int, list[dict]] = defaultdict(list)
         for r in results:
             by_image[int(r["image_id"])].append(r)
@@ -125,7 +107,7 @@ class Evaluator:
                 raise ValueError(f"batch: image_id {image_id} is not in the COCO ground truth")
             info = self.coco_gt.imgs[image_id]
             pred = segments_from_results(by_image.get(image_id, []), int(info["height"]), int(info["width"]),
-                                         class_of=class_of, score_threshold=self.pq_score_threshold)
+                                         class_of=class_of)
             gt, void = gt_segments_from_coco(self.coco_gt, image_id, class_of=class_of)
             self.metrics[_PANOPTIC].update(pred, gt, void)
 

@@ -1,26 +1,17 @@
 """Panoptic quality (PQ = SQ x RQ) over thing classes (Kirillov et al., "Panoptic Segmentation", CVPR 2019).
 
-Input per image is two lists of non-overlapping segments, ``(mask, class)`` with a bool
-(H, W) mask, plus an optional void mask; matching, void and averaging follow the reference
-``panopticapi`` (``pq_compute``):
-
-- a predicted and a ground-truth segment of the same class match when
-  ``IoU > iou_threshold`` (>= 0.5, so matches are unique), where the union leaves out the
-  prediction's void pixels;
-- unmatched ground truth is a false negative; an unmatched prediction is a false positive
-  unless more than half of it lies on void;
-- per class ``PQ = sum IoU(TP) / (TP + FP/2 + FN/2)``, ``SQ = sum IoU(TP) / TP``,
-  ``RQ = TP / (TP + FP/2 + FN/2)``; PQ, SQ and RQ are each averaged over the classes that
-  have at least one TP, FP or FN (so the averaged PQ need not equal averaged SQ x RQ).
-
-Crowd regions are passed as void (panopticapi additionally keeps them per class; here any
-crowd pixel is void), which is what :func:`gt_segments_from_coco` does.
+Input per image is two lists of disjoint ``(mask, class)`` segments plus an optional void
+mask; matching, void and averaging follow the reference ``panopticapi`` (``pq_compute``):
+segments of one class match when ``IoU > 0.5`` (the union leaving out the prediction's
+void pixels); an unmatched prediction is a false positive unless more than half of it lies
+on void; PQ, SQ and RQ are each averaged over the classes with at least one TP, FP or FN.
+Any crowd pixel is void (:func:`gt_segments_from_coco`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,29 +53,17 @@ class PanopticQuality(SumMetric):
     """PQ, SQ, RQ accumulated as per-class TP / FP / FN counts and summed TP IoU.
 
     Args:
-        num_classes: number of class indices (including background 0).
-        things: class indices evaluated; segments of other classes are ignored. Default:
-            every class but 0.
-        iou_threshold: match threshold, in [0.5, 1).
+        num_classes: number of class indices; every class but background 0 is a thing.
     """
 
-    def __init__(self, num_classes: int, things: Iterable[int] | None = None, iou_threshold: float = 0.5):
+    def __init__(self, num_classes: int):
         if num_classes < 2:
             raise ValueError(f"num_classes: must be >= 2 (background + one thing), got {num_classes}")
-        if not 0.5 <= iou_threshold < 1.0:
-            raise ValueError(f"iou_threshold: must be in [0.5, 1) for unique matching, got {iou_threshold}")
         self.num_classes = int(num_classes)
-        self.things = tuple(sorted({int(c) for c in (things if things is not None else range(1, num_classes))}))
-        bad = [c for c in self.things if not 0 <= c < num_classes]
-        if bad or not self.things:
-            raise ValueError(f"things: must be a non-empty subset of 0..{num_classes - 1}, got {list(self.things)}")
-        self.iou_threshold = float(iou_threshold)
-        self._is_thing = np.zeros(self.num_classes, dtype=bool)
-        self._is_thing[list(self.things)] = True
         self.reset()
 
     def _config(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "things": list(self.things), "iou_threshold": self.iou_threshold}
+        return {"num_classes": self.num_classes}
 
     def _empty_state(self) -> torch.Tensor:
         return torch.zeros(4, self.num_classes, dtype=torch.float64)  # TP, FP, FN, sum of TP IoU
@@ -93,7 +72,7 @@ class PanopticQuality(SumMetric):
         for n, (_, c) in enumerate(segments):
             if not 0 <= int(c) < self.num_classes:
                 raise ValueError(f"{what}[{n}]: class {c} is not in 0..{self.num_classes - 1}")
-        return [(m, int(c)) for m, c in segments if self._is_thing[int(c)]]
+        return [(m, int(c)) for m, c in segments if int(c) != 0]
 
     def update(self, pred_segments: Sequence[Segment], gt_segments: Sequence[Segment], void: Any = None) -> None:
         """Count one image.
@@ -140,7 +119,7 @@ class PanopticQuality(SumMetric):
             inter = joint[g, p]
             union = pred_area[p] + gt_area[g] - inter - pred_void[p]
             iou = inter / union
-            if iou > self.iou_threshold:
+            if iou > 0.5:  # at most one match per segment
                 c = gt_cls[g - 1]
                 tp[c] += 1
                 iou_sum[c] += iou
@@ -162,7 +141,7 @@ class PanopticQuality(SumMetric):
         """
         tp, fp, fn, iou_sum = self._state.cpu().numpy()
         denom = tp + 0.5 * fp + 0.5 * fn
-        present = (denom > 0) & self._is_thing
+        present = denom > 0
         with np.errstate(divide="ignore", invalid="ignore"):
             pq = np.where(present, iou_sum / denom, np.nan)
             sq = np.where(present, np.where(tp > 0, iou_sum / np.maximum(tp, 1), 0.0), np.nan)
@@ -183,9 +162,8 @@ def segments_from_results(results: Sequence[dict], height: int, width: int,
                           overlap_threshold: float = 0.5) -> list[Segment]:
     """Overlapping scored instance masks (COCO results of one image) -> disjoint segments.
 
-    The usual instance -> panoptic conversion (as in Panoptic FPN / detectron2): instances
-    with ``score >= score_threshold`` are pasted in decreasing score order onto free pixels;
-    an instance keeping less than ``overlap_threshold`` of its mask is dropped.
+    As Panoptic FPN / detectron2 do: instances are pasted in decreasing score order onto
+    free pixels; one keeping less than ``overlap_threshold`` of its mask is dropped.
 
     Args:
         results: COCO result dicts of one image (RLE ``segmentation``, ``score``, ``category_id``).
@@ -223,8 +201,7 @@ def gt_segments_from_coco(coco_gt: COCO, image_id: int,
                           class_of: Callable[[int], int] | None = None) -> tuple[list[Segment], np.ndarray]:
     """Ground-truth segments and void mask of one image from COCO instance annotations.
 
-    COCO instance masks may overlap; each pixel goes to the first annotation (file order)
-    that covers it. Crowd annotations become void.
+    A pixel covered by several instances goes to the first (file order); crowds become void.
 
     Args:
         coco_gt: the ground truth.
