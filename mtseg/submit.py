@@ -1,32 +1,17 @@
 """Run mtseg's jobs on a Ray cluster through the Ray Jobs API, and manage them.
 
     mtseg submit train --config jobs/configs/demo.yaml train.epochs=2 --wait
-    mtseg submit prepare --config jobs/configs/demo.yaml --coco-root s3://bucket/coco
     mtseg submit evaluate -- --checkpoint s3://bucket/runs/demo
     mtseg jobs list | status ID | logs ID [--follow] | stop ID [--wait]
 
-``submit`` sends ``jobs/<script>.py`` with the project as its ``working_dir`` (code only: data,
-runs and virtual environments stay behind), the storage endpoint and region as environment
-variables taken *by name* from the submitting shell, and the entrypoint's own resources. The
-config is loaded and validated here first, so a bad key or value never reaches the cluster.
+``submit`` validates the config here, then sends ``jobs/<script>.py`` with the project as its
+``working_dir`` and the storage endpoint and region as environment variables. Credentials are
+not sent unless ``--forward-credentials``: Ray writes a job's ``runtime_env`` in plain text to
+its logs and ``ray job list``, so the job uses the cluster's own.
 
-Storage credentials are not sent: Ray writes a job's ``runtime_env`` in plain text into its
-session logs (``runtime_env_agent.log``) and into every ``ray job list``, so the job uses the
-cluster's own (its nodes' environment, an instance role, a Kubernetes Secret; the head that
-``mtseg cluster up`` starts has the local store's). ``--forward-credentials`` sends them anyway.
-
-``mtseg jobs list`` shows what was submitted, not the driver connections Ray lists beside it
-(Ray reports each of those as SUCCEEDED once it disconnects, however it ended), and next to a
-training job's status the outcome its run recorded (``SUCCEEDED (run: finished)``).
-
-Where the cluster is, in order: ``--address``, ``RAY_API_SERVER_ADDRESS``, ``RAY_ADDRESS`` (as
-``ray job submit`` reads them), then the head that ``mtseg cluster up`` started. The address is
-the head's dashboard URL (``http://HEAD:8265``), which serves the Jobs API.
-
-Ray's token authentication stays on: the token is read like Ray reads it (``RAY_AUTH_TOKEN``,
-else the file named by ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``) and sent as a
-bearer header on every request, whether or not ``RAY_AUTH_MODE`` is set in this shell. A
-missing or wrong token fails with one line saying so.
+The address is the head's dashboard URL: ``--address``, ``RAY_API_SERVER_ADDRESS``,
+``RAY_ADDRESS``, then the head of ``mtseg cluster up``. Ray's auth token is read as Ray reads
+it and sent on every request.
 """
 
 from __future__ import annotations
@@ -45,14 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mtseg.cluster import CREDENTIAL_ENV_VARS, STORAGE_ENV_VARS, storage_env
+from mtseg.cluster import storage_env
 from mtseg.errors import MtsegError
-
-# What each `mtseg submit NAME` runs. The training, tuning and evaluation drivers only
-# coordinate (the work runs in Ray Train workers, Tune trials and Ray Data actors), so they
-# reserve nothing and Ray runs them on the head; the prepare driver shards COCO itself and the
-# predict driver runs the model, so each reserves a CPU and lands on a node that has one (a
-# worker when the head advertises no CPUs, as in cluster/aws.yaml).
 
 
 @dataclass(frozen=True)
@@ -61,12 +40,14 @@ class JobSpec:
 
     Args:
         script: the entry script, relative to the project root.
-        entrypoint_num_cpus: CPUs the driver process reserves (0 = runs on the head, reserves nothing).
+        entrypoint_num_cpus: CPUs the driver reserves. Training, tuning and evaluation drivers
+            only coordinate, so they reserve none and run on the head; prepare and predict do
+            the work themselves and reserve a CPU (a worker node when the head has none).
         help: one line for ``mtseg submit --help``.
         takes_config: the script takes ``--config FILE`` and ``key=value`` overrides; otherwise
-            it takes its own arguments (``mtseg submit evaluate -- --checkpoint ...``).
-        command: the ``mtseg`` subcommand the script runs, whose parser checks the arguments
-            before submission; None for a script with its own parser.
+            its own arguments (``mtseg submit evaluate -- --checkpoint ...``).
+        command: the ``mtseg`` subcommand whose parser checks the arguments before submission
+            (None: the script has its own parser).
     """
 
     script: str
@@ -133,8 +114,7 @@ def resolve_address(address: str | None = None, *, environ: Mapping[str, str] | 
         The URL with no trailing slash, e.g. ``http://127.0.0.1:8265``.
 
     Raises:
-        SubmitError: no address anywhere, or one that is not an ``http(s)://`` URL (a GCS
-            address ``host:6379`` or a ``ray://`` client address does not serve the Jobs API).
+        SubmitError: no address anywhere, or one that is not an ``http(s)://`` URL.
     """
     environ = os.environ if environ is None else environ
     candidates = [("--address", address), *((k, environ.get(k)) for k in ADDRESS_ENV_VARS)]
@@ -165,12 +145,12 @@ def load_token(environ: Mapping[str, str] | None = None) -> tuple[str | None, st
         environ: environment to read (default ``os.environ``).
 
     Returns:
-        ``(token, source)``; ``token`` is None when there is none, ``source`` names where it came
-        from (``RAY_AUTH_TOKEN``, a file path, or ``none``) and is safe to print.
+        ``(token, source)``: token None when there is none; source (``RAY_AUTH_TOKEN``, a file
+        path, or ``none``) is safe to print.
 
     Raises:
-        SubmitError: ``RAY_AUTH_TOKEN_PATH`` names a file that is missing or empty (Ray treats
-            that as a misconfiguration rather than falling back, and so do we).
+        SubmitError: ``RAY_AUTH_TOKEN_PATH`` names a missing or empty file (Ray does not fall
+            back either).
     """
     environ = os.environ if environ is None else environ
     token = (environ.get("RAY_AUTH_TOKEN") or "").strip()
@@ -229,14 +209,17 @@ def _quiet_ray_logs() -> Iterator[None]:
 
 
 class JobsClient:
-    """A Ray ``JobSubmissionClient`` with mtseg's address and token rules and one-line errors.
+    """A Ray ``JobSubmissionClient`` with mtseg's address and token rules.
 
-    Every Ray error (auth, connection, HTTP) is turned into a :class:`SubmitError` whose message
-    names the address and what to do, and never contains the token or storage secrets.
+    Every Ray error becomes a one-line :class:`SubmitError` naming the address, without the
+    token or storage secrets.
 
     Args:
         address: see :func:`resolve_address`.
         token: the auth token; default :func:`load_token`. Pass ``""`` to send none.
+
+    Raises:
+        SubmitError: no address, cluster unreachable, or the token is missing or wrong.
     """
 
     def __init__(self, address: str | None = None, *, token: str | None = None):
@@ -252,13 +235,11 @@ class JobsClient:
         with self._errors(), _without_env(ADDRESS_ENV_VARS):
             self._client = JobSubmissionClient(self.address, headers=headers)
 
-    # -------------------------------------------------------------------- errors
-
     def _redact(self, text: str) -> str:
         from mtseg.storage import redact
 
         text = redact(text)
-        return text.replace(self._token, "***") if getattr(self, "_token", None) else text
+        return text.replace(self._token, "***") if self._token else text
 
     @contextlib.contextmanager
     def _errors(self, job: str | None = None) -> Iterator[None]:
@@ -291,14 +272,8 @@ class JobsClient:
             "set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token"
         )
 
-    # -------------------------------------------------------------------- jobs
-
     def submit_job(self, *, agent_wait_s: float = 60.0, **kwargs: Any) -> str:
-        """``JobSubmissionClient.submit_job``, retried while a freshly started head's agent registers.
-
-        Returns:
-            The submission id.
-        """
+        """``JobSubmissionClient.submit_job``, retried while a freshly started head's agent registers."""
         deadline = time.monotonic() + agent_wait_s
         with _quiet_ray_logs():
             while True:
@@ -342,26 +317,17 @@ class JobsClient:
         with self._errors(submission_id):
             return bool(self._client.stop_job(submission_id))
 
-    def wait(self, submission_id: str, *, timeout: float | None = None, poll_s: float = 1.0) -> str:
-        """Block until the job reaches a terminal status and return it.
-
-        Raises:
-            SubmitError: ``timeout`` seconds passed first.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.status(submission_id)
-            if status in TERMINAL:
-                return status
-            if deadline is not None and time.monotonic() > deadline:
-                raise SubmitError(f"job {submission_id} still {status} after {timeout:.0f}s")
+    def wait(self, submission_id: str, *, poll_s: float = 1.0) -> str:
+        """Block until the job reaches a terminal status and return it."""
+        while (status := self.status(submission_id)) not in TERMINAL:
             time.sleep(poll_s)
+        return status
 
     def follow(self, submission_id: str, out: IO[str] | None = None, *, poll_s: float = 1.0) -> str:
         """Stream the job's log to ``out`` until the job ends; return its terminal status.
 
-        Streams over the Jobs API websocket; if that breaks (a proxy that drops websockets, a
-        restarted dashboard), falls back to polling the log and printing what is new.
+        Polls the log when the Jobs API websocket breaks (a proxy that drops websockets, a
+        restarted dashboard).
         """
         out = out or sys.stdout
         progress = [0]  # characters written so far, kept when the stream breaks half-way
@@ -391,34 +357,20 @@ class JobsClient:
             progress[0] += len(chunk)
 
 
-def client(address: str | None = None, *, token: str | None = None) -> JobsClient:
-    """A :class:`JobsClient` for the cluster at ``address`` (see :func:`resolve_address`).
-
-    Raises:
-        SubmitError: no address, cluster unreachable, or the token is missing or wrong.
-    """
-    return JobsClient(address, token=token)
-
-
 # ---------------------------------------------------------------------------- what is submitted
 
 
-def project_root(start: str | os.PathLike | None = None) -> Path:
-    """The project directory that becomes the job's ``working_dir``.
-
-    The nearest directory at or above ``start`` (default: the current directory) holding both
-    ``pyproject.toml`` and ``jobs/``; else the checkout mtseg itself was imported from.
+def project_root() -> Path:
+    """The job's ``working_dir``: the nearest directory at or above the current one holding
+    ``pyproject.toml`` and ``jobs/``, else the checkout mtseg was imported from.
 
     Raises:
         SubmitError: neither is a project checkout.
     """
-    here = Path(start or os.getcwd()).resolve()
-    for d in (here, *here.parents):
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents, Path(__file__).resolve().parent.parent):
         if (d / "pyproject.toml").is_file() and (d / "jobs").is_dir():
             return d
-    pkg_parent = Path(__file__).resolve().parent.parent
-    if (pkg_parent / "pyproject.toml").is_file() and (pkg_parent / "jobs").is_dir():
-        return pkg_parent
     raise SubmitError(f"{here}: not inside an mtseg checkout (no pyproject.toml + jobs/ here or above); pass working_dir")
 
 
@@ -438,11 +390,9 @@ def _relative_to_root(path: str, root: Path, what: str) -> str:
     return rel.as_posix()
 
 
-def build_entrypoint(script: str, config_rel: str | None = None, overrides: Sequence[str] = (),
-                     script_args: Sequence[str] = ()) -> str:
+def build_entrypoint(script: str, argv: Sequence[str] = ()) -> str:
     """The shell command the job runs, e.g. ``python jobs/train.py --config jobs/configs/demo.yaml train.lr=0.01``."""
-    parts = ["python", script, *(["--config", config_rel] if config_rel else []), *script_args, *overrides]
-    return " ".join(shlex.quote(p) for p in parts)
+    return shlex.join(["python", script, *argv])
 
 
 def build_runtime_env(working_dir: str | os.PathLike, env_vars: Mapping[str, str]) -> dict[str, Any]:
@@ -464,11 +414,7 @@ def make_submission_id(name: str, run_name: str) -> str:
 
 
 def _run_location(cfg) -> str | None:
-    """Where the run of a training job lives (``trainer.run_uri``), if this machine can find it too.
-
-    A relative local path is relative to the job's scratch directory on the cluster: nothing
-    here would read the same place.
-    """
+    """Where a training job's run lives, if this machine can read it too (not a relative local path)."""
     from mtseg.storage import is_s3, join
 
     path = cfg.train.storage_path
@@ -495,7 +441,6 @@ def submit(
     overrides: Sequence[str] = (),
     *,
     address: str | None = None,
-    wait: bool = False,
     working_dir: str | os.PathLike | None = None,
     submission_id: str | None = None,
     script_args: Sequence[str] = (),
@@ -506,7 +451,6 @@ def submit(
     pass_storage_env: bool = True,
     forward_credentials: bool = False,
     token: str | None = None,
-    out: IO[str] | None = None,
     log=None,
     check_args: Callable[[str, list[str]], None] | None = None,
 ) -> str:
@@ -515,37 +459,27 @@ def submit(
     Args:
         name: a key of :data:`JOBS` (``prepare``, ``train``, ``tune``, ``evaluate``, ``predict``).
         config_path: the YAML config, inside the project (the cluster sees only the project);
-            None runs on the built-in defaults. Only for jobs that take a config.
+            None runs on the built-in defaults.
         overrides: dotted ``key=value`` overrides, validated here and passed to the script.
         address: Jobs API address (see :func:`resolve_address`).
-        wait: follow the job's log to ``out`` until it ends (its outcome:
-            ``client(address).status(id)``).
         working_dir: the directory uploaded as the job's working_dir; default :func:`project_root`.
         submission_id: a plain name (letters, digits, ``-_.``); default :func:`make_submission_id`.
         script_args: arguments for the entry script (after ``--config``, before the overrides).
-        entrypoint_num_cpus: CPUs reserved by the driver; default the job's :class:`JobSpec`.
-        entrypoint_num_gpus: GPUs reserved by the driver; default 0.
-        entrypoint_memory: bytes of memory reserved by the driver; default none.
-        entrypoint_resources: custom resources reserved by the driver.
-        pass_storage_env: pass :data:`STORAGE_ENV_VARS` set in this shell to the job; False
-            leaves the cluster's own settings in charge.
-        forward_credentials: pass :data:`CREDENTIAL_ENV_VARS` too. Ray then writes them in
-            plain text to its session logs and ``ray job list``; by default the job uses the
-            cluster's own credentials (its nodes' environment, instance role, Kubernetes Secret).
+        entrypoint_num_cpus, entrypoint_num_gpus, entrypoint_memory, entrypoint_resources: what
+            the driver reserves; default the job's :class:`JobSpec` CPUs and nothing else.
+        pass_storage_env: pass the storage endpoint and region set in this shell to the job.
+        forward_credentials: pass the storage credentials too (Ray logs them in plain text).
         token: the Ray auth token; default :func:`load_token`.
-        out: where ``wait`` writes the log (default stdout).
         log: one-line progress messages (default: print to stderr).
         check_args: ``check_args(name, argv)`` raises :class:`SubmitError` when the entry script
-            would refuse ``argv``; the ``mtseg`` command line passes its own parser's check
-            (:func:`mtseg.cli.jobs.check_arguments`). None skips it.
+            would refuse ``argv`` (:func:`mtseg.cli.jobs.check_arguments`); None skips it.
 
     Returns:
         The submission id.
 
     Raises:
         ConfigError: the config, an override or the submission id is wrong (nothing was sent).
-        SubmitError: unknown job, missing entry script, bad script arguments, config outside the
-            project, no or wrong token, cluster unreachable, or the cluster refused the job.
+        SubmitError: the job, its arguments or config are wrong, or the cluster refused it.
     """
     from mtseg.config import load_config, validate_name
 
@@ -573,13 +507,14 @@ def submit(
         if config_path or overrides:
             raise SubmitError(f"{name}: takes no --config or key=value overrides; pass its own arguments after --")
         run_name, run = "run", None
+    argv = [*(["--config", config_rel] if config_rel else []), *script_args, *overrides]
     if check_args is not None:
-        check_args(name, [*(["--config", config_rel] if config_rel else []), *script_args, *overrides])
+        check_args(name, argv)
 
     env_vars = storage_env(credentials=forward_credentials) if pass_storage_env else {}
-    entrypoint = build_entrypoint(spec.script, config_rel, overrides, script_args)
+    entrypoint = build_entrypoint(spec.script, argv)
     sid = submission_id or make_submission_id(name, run_name)
-    jobs = client(address, token=token)
+    jobs = JobsClient(address, token=token)
     log(f"[submit] {name} -> {jobs.address} (auth token from {jobs.token_source}; uploading {root})")
     if pass_storage_env:
         log(f"[submit] storage settings passed by name: {', '.join(env_vars) or 'none set in this shell'}")
@@ -602,8 +537,6 @@ def submit(
         entrypoint_resources=dict(entrypoint_resources) if entrypoint_resources else None,
     )
     log(f"[submit] submitted {submitted}: {entrypoint}")
-    if wait:
-        jobs.follow(submitted, out)
     return submitted
 
 
@@ -611,18 +544,14 @@ def submit(
 
 
 def run_outcome(info) -> str | None:
-    """The outcome a training job's run recorded, for display: ``finished``, ``interrupted: REASON``.
-
-    Ray's status says how the job's entrypoint process ended; the run's own record (its
-    ``outcome.json``) says how training ended, e.g. a driver that lost its lease.
+    """How a training job's run says it ended (``finished``, ``interrupted: REASON``), beside Ray's status.
 
     Args:
         info: the job's ``JobDetails``.
 
     Returns:
-        None when the job names no run (not a training job, or a run on a relative local path);
-        ``not started`` when the run has recorded nothing yet; ``unreadable (...)`` when its
-        storage cannot be read from here.
+        None when the job names no run; ``not started`` when the run has recorded nothing yet;
+        ``unreadable (...)`` when its storage cannot be read from here.
     """
     from mtseg.storage import StorageError
 
@@ -640,24 +569,3 @@ def run_outcome(info) -> str | None:
     status, reason = outcome.get("status", "unknown"), outcome.get("reason")
     return f"{status}: {reason}" if reason and status != "finished" else status
 
-
-__all__ = [
-    "CREDENTIAL_ENV_VARS",
-    "JOBS",
-    "RUN_METADATA_KEY",
-    "STORAGE_ENV_VARS",
-    "WORKING_DIR_EXCLUDES",
-    "JobSpec",
-    "JobsClient",
-    "SubmitError",
-    "build_entrypoint",
-    "build_runtime_env",
-    "client",
-    "load_token",
-    "make_submission_id",
-    "project_root",
-    "resolve_address",
-    "run_outcome",
-    "storage_env",
-    "submit",
-]

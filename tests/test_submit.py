@@ -29,7 +29,7 @@ import pytest
 
 from mtseg import submit as sub
 from mtseg.cli import JOB_EXIT_CODES, main
-from mtseg.cluster import LOOPBACK, RayHead, free_port
+from mtseg.cluster import CREDENTIAL_ENV_VARS, LOOPBACK, RayHead, free_port
 from mtseg.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_credentials_are_sent_only_with_forward_credentials(monkeypatch):
     sub.submit("train", "jobs/configs/demo.yaml", address="http://127.0.0.1:9", forward_credentials=True, log=lambda m: None)
     default, forwarded = (s["runtime_env"]["env_vars"] for s in _RecordingClient.sent)
     assert default["AWS_ENDPOINT_URL_S3"] == "http://s3:8333"
-    assert not set(sub.CREDENTIAL_ENV_VARS) & set(default)
+    assert not set(CREDENTIAL_ENV_VARS) & set(default)
     assert forwarded["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and forwarded["AWS_ACCESS_KEY_ID"] == "id"
     assert sum("credentials not sent" in line for line in logged) == 1
     assert "s3cr3t" not in "\n".join(logged)
@@ -170,9 +170,8 @@ def test_runtime_env_uploads_code_not_data():
 
 
 def test_entrypoint_and_submission_id():
-    cmd = sub.build_entrypoint("jobs/train.py", "jobs/configs/demo.yaml", ["train.run_name=a b"], ["--restart"])
+    cmd = sub.build_entrypoint("jobs/train.py", ["--config", "jobs/configs/demo.yaml", "--restart", "train.run_name=a b"])
     assert cmd == "python jobs/train.py --config jobs/configs/demo.yaml --restart 'train.run_name=a b'"
-    assert sub.build_entrypoint("jobs/evaluate.py", None, (), ["--checkpoint", "s3://b/r"]) == "python jobs/evaluate.py --checkpoint s3://b/r"
     a, b = sub.make_submission_id("train", "my run/1"), sub.make_submission_id("train", "my run/1")
     assert a != b and a.startswith("mtseg-train-my-run-1-")
 
@@ -235,7 +234,7 @@ def test_prepare_requires_coco_root(monkeypatch):
 def test_unreachable_cluster_is_one_line(capsys):
     port = free_port()  # nothing listens there
     with pytest.raises(sub.SubmitError, match=f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}"):
-        sub.client(f"http://127.0.0.1:{port}", token="x")
+        sub.JobsClient(f"http://127.0.0.1:{port}", token="x")
     assert main(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
@@ -329,9 +328,9 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
     monkeypatch.chdir(trivial_project)
     out = io.StringIO()
     sid = sub.submit("train", "jobs/configs/t.yaml", ["train.lr=0.5"], address=h.dashboard_url, token=token,
-                     working_dir=trivial_project, wait=True, out=out)
-    jobs = sub.client(h.dashboard_url, token=token)
-    assert jobs.status(sid) == "SUCCEEDED"
+                     working_dir=trivial_project)
+    jobs = sub.JobsClient(h.dashboard_url, token=token)
+    assert jobs.follow(sid, out) == "SUCCEEDED"
     log = out.getvalue()
     assert "argv: --config jobs/configs/t.yaml train.lr=0.5" in log
     assert "config exists: True" in log
@@ -342,7 +341,7 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
     assert sid in [j.submission_id for j in jobs.list_jobs()]
     # The endpoint travels with the job; the credentials come from the head's own environment.
     assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL_S3"] == s3_env["AWS_ENDPOINT_URL_S3"]
-    assert not set(sub.CREDENTIAL_ENV_VARS) & set(info.runtime_env["env_vars"])
+    assert not set(CREDENTIAL_ENV_VARS) & set(info.runtime_env["env_vars"])
     # Names are printed, values never.
     printed = capsys.readouterr()
     assert "AWS_ENDPOINT_URL_S3" in printed.err and "credentials not sent" in printed.err
@@ -350,8 +349,8 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
         assert value not in printed.err + printed.out + log
     # A failing job: --wait exits with the job's outcome.
     sid = sub.submit("train", "jobs/configs/t.yaml", ["train.run_name=fail"], address=h.dashboard_url, token=token,
-                     working_dir=trivial_project, wait=True, out=io.StringIO())
-    assert jobs.status(sid) == "FAILED"
+                     working_dir=trivial_project)
+    assert jobs.follow(sid, io.StringIO()) == "FAILED"
     proc = _cli(["submit", "train", "--wait", "--working-dir", str(trivial_project), "--config", str(trivial_project / "jobs/configs/t.yaml"),
                  "train.run_name=fail"], token=token, address=h.dashboard_url)
     assert proc.returncode == JOB_EXIT_CODES["FAILED"], proc.stderr[-2000:]
@@ -360,7 +359,7 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
 @pytest.mark.slow
 def test_jobs_stop_stops_a_running_job(head, trivial_project):
     h, token = head
-    jobs = sub.client(h.dashboard_url, token=token)
+    jobs = sub.JobsClient(h.dashboard_url, token=token)
     sid = sub.submit("train", str(trivial_project / "jobs/configs/t.yaml"), ["train.run_name=sleep"], address=h.dashboard_url,
                      token=token, working_dir=trivial_project, log=lambda *a: None)
     deadline = time.monotonic() + 120
@@ -381,9 +380,9 @@ def test_jobs_stop_stops_a_running_job(head, trivial_project):
 def test_missing_or_wrong_token_is_refused(head, tmp_path):
     h, token = head
     with pytest.raises(sub.SubmitError, match="missing auth token"):
-        sub.client(h.dashboard_url, token="")
+        sub.JobsClient(h.dashboard_url, token="")
     with pytest.raises(sub.SubmitError, match="wrong auth token"):
-        sub.client(h.dashboard_url, token="not-" + token)
+        sub.JobsClient(h.dashboard_url, token="not-" + token)
     args = ["submit", "train", "--config", "jobs/configs/demo.yaml", "--address", h.dashboard_url]
     proc = _cli(args, token=None, home=str(tmp_path))  # no env token, no ~/.ray/auth_token
     assert proc.returncode == 2
@@ -400,7 +399,7 @@ def test_missing_or_wrong_token_is_refused(head, tmp_path):
 @pytest.mark.slow
 def test_bad_config_never_reaches_the_cluster(head):
     h, token = head
-    jobs = sub.client(h.dashboard_url, token=token)
+    jobs = sub.JobsClient(h.dashboard_url, token=token)
     before = len(jobs.list_jobs())
     proc = _cli(["submit", "train", "--config", "jobs/configs/demo.yaml", "train.epochs=0"], token=token, address=h.dashboard_url)
     assert proc.returncode == 2
@@ -475,7 +474,7 @@ def test_jobs_list_does_not_report_a_killed_driver_as_succeeded(head):
     proc = subprocess.run([sys.executable, "-c", killed], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     job_id = proc.stdout.split()[-1]
-    jobs = sub.client(h.dashboard_url, token=token)
+    jobs = sub.JobsClient(h.dashboard_url, token=token)
     deadline = time.monotonic() + 60
     while not any(j.job_id == job_id and j.status.value == "SUCCEEDED" for j in jobs.list_jobs()):  # Ray's view
         assert time.monotonic() < deadline, "Ray never noticed the driver's end"

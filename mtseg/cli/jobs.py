@@ -16,8 +16,6 @@ from mtseg.cli import EXIT_FAILED, EXIT_INTERRUPTED, JOB_EXIT_CODES, build_parse
 def check_arguments(name: str, argv: Sequence[str]) -> None:
     """Parse ``argv`` with the parser of the job's ``mtseg`` subcommand, as the job will.
 
-    What :func:`cmd_submit` passes to :func:`mtseg.submit.submit` as ``check_args``.
-
     Raises:
         SubmitError: the arguments are wrong (the message is argparse's, on one line).
     """
@@ -67,7 +65,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     script_args: list[str] = []
     if args.job == "prepare":
         script_args += ["--coco-root", args.coco_root]
-    if getattr(args, "restart", False):
+    if getattr(args, "restart", False):  # only `submit train` has --restart
         script_args.append("--restart")
     if spec.takes_config:
         config, overrides = args.config, args.overrides
@@ -76,7 +74,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         script_args += args.script_args
     sid = submit.submit(
         args.job, config, overrides,
-        address=args.address, wait=False, working_dir=args.working_dir, submission_id=args.submission_id,
+        address=args.address, working_dir=args.working_dir, submission_id=args.submission_id,
         script_args=script_args, entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus,
         entrypoint_memory=args.memory, entrypoint_resources=dict(args.resource or []),
         pass_storage_env=not args.no_storage_env, forward_credentials=args.forward_credentials,
@@ -86,7 +84,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         print(f"# follow it: mtseg jobs logs {sid} --follow", file=sys.stderr)
         return 0
-    return _follow_and_exit(submit.client(args.address), sid)
+    return _follow_and_exit(submit.JobsClient(args.address), sid)
 
 
 def _shorten(text: str, width: int) -> str:
@@ -121,7 +119,7 @@ def _list_jobs(jobs: submit.JobsClient, *, drivers: bool) -> None:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """``mtseg jobs list|status|logs|stop``."""
-    jobs = submit.client(args.address)
+    jobs = submit.JobsClient(args.address)
     if args.action == "list":
         _list_jobs(jobs, drivers=args.drivers)
         return 0
