@@ -1,22 +1,13 @@
 """Fusion: the task heads' outputs -> the final semantic map and COCO instance results.
 
-* :func:`fuse_semantic`: the category head's argmax, restricted to the categories of
-  each pixel's argmax supercategory (hierarchical consistency), with low-confidence
-  pixels on predicted boundaries snapped to a more confident neighbour's label.
-* :func:`fuse_instances`: Panoptic-DeepLab grouping (Cheng et al. 2020): instance centers
-  are the local maxima of the center heatmap (keypoint NMS by max-pooling), every thing
-  pixel votes for the nearest center through its predicted offset, and each instance
-  takes the majority category of the semantic map over its pixels.
-* :func:`instances_to_coco`: instances -> COCO result dicts (compressed RLE, COCO
-  category id, score) ready for ``COCO.loadRes`` / ``COCOeval``.
+* :func:`fuse_semantic`: the category argmax, kept inside each pixel's supercategory, with
+  low-confidence pixels on predicted boundaries snapped to a more confident neighbour.
+* :func:`fuse_instances`: Panoptic-DeepLab grouping (Cheng et al. 2020) of the thing
+  pixels (every non-background pixel: COCO instances are all things).
+* :func:`instances_to_coco`: instances -> COCO result dicts for ``COCOeval``.
 
-What the evaluator scores from here: :func:`fused_predictions` names the task whose metric
-takes the fused map instead of the head's own argmax, and when :func:`has_instances` the
-fused instances are scored with COCO mask AP and panoptic quality (the evaluator needs the
-COCO ground truth for those).
-
-All categories are things (COCO instance annotations only), so every non-background
-pixel of the semantic map belongs to some instance.
+This is the one module that names specific tasks; the evaluator scores
+:func:`fused_predictions` instead of a head's own argmax.
 """
 
 from __future__ import annotations
@@ -30,6 +21,9 @@ from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
 # Pixels per chunk when measuring pixel-to-center distances: bounds memory at
 # chunk x top_k floats for large images.
 _DISTANCE_CHUNK = 65536
+
+# Boundary probability above which a pixel may take a more confident neighbour's label.
+_BOUNDARY_THRESHOLD = 0.5
 
 
 def _check_classes(logits: torch.Tensor, categories: CategoryIndex) -> None:
@@ -46,33 +40,23 @@ def has_instances(task_names) -> bool:
 
 
 def fused_predictions(semantic_map: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{task: fused prediction}`` for :meth:`mtseg.metrics.Evaluator.process`.
-
-    Args:
-        semantic_map: (B, H, W) from :func:`fuse_semantic`.
-    """
+    """``{task: fused prediction}`` for :meth:`mtseg.metrics.Evaluator.process`, from :func:`fuse_semantic`'s map."""
     return {"semantic": semantic_map}
 
 
 @torch.no_grad()
-def fuse_semantic(
-    outputs: dict[str, torch.Tensor],
-    categories: CategoryIndex,
-    hierarchical: bool = True,
-    *,
-    boundary_threshold: float | None = 0.5,
-) -> torch.Tensor:
+def fuse_semantic(outputs: dict[str, torch.Tensor], categories: CategoryIndex, hierarchical: bool = True) -> torch.Tensor:
     """Final per-pixel category map.
+
+    On predicted boundary pixels the label of the most confident non-boundary 3x3
+    neighbour wins when it is more confident (upsampled logits blur across edges).
 
     Args:
         outputs: model outputs; ``"semantic"`` (B, K+1, H, W) is required, ``"supercategory"``
             (B, S+1, H, W) and ``"boundary"`` (B, 1, H, W) are used when present.
         categories: the dataset's label spaces (the category -> supercategory map).
         hierarchical: restrict each pixel's category to its argmax supercategory, so the
-            two maps always agree (background only where the supercategory is background).
-        boundary_threshold: on pixels whose boundary probability exceeds it, take the label
-            of the most confident non-boundary 3x3 neighbour when that neighbour is more
-            confident than the pixel (upsampled logits blur across edges); None disables.
+            two maps always agree.
 
     Returns:
         (B, H, W) int64 category indices, 0 = background.
@@ -91,8 +75,8 @@ def fuse_semantic(
         allowed = class_to_super.view(1, -1, 1, 1) == sup.argmax(1, keepdim=True)
         logits = logits.masked_fill(~allowed, float("-inf"))
     pred = logits.argmax(1)
-    if boundary_threshold is not None and "boundary" in outputs:
-        edge = torch.sigmoid(outputs["boundary"][:, 0].float()) > boundary_threshold
+    if "boundary" in outputs:
+        edge = torch.sigmoid(outputs["boundary"][:, 0].float()) > _BOUNDARY_THRESHOLD
         confidence = torch.softmax(logits, dim=1).amax(1)
         pred = _snap_edges(pred, confidence, edge)
     return pred
@@ -190,8 +174,7 @@ def _label_instances(
 ) -> list[dict]:
     """Majority category, score and mask of every center that received pixels.
 
-    Votes and scores are computed for all instances at once on the tensors' device; only
-    the owner map crosses to the host, once per image.
+    Everything but the final masks stays on the tensors' device (one host copy per image).
     """
     n = len(center_scores)
     if n == 0:
@@ -238,10 +221,7 @@ def _assign_pixels(offset: torch.Tensor, things: torch.Tensor, centers: torch.Te
 
 
 def instances_to_coco(
-    instances: list[dict],
-    image_id: int,
-    categories: CategoryIndex,
-    orig_size: tuple[int, int] | torch.Tensor | None = None,
+    instances: list[dict], image_id: int, categories: CategoryIndex, orig_size: tuple[int, int] | None = None
 ) -> list[dict]:
     """COCO result dicts for one image.
 
@@ -249,23 +229,20 @@ def instances_to_coco(
         instances: one image's list from :func:`fuse_instances`.
         image_id: the COCO image id.
         categories: maps contiguous categories back to COCO ids.
-        orig_size: (height, width) of the original image; masks predicted at another size
-            (the whole image resized, not cropped) are resized to it, nearest neighbour.
+        orig_size: (height, width) of the original image; masks are resized to it.
 
     Returns:
-        ``[{"image_id", "category_id" (COCO id), "segmentation" (compressed RLE, counts
-        as str), "score"}]``. No "bbox": ``COCO.loadRes`` would take a box's area for the
-        area ranges of the mask evaluation.
+        ``[{"image_id", "category_id" (COCO id), "segmentation" (compressed RLE), "score"}]``.
+        No "bbox": ``COCO.loadRes`` would take a box's area for the mask evaluation's area ranges.
     """
     from mtseg.metrics.coco import masks_to_coco_results
 
     if not instances:
         return []
-    masks = [torch.as_tensor(np.asarray(i["mask"].cpu() if torch.is_tensor(i["mask"]) else i["mask"])) for i in instances]
-    if any(m.dim() != 2 for m in masks):
-        raise ValueError(f"instances_to_coco: a mask must be (H, W), got shape {tuple(next(m for m in masks if m.dim() != 2).shape)}")
-    size = None if orig_size is None else [int(v) for v in (orig_size.tolist() if torch.is_tensor(orig_size) else orig_size)]
+    masks = [np.asarray(i["mask"]) for i in instances]
+    if any(m.ndim != 2 for m in masks):
+        raise ValueError(f"instances_to_coco: a mask must be (H, W), got shape {next(m.shape for m in masks if m.ndim != 2)}")
     return masks_to_coco_results(
-        image_id, torch.stack(masks), [int(i["category"]) for i in instances], [float(i["score"]) for i in instances],
-        categories, orig_size=size,
+        image_id, np.stack(masks), [int(i["category"]) for i in instances], [float(i["score"]) for i in instances],
+        categories, orig_size=orig_size,
     )
