@@ -17,34 +17,12 @@ Forms: ``choice[a, b, ...]`` (sampled), ``grid[a, b, ...]`` (every value, times 
 ``uniform[lo, hi]`` and ``loguniform[lo, hi]`` (float keys), ``randint[lo, hi]`` (int keys, both
 ends included). Every value is checked against the typed config before Ray starts.
 
-How a search runs
------------------
-* Each trial (:func:`trial_class`) builds a ``TorchTrainer`` with
-  :func:`mtseg.train.trainer.build_trainer` and fits it: the trial's Train run is named after
-  the trial id and lives under ``<storage_path>/<experiment_name>/runs/``. The trial itself
-  reserves almost nothing (:data:`TRIAL_DRIVER_CPUS`); its Train workers reserve
-  ``train.num_workers x train.cpus_per_worker`` (and GPUs) in Train's own placement group, so
-  on a multi-node cluster Train places them, and ``tune.max_concurrent_trials`` bounds how
-  many trials hold workers at once.
-* Every epoch end (fresh ``val/*`` metrics and a checkpoint) is forwarded from the Train
-  controller to the trial through a Ray queue and becomes one Tune result; ASHA's and PBT's
-  time axis is ``train/epoch``. A trial Tune stops aborts its Train run.
-* Population Based Training: PBT saves a strong trial as a copy of its last epoch-end Train
-  checkpoint and hands it to an exploiting trial. That trial starts a *new* Train run (its
-  own older checkpoints must not be resumed) from the donor's checkpoint, rewritten to carry
-  the trial's mutated learning rate and static task weights (:func:`rebase_checkpoint`).
-* Multi-task objective Δm% (Maninis et al. 2019; MTAN's definition): the mean relative gain of
-  each task's metric over a single-task baseline. Baselines are trained once per relevant
-  config and cached under ``<storage_path>/baselines/`` (:func:`ensure_baselines`); every trial
-  reports ``val/delta_m``, which can be the search metric.
-* Results: a table of trials (config, best metric, ``val/mask_ap``, epochs run, state) as CSV
-  and markdown, and the best trial's config as a ready ``mtseg train`` YAML, under
-  ``<storage_path>/<experiment_name>/results/``.
-
-Modules: :mod:`~mtseg.tune.space` (parsing, validation, trial configs, where an experiment
-lives), :mod:`~mtseg.tune.objective` (Δm% and baselines), :mod:`~mtseg.tune.trial` (the
-Trainable, PBT checkpoint rebase), :mod:`~mtseg.tune.results` (table, best config),
-:mod:`~mtseg.tune.search` (schedulers, ``Tuner``, resume, the CLI).
+A trial (:mod:`~mtseg.tune.trial`) fits one ``TorchTrainer`` (:func:`mtseg.train.trainer.build_trainer`)
+and turns each epoch end into a Tune result (ASHA's and PBT's time axis is ``train/epoch``); PBT's
+exploit starts a new Train run from the donor's checkpoint, rebased to the mutated hyperparameters.
+:mod:`~mtseg.tune.objective` adds Δm% over cached single-task baselines,
+:mod:`~mtseg.tune.space` parses and checks the space, :mod:`~mtseg.tune.results` writes the trial
+table and the best config, :mod:`~mtseg.tune.search` builds the ``Tuner`` and resumes.
 """
 
 from mtseg.tune.objective import (

@@ -1,9 +1,5 @@
-"""The multi-task objective Δm% and the single-task baselines it is measured against.
-
-Δm% (Maninis et al. 2019; MTAN's definition) is the mean relative gain of each task's metric
-over a single-task baseline. Baselines are trained once per recipe and cached under
-``<storage_path>/baselines/`` (:func:`ensure_baselines`), so later searches reuse them.
-"""
+"""The multi-task objective Δm% (Maninis et al. 2019; MTAN's definition) and its single-task
+baselines, trained once per recipe and cached under ``<storage_path>/baselines/``."""
 
 from __future__ import annotations
 
@@ -22,12 +18,9 @@ DELTA_M = "val/delta_m"
 
 
 def task_objective(task: str) -> tuple[str, bool, tuple[str, ...]]:
-    """What Δm% takes from ``task``, as its task module declares it.
+    """What Δm% takes from ``task``: ``(metric key, higher_is_better, baseline task set)``.
 
-    Returns:
-        ``(metric key, higher_is_better, baseline task set)``; the baseline trains the task
-        with the tasks it refines (``Task.requires``: their config needs them) and takes only
-        this task's metric.
+    The baseline trains the task with the tasks it refines (``Task.requires``).
     """
     from mtseg.tasks import TASKS
 
@@ -47,12 +40,8 @@ _NOT_RECIPE = {
 
 
 def baseline_config(cfg: Config, task: str) -> Config:
-    """The single-task baseline of ``task`` for ``cfg``'s recipe (model, data, schedule).
-
-    Equal weighting over the task's baseline task set (:func:`task_objective`); the search
-    space is not applied, so trials that vary the architecture are compared with the base
-    architecture's baselines.
-    """
+    """The single-task baseline of ``task`` for ``cfg``'s recipe: equal weighting, no search space
+    (trials that vary the architecture compare with the base architecture's baselines)."""
     _, _, baseline_tasks = task_objective(task)
     base = cfg.to_dict()
     base["tune"] = dataclasses.asdict(TuneConfig())
@@ -80,15 +69,13 @@ def _finite(x: Any) -> bool:
 def delta_m(metrics: dict[str, Any], baselines: dict[str, dict], tasks: list[str] | tuple[str, ...]) -> float:
     """Δm% = mean over tasks of the relative gain over the single-task baseline, x 100.
 
-    ``Δm = 100 / T * Σ_i (-1)^{l_i} (M_i - B_i) / B_i`` with ``l_i = 1`` when lower is better
-    (each task declares its direction, ``Task.higher_is_better``). A task whose baseline is
-    missing, not finite or not positive (e.g. mask AP 0 on a tiny run) has no relative gain
-    and is left out.
+    ``Δm = 100 / T * Σ_i (-1)^{l_i} (M_i - B_i) / B_i`` with ``l_i = 1`` when lower is better.
+    A task whose baseline is missing, not finite or not positive (mask AP 0 on a tiny run) is
+    left out.
 
     Args:
-        metrics: a trial's validation metrics (``val/miou``, ...).
-        baselines: ``{task: {"metric": key, "value": float|None, "higher_is_better": bool, ...}}``
-            from :func:`ensure_baselines` (without ``higher_is_better``, the registered task's).
+        metrics: a trial's validation metrics.
+        baselines: from :func:`ensure_baselines`.
         tasks: the trial's tasks.
 
     Returns:
@@ -108,24 +95,16 @@ def delta_m(metrics: dict[str, Any], baselines: dict[str, dict], tasks: list[str
     return 100.0 * sum(gains) / len(gains) if gains else math.nan
 
 
-def baselines_uri(cfg: Config) -> str:
-    return storage.join(cfg.train.storage_path, BASELINES_DIR)
-
-
 def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
-    """Single-task baselines of ``cfg``'s tasks: read from the cache, trained where missing.
-
-    Each baseline is cached as ``<storage_path>/baselines/<key>.json`` (``key`` =
-    :func:`baseline_key` of its config), so later searches with the same recipe reuse it.
-    Missing ones train as ordinary Train runs (resumable by name), up to
-    ``tune.max_concurrent_trials`` at once. Needs a connected Ray.
+    """Single-task baselines of ``cfg``'s tasks: read from ``<storage_path>/baselines/<key>.json``,
+    trained where missing (Train runs, ``tune.max_concurrent_trials`` at once; needs Ray).
 
     Returns:
         ``{task: {"task", "metric", "value", "key", "tasks", "run", "higher_is_better"}}``;
-        ``value`` is None where the metric was undefined (NaN). The direction is the task's
-        own, so that Δm% needs no task registry where it is computed (a Train controller).
+        ``value`` is None where the metric was undefined. The direction travels with the record
+        so that Δm% needs no task registry where it is computed (a Train controller).
     """
-    root = baselines_uri(cfg)
+    root = storage.join(cfg.train.storage_path, BASELINES_DIR)
     out: dict[str, dict] = {}
     missing: dict[str, tuple[Config, str]] = {}
     for task in cfg.tasks.names:

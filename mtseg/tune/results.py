@@ -18,17 +18,8 @@ from mtseg.tune.space import RESULTS_DIR, Param, experiment_uri, trial_config
 
 @dataclass
 class TuneOutcome:
-    """What a finished search produced.
-
-    Attributes:
-        rows: one dict per trial (see :func:`summarize`), best first.
-        best: the best trial's row, or None if no trial reported the metric.
-        best_config: the best trial's config as a ready ``mtseg train`` config.
-        paths: ``{"csv", "markdown", "best_config"}`` URIs written.
-        baselines: the Δm% baselines used (empty if off).
-        markdown: the trial table as markdown.
-        grid: Tune's ``ResultGrid`` (every trial's reports), where the search ran here.
-    """
+    """What a finished search produced: the trial rows (best first), the best row and its
+    ``mtseg train`` config, the URIs written, the Δm% baselines, and Tune's ``ResultGrid``."""
 
     rows: list[dict]
     best: dict | None
@@ -46,11 +37,8 @@ def _state(result, epochs_run: int, epochs: int) -> str:
 
 
 def summarize(results, cfg: Config, params: dict[str, Param]) -> list[dict]:
-    """One row per trial: trial id, state, epochs run, its config, its best epoch's metrics.
-
-    The best epoch is the one with the best ``tune.metric``; ``val/mask_ap`` (and Δm%) are
-    taken from that epoch. Rows are sorted best first; trials without the metric go last.
-    """
+    """One row per trial: id, state, epochs run, its config, and the metrics of its best epoch
+    by ``tune.metric``; best first, trials without the metric last."""
     metric, sign = cfg.tune.metric, (1.0 if cfg.tune.mode == "max" else -1.0)
     rows = []
     for r in results:
@@ -110,11 +98,8 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def best_train_config(cfg: Config, row: dict, params: dict[str, Param]) -> Config:
-    """The best trial's config as a standalone ``mtseg train`` config.
-
-    The base config with the trial's values (for PBT, its last mutated values), run name
-    ``<experiment_name>-best`` in the base ``storage_path``, and no search section.
-    """
+    """The best trial's config (for PBT its last mutated values) as a standalone ``mtseg train``
+    config, run name ``<experiment_name>-best``, no search section."""
     base = cfg.to_dict()
     base["tune"] = dataclasses.asdict(TuneConfig())
     out = trial_config(base, {k: row[k] for k in params if row.get(k) is not None})

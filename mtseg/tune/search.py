@@ -56,34 +56,29 @@ def _scheduler(cfg: Config, params: dict[str, Param]):
 
 
 def _search_alg(cfg: Config):
-    """The search algorithm, bounding its own concurrency, with a restore that cannot stall.
+    """Random/grid (``BasicVariantGenerator``) or Optuna TPE behind a ``ConcurrencyLimiter``.
 
-    Random sampling and grid[...] use Tune's ``BasicVariantGenerator``; Optuna (TPE, seeded
-    by ``train.seed``) runs behind a ``ConcurrencyLimiter``. After a restore neither counts a
-    trial as running (:func:`mtseg.compat.forget_running_trials`: a driver killed between
-    Tune's two state uploads would otherwise leave a resumed search waiting forever).
+    After a restore neither counts a trial as running (:func:`mtseg.compat.forget_running_trials`):
+    a driver killed between Tune's two state uploads would otherwise leave the search waiting forever.
     """
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     from mtseg.compat import forget_running_trials
 
-    limit = cfg.tune.max_concurrent_trials
-    if cfg.tune.search_alg == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        class ResumableLimiter(ConcurrencyLimiter):
+    def resumable(cls):
+        class Resumable(cls):
             def set_state(self, state):
                 super().set_state(state)
                 forget_running_trials(self)
 
-        return ResumableLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=limit)
+        return Resumable
 
-    class ResumableVariantGenerator(BasicVariantGenerator):
-        def set_state(self, state):
-            super().set_state(state)
-            forget_running_trials(self)
+    limit = cfg.tune.max_concurrent_trials
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
 
-    return ResumableVariantGenerator(max_concurrent=limit)
+        return resumable(ConcurrencyLimiter)(OptunaSearch(seed=cfg.train.seed), max_concurrent=limit)
+    return resumable(BasicVariantGenerator)(max_concurrent=limit)
 
 
 def _trainable(spec: TrialSpec):
@@ -122,10 +117,7 @@ def build_tuner(cfg: Config, params: dict[str, Param], spec: TrialSpec):
 
 
 def check_options(cfg: Config, *, resume: bool = False, restart: bool = False, delta_m: bool = True) -> dict[str, Param]:
-    """Everything about a search that can be checked without Ray or storage.
-
-    Returns:
-        The parsed search space (see :func:`validate_search`).
+    """Check what can be checked without Ray or storage; return the parsed search space.
 
     Raises:
         ConfigError: one line naming the option or key.
@@ -142,15 +134,13 @@ def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_
 
     Args:
         cfg: resolved config; ``cfg.tune.space`` is validated first.
-        resume: continue the experiment ``<storage_path>/<experiment_name>`` (Tune's restore):
-            finished trials are kept, unfinished and errored ones run again (a trial's Train
-            run resumes from its own checkpoints). Its saved config is used.
+        resume: continue the experiment with its saved config (Tune's restore); unfinished and
+            errored trials run again, resuming their Train runs.
         restart: delete that experiment first and start over.
-        delta_m: train/reuse single-task baselines and report ``val/delta_m`` for every trial
-            (required when ``tune.metric`` is ``val/delta_m``).
+        delta_m: train/reuse single-task baselines and report ``val/delta_m`` for every trial.
 
     Returns:
-        The :class:`TuneOutcome` (table rows, best config, paths written).
+        The :class:`TuneOutcome`.
 
     Raises:
         ConfigError: bad search space or options. SearchError: nothing to resume, an

@@ -24,20 +24,9 @@ TRIAL_DRIVER_CPUS = 0.01
 
 
 def rebase_checkpoint(src_dir: str, dst_dir: str, cfg: Config) -> dict[str, Any]:
-    """Copy a training checkpoint, replacing the hyperparameters PBT may have mutated.
-
-    A checkpoint carries the donor's learning rate (optimiser param groups, LR schedule base)
-    and static task weights (a buffer of the strategy); loading it as is would undo the
-    mutation. The model, optimiser moments, counters and the rest are kept.
-
-    Args:
-        src_dir: local checkpoint directory (see mtseg.train.checkpoint).
-        dst_dir: local directory to write the rebased checkpoint into.
-        cfg: the trial's (mutated) config.
-
-    Returns:
-        The checkpoint's meta (epoch, step, ...).
-    """
+    """Copy a local checkpoint ``src_dir`` to ``dst_dir`` with ``cfg``'s (PBT-mutated) learning rate,
+    weight decay, momentum and static task weights; loading the donor's as is would undo the
+    mutation. Returns the checkpoint's meta."""
     import torch
 
     from mtseg.train import checkpoint as ckpt
@@ -81,16 +70,9 @@ def _upload_dir(local_dir: str, uri: str) -> None:
 
 @dataclass
 class TrialSpec:
-    """What every trial of one search shares (shipped once through the object store).
-
-    Attributes:
-        base: the base config as a dict, storage paths absolute.
-        runs_uri: where the trials' Train runs live.
-        init_uri: where rebased PBT start checkpoints are written.
-        baselines: single-task baselines for Δm% (empty: no Δm).
-        tasks: the registered task classes (:func:`mtseg.tasks.task_classes`), registered again
-            in each trial's process.
-    """
+    """What every trial of one search shares (shipped once through the object store): the base
+    config (storage paths absolute), where Train runs and PBT start checkpoints go, the Δm%
+    baselines, and the task classes to register in each trial's process."""
 
     base: dict
     runs_uri: str
@@ -107,17 +89,9 @@ class TrialSpec:
         return trial_config(self.base, values)
 
 
-def _is_epoch_end(metrics: dict) -> bool:
-    # The trainer's epoch-end report carries fresh val/* and no train/loss (its step reports
-    # carry train/loss and only a repeated val/miou).
-    return "train/loss" not in metrics
-
-
 def _epoch_end_forwarder(queue):
-    """A Train callback (it runs in the Train controller) that hands the trial its epoch ends.
-
-    The first report also sends the controller's own handle, so the trial can abort the run.
-    """
+    """A Train callback (in the Train controller) that hands the trial its epoch ends, and first
+    the controller's handle, so the trial can abort the run."""
     from ray.train import UserCallback
 
     class EpochEndForwarder(UserCallback):
@@ -132,7 +106,7 @@ def _epoch_end_forwarder(queue):
                 self.queue.put({"controller": ray.get_runtime_context().current_actor})
                 self.introduced = True
             m = dict(metrics[0]) if metrics else {}
-            if _is_epoch_end(m):
+            if "train/loss" not in m:  # an epoch end: step reports carry train/loss, epoch ends val/*
                 # Blocks while the trial has not taken the previous epoch (a queue of one).
                 self.queue.put({"metrics": m, "checkpoint": checkpoint.path if checkpoint else None})
 
@@ -156,9 +130,8 @@ def start_from_checkpoint(checkpoint_dir: str, cfg: Config, spec: TrialSpec, tri
     """Prepare a trial start from a Tune checkpoint (PBT exploit or pause, a resumed PBT search).
 
     The trial starts a *new* Train run named after the checkpoint (its own run's newer
-    checkpoints must not win over the one handed in) from a rebased copy of it in storage
-    (:func:`rebase_checkpoint`). Started again from the same checkpoint (a resumed search),
-    the trial resumes that run from its own latest checkpoint.
+    checkpoints must not win) from a rebased copy in storage; a resumed search, started from
+    the same checkpoint again, resumes that run.
 
     Returns:
         (run name, init checkpoint URI) for ``build_trainer``.
@@ -179,11 +152,8 @@ def start_from_checkpoint(checkpoint_dir: str, cfg: Config, spec: TrialSpec, tri
 def trial_class():
     """The Ray Tune ``Trainable`` of one trial (built on first use: importing Ray is slow).
 
-    A class trainable rather than a function, for its ``cleanup`` hook: when Tune stops a
-    trial (ASHA) or pauses it (PBT), ``cleanup`` aborts the trial's Train run, which removes
-    the run's placement group. Without it the run's controller dies with the trial's actor
-    and its workers' reservation is only released by Train's cleaner, which needs the Ray
-    State API (the dashboard).
+    A class, for its ``cleanup`` hook: when Tune stops or pauses a trial it aborts the Train run,
+    freeing its placement group (otherwise only Train's cleaner, which needs the dashboard, does).
     """
     import ray
     from ray import tune
@@ -191,13 +161,8 @@ def trial_class():
     from ray.util.queue import Empty, Queue
 
     class MTSegTrial(tune.Trainable):
-        """One trial: a Train run of the trial's config; a Tune result per epoch end.
-
-        ``step`` starts ``run_training(cfg)`` in a thread on first call and then
-        returns each epoch end the Train controller forwards; ``save_checkpoint`` copies the
-        Train checkpoint of the last epoch end (PBT asks for it); ``load_checkpoint``
-        prepares a new Train run from one (PBT's exploit).
-        """
+        """``step`` starts ``run_training`` in a thread, then returns each forwarded epoch end;
+        ``save_checkpoint``/``load_checkpoint`` copy a Train checkpoint out for PBT and start from one."""
 
         def setup(self, config: dict, spec: TrialSpec):
             self.spec = spec
