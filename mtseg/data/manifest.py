@@ -1,26 +1,14 @@
 """The sharded dataset's table of contents: ``<root>/<split>/manifest.json``.
 
-``mtseg data shard`` writes the manifest last, after every shard is complete, so a manifest's
-presence means the split is ready to read. Readers (the Ray Data pipeline, evaluation) load it
-with :func:`read_manifest`, which checks its shape and fails with one line naming the file and
-what is wrong, and find the shard files with :func:`shard_uris`.
-
-Manifest keys:
+``mtseg data shard`` writes it last, so its presence means the split is ready to read. Keys:
 
 * ``schema_version``: :data:`SCHEMA_VERSION`, bumped when the shard row layout changes;
-* ``split``: the split name (``train2017``);
-* ``categories``: the annotation file's COCO categories (``id``, ``name``, ``supercategory``),
-  in COCO id order; :meth:`mtseg.data.categories.CategoryIndex.from_categories` takes them;
-* ``counts``: images listed / written / skipped / converted, annotations written / skipped,
-  crowd, shards;
-* ``shards``: ``[{"path": "shard-00000.parquet", "rows", "bytes", "sha256"}]``, paths relative
-  to the split directory;
-* ``skipped``: per-reason counts of skipped images and annotations plus the first few
-  examples (``details``), so nothing bad is dropped silently;
-* ``converted``: images kept after conversion to PNG, per source format (``{"BMP": 2}``),
-  because the training decoder does not read that format;
-* ``source``: where it came from (COCO root, annotation file and its sha256) and the
-  ``images_per_shard`` used.
+* ``split``; ``categories``: the COCO categories (``id``, ``name``, ``supercategory``) by id;
+* ``counts``: images and annotations listed / written / skipped / converted, crowd, shards;
+* ``shards``: ``[{"path": "shard-00000.parquet", "rows", "bytes", "sha256"}]``, relative paths;
+* ``skipped``: per-reason counts of skipped images and annotations, with the first examples;
+* ``converted``: images converted to PNG, per source format (``{"BMP": 2}``);
+* ``source``: COCO root, annotation file and its sha256, ``images_per_shard``.
 """
 
 from __future__ import annotations
@@ -47,18 +35,10 @@ def manifest_uri(root: str, split: str) -> str:
 
 
 def validate_manifest(manifest: dict, where: str = "manifest") -> dict:
-    """Check a manifest's shape; return it unchanged.
-
-    Args:
-        manifest: the parsed manifest.
-        where: what to call it in error messages (usually its URI).
-
-    Returns:
-        ``manifest``.
+    """Check a manifest's shape (``where`` names it in errors); return it unchanged.
 
     Raises:
-        ManifestError: a key is missing or has the wrong type, or the schema version is not
-            :data:`SCHEMA_VERSION`.
+        ManifestError: a key is missing or has the wrong type, or another schema version.
     """
     if not isinstance(manifest, dict):
         raise ManifestError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
@@ -91,19 +71,11 @@ def validate_manifest(manifest: dict, where: str = "manifest") -> dict:
 
 
 def read_manifest(root: str, split: str) -> dict:
-    """Load and validate ``<root>/<split>/manifest.json``.
-
-    Args:
-        root: dataset root, a local directory or ``s3://bucket/prefix``.
-        split: split name, e.g. ``train2017``.
-
-    Returns:
-        The manifest as a dict.
+    """Load and validate ``<root>/<split>/manifest.json`` (``root`` local or ``s3://``).
 
     Raises:
-        ManifestError: the manifest is missing (the split was never sharded or the run did
-            not finish), not JSON, or malformed.
-        mtseg.storage.StorageError: the store itself failed (endpoint down, access denied).
+        ManifestError: the manifest is missing (never sharded, or not finished), not JSON, or malformed.
+        mtseg.storage.StorageError: the store itself failed.
     """
     uri = manifest_uri(root, split)
     if not storage.exists(uri):
@@ -119,16 +91,7 @@ def read_manifest(root: str, split: str) -> dict:
 
 
 def write_manifest(root: str, split: str, manifest: dict) -> str:
-    """Validate ``manifest`` and write it atomically to ``<root>/<split>/manifest.json``.
-
-    Args:
-        root: dataset root, a local directory or ``s3://bucket/prefix``.
-        split: split name.
-        manifest: the manifest dict.
-
-    Returns:
-        The manifest's URI.
-    """
+    """Validate ``manifest`` and write it atomically to ``<root>/<split>/manifest.json``; returns that URI."""
     uri = manifest_uri(root, split)
     validate_manifest(manifest, uri)
     storage.write_bytes(uri, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -136,16 +99,7 @@ def write_manifest(root: str, split: str, manifest: dict) -> str:
 
 
 def shard_uris(root: str, split: str, manifest: dict) -> list[str]:
-    """Full URIs of a manifest's shards, in manifest order.
-
-    Args:
-        root: dataset root the manifest was read from.
-        split: split name.
-        manifest: a manifest from :func:`read_manifest`.
-
-    Returns:
-        One URI per shard (``<root>/<split>/shard-00000.parquet`` ...).
-    """
+    """Full URIs of a manifest's shards (``<root>/<split>/shard-00000.parquet`` ...), in manifest order."""
     return [storage.join(root, split, entry["path"]) for entry in manifest["shards"]]
 
 
