@@ -1,21 +1,12 @@
 """The epoch plan of the training stream: an exact, resumable position.
 
 Ray Data's iterators cannot resume mid-epoch (ray #37633, #48224), and ``streaming_split``
-hands blocks to whichever worker asks first, so a worker's position says nothing about which
-images it has seen. mtseg therefore plans each epoch itself, from the shard manifest alone:
-
-1. the epoch order is a deterministic function of (seed, epoch): shards are permuted, and the
-   rows inside each shard are permuted;
-2. the ordered sequence is cut into ``world_size`` contiguous, equal slices, one per worker
-   (the ``total % world_size`` images left over rotate with the permutation across epochs);
-3. a worker's position is the number of images it has consumed in the epoch (the same on every
-   worker, since all take ``batch_size`` per micro-step); a checkpoint records it, and after a
-   restart each worker streams its slice from that offset on.
-
-The slice is then streamed by Ray Data (:func:`mtseg.data.pipeline.worker_batches`): read tasks
-of ``data.rows_per_read_task`` images pull their rows from the parquet shards (S3 or local)
-and decode + augment + build targets in ``map_batches``, in order, never holding more than a
-few tasks' worth of images.
+hands blocks to whichever worker asks first, so mtseg plans each epoch itself, from the
+manifest alone: the order is a deterministic function of (seed, epoch) (shards permuted, rows
+inside each shard permuted), cut into ``world_size`` contiguous slices, one per worker. A
+worker's position is the number of images it has consumed in the epoch; a checkpoint records
+it, and after a restart each worker streams its slice
+(:func:`mtseg.data.pipeline.worker_batches`) from that offset on.
 """
 
 from __future__ import annotations
