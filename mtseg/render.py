@@ -73,17 +73,7 @@ def blend(image: np.ndarray, labels: np.ndarray, alpha: float = BLEND_ALPHA) -> 
 
 def outlines(image: np.ndarray, instances: Iterable[dict], score_threshold: float,
              colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """One-pixel outlines of the instances scoring at least ``score_threshold``.
-
-    Args:
-        image: (H, W, 3) uint8.
-        instances: COCO result dicts (``score``, ``segmentation`` as compressed RLE at (H, W)).
-        score_threshold: lowest score drawn.
-        colour: outline colour.
-
-    Returns:
-        A copy of ``image`` with the outlines drawn.
-    """
+    """A copy of ``image`` with one-pixel outlines of the instances (COCO results at (H, W)) scoring at least ``score_threshold``."""
     from pycocotools import mask as mask_utils
 
     out = image.copy()
@@ -116,15 +106,7 @@ def font(height: int) -> ImageFont.FreeTypeFont:
 
 
 def legend(entries: Sequence[tuple[int, str]], height: int) -> Image.Image:
-    """A colour legend: one row per ``(label, name)``, the swatch in :func:`palette` colour.
-
-    Args:
-        entries: the labels shown, with their names.
-        height: height of the picture it accompanies (sets the font size, see :func:`font`).
-
-    Returns:
-        A white RGB image.
-    """
+    """A colour legend on white: one row per ``(label, name)``, sized for a picture ``height`` pixels tall."""
     colours = palette()
     f = font(height)
     row = int(f.size * 1.5)

@@ -1,12 +1,9 @@
 """The run report a person reads: final metrics, training curves and overlays.
 
 :func:`write_report` writes ``report.html``, one self-contained file (the curves and the
-overlay images are embedded as PNG data, nothing is fetched), and ``report.md`` beside it.
-The curves are drawn with matplotlib (Agg, no display) from the run's TensorBoard scalars,
-one panel per group of tags: the training losses on a log scale (the first steps' loss is
-often a hundred times the last), the task weights, the validation metrics, and each other
-scalar on its own axis. An undefined metric (NaN: nothing to measure on the split) reads
-``n/a`` with the reason.
+overlay images are embedded as PNG data), and ``report.md`` beside it. The curves are drawn
+with matplotlib from the run's TensorBoard scalars, one panel per group of tags
+(:func:`group_scalars`). An undefined metric (NaN) reads ``n/a`` with the reason.
 """
 
 from __future__ import annotations
@@ -69,14 +66,7 @@ def read_scalars(tensorboard_dir: str) -> dict[str, list[tuple[float, float]]]:
 
 @dataclass
 class Panel:
-    """One plot: a group of series sharing an axis.
-
-    Attributes:
-        title: the panel's title.
-        ylabel: what the y axis measures.
-        series: line label -> [(step, value)].
-        log: log-scale y axis.
-    """
+    """One plot: a group of series (line label -> [(step, value)]) sharing an axis, log-scale when ``log``."""
 
     title: str
     ylabel: str
