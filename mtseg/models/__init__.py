@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mtseg.models.backbones import Backbone, available_backbones, build_backbone, load_weights_file
-from mtseg.models.decoders import ASPPDecoder, FPNDecoder, build_decoder
+from mtseg.models.backbones import available_backbones, build_backbone
+from mtseg.models.decoders import build_decoder
 from mtseg.models.multitask import IMAGENET_MEAN, IMAGENET_STD, MultiTaskModel
 from mtseg.tasks import build_tasks
 
@@ -29,9 +29,6 @@ def build_model(cfg: Config, categories: CategoryIndex) -> MultiTaskModel:
 
     Returns:
         The model, on CPU, in channels_last memory format when ``cfg.model.channels_last``.
-
-    Raises:
-        ValueError: unknown backbone/decoder/task, or a weights file that is missing or does not fit.
     """
     tasks = build_tasks(cfg, categories)
     backbone = build_backbone(cfg.model.backbone, weights=cfg.model.weights)
@@ -43,9 +40,6 @@ def build_model(cfg: Config, categories: CategoryIndex) -> MultiTaskModel:
 
 
 __all__ = [
-    "ASPPDecoder",
-    "Backbone",
-    "FPNDecoder",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiTaskModel",
@@ -53,5 +47,4 @@ __all__ = [
     "build_backbone",
     "build_decoder",
     "build_model",
-    "load_weights_file",
 ]

@@ -1,9 +1,8 @@
-"""torchvision backbones cut into four stages that return multi-scale features.
+"""torchvision backbones cut into four stages returning features at strides 4, 8, 16, 32.
 
-Every backbone returns features at output strides 4, 8, 16 and 32 and drops its
-classifier, so that a forward pass uses every parameter (DistributedDataParallel
-must not find unused ones). Weights start from random init; a local state_dict
-file can be loaded instead. Nothing is ever downloaded.
+The classifier is dropped so that a forward pass uses every parameter (DDP must not find
+unused ones). Weights start from random init or a local state_dict file; nothing is
+ever downloaded.
 """
 
 from __future__ import annotations
@@ -21,11 +20,7 @@ _HUB_WEIGHT_NAMES = ("DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2")
 
 
 class Backbone(nn.Module):
-    """A feature extractor returning ``[C2, C3, C4, C5]`` at strides 4, 8, 16, 32.
-
-    Attributes:
-        out_channels: channels of each returned feature map, shallow to deep.
-    """
+    """A feature extractor returning ``[C2, C3, C4, C5]``; ``out_channels`` lists their widths."""
 
     def __init__(self, stages: list[nn.Module], out_channels: list[int]):
         super().__init__()
@@ -41,14 +36,13 @@ class Backbone(nn.Module):
 
 
 def _resnet_stages(net: torchvision.models.ResNet) -> tuple[list[nn.Module], list[int]]:
-    # avgpool and fc are left out: unused parameters would break DDP.
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
     stages = [stem, net.layer2, net.layer3, net.layer4]
     return stages, [_last_out_channels(s) for s in stages]
 
 
 def _mobilenet_stages(net: torchvision.models.MobileNetV3) -> tuple[list[nn.Module], list[int]]:
-    f = net.features  # the classifier is left out, as for ResNets
+    f = net.features
     # Cut where the stride doubles (checked by tests/models/test_models_backbones.py).
     bounds = [(0, 4), (4, 7), (7, 13), (13, len(f))]
     stages = [nn.Sequential(*f[a:b]) for a, b in bounds]
@@ -76,19 +70,8 @@ def available_backbones() -> tuple[str, ...]:
     return tuple(_BUILDERS)
 
 
-def load_weights_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a local backbone state_dict, unwrapping common checkpoint layouts.
-
-    Args:
-        path: a ``.pth``/``.pt`` file holding a state_dict, or a dict with it under
-            ``state_dict`` or ``model``; a ``module.`` (DDP) prefix is stripped.
-
-    Returns:
-        The state_dict.
-
-    Raises:
-        ValueError: the path names a hub weight, does not exist, or is not a state_dict.
-    """
+def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """A local state_dict file (or one under ``state_dict`` / ``model``), ``module.`` prefixes stripped."""
     if path in _HUB_WEIGHT_NAMES or "://" in path:
         raise ValueError(
             f"model.weights: {path!r} would need a download, which mtseg never does; "
@@ -113,21 +96,18 @@ def build_backbone(name: str, *, weights: str = "") -> Backbone:
 
     Args:
         name: one of :func:`available_backbones`.
-        weights: local state_dict file for the torchvision model (its classifier keys, if
-            present, are ignored); empty for random init.
+        weights: local state_dict file of the torchvision model (classifier keys ignored);
+            empty for random init.
 
     Returns:
         The :class:`Backbone`.
-
-    Raises:
-        ValueError: unknown name, or a weights file that is missing or does not fit.
     """
     if name not in _BUILDERS:
         raise ValueError(f"model.backbone: {name!r} is not one of {', '.join(_BUILDERS)}")
     builder, cut = _BUILDERS[name]
     net = builder(weights=None)
     if weights:
-        state = load_weights_file(weights)
+        state = _load_weights_file(weights)
         state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
         expected = {k for k in net.state_dict() if not k.startswith(_CLASSIFIER_PREFIXES)}
         missing = sorted(expected - set(state))

@@ -22,10 +22,7 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, dila
 
 
 class FPNDecoder(nn.Module):
-    """Feature Pyramid Network (Lin et al. 2017) merged at stride 4 (Panoptic FPN style).
-
-    Lateral 1x1 convs and a top-down pathway build P2..P5; each level is smoothed by a
-    3x3 conv, upsampled to stride 4 and summed, then one 3x3 conv mixes the sum.
+    """Feature Pyramid Network (Lin et al. 2017) summed at stride 4 (Panoptic FPN style).
 
     Args:
         in_channels: channels of the backbone features, shallow (stride 4) to deep.

@@ -40,10 +40,6 @@ class MultiTaskModel(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    @property
-    def task_names(self) -> list[str]:
-        return list(self.heads)
-
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Run every head.
 
@@ -68,7 +64,3 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """Encoder and decoder parameters, in forward order (the last shared layer last)."""
         return list(self.backbone.parameters()) + list(self.decoder.parameters())
-
-    def task_parameters(self) -> list[nn.Parameter]:
-        """Parameters of every task head."""
-        return list(self.heads.parameters())

@@ -77,7 +77,7 @@ def test_every_backbone_and_task_set_backpropagates(backbone, task_set):
     # DDP requires every parameter to take part in the forward of the chosen task set.
     unused = [n for n, p in model.named_parameters() if p.grad is None]
     assert not unused
-    assert {id(p) for p in model.shared_parameters()} | {id(p) for p in model.task_parameters()} == {
+    assert {id(p) for p in model.shared_parameters()} | {id(p) for p in model.heads.parameters()} == {
         id(p) for p in model.parameters()
     }
 
