@@ -11,14 +11,9 @@
     mtseg submit prepare|train|tune|evaluate|predict [--address URL] [--wait] ...
     mtseg jobs list|status ID|logs ID [--follow]|stop ID
 
-Every command fails with one line (``mtseg: error: ...``) naming what was wrong, and exit code 2
-(``predict`` exits 1 when it skipped unreadable images; ``submit --wait`` mirrors the job's
-outcome). The exit codes are all named here and :func:`main` maps errors to them.
-
-The library never imports this package (an import-linter contract in pyproject.toml checks it):
-each command parses its arguments and calls plain mtseg functions. A module here imports mtseg's
-heavy parts (torch, Ray) inside its command function, so that ``mtseg --help`` and
-``mtseg jobs list`` start fast.
+Every command fails with one line (``mtseg: error: ...``) and one of the exit codes below. The
+library never imports this package; a command imports torch and Ray inside its function, so
+that ``mtseg --help`` and ``mtseg jobs list`` start fast.
 """
 
 from __future__ import annotations
@@ -56,11 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one ``mtseg`` command and return its exit code.
 
-    A command returns its own code (0, or :data:`EXIT_FAILED` when its work failed); an
-    :class:`~mtseg.errors.MtsegError` is printed as one line and exits with the error's
-    ``exit_code`` (:data:`EXIT_USAGE` unless the class says otherwise); Ctrl-C exits
-    :data:`EXIT_INTERRUPTED`. Anything else is a bug in mtseg: its traceback is printed and the
-    process exits 1.
+    An :class:`~mtseg.errors.MtsegError` is printed as one line and exits with its ``exit_code``;
+    anything else is a bug in mtseg and keeps its traceback.
     """
     args = build_parser().parse_args(argv)
     try:
@@ -72,14 +64,3 @@ def main(argv: list[str] | None = None) -> int:
         print("mtseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
-
-__all__ = [
-    "EXIT_FAILED",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_STOPPED",
-    "EXIT_USAGE",
-    "JOB_EXIT_CODES",
-    "build_parser",
-    "main",
-]

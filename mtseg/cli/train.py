@@ -16,10 +16,7 @@ from mtseg.cli import EXIT_FAILED
 
 
 def json_metrics(metrics: dict) -> str:
-    """Metrics as strict JSON: an undefined value (NaN, infinite) is ``null``, as in metrics.json.
-
-    ``json.dumps`` would write ``NaN``, which JSON parsers other than Python's refuse.
-    """
+    """Metrics as strict JSON: an undefined value (NaN, infinite) is ``null``, as in metrics.json."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
     return json.dumps(clean, indent=2, allow_nan=False)
 
@@ -28,12 +25,9 @@ def json_metrics(metrics: dict) -> str:
 def sigint_seen() -> Iterator[Callable[[], bool]]:
     """Yield a function telling whether SIGINT arrived in the block, whoever handled it.
 
-    Ray Train's ``fit()`` replaces the SIGINT handler with one that aborts the run and then
-    calls ``sys.exit(0)``, which ``ray.get`` re-raises as ``SystemExit(1)``: no
-    KeyboardInterrupt reaches mtseg, and a Ctrl-C looked like a failed run (exit 1). The
-    interpreter writes the number of every signal it handles to the wakeup fd, whichever
-    handler then runs. Ray's handler stays installed after ``fit()``: the previous one is
-    put back on the way out.
+    Ray Train's ``fit()`` installs a SIGINT handler that aborts the run and exits, so no
+    KeyboardInterrupt reaches mtseg; the interpreter still writes every handled signal to the
+    wakeup fd. The previous handler is put back on the way out.
     """
     if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
         yield lambda: False
