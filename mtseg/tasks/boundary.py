@@ -35,24 +35,44 @@ def boundary_map(segments: np.ndarray, width: int) -> np.ndarray:
     """(H, W) float32: 1 on the pixels of a segment with a different segment within ``width`` px (Chebyshev).
 
     Every segment's edge (instance or crowd region, so every class change too), on its inside.
-    A pixel is on an edge when the max and min segment id in its (2w+1)^2 window differ: one
-    max-pool and one min-pool instead of a loop over neighbours. The image border is not an
-    edge (replicate padding): after a crop it is not an object's outline.
+    The image border is not an edge: after a crop it is not an object's outline.
+
+    A (2w+1)^2 window holds two ids exactly when it holds two neighbouring pixels (a
+    horizontal or a vertical pair) that differ, since the window is connected. So the edge
+    map is the map of differing pairs, each spread over the windows that contain it: a few
+    shifted boolean ORs along each axis, instead of a max- and a min-pool over the ids.
 
     Args:
-        segments: (H, W) int64 id of the segment owning each pixel, 0 = background.
+        segments: (H, W) integer id of the segment owning each pixel, 0 = background.
         width: edge thickness, pixels (>= 1).
     """
     h, w = segments.shape
     if not segments.any():
         return np.zeros((h, w), np.float32)
-    x = torch.from_numpy(segments).to(torch.float32)[None, None]  # exact for ids < 2**24
-    x = F.pad(x, (width, width, width, width), mode="replicate")
-    k = 2 * width + 1
-    hi = F.max_pool2d(x, k, stride=1)
-    lo = -F.max_pool2d(-x, k, stride=1)
-    edge = (hi != lo)[0, 0].numpy() & (segments > 0)
+    # Pair (x, x+1) lies in the window of column c when c - width <= x <= c + width - 1.
+    across = _spread(segments[:, 1:] != segments[:, :-1], width, 1, 2 * width)
+    across = _spread(across, width, 0, 2 * width + 1)
+    down = _spread(segments[1:, :] != segments[:-1, :], width, 0, 2 * width)
+    down = _spread(down, width, 1, 2 * width + 1)
+    edge = (across | down) & (segments > 0)
     return edge.astype(np.float32)
+
+
+def _spread(changes: np.ndarray, width: int, axis: int, span: int) -> np.ndarray:
+    """OR over ``span`` consecutive entries along ``axis``, starting ``width`` places back (False beyond the ends).
+
+    Along ``axis`` the result has ``len + 2 * width - span + 1`` entries: n for the n - 1
+    pairs between n pixels (span 2w) and for the n pixels themselves (span 2w + 1).
+    """
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (width, width)
+    padded = np.pad(changes, pad)
+    n_out = padded.shape[axis] - span + 1
+    window = (lambda k: padded[k : k + n_out]) if axis == 0 else (lambda k: padded[:, k : k + n_out])
+    out = window(0).copy()
+    for k in range(1, span):
+        out |= window(k)
+    return out
 
 
 def balanced_bce(logit: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

@@ -45,19 +45,23 @@ def center_targets(instances: np.ndarray, n: int, sigma: float) -> tuple[np.ndar
     offset = np.zeros((2, h, w), np.float32)
     if n == 0 or not instances.any():
         return center, offset
-    ys, xs = np.indices((h, w), dtype=np.float64)
+    # Per-instance reductions over the map (bincount), then one table lookup per pixel: no
+    # per-instance pass over the image. Row and column sums are integers, exact in float64
+    # whatever the order they are added in, so the centroids are those of a pixel loop.
     flat = instances.reshape(-1)
-    count = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    count = np.bincount(flat, minlength=n + 1)
+    rows = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1)
+    cols = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)
     visible = count > 0
     visible[0] = False
-    safe = np.maximum(count, 1.0)
+    safe = np.maximum(count, 1).astype(np.float64)
     # Rounded to the pixel grid so the heatmap peaks at exactly 1.0 where the offsets point.
-    cy = np.rint(np.bincount(flat, weights=ys.reshape(-1), minlength=n + 1) / safe)
-    cx = np.rint(np.bincount(flat, weights=xs.reshape(-1), minlength=n + 1) / safe)
+    cy, cx = np.rint(rows / safe), np.rint(cols / safe)
 
+    # Whole pixels, exact in float32 (|offset| < 2**24); 0 outside instances.
     inside = instances > 0
-    offset[0][inside] = (cy[instances] - ys)[inside]
-    offset[1][inside] = (cx[instances] - xs)[inside]
+    np.subtract(cy.astype(np.float32)[instances], np.arange(h, dtype=np.float32)[:, None], out=offset[0], where=inside)
+    np.subtract(cx.astype(np.float32)[instances], np.arange(w, dtype=np.float32)[None, :], out=offset[1], where=inside)
 
     radius = int(np.ceil(_GAUSSIAN_RADIUS_SIGMAS * sigma))
     g = np.arange(-radius, radius + 1, dtype=np.float64)
