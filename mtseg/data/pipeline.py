@@ -1,26 +1,18 @@
 """The data stream: parquet shards -> decode -> joint augmentation -> task targets -> batches.
 
-One transform does the per-image work, :class:`SampleTransform`: it decodes the image and its
-annotations, augments both jointly and asks each of the run's tasks for its targets
-(:meth:`mtseg.tasks.base.Task.build_targets`); the task objects travel with it to the Ray
-Data workers, so a task registered in the driver needs no lookup there. Three drivers feed it:
+:class:`SampleTransform` does the per-image work (decode, joint augmentation, each task's
+targets); the task objects travel with it to the Ray Data workers. Three drivers feed it:
 
 * training (:func:`worker_batches`): each Ray Train worker streams its slice of the epoch
-  plan (:mod:`mtseg.train.data`) with Ray Data: read tasks of ``rows_per_task`` images read
-  their rows from one shard (S3 or local) and transform them, in plan order;
-* evaluation (:func:`read_split` + :class:`ChunkedTransform`): ``read_parquet`` of a split's
-  shards with the transform fused into the read, one task per shard, whose output streams
-  out in small chunks, each image's ground truth beside it (``mtseg evaluate``'s actors);
-* plain pyarrow (:func:`iter_local_batches`): the same transform over the shards read row
-  group by row group, without Ray (the demo's pictures, benchmarks, tests).
+  plan (:mod:`mtseg.train.data`) with Ray Data, in plan order;
+* evaluation (:func:`read_split` + :class:`ChunkedTransform`): ``read_parquet`` with the
+  transform fused into the read, each image's ground truth beside it;
+* plain pyarrow (:func:`iter_local_batches`): no Ray (the demo's pictures, benchmarks, tests).
 
-Between the workers and the consumer, rows travel in a compact *wire* layout, about a
-quarter of the bytes of the batch contract: the stream's own keys (:func:`stream_fields`:
-uint8 ``image``, ``image_id``, ``orig_size``) and each task's targets
-(:meth:`~mtseg.tasks.base.Task.target_fields`), every value exact. :func:`to_torch` turns a
-batch into the contract: ``image`` float32 (B, 3, S, S) in [0, 1], ``image_id`` int64 (B,),
-``orig_size`` int64 (B, 2) as (height, width), and each task's keys in their contract dtype.
-Validation uses the same code with ``train=False`` (a plain resize, no randomness).
+Rows travel in a compact, exact *wire* layout (uint8 ``image``, each task's
+:meth:`~mtseg.tasks.base.Task.target_fields`); :func:`to_torch` turns a batch into the
+contract: ``image`` float32 (B, 3, S, S) in [0, 1], ``image_id`` int64 (B,), ``orig_size``
+int64 (B, 2) as (height, width), and each task's keys in their contract dtype.
 """
 
 from __future__ import annotations
@@ -117,19 +109,11 @@ def to_torch(batch: Mapping[str, Any], fields: Mapping[str, WireField] | None = 
 class SampleTransform:
     """Decode + joint augmentation + task targets for shard rows; picklable, so Ray ships it to workers.
 
-    Call it on a batch of shard rows (a ``pyarrow.Table`` / ``RecordBatch`` with the
-    :data:`READ_COLUMNS`, as ``map_batches(batch_format="pyarrow")`` hands it) to get the
-    stacked batch in the wire layout (:attr:`fields`) as numpy arrays; :meth:`sample` does
-    one image; :meth:`to_torch` turns either into the batch contract.
+    Called on a ``pyarrow`` batch of shard rows, it returns the stacked batch in the wire
+    layout (:attr:`fields`); :meth:`sample` does one image.
 
     Attributes:
-        categories: the label space (from the split's manifest).
-        tasks: the run's tasks (:func:`mtseg.tasks.build_tasks`); each builds its targets.
-        image_size: output side, pixels.
-        train: random crop + flip when True, a plain resize when False.
-        scale_min: smallest crop area fraction (train).
-        hflip: random horizontal flip (train).
-        epoch: mixed into each image's random seed.
+        train: random crop (``scale_min``) + flip (``hflip``) when True, a plain resize when False.
         seed: base seed; each image's draws come from (seed, epoch, image_id).
     """
 
@@ -156,19 +140,7 @@ class SampleTransform:
     @classmethod
     def from_config(cls, categories: CategoryIndex, cfg: Config, tasks: Mapping[str, TargetBuilder], *, train: bool,
                     epoch: int = 0, seed: int = 0) -> SampleTransform:
-        """The transform a config asks for.
-
-        Args:
-            categories: the label space.
-            cfg: uses ``data.image_size``, ``data.scale_min``, ``data.hflip``.
-            tasks: ``{name: Task}`` (:func:`mtseg.tasks.build_tasks`), whose targets it builds.
-            train: training (augmented) or validation (resize only).
-            epoch: epoch number, mixed into the random draws.
-            seed: base seed.
-
-        Returns:
-            A :class:`SampleTransform`.
-        """
+        """The transform ``cfg.data`` asks for, building the targets of ``tasks`` (:func:`mtseg.tasks.build_tasks`)."""
         return cls(
             categories=categories,
             tasks=tuple(tasks.values()),
@@ -191,17 +163,7 @@ class SampleTransform:
         self.__post_init__()
 
     def sample(self, image: bytes, annotations: Sequence[dict] | None, image_id: int, height: int, width: int) -> dict[str, np.ndarray]:
-        """One image in the wire layout (without the batch dimension).
-
-        Args:
-            image: encoded image bytes.
-            annotations: the row's annotations (may be empty or None).
-            image_id: COCO image id.
-            height: original height, from the row.
-            width: original width, from the row.
-
-        Returns:
-            Dict with every key of :attr:`fields`, in their shapes and wire dtypes.
+        """One shard row's image in the wire layout (every key of :attr:`fields`, no batch dimension).
 
         Raises:
             ValueError: the image does not decode or its size differs from (height, width),
@@ -266,25 +228,19 @@ def ground_truth(row: Mapping[str, Any]) -> dict:
 class ChunkedTransform:
     """``map_batches`` UDF: a :class:`SampleTransform` over a whole block, :data:`CHUNK_ROWS` images at a time.
 
-    A generator, so Ray can let a task's output out as it grows (a block is cut at the
-    context's target block size) and a whole shard's outputs are never held in one batch.
-    Use it with ``batch_size=None`` (a whole block per call), which lets Ray fuse the map
-    with the read into one task per shard.
+    A generator, so a whole shard's outputs are never held in one batch. Use it with
+    ``batch_size=None``, which lets Ray fuse the map with the read into one task per shard.
 
     Attributes:
-        transform: the per-image work.
-        chunk_rows: images per yielded batch.
-        with_gt: add a ``gt`` column: each image's :func:`ground_truth` as a JSON string
-            (evaluation scores each batch against its own images).
+        with_gt: add a ``gt`` column, each image's :func:`ground_truth` as a JSON string.
     """
 
     transform: SampleTransform
-    chunk_rows: int = CHUNK_ROWS
     with_gt: bool = False
 
     def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, batch.num_rows, self.chunk_rows):
-            chunk = batch.slice(start, self.chunk_rows)
+        for start in range(0, batch.num_rows, CHUNK_ROWS):
+            chunk = batch.slice(start, CHUNK_ROWS)
             out = self.transform(chunk)
             if self.with_gt:
                 rows = chunk.select(["image_id", "height", "width", "annotations"]).to_pylist()
@@ -335,29 +291,21 @@ def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> 
     fs, _ = storage.resolve(uri)
     paths = [storage.resolve(u)[1] for u in uris]
     ctx = ray.data.DataContext.get_current()
-    saved = getattr(ctx, "use_datasource_v2", None)
-    # Ray 2.60's default parquet reader (datasource V2) lists and footer-scans the files in a
-    # task of its own on every execution (seconds per epoch) and packs up to 128 MiB of row
-    # groups into a single read task. The V1 reader plans one read task per shard, which Ray
-    # fuses with the map below. The choice is made here, when the Dataset is created (it
-    # keeps its own copy of the context), so the process-wide flag is restored right away.
-    if saved is not None:
-        ctx.use_datasource_v2 = False
+    saved = ctx.use_datasource_v2
+    # Ray 2.60's default parquet reader (V2) footer-scans the files in a task of its own on
+    # every execution and packs many row groups into one read task; V1 plans one read task per
+    # shard, which fuses with the map. The Dataset keeps its own copy of the context, so the
+    # process-wide flag is restored right away.
+    ctx.use_datasource_v2 = False
     try:
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=list(READ_COLUMNS), override_num_blocks=len(paths))
     finally:
-        if saved is not None:
-            ctx.use_datasource_v2 = saved
+        ctx.use_datasource_v2 = saved
     return ds, manifest
 
 
 def _read_and_transform(task: dict, transform: SampleTransform, out_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Ray Data UDF: read tasks (one shard's rows each, in order) -> batches in the wire layout.
-
-    Reads only the needed columns of the shard (pyarrow's S3 client retries, so an object
-    store that blinks does not fail the epoch) and yields ``out_rows`` images at a time,
-    so a large shard never becomes one huge block.
-    """
+    """Ray Data UDF: read tasks (one shard's rows each, in order) -> batches of ``out_rows`` images in the wire layout."""
     for path, rows in zip(task["path"], task["rows"]):
         path = str(path)
         fs, fs_path = storage.resolve(path)
@@ -383,8 +331,6 @@ def worker_batches(
         segments: the worker's slice of the epoch (:func:`mtseg.train.data.plan_epoch`):
             objects with ``path`` (a shard URI) and ``rows`` (row indices in that shard).
         transform: the per-image work.
-        batch_size: images per batch.
-        drop_last: drop a last batch smaller than ``batch_size``.
         rows_per_task: images per Ray Data read task (and per block).
         num_cpus: CPUs each read task reserves.
 
@@ -434,18 +380,11 @@ def iter_local_batches(
     """Stream a split without Ray: shards read with pyarrow one record batch at a time.
 
     Args:
-        uri: dataset root, local directory or ``s3://bucket/prefix``.
-        split: split name.
         categories: the label space; None reads it from the manifest.
-        cfg: the run's config.
-        train: augment or not (see :class:`SampleTransform`).
-        tasks: ``{name: Task}`` (:func:`mtseg.tasks.build_tasks`), whose targets it builds.
-        epoch: epoch number for the random draws.
-        seed: base seed.
+        train, tasks, epoch, seed: as :meth:`SampleTransform.from_config`.
         batch_size: images per batch; default ``cfg.data.batch_size``.
         shards: subset / order of shard paths; default all in manifest order.
-        limit: stop after this many images (e.g. ``train.val_max_images``); None for all.
-        drop_last: drop a last batch smaller than ``batch_size``.
+        limit: stop after this many images; None for all.
 
     Yields:
         Batches as dicts of torch tensors (the batch contract).
