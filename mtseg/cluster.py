@@ -11,6 +11,7 @@ variable, Ray 2.60 binds to the host's network address).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -154,10 +155,7 @@ class SeaweedFS:
         ports = {}
         # An explicit S3 port is kept across restarts so clients keep their endpoint.
         for name in ("s3", "master", "volume", "filer", "admin"):
-            if name == "s3" and self.s3_port:
-                ports[name] = self.s3_port
-            else:
-                ports[name] = free_port(used)
+            ports[name] = self.s3_port if name == "s3" and self.s3_port else free_port(used)
             used.update({ports[name], ports[name] + 10000})
         self.s3_port, self.master_port = ports["s3"], ports["master"]
         cmd = [
@@ -225,13 +223,12 @@ class SeaweedFS:
 
     def processes(self) -> list[int]:
         """Pids of the ``weed`` processes serving this data directory (recorded or not)."""
-        return _pids_with_exact_arg(f"-dir={self.data_dir}")
+        return _pids_with_arg(f"-dir={self.data_dir}", exact=True)
 
     def stop(self, timeout: float = 10.0) -> None:
         # The recorded pid, and any server of this data dir whose pid was never recorded
         # (an interrupted `cluster up`).
-        for pid in dict.fromkeys([*([self.pid] if self.pid else []), *self.processes()]):
-            _terminate(pid, timeout)
+        _terminate(list(dict.fromkeys([*([self.pid] if self.pid else []), *self.processes()])), timeout, group=True)
         proc = getattr(self, "_proc", None)
         if proc is not None:
             try:
@@ -259,51 +256,43 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _pids_with_arg(text: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
-def _pids_with_exact_arg(arg: str) -> list[int]:
-    """Pids of processes with ``arg`` as one whole command-line argument."""
+def _pids_with_arg(text: str, *, exact: bool = False) -> list[int]:
+    """Pids of other processes whose command line contains ``text`` (``exact``: as one whole argument)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if arg.encode() in f.read().split(b"\0"):
-                    pids.append(int(entry))
+                cmdline = f.read()
         except OSError:
             continue
+        if text.encode() in (cmdline.split(b"\0") if exact else cmdline):
+            pids.append(int(entry))
     return pids
 
 
-def _terminate(pid: int, timeout: float) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
+def _signal(pid: int, sig: int, group: bool) -> None:
+    if group:
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+            os.killpg(pid, sig)
             return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.1)
-    if _pid_alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _terminate(pids: list[int], timeout: float, *, group: bool = False) -> None:
+    """SIGTERM ``pids`` (with ``group``, their process groups), then SIGKILL those alive after ``timeout``."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM, group)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _pid_alive(pid):
+            _signal(pid, signal.SIGKILL, group)
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -312,14 +301,14 @@ def _terminate(pid: int, timeout: float) -> None:
 def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env: dict | None = None, **kwargs):
     """``ray.init`` a fresh local Ray on loopback (or attach to ``RAY_ADDRESS`` if set).
 
-    ``env`` (the storage endpoint) is shipped to every worker through the job's runtime_env,
-    so Ray Data readers and Train workers reach the same object store. Credentials in it are
-    not: Ray writes a runtime_env in plain text to its logs and job list. A local Ray's workers
-    inherit them from this process's environment; a cluster's come from its nodes' own.
-
-    ``dashboard`` starts Ray's dashboard (127.0.0.1, the first free port from 8265). Training
-    wants it: it serves the State API that Ray Train's placement-group cleaner polls, which
-    otherwise warns every few seconds and cannot release a dead run's reservation.
+    Args:
+        num_cpus: CPUs of a local Ray (default: all).
+        dashboard: start Ray's dashboard on 127.0.0.1. Training wants it: Ray Train's
+            placement-group cleaner polls its State API to release a dead run's reservation.
+        env: storage variables for every worker, through the runtime_env. Credentials in it
+            are not put there (Ray logs a runtime_env in plain text): a local Ray's workers
+            inherit them from this process; a cluster's come from its nodes.
+        kwargs: passed on to ``ray.init``.
     """
     apply_loopback_env()
     # Ray Train's print patch logs every worker print twice and defeats stdout redirection
@@ -356,33 +345,32 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
 def enable_token_auth_for_client() -> None:
     """Send Ray's auth token when one is available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
 
-    Ray 2.60 clusters have token authentication on, but a client that connects to an
-    existing cluster only sends the token when ``RAY_AUTH_MODE=token``.
+    A Ray 2.60 client only sends it with ``RAY_AUTH_MODE=token``; the cluster requires it.
     """
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(path):
+    if not os.environ.get("RAY_AUTH_MODE") and _auth_token_path(os.environ)[1]:
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _auth_token_path(env: Mapping[str, str]) -> tuple[str, bool]:
+    """Where Ray looks for its token file under ``env``, and whether a token is configured."""
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".ray", "auth_token")
+    return path, bool(env.get("RAY_AUTH_TOKEN")) or os.path.exists(path)
 
 
 def ensure_auth_token(env: dict[str, str] | None = None) -> None:
     """Create Ray's auth token (``ray get-auth-token --generate``) unless one is configured.
 
-    ``ray start --head`` with token auth on refuses to start without a token, where
-    ``ray.init`` would make one; Ray's own CLI writes it to ``~/.ray/auth_token``, which
-    clients (``ray job``, ``mtseg submit``) read too.
+    ``ray start --head`` with token auth refuses to start without one (``ray.init`` makes one).
 
     Args:
-        env: the environment the head starts with (default ``os.environ``): its
-            ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` and ``HOME`` decide where Ray looks.
+        env: the environment the head starts with (default ``os.environ``).
 
     Raises:
         ClusterError: the token could not be written.
     """
     env = dict(os.environ if env is None else env)
-    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".ray", "auth_token")
-    if env.get("RAY_AUTH_TOKEN") or os.path.exists(path):
+    path, configured = _auth_token_path(env)
+    if configured:
         return
     out = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env,
                          capture_output=True, text=True, timeout=120)  # stdout is the token: never printed
@@ -411,10 +399,10 @@ class RayHead:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
     def start(self, env: dict | None = None, timeout: float = 90.0, attempts: int = 2) -> RayHead:
-        """Start the head; every port is a free one, so it coexists with other Rays on the machine.
+        """Start the head on free ports, so it coexists with other Rays on the machine.
 
-        ``ray start`` gives the raylet a fixed 30 s to register; on a loaded machine that can
-        pass, so a failed start is cleaned up and tried again on fresh ports.
+        ``ray start`` gives the raylet a fixed 30 s to register, which a loaded machine can
+        miss: a failed start is cleaned up and tried again on fresh ports.
         """
         ensure_auth_token({**os.environ, **(env or {})})
         for attempt in range(attempts):
@@ -476,26 +464,11 @@ class RayHead:
 
     def processes(self) -> list[int]:
         """Pids of this head's processes: all of them carry its temp dir on their command line."""
-        return [pid for pid in _pids_with_arg(os.path.abspath(self.temp_dir)) if pid != os.getpid()]
+        return _pids_with_arg(os.path.abspath(self.temp_dir))
 
     def stop(self, timeout: float = 15.0) -> None:
-        # `ray stop` would stop every Ray on the machine (a test session's too); stop only the
-        # processes of this head.
-        pids = self.processes()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
-            time.sleep(0.2)
-        for pid in pids:
-            if _pid_alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        # `ray stop` would stop every Ray on the machine (a test session's too).
+        _terminate(self.processes(), timeout)
 
     def alive(self) -> bool:
         return bool(self.port) and _port_open(self.port)
@@ -508,10 +481,8 @@ class RayHead:
 class LocalStack:
     """What ``mtseg cluster up`` started, persisted in ``<dir>/stack.json``.
 
-    The state file is written before each process starts, so a ``down`` after an ``up`` that
-    failed or was killed half-way still knows what to look for. ``down`` and ``status`` find
-    the processes by their directories (SeaweedFS's ``-dir``, Ray's temp dir), not only by the
-    recorded pids.
+    The state file is written before each process starts, and ``down`` and ``status`` find the
+    processes by their directories, so an ``up`` killed half-way can still be brought down.
     """
 
     dir: str = DEFAULT_STACK_DIR

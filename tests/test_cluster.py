@@ -56,11 +56,11 @@ def test_up_without_a_token_makes_one_and_down_stops_everything(stack_dir, tmp_p
     settings = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines() if line.startswith("export "))
 
     # The head answers with that token and refuses requests without it.
-    from mtseg.submit import SubmitError, client
+    from mtseg.submit import JobsClient, SubmitError
 
-    assert client(settings["RAY_API_SERVER_ADDRESS"], token=token.read_text().strip()).list_jobs() == []
+    assert JobsClient(settings["RAY_API_SERVER_ADDRESS"], token=token.read_text().strip()).list_jobs() == []
     with pytest.raises(SubmitError, match="missing auth token"):
-        client(settings["RAY_API_SERVER_ADDRESS"], token="")
+        JobsClient(settings["RAY_API_SERVER_ADDRESS"], token="")
     status = _cli(["cluster", "status", "--dir", stack_dir], home)
     assert status.stdout.startswith("seaweedfs: up http://127.0.0.1:") and "\nray: up 127.0.0.1:" in status.stdout
 
