@@ -413,25 +413,19 @@ def make_submission_id(name: str, run_name: str) -> str:
     return f"mtseg-{name}-{safe_run}-{stamp}-{secrets.token_hex(2)}"
 
 
-def _run_location(cfg) -> str | None:
-    """Where a training job's run lives, if this machine can read it too (not a relative local path)."""
-    from mtseg.storage import is_s3, join
+def _relative_local(path: str) -> bool:
+    """A relative local path: on the cluster, in the job's scratch working_dir (gone with the job)."""
+    from mtseg.storage import is_s3
 
-    path = cfg.train.storage_path
-    if not is_s3(path) and not os.path.isabs(path.removeprefix("file://")):
-        return None
-    return join(path, cfg.train.run_name)
+    return not is_s3(path) and not os.path.isabs(path.removeprefix("file://"))
 
 
 def _warn_local_paths(name: str, cfg, log) -> None:
-    from mtseg.storage import is_s3
-
-    # A relative local path on the cluster lands in the job's scratch working_dir, gone with the job.
     paths = {"data.uri": cfg.data.uri}
     if name != "prepare":
         paths["train.storage_path"] = cfg.train.storage_path
     for key, value in paths.items():
-        if value and not is_s3(value) and not os.path.isabs(value):
+        if value and _relative_local(value):
             log(f"[submit] warning: {key}={value!r} is a relative local path on the cluster; use s3://... to keep it")
 
 
@@ -482,6 +476,7 @@ def submit(
         SubmitError: the job, its arguments or config are wrong, or the cluster refused it.
     """
     from mtseg.config import load_config, validate_name
+    from mtseg.storage import join
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if name not in JOBS:
@@ -502,7 +497,8 @@ def submit(
         config_rel = _relative_to_root(config_path, root, "config") if config_path else None
         _warn_local_paths(name, cfg, log)
         run_name = cfg.train.run_name
-        run = _run_location(cfg) if name == "train" else None
+        storage_path = cfg.train.storage_path
+        run = join(storage_path, run_name) if name == "train" and not _relative_local(storage_path) else None
     else:
         if config_path or overrides:
             raise SubmitError(f"{name}: takes no --config or key=value overrides; pass its own arguments after --")
