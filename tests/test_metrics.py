@@ -49,7 +49,7 @@ def test_confusion_matrix_hand_computed():
     # class 3 is in neither target nor prediction: undefined and left out of the mean
     assert math.isnan(r["iou_per_class"][3])
     assert r["miou"] == pytest.approx(7 / 18)
-    assert cm.mat.sum() == 7 and cm.mat[1, 2] == 1  # rows = target, columns = prediction
+    assert cm._state.sum() == 7 and cm._state[1, 2] == 1  # rows = target, columns = prediction
 
 
 def test_confusion_matrix_counts_class_only_predicted():
@@ -69,11 +69,11 @@ def test_confusion_matrix_accumulates_over_batches_and_merges():
     b.update(TARGET.clamp(max=3), TARGET)
     shipped = ConfusionMatrix.from_state(pickle.loads(pickle.dumps(b.state_dict())))
     a.merge(shipped)
-    assert torch.equal(a.mat, whole.mat)
+    assert torch.equal(a._state, whole._state)
     a.all_reduce()  # no process group: no-op
-    assert torch.equal(a.mat, whole.mat)
+    assert torch.equal(a._state, whole._state)
     a.reset()
-    assert a.mat.sum() == 0 and math.isnan(a.compute()["miou"])
+    assert a._state.sum() == 0 and math.isnan(a.compute()["miou"])
 
 
 def test_confusion_matrix_rejects_bad_input():

@@ -214,7 +214,7 @@ def merge_eval_imgs(shard_img_ids: Sequence[Sequence[int]], shard_eval_imgs: Seq
     Returns:
         (all image ids ascending, merged evalImgs of length K * A * len(ids)).
     """
-    blocks: dict[int, list[tuple[list[int], list]]] = {}
+    blocks: list[tuple[list[int], list]] = []
     all_ids: list[int] = []
     for ids, ev in zip(shard_img_ids, shard_eval_imgs, strict=True):
         ids = sorted({int(i) for i in ids})
@@ -223,7 +223,7 @@ def merge_eval_imgs(shard_img_ids: Sequence[Sequence[int]], shard_eval_imgs: Seq
                 f"shard_eval_imgs: {len(ev)} entries for {len(ids)} images x {num_categories} "
                 f"categories x {num_area_ranges} area ranges"
             )
-        blocks[len(blocks)] = (ids, ev)
+        blocks.append((ids, ev))
         all_ids.extend(ids)
     if len(set(all_ids)) != len(all_ids):
         raise ValueError("shard_img_ids: an image id is in more than one shard")
@@ -231,7 +231,7 @@ def merge_eval_imgs(shard_img_ids: Sequence[Sequence[int]], shard_eval_imgs: Seq
     pos = {img: n for n, img in enumerate(all_ids)}
     n_img = len(all_ids)
     merged: list = [None] * (num_categories * num_area_ranges * n_img)
-    for ids, ev in blocks.values():
+    for ids, ev in blocks:
         n = len(ids)
         for ka in range(num_categories * num_area_ranges):
             src, dst = ka * n, ka * n_img
@@ -240,12 +240,8 @@ def merge_eval_imgs(shard_img_ids: Sequence[Sequence[int]], shard_eval_imgs: Seq
     return all_ids, merged
 
 
-def accumulate_eval_imgs(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list) -> COCOeval:
-    """``COCOeval.accumulate()`` and ``summarize()`` over merged evalImgs (:func:`merge_eval_imgs`).
-
-    Returns:
-        The COCOeval object with ``eval`` and ``stats`` (12 numbers, -1 where undefined).
-    """
+def _summarize(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list) -> tuple[dict[str, float], np.ndarray]:
+    """``COCOeval.accumulate()`` and ``summarize()`` over merged evalImgs: (metrics, ``COCOeval.stats``)."""
     ev = COCOeval(coco_gt, None, iouType="segm")
     p = ev.params
     # Exactly what evaluate() leaves behind: unique sorted ids (numpy ints), sorted maxDets.
@@ -257,12 +253,7 @@ def accumulate_eval_imgs(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list)
     with _quiet():
         ev.accumulate()
         ev.summarize()
-    return ev
-
-
-def _summarize(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list) -> tuple[dict[str, float], np.ndarray]:
-    """(metrics, COCOeval.stats) of merged evalImgs."""
-    stats = np.asarray(accumulate_eval_imgs(coco_gt, img_ids, eval_imgs).stats, dtype=np.float64)
+    stats = np.asarray(ev.stats, dtype=np.float64)
     # pycocotools reports -1 where a number is undefined (e.g. no large objects): NaN says so
     # without pulling averages and charts towards -1.
     return {name: (float(v) if v > -1 else math.nan) for name, v in zip(STAT_NAMES, stats)}, stats

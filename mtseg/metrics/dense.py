@@ -41,11 +41,6 @@ class ConfusionMatrix(SumMetric):
     def _empty_state(self) -> torch.Tensor:
         return torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
-    @property
-    def mat(self) -> torch.Tensor:
-        """The (num_classes, num_classes) count matrix, rows = target, columns = prediction."""
-        return self._state
-
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Count one batch.

@@ -12,7 +12,7 @@ import torch
 
 from mtseg.models.backbones import available_backbones, build_backbone
 from mtseg.models.decoders import build_decoder
-from mtseg.models.multitask import IMAGENET_MEAN, IMAGENET_STD, MultiTaskModel
+from mtseg.models.multitask import IMAGENET_MEAN, MultiTaskModel
 from mtseg.tasks import build_tasks
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ def build_model(cfg: Config, categories: CategoryIndex) -> MultiTaskModel:
 
 __all__ = [
     "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "MultiTaskModel",
     "available_backbones",
     "build_backbone",
