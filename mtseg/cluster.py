@@ -2,11 +2,8 @@
 
 ``mtseg cluster up`` starts both as background processes and records them in a state file
 under the stack directory; ``down`` stops them; ``status`` reports them. The demo and the
-test fixtures use the same classes in-process.
-
-Everything binds to loopback: SeaweedFS with ``-ip=127.0.0.1 -ip.bind=127.0.0.1`` and Ray
-with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` and ``node_ip_address=127.0.0.1`` (without the
-variable, Ray 2.60 binds to the host's network address).
+test fixtures use the same classes in-process. Ray is kept on loopback by ``node_ip_address``
+and :data:`LOOPBACK_ENV`.
 """
 
 from __future__ import annotations
@@ -28,6 +25,8 @@ from pathlib import Path
 from mtseg.errors import MtsegError
 
 LOOPBACK = "127.0.0.1"
+# Without it, Ray 2.60 binds to the host's network address.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 DEFAULT_BUCKET = "mtseg"
 DEFAULT_STACK_DIR = os.path.join("runs", "stack")
 VACUUM_INTERVAL_S = 60
@@ -69,13 +68,8 @@ def storage_env(environ: Mapping[str, str] | None = None, *, credentials: bool =
     return {k: environ[k] for k in names if environ.get(k)}
 
 
-def loopback_env() -> dict[str, str]:
-    """Environment that keeps Ray on 127.0.0.1."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
 def apply_loopback_env() -> None:
-    os.environ.update(loopback_env())
+    os.environ.update(LOOPBACK_ENV)
 
 
 def free_port(avoid: set[int] | None = None) -> int:
@@ -443,7 +437,7 @@ class RayHead:
         from mtseg.compat import worker_pool_config
 
         full_env = {
-            **os.environ, **loopback_env(),
+            **os.environ, **LOOPBACK_ENV,
             **{f"RAY_{k}": str(v) for k, v in worker_pool_config(self.num_cpus).items()},
             # Token auth on explicitly: without it `ray start` only enables it when a token exists.
             "RAY_AUTH_MODE": "token",
@@ -596,7 +590,7 @@ class LocalStack:
         return lines
 
     def env(self) -> dict[str, str]:
-        env = dict(loopback_env())
+        env = dict(LOOPBACK_ENV)
         if self.seaweedfs:
             env.update(SeaweedFS(**self.seaweedfs).env())
         if self.ray:

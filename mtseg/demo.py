@@ -40,9 +40,8 @@ class DemoError(MtsegError, RuntimeError):
     exit_code = 1  # the demo ran and failed, as when it misses its target
 
 
-def _step(n: int, text: str) -> float:
+def _step(n: int, text: str) -> None:
     print(f"\n[demo {n}/{STEPS}] {text}", flush=True)
-    return time.monotonic()
 
 
 def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_images: int = 96, epochs: int | None = None,
