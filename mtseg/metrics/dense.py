@@ -121,14 +121,12 @@ class BoundaryF1(SumMetric):
         return torch.zeros(4, dtype=torch.int64)
 
     @torch.no_grad()
-    def update_from_maps(self, pred: torch.Tensor, target: torch.Tensor,
-                         valid: torch.Tensor | None = None) -> None:
+    def update_from_maps(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Count one batch of binary boundary maps.
 
         Args:
             pred: (B, H, W) predicted boundary (bool, or numbers: nonzero = boundary).
             target: (B, H, W) ground-truth boundary, same convention.
-            valid: optional (B, H, W) bool; pixels outside it are ignored in both maps.
         """
         if pred.shape != target.shape or pred.dim() != 3:
             raise ValueError(
@@ -136,11 +134,6 @@ class BoundaryF1(SumMetric):
             )
         pred = pred.to(target.device) != 0
         target = target != 0
-        if valid is not None:
-            if valid.shape != target.shape:
-                raise ValueError(f"valid: shape {tuple(valid.shape)} != {tuple(target.shape)}")
-            valid = valid.to(target.device).bool()
-            pred, target = pred & valid, target & valid
         near_target = _dilate(target, self.tolerance)
         near_pred = _dilate(pred, self.tolerance)
         counts = torch.stack([
@@ -182,29 +175,17 @@ class PSNR(SumMetric):
         return torch.zeros(2, dtype=torch.float64)  # sum of squared error, element count
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Count one batch.
 
         Args:
             pred: (B, C, H, W) reconstruction.
             target: (B, C, H, W) original.
-            mask: optional weights broadcastable to ``pred`` after adding a channel axis
-                where needed, e.g. (B, H, W) or (B, 1, H, W): 1 = counted pixel.
         """
         if pred.shape != target.shape:
             raise ValueError(f"pred/target: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
         err = (pred.to(target.device).double() - target.double()) ** 2
-        if mask is None:
-            sse, count = err.sum(), torch.tensor(float(err.numel()), dtype=torch.float64, device=err.device)
-        else:
-            m = mask.to(err.device).double()
-            if m.dim() == err.dim() - 1:
-                m = m.unsqueeze(1)
-            try:
-                m = m.expand_as(err)
-            except RuntimeError:
-                raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to {tuple(pred.shape)}") from None
-            sse, count = (err * m).sum(), m.sum()
+        sse, count = err.sum(), torch.tensor(float(err.numel()), dtype=torch.float64, device=err.device)
         state = self._state_on(err.device)
         state += torch.stack([sse, count])
 
