@@ -106,6 +106,7 @@ class WeightingConfig:
     famo_gamma: float = _f(0.001, min=0.0)
     rep_grad: bool = _f(False, help="pcgrad/gradnorm: per-task gradients at the shared representation, one encoder "
                         "backward (LibMTL's rep_grad; an approximation, faster)")
+    pcgrad_batched: bool = _f(False, help="exact pcgrad: the per-task encoder backwards as one batched (vmap) backward")
 
 
 @dataclass

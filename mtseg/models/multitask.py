@@ -40,14 +40,18 @@ class MultiTaskModel(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, *, representation: bool = False):
         """Run every head.
 
         Args:
             images: (B, 3, H, W) float RGB in [0, 1].
+            representation: the heads read a detached copy ``leaf`` of the shared features,
+                so that a weighting strategy can take each task's gradient there through the
+                heads alone and run the encoder's backward itself (mtseg.weighting.base).
 
         Returns:
-            ``{task: (B, C_task, H, W)}``, in task order.
+            ``{task: (B, C_task, H, W)}``, in task order; with ``representation``,
+            ``(outputs, (features, leaf))``.
         """
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"model: expected float images (B, 3, H, W), got {tuple(images.shape)} {images.dtype}")
@@ -56,10 +60,12 @@ class MultiTaskModel(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         shared = self.decoder(self.backbone(x))
-        outputs = {name: head(shared) for name, head in self.heads.items()}
+        leaf = shared.detach().requires_grad_() if representation else shared
+        outputs = {name: head(leaf) for name, head in self.heads.items()}
         for task in self.tasks.values():
             task.refine_outputs(outputs)
-        return {name: F.interpolate(out, size=size, mode="bilinear", align_corners=False) for name, out in outputs.items()}
+        outputs = {name: F.interpolate(out, size=size, mode="bilinear", align_corners=False) for name, out in outputs.items()}
+        return (outputs, (shared, leaf)) if representation else outputs
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Encoder and decoder parameters, in forward order (the last shared layer last)."""

@@ -192,9 +192,13 @@ def train_one_epoch(
             with _grad_sync(state.model, ddp_averages, micro == accum - 1):
                 with _autocast(state.device, cfg.train.amp):
                     inputs = model_inputs(batch, state.tasks, cfg, train=True, generator=generator)
-                    outputs = state.model(inputs)
+                    extra = {}
+                    if state.strategy.uses_representation:
+                        outputs, extra["representation"] = state.model(inputs, representation=True)
+                    else:
+                        outputs = state.model(inputs)
                     losses = compute_losses(state.tasks, {k: v.float() for k, v in outputs.items()}, batch)
-                weights = state.strategy.backward(losses, shared)
+                weights = state.strategy.backward(losses, shared, **extra)
             for name, value in losses.items():
                 step_losses[name] = step_losses.get(name, 0.0) + float(value.detach()) / accum
         if accum > 1:

@@ -2,6 +2,7 @@
 
     strategy = build_weighting(cfg.weighting, task_names)
     weights = strategy.backward(losses, model.shared_parameters())   # replaces loss.backward()
+    # strategy.uses_representation: model(images, representation=True) and pass it on
     sync_gradients(params)                                           # DDP: see base.py
 
 See :mod:`mtseg.weighting.base` for the interface and the distributed design.
@@ -29,10 +30,12 @@ STRATEGIES = {
     "static": lambda c, names: StaticWeighting(names, {k: v for k, v in c.static.items() if k in names}),
     "uncertainty": lambda c, names: UncertaintyWeighting(names),
     "dwa": lambda c, names: DWAWeighting(names, temperature=c.dwa_temperature),
-    "gradnorm": lambda c, names: GradNormWeighting(names, alpha=c.gradnorm_alpha, lr=c.gradnorm_lr),
-    "pcgrad": lambda c, names: PCGradWeighting(names),
+    "gradnorm": lambda c, names: GradNormWeighting(names, alpha=c.gradnorm_alpha, lr=c.gradnorm_lr, rep_grad=c.rep_grad),
+    "pcgrad": lambda c, names: PCGradWeighting(names, rep_grad=c.rep_grad, batched=c.pcgrad_batched),
     "famo": lambda c, names: FAMOWeighting(names, lr=c.famo_lr, gamma=c.famo_gamma),
 }
+# Strategies with a representation-gradient mode (``weighting.rep_grad``).
+REP_GRAD = ("gradnorm", "pcgrad")
 
 
 def build_weighting(cfg: WeightingConfig, task_names: list[str]) -> WeightingStrategy:
@@ -49,6 +52,8 @@ def build_weighting(cfg: WeightingConfig, task_names: list[str]) -> WeightingStr
         raise ValueError(f"weighting.name: {cfg.name!r} is not one of {', '.join(STRATEGIES)}")
     if cfg.name in ("dwa", "gradnorm", "pcgrad", "famo") and len(task_names) < 2:
         raise ValueError(f"weighting.name: {cfg.name} needs at least two tasks, got {list(task_names)}")
+    if cfg.rep_grad and cfg.name not in REP_GRAD:
+        raise ValueError(f"weighting.rep_grad: only {' and '.join(REP_GRAD)} have it, not {cfg.name}")
     return STRATEGIES[cfg.name](cfg, list(task_names))
 
 
@@ -59,6 +64,7 @@ __all__ = [
     "FAMOWeighting",
     "GradNormWeighting",
     "PCGradWeighting",
+    "REP_GRAD",
     "StaticWeighting",
     "UncertaintyWeighting",
     "WeightingStrategy",

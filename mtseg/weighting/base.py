@@ -35,6 +35,28 @@ averaging every ``.grad`` over the world.
   gradients and writes identical shared ``.grad``. The later :func:`sync_gradients`
   leaves those unchanged (the average of identical values) and averages the heads'.
 
+Per-task gradients through the encoder
+--------------------------------------
+A per-task gradient of the shared parameters costs one backward pass through the encoder
+per task. Where the model hands over its shared representation (``model(images,
+representation=True)`` returns ``(outputs, (features, leaf))``: the heads read ``leaf``, a
+detached copy of ``features``), a strategy that sets :attr:`WeightingStrategy.uses_representation`
+gets it as ``backward(..., representation=(features, leaf))`` and splits the backward in two:
+
+* :func:`representation_gradients`: each task's loss backward stops at ``leaf`` (the heads
+  only, cheap); the heads' ``.grad`` fill as ``loss.backward()`` fills them, and the (T, ...)
+  gradients at the representation come back.
+* exact: :func:`encoder_gradients` pulls the T representation gradients through the encoder,
+  one backward each or in ONE batched backward (``torch.autograd.grad(...,
+  is_grads_batched=True)``, vmap over the backward): the exact (T, P) per-task gradients of
+  the shared parameters, by the chain rule.
+  vmap still runs T encoder backwards' worth of arithmetic (batched into wider kernels), so
+  it saves the per-pass overhead, not the FLOPs, and holds T activation-sized gradients at
+  once (memory grows with T).
+* ``rep_grad`` (LibMTL's representation-gradient mode, an approximation): the strategy works
+  on the representation gradients themselves and runs ONE encoder backward,
+  ``features.backward(combined)``. See :mod:`mtseg.weighting.pcgrad`, :mod:`mtseg.weighting.gradnorm`.
+
 Forward under ``no_sync`` also skips DDP's buffer broadcast, so after each optimiser step
 the trainer calls :func:`sync_buffers` (whichever path ran), which broadcasts every buffer
 (BatchNorm running statistics, strategy state) from rank 0: all ranks then hold the same
@@ -47,12 +69,18 @@ GradNorm's weights) in parameters or buffers, so ``state_dict()`` checkpoints it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: ``(features, leaf)``: the encoder's output and the detached copy the task heads read.
+Representation = tuple[torch.Tensor, torch.Tensor]
 
 
 def _distributed() -> bool:
@@ -184,6 +212,81 @@ def per_task_gradients(
     return torch.stack(rows)
 
 
+def representation_gradients(
+    losses: list[torch.Tensor], leaf: torch.Tensor, scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each loss's gradient at the representation the heads read, by one backward per loss.
+
+    The backward passes stop at ``leaf`` (a leaf tensor: the encoder is not reached) and
+    accumulate into the heads' ``.grad`` as ``loss.backward()`` would; the graph is freed
+    after the last loss. ``leaf.grad`` is left as it was.
+
+    Args:
+        losses: the T scalar losses (the tensors the tasks returned).
+        leaf: the detached representation the heads consumed (``requires_grad``).
+        scales: (T,) multipliers applied to each loss before its backward (e.g. task weights).
+
+    Returns:
+        (T, *leaf.shape) gradients (zeros for a loss that does not reach ``leaf``).
+    """
+    saved, rows = leaf.grad, []
+    for i, loss in enumerate(losses):
+        leaf.grad = None
+        (loss if scales is None else loss * scales[i]).backward(retain_graph=i < len(losses) - 1)
+        rows.append(torch.zeros_like(leaf) if leaf.grad is None else leaf.grad)
+    leaf.grad = saved
+    return torch.stack(rows)
+
+
+# Whether the batched backward ran once, and why it cannot run here (None: it can).
+_batched = {"checked": False, "unavailable": None}
+
+
+def encoder_gradients(
+    features: torch.Tensor, rep_grads: torch.Tensor, params: list[torch.Tensor], *, batched: bool = True
+) -> torch.Tensor:
+    """The exact per-task gradients of ``params``, from the tasks' gradients at ``features``.
+
+    ``grad_theta L_i = J^T grad_features L_i``: one vector-Jacobian product per task, run as
+    ONE batched backward (``is_grads_batched``, vmap over the backward) or, with
+    ``batched=False`` or where an op of the encoder has no batched backward, one backward per
+    task (the reason is logged once). The graph of ``features`` is freed afterwards.
+
+    Args:
+        features: the encoder's output (attached to the graph).
+        rep_grads: (T, *features.shape) gradients at ``features``.
+        params: the parameters to differentiate (the shared ones).
+        batched: use the batched backward.
+
+    Returns:
+        The flattened (T, P) per-task gradients (zeros where ``features`` does not depend on a
+        parameter).
+    """
+    t = rep_grads.shape[0]
+    rep_grads = rep_grads.to(features.dtype)
+    if batched and _batched["unavailable"] is None:
+        # The first call keeps the graph, so that a failure can still fall back to the loop.
+        first = not _batched["checked"]
+        try:
+            grads = torch.autograd.grad(
+                features, params, rep_grads, retain_graph=first, is_grads_batched=True, allow_unused=True
+            )
+            _batched["checked"] = True
+            return torch.cat([(torch.zeros(t, p.numel(), device=p.device, dtype=p.dtype) if g is None
+                               else g.reshape(t, -1)) for g, p in zip(grads, params)], dim=1)
+        except RuntimeError as e:
+            if not first:
+                raise
+            _batched["unavailable"] = str(e).splitlines()[0]
+            log.warning("weighting: no batched backward through the encoder, one backward per task: %s",
+                        _batched["unavailable"])
+    rows = []
+    for i in range(t):
+        grads = torch.autograd.grad(features, params, rep_grads[i], retain_graph=i < t - 1, allow_unused=True)
+        rows.append(_flatten(grads, params))
+    return torch.stack(rows)
+
+
 def _flatten(grads, params) -> torch.Tensor:
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
 
@@ -217,6 +320,10 @@ class WeightingStrategy(nn.Module):
     #: ``no_sync`` and :func:`sync_gradients` averages everything after them.
     single_backward: ClassVar[bool] = True
 
+    #: Whether :meth:`backward` takes ``representation=(features, leaf)``: the trainer then
+    #: runs the model with ``representation=True`` (see "Per-task gradients through the encoder").
+    uses_representation: bool = False
+
     def __init__(self, task_names: list[str]):
         super().__init__()
         if not task_names:
@@ -231,13 +338,20 @@ class WeightingStrategy(nn.Module):
         """Combined loss and the per-task weights used, from the (T,) loss vector."""
         raise NotImplementedError(f"{type(self).__name__} implements backward() directly")
 
-    def backward(self, losses: dict[str, torch.Tensor], shared_params: list[torch.Tensor]) -> dict[str, float]:
+    def backward(
+        self,
+        losses: dict[str, torch.Tensor],
+        shared_params: list[torch.Tensor],
+        representation: Representation | None = None,
+    ) -> dict[str, float]:
         """Accumulate gradients into ``.grad`` of every parameter the losses reach.
 
         Args:
             losses: ``{task: scalar loss}`` from one forward pass.
             shared_params: the parameters every task shares (``model.shared_parameters()``,
                 in forward order); strategies that manipulate gradients work on these.
+            representation: ``(features, leaf)`` from ``model(images, representation=True)``,
+                for a strategy with :attr:`uses_representation`; the others ignore it.
 
         Returns:
             ``{task: weight used}`` for logging.

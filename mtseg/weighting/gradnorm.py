@@ -19,18 +19,31 @@ through the encoder. Since ``grad_W (w_i L_i) = w_i grad_W L_i``, ``dL_grad/dw_i
 
 DDP: the (T, |W|) per-task gradients and the T loss values travel in ONE all-reduce
 (mean), so every rank computes the same norms, ratios and weights.
+
+``rep_grad=True``: LibMTL's representation-gradient mode (Lin and Zhang, "LibMTL: A Python
+Library for Multi-Task Learning", JMLR 2023; ``AbsWeighting(rep_grad=True)``), an
+approximation: ``G_i`` is the norm of the task's gradient at the shared representation
+(the decoder's output the heads read) instead of at ``W``. Each weighted loss backward
+runs through its head alone and the encoder runs ONE backward of the summed
+representation gradients, so the network's update is still exactly the gradient of
+``sum_i w_i L_i``; only the norms the weights follow differ. DDP: each rank's squared
+norms travel with the loss values in the one all-reduce (the norm over the global batch).
 """
+
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from mtseg.weighting.base import (
+    Representation,
     WeightingStrategy,
     adam_update,
     all_reduce_mean,
     ordered_losses,
     per_task_gradients,
+    representation_gradients,
     stack_losses,
 )
 
@@ -50,14 +63,17 @@ class GradNormWeighting(WeightingStrategy):
         task_names: the tasks.
         alpha: restoring-force strength (paper: 0.12 to 3; 1.5 for NYUv2).
         lr: learning rate of the weights' Adam.
+        rep_grad: measure the gradient norms at the shared representation (an
+            approximation; see the module docstring).
     """
 
     single_backward = False  # per-task gradients first: averaged by sync_gradients
 
-    def __init__(self, task_names: list[str], alpha: float = 1.5, lr: float = 0.025):
+    def __init__(self, task_names: list[str], alpha: float = 1.5, lr: float = 0.025, *, rep_grad: bool = False):
         super().__init__(task_names)
         t = len(task_names)
         self.alpha, self.lr = float(alpha), float(lr)
+        self.rep_grad = self.uses_representation = bool(rep_grad)
         self.register_buffer("weights", torch.ones(t))
         self.register_buffer("initial_losses", torch.zeros(t))
         self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
@@ -74,21 +90,40 @@ class GradNormWeighting(WeightingStrategy):
         target = g.mean() * rate.pow(self.alpha)
         return torch.sign(g - target) * grad_norms
 
-    def backward(self, losses: dict[str, torch.Tensor], shared_params: list[torch.Tensor]) -> dict[str, float]:
+    def backward(
+        self,
+        losses: dict[str, torch.Tensor],
+        shared_params: list[torch.Tensor],
+        representation: Representation | None = None,
+    ) -> dict[str, float]:
         vec = stack_losses(losses, self.task_names)
-        layer = last_shared_layer(shared_params)
-        grads = per_task_gradients(ordered_losses(losses, self.task_names), [layer], accumulate_others=False)
         t = self.num_tasks
-        payload = all_reduce_mean(torch.cat([grads.reshape(-1), vec.detach().to(grads)]))
-        grads, global_losses = payload[:-t].view(t, -1), payload[-t:]
         used = self.weights.clone()
-        (used.to(vec.device) * vec).sum().backward()
+        if self.rep_grad:
+            if representation is None:
+                raise ValueError("weighting.rep_grad: the model passed no representation (model(images, representation=True))")
+            features, leaf = representation
+            scales = used.to(vec.device)
+            rep = representation_gradients(ordered_losses(losses, self.task_names), leaf, scales)
+            features.backward(rep.sum(0))
+            sq_norms = rep.reshape(t, -1).float().pow(2).sum(1) / scales.pow(2)
+            payload = all_reduce_mean(torch.cat([sq_norms, vec.detach().to(sq_norms)]))
+            # Each rank's share of the global mean loss is 1/world of its own: the global norm.
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            grad_norms, global_losses = (payload[:t] / world).sqrt(), payload[t:]
+        else:
+            layer = last_shared_layer(shared_params)
+            grads = per_task_gradients(ordered_losses(losses, self.task_names), [layer], accumulate_others=False)
+            payload = all_reduce_mean(torch.cat([grads.reshape(-1), vec.detach().to(grads)]))
+            grads, global_losses = payload[:-t].view(t, -1), payload[-t:]
+            grad_norms = grads.norm(dim=1)
+            (used.to(vec.device) * vec).sum().backward()
         with torch.no_grad():
             global_losses = global_losses.to(self.weights)
             if not bool(self.has_initial):
                 self.initial_losses.copy_(global_losses)
                 self.has_initial.fill_(True)
-            grad_w = self.weight_gradient(grads.norm(dim=1).to(self.weights), global_losses)
+            grad_w = self.weight_gradient(grad_norms.to(self.weights), global_losses)
             adam_update(self.weights, grad_w, self.exp_avg, self.exp_avg_sq, self.adam_step, lr=self.lr)
             # Renormalise to sum T (paper), keeping every weight positive.
             self.weights.clamp_(min=1e-3)

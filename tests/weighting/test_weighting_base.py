@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mtseg.config import WEIGHTING_NAMES, load_config
+from mtseg.config import WEIGHTING_NAMES, ConfigError, load_config
 from mtseg.weighting import (
+    REP_GRAD,
     STRATEGIES,
     EqualWeighting,
     StaticWeighting,
@@ -96,3 +97,15 @@ def test_distributed_helpers_are_no_ops_without_a_process_group():
     p.grad = torch.full((2,), 3.0)
     sync_gradients([p])
     assert p.grad.tolist() == [3.0, 3.0]
+
+
+def test_rep_grad_only_for_the_strategies_that_have_it():
+    for name in REP_GRAD:
+        assert build_weighting(load_config(None, [f"weighting.name={name}", "weighting.rep_grad=true"]).weighting,
+                               NAMES).rep_grad
+    with pytest.raises(ConfigError, match="^weighting.rep_grad: only gradnorm and pcgrad have it, not equal$"):
+        load_config(None, ["weighting.name=equal", "weighting.rep_grad=true"])
+    cfg = load_config(None, ["weighting.name=dwa"])
+    cfg.weighting.rep_grad = True
+    with pytest.raises(ValueError, match="^weighting.rep_grad: only gradnorm and pcgrad have it, not dwa$"):
+        build_weighting(cfg.weighting, NAMES)

@@ -69,3 +69,25 @@ def test_network_gradient_uses_the_weights_before_their_update():
     (0.5 * 10.0 * (ref[0, 0] - 1.0) ** 2 + 1.5 * 0.1 * (ref[0, 1] - 1.0) ** 2).backward()
     assert torch.allclose(shared.grad, ref.grad)
     assert bool(strategy.has_initial) and torch.allclose(strategy.initial_losses, torch.tensor([10.1, 0.2]))
+
+
+def test_rep_grad_follows_the_norms_at_the_representation():
+    """z = W x; L_a = a . z, L_b = b . z: the gradients at z are a and b (norms 3 and 1)."""
+    shared = nn.Parameter(torch.tensor([[0.5, -0.5], [0.25, 1.0]]))
+    x, a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.0]), torch.tensor([0.0, 1.0])
+    strategy = GradNormWeighting(["a", "b"], alpha=1.5, lr=0.1, rep_grad=True)
+    assert strategy.uses_representation
+    for step in range(2):
+        shared.grad = None
+        features = shared @ x
+        leaf = features.detach().requires_grad_()
+        # Losses kept positive and equal in ratio to their start, so the target is the mean norm.
+        losses = {"a": a @ leaf + 10.0, "b": b @ leaf + 10.0}
+        used = strategy.backward(losses, [shared], (features, leaf))
+        # The network still descends sum_i w_i L_i exactly: ONE encoder backward of w_a a + w_b b.
+        assert torch.allclose(shared.grad, torch.outer(used["a"] * a + used["b"] * b, x))
+        if step == 0:
+            assert used == {"a": 1.0, "b": 1.0}
+    # G_a = 3 > mean 2 > G_b = 1: a's weight falls, b's rises, the sum stays 2.
+    w = strategy.weights
+    assert w[0] < 1.0 < w[1] and torch.isclose(w.sum(), torch.tensor(2.0))

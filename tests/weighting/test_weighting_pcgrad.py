@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
 from mtseg.weighting import PCGradWeighting
 from mtseg.weighting.pcgrad import pcgrad_coefficients
@@ -65,3 +67,48 @@ def test_gram_matrix_form_equals_projecting_vectors():
             order = [[j for j in torch.randperm(t, generator=gen).tolist() if j != i] for i in range(t)]
             coef = pcgrad_coefficients(grads @ grads.T, order)
             assert torch.allclose(coef @ grads, _reference_pcgrad(grads, order), atol=1e-10)
+
+
+class RepToy(nn.Module):
+    """Representation z = W x (W: 2x2, x = (1, 2)), heads L_a = a . z + h_a^2, L_b = b . z + h_b^2.
+
+    The tasks' gradients at z are a and b, whatever W is; the shared gradient of a
+    representation gradient r is the outer product r x^T.
+    """
+
+    def __init__(self, a=(1.0, 0.0), b=(-1.0, 1.0)):
+        super().__init__()
+        self.shared = nn.Parameter(torch.tensor([[0.5, -0.5], [0.25, 1.0]]))
+        self.head_a = nn.Parameter(torch.tensor(1.0))
+        self.head_b = nn.Parameter(torch.tensor(2.0))
+        self.x, self.a, self.b = torch.tensor([1.0, 2.0]), torch.tensor(a), torch.tensor(b)
+
+    def forward(self):
+        features = self.shared @ self.x
+        leaf = features.detach().requires_grad_()
+        losses = {"a": self.a @ leaf + self.head_a**2, "b": self.b @ leaf + self.head_b**2}
+        return losses, (features, leaf)
+
+
+def test_rep_grad_projects_the_gradients_at_the_representation():
+    model = RepToy()  # a . b < 0: the representation gradients conflict
+    losses, rep = model()
+    weights = PCGradWeighting(NAMES, rep_grad=True).backward(losses, [model.shared], rep)
+    # pa = a - (a.b)/|b|^2 b = (0.5, 0.5), pb = b - (b.a)/|a|^2 a = (0, 1): ONE encoder backward of pa + pb.
+    assert weights == {"a": 2.0, "b": 1.5}
+    assert torch.allclose(model.shared.grad, torch.outer(torch.tensor([0.5, 1.5]), model.x))
+    assert model.head_a.grad.item() == 2.0 and model.head_b.grad.item() == 4.0
+    assert rep[1].grad is None  # the leaf's gradient is read out, not left behind
+
+
+def test_rep_grad_leaves_agreeing_representation_gradients_alone():
+    model = RepToy(a=(1.0, 0.0), b=(1.0, 1.0))
+    losses, rep = model()
+    assert PCGradWeighting(NAMES, rep_grad=True).backward(losses, [model.shared], rep) == {"a": 1.0, "b": 1.0}
+    assert torch.allclose(model.shared.grad, torch.outer(torch.tensor([2.0, 1.0]), model.x))
+
+
+def test_rep_grad_needs_the_representation(two_tasks):
+    model = two_tasks()
+    with pytest.raises(ValueError, match="weighting.rep_grad: the model passed no representation"):
+        PCGradWeighting(NAMES, rep_grad=True).backward(model.losses(), [model.shared])
