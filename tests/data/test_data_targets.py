@@ -189,3 +189,104 @@ def test_decode_annotations_empty_and_size_mismatch(cats):
     assert masks.shape == (0, 4, 5)
     with pytest.raises(ValueError, match="annotation 7: mask size"):
         decode_annotations([_ann(_square(6, 6, 0, 0, 2), 1, ann_id=7)], 4, 5, cats)
+
+
+# ----------------------------------------------------------------------------- against plain reference implementations
+# The targets are computed with array tricks (shifted comparisons, bincount reductions); these
+# references are the definitions written out pixel by pixel, and must agree exactly.
+
+
+def _reference_segments(masks, crowd):
+    n, h, w = masks.shape
+    areas = masks.sum(axis=(1, 2))
+    out = np.zeros((h, w), np.int64)
+    for y in range(h):
+        for x in range(w):
+            covering = [i for i in range(n) if masks[i, y, x]]
+            if covering:  # non-crowd wins, then the smaller area, then the later annotation
+                out[y, x] = max(covering, key=lambda i: (not crowd[i], -areas[i], i)) + 1
+    return out
+
+
+def _reference_boundary(segments, width):
+    h, w = segments.shape
+    out = np.zeros((h, w), np.float32)
+    for y in range(h):
+        for x in range(w):
+            window = segments[max(0, y - width) : y + width + 1, max(0, x - width) : x + width + 1]
+            out[y, x] = float(segments[y, x] > 0 and (window != segments[y, x]).any())
+    return out
+
+
+def _reference_centers(instances, sigma):
+    h, w = instances.shape
+    center = np.zeros((1, h, w), np.float32)
+    offset = np.zeros((2, h, w), np.float32)
+    radius = int(np.ceil(3.0 * sigma))
+    for i in np.unique(instances[instances > 0]):
+        ys, xs = np.nonzero(instances == i)
+        cy, cx = np.rint(ys.mean()), np.rint(xs.mean())
+        offset[0, ys, xs], offset[1, ys, xs] = cy - ys, cx - xs
+        for y in range(max(0, int(cy) - radius), min(h, int(cy) + radius + 1)):
+            for x in range(max(0, int(cx) - radius), min(w, int(cx) + radius + 1)):
+                g = np.float32(np.exp(-float((y - cy) ** 2 + (x - cx) ** 2) / (2.0 * sigma**2)))
+                center[0, y, x] = max(center[0, y, x], g)
+    return center, offset
+
+
+def _random_instances(rng, h, w, n, crowd_share=0.2):
+    masks = np.zeros((n, h, w), np.uint8)
+    for i in range(n):
+        kind = rng.integers(3)
+        if kind == 0:  # one pixel, anywhere (corners and edges included)
+            masks[i, rng.integers(h), rng.integers(w)] = 1
+        elif kind == 1:  # a box that may run off the image
+            y0, x0 = rng.integers(-3, h), rng.integers(-3, w)
+            masks[i, max(0, y0) : y0 + rng.integers(2, 12), max(0, x0) : x0 + rng.integers(2, 12)] = 1
+        else:  # ragged blob
+            masks[i] = rng.random((h, w)) < 0.15
+    return masks, rng.integers(1, 4, n), rng.random(n) < crowd_share
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_targets_equal_the_pixel_by_pixel_definitions(cats, seed):
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(1, 26, 2))
+    n = int(rng.integers(0, 7))
+    masks, labels, crowd = _random_instances(rng, h, w, n)
+    width, sigma = int(rng.integers(1, 4)), float(rng.choice([0.7, 1.5, 3.0]))
+    instances = Instances(masks, labels, crowd, cats)
+    segments = _reference_segments(masks.astype(bool), crowd)
+    assert np.array_equal(instances.segments, segments)
+    out = _targets(masks, labels, crowd, cats, width, sigma)
+    assert out["boundary"].dtype == np.float32
+    assert np.array_equal(out["boundary"], _reference_boundary(segments, width))
+    things = (segments > 0) & ~np.concatenate([[False], crowd])[segments]
+    center, offset = _reference_centers(np.where(things, segments, 0), sigma)
+    assert out["center"].dtype == np.float32 and out["offset"].dtype == np.float32
+    assert np.array_equal(out["center"], center)
+    assert np.array_equal(out["offset"], offset)
+    assert np.array_equal(out["thing_mask"], things.astype(np.float32))
+
+
+def test_edge_cases_empty_border_one_pixel_and_crowd(cats):
+    h, w = 9, 11
+    # Empty image: no edges, no centers.
+    out = _targets(np.zeros((0, h, w), np.uint8), [], [], cats, width=2)
+    assert not out["boundary"].any() and not out["center"].any() and not out["offset"].any()
+    # An instance touching the border: the border is not an edge, its inner side toward background is.
+    box = _square(h, w, 0, 0, 4)
+    out = _targets(box[None], [1], [False], cats, width=1)
+    assert np.array_equal(out["boundary"], _reference_boundary(box.astype(np.int64), 1))
+    assert out["boundary"][0, 0] == 0 and out["boundary"][3, 0] == 1 and out["boundary"][0, 3] == 1
+    # One-pixel instances, one in a corner: each is its own edge and its own center, offset 0.
+    dots = np.zeros((2, h, w), np.uint8)
+    dots[0, h - 1, w - 1] = 1
+    dots[1, 4, 5] = 1
+    out = _targets(dots, [1, 2], [False, False], cats, width=1)
+    assert out["boundary"][h - 1, w - 1] == 1 and out["boundary"][4, 5] == 1 and out["boundary"].sum() == 2
+    assert out["center"][0, h - 1, w - 1] == 1.0 and out["center"][0, 4, 5] == 1.0
+    assert not out["offset"].any()
+    # A crowd region: its outline is a boundary, but it has no center and no thing pixels.
+    out = _targets(box[None], [1], [True], cats, width=1)
+    assert out["boundary"].sum() > 0 and not out["center"].any() and not out["thing_mask"].any()
