@@ -1,15 +1,10 @@
-"""Training checkpoints: complete or absent.
+"""Training checkpoints: complete or absent, and the one way a checkpoint is loaded.
 
-A checkpoint is a directory holding ``state.pt`` (model, optimiser, scheduler, weighting state,
-counters) and ``meta.json`` (counters, metrics, and the SHA-256 of ``state.pt``), plus the
-resolved ``config.yaml``. Ray Train uploads the directory file by file, in no fixed order, so a
-run killed mid-upload can leave a directory with a truncated ``state.pt`` or no ``meta.json``;
-:func:`verify` rejects those, and :func:`latest_valid` walks back to the newest one that passes.
-
-This module is also the one way a checkpoint is loaded for inference (``mtseg evaluate``,
-``mtseg predict``, the demo): :func:`load_for_inference` resolves a run directory to its newest
-complete checkpoint, verifies the hash before unpickling tensors only, and reads the config and
-the label space; :func:`build_inference_model` puts the weights into the model they describe.
+A checkpoint is a directory of ``state.pt`` (training state), ``meta.json`` (counters, metrics,
+the SHA-256 of ``state.pt``) and ``config.yaml``. Ray Train uploads it file by file, so a run
+killed mid-upload leaves a partial one: :func:`verify` rejects it and :func:`latest_valid` walks
+back to the newest complete one. :func:`load_for_inference` and :func:`build_inference_model`
+serve ``mtseg evaluate``, ``mtseg predict`` and the demo.
 """
 
 from __future__ import annotations
@@ -20,9 +15,7 @@ import json
 import os
 import pickle
 import posixpath
-import re
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,7 +31,6 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
-_CKPT_DIR = re.compile(r"^checkpoint_")
 
 
 class CheckpointError(MtsegError, RuntimeError):
@@ -72,44 +64,44 @@ def save(directory: str, state: dict[str, Any], meta: dict[str, Any], config_yam
         raise CheckpointError(storage.describe_error(path, e)) from None
 
 
-def verify(directory: str) -> dict[str, Any]:
-    """Return the meta of a complete checkpoint in a local ``directory``; CheckpointError otherwise."""
-    meta_path = os.path.join(directory, META_FILE)
-    state_path = os.path.join(directory, STATE_FILE)
-    if not os.path.exists(meta_path):
-        raise CheckpointError(f"{directory}: no {META_FILE} (incomplete checkpoint)")
+def _read_verified(uri: str) -> tuple[dict[str, Any], bytes]:
+    """(meta, ``state.pt`` bytes) of the checkpoint at ``uri`` (local or s3://), if it is complete."""
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: unreadable {META_FILE} ({e})") from None
-    if not os.path.exists(state_path):
-        raise CheckpointError(f"{directory}: no {STATE_FILE} (incomplete checkpoint)")
-    with open(state_path, "rb") as f:
-        blob = f.read()
+        meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE)))
+    except storage.NotFoundError:
+        raise CheckpointError(f"{uri}: no {META_FILE} (incomplete checkpoint)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{uri}: unreadable {META_FILE} ({e})") from None
+    try:
+        blob = storage.read_bytes(storage.join(uri, STATE_FILE))
+    except storage.NotFoundError:
+        raise CheckpointError(f"{uri}: no {STATE_FILE} (incomplete checkpoint)") from None
     if len(blob) != meta.get("state_bytes") or _sha256(blob) != meta.get("state_sha256"):
-        raise CheckpointError(f"{directory}: {STATE_FILE} does not match its hash (partial upload)")
-    return meta
+        raise CheckpointError(f"{uri}: {STATE_FILE} does not match its hash (partial upload)")
+    return meta, blob
 
 
-def load(directory: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Verify and load a local checkpoint directory: (state, meta).
+def verify(uri: str) -> dict[str, Any]:
+    """The meta of the complete checkpoint at ``uri`` (local or s3://); CheckpointError otherwise."""
+    return _read_verified(uri)[0]
 
-    ``state.pt`` is checked against ``meta.json``'s SHA-256 first, then unpickled with
-    ``weights_only=True``: tensors and plain containers only, so a crafted file (anyone who
-    can write to the bucket, or a model from the internet) cannot run code; it is refused.
+
+def load(uri: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Verify and load the checkpoint at ``uri`` (local or s3://): (state, meta).
+
+    ``state.pt`` is checked against its hash, then unpickled with ``weights_only=True``, so a
+    crafted file (anyone who can write to the bucket) cannot run code.
 
     Raises:
         CheckpointError: one line naming the file, when it is incomplete, corrupt or holds
             anything but tensors and plain values.
     """
-    meta = verify(directory)
-    path = os.path.join(directory, STATE_FILE)
+    meta, blob = _read_verified(uri)
+    path = storage.join(uri, STATE_FILE)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
-        # torch reports a forbidden global as UnpicklingError with a page of advice; the
-        # first line names what the file tried to load.
+        # torch reports a forbidden global with a page of advice; the first line names it.
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refused to load: not a plain tensor checkpoint ({reason})") from None
     if not isinstance(state, dict):
@@ -117,26 +109,9 @@ def load(directory: str, map_location: str | torch.device = "cpu") -> tuple[dict
     return state, meta
 
 
-def load_remote(uri: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """:func:`load` for a checkpoint directory in storage (local or s3://; a remote one is downloaded first)."""
-    if not storage.is_s3(uri):
-        return load(storage.resolve(uri)[1], map_location)
-    with tempfile.TemporaryDirectory(prefix="mtseg-ckpt-") as tmp:
-        return load(download(uri, tmp), map_location)
-
-
-def verify_remote(uri: str) -> dict[str, Any]:
-    """:func:`verify` for a checkpoint directory in storage (local or s3://)."""
-    meta = json.loads(storage.read_bytes(storage.join(uri, META_FILE)))
-    blob = storage.read_bytes(storage.join(uri, STATE_FILE))
-    if len(blob) != meta.get("state_bytes") or _sha256(blob) != meta.get("state_sha256"):
-        raise CheckpointError(f"{uri}: {STATE_FILE} does not match its hash (partial upload)")
-    return meta
-
-
 def list_checkpoints(run_uri: str) -> list[str]:
     """Checkpoint directory URIs of a run (Ray Train's ``checkpoint_*`` dirs), any state."""
-    return [d for d in storage.list_dirs(run_uri) if _CKPT_DIR.match(os.path.basename(d.rstrip("/")))]
+    return [d for d in storage.list_dirs(run_uri) if os.path.basename(d.rstrip("/")).startswith("checkpoint_")]
 
 
 def latest_valid(run_uri: str, log=print) -> tuple[str, dict[str, Any]] | None:
@@ -158,7 +133,7 @@ def latest_valid(run_uri: str, log=print) -> tuple[str, dict[str, Any]] | None:
         candidates.append((int(meta.get("step", -1)), uri))
     for _, uri in sorted(candidates, reverse=True):
         try:
-            return uri, verify_remote(uri)
+            return uri, verify(uri)
         except (CheckpointError, storage.StorageError, ValueError) as e:
             log(f"[checkpoint] skipping {uri}: {e}")
     return None
@@ -180,15 +155,7 @@ def download(uri: str, local_dir: str) -> str:
 
 @dataclass
 class LoadedCheckpoint:
-    """A verified checkpoint, ready to build a model from.
-
-    Attributes:
-        uri: the checkpoint directory (after resolving a run directory to its latest one).
-        cfg: the run's resolved config (the checkpoint's ``config.yaml``).
-        categories: the label space the model was trained on.
-        meta: the checkpoint's ``meta.json``.
-        model_state: the model's ``state_dict`` (CPU tensors).
-    """
+    """A verified checkpoint: its directory, the run's config, label space, meta and model weights."""
 
     uri: str
     cfg: Config
@@ -199,13 +166,6 @@ class LoadedCheckpoint:
 
 def resolve(uri: str) -> str:
     """The checkpoint directory ``uri`` names: itself, or a run directory's newest complete checkpoint.
-
-    Args:
-        uri: a checkpoint directory (``state.pt`` + ``meta.json``), or a run directory holding
-            Ray Train ``checkpoint_*`` directories; local or ``s3://``.
-
-    Returns:
-        The checkpoint directory's URI.
 
     Raises:
         CheckpointError: neither a checkpoint nor a run with a complete checkpoint.
@@ -259,26 +219,20 @@ def _categories(meta: dict[str, Any], cfg: Config, data_uri: str | None) -> Cate
 
 def load_for_inference(uri: str, *, categories: CategoryIndex | None = None,
                        data_uri: str | None = None) -> LoadedCheckpoint:
-    """Download (if remote), verify and load a checkpoint's model for inference.
+    """Verify and load a checkpoint's model for inference (the optimiser state is dropped).
 
     Args:
-        uri: checkpoint directory or run directory, local or ``s3://`` (see :func:`resolve`).
-        categories: the label space; default the checkpoint's ``meta.json`` ``categories``,
-            else the training split's manifest under the run's ``data.uri``, else under ``data_uri``.
-        data_uri: a dataset root to read the label space from when the checkpoint does not
-            record it and the run's own dataset cannot be read.
-
-    Returns:
-        A :class:`LoadedCheckpoint`; the optimiser state is dropped.
+        uri: checkpoint or run directory, local or ``s3://`` (see :func:`resolve`).
+        categories: the label space; default the checkpoint's own, else the run's dataset manifest.
+        data_uri: a dataset to read the label space from when neither of those has it.
 
     Raises:
-        CheckpointError: not a checkpoint, incomplete or corrupt (hash mismatch), no model
-            state, or no label space found.
+        CheckpointError: not a checkpoint, incomplete or corrupt, no model state, or no label space.
         mtseg.config.ConfigError: its config.yaml is invalid.
     """
     uri = resolve(uri)
     cfg = read_config(uri)
-    state, meta = load_remote(uri)
+    state, meta = load(uri)
     if "model" not in state:
         raise CheckpointError(f"{uri}: {STATE_FILE} has no 'model' state")
     if categories is None:
@@ -288,28 +242,15 @@ def load_for_inference(uri: str, *, categories: CategoryIndex | None = None,
 
 def build_inference_model(cfg: Config, categories: CategoryIndex, model_state: dict[str, torch.Tensor],
                           device: torch.device | str = "cpu") -> nn.Module:
-    """The trained model in eval mode on ``device``.
-
-    Args:
-        cfg: the run's config (backbone, decoder, tasks).
-        categories: the label space it was trained on.
-        model_state: the model's ``state_dict``.
-        device: where to run it.
-
-    Returns:
-        The model, ``eval()``, on ``device`` (channels_last when the config asks).
+    """The trained model described by ``cfg`` and ``categories``, ``eval()``, on ``device``.
 
     Raises:
-        CheckpointError: the weights do not fit the model the config and label space describe
-            (e.g. a dataset with another number of categories).
+        CheckpointError: the weights do not fit that model (e.g. another number of categories).
     """
     from mtseg.models import build_model
 
     # The backbone weights file named in the config was only the training's starting point.
-    if cfg.model.weights:
-        data = cfg.to_dict()
-        data["model"]["weights"] = ""
-        cfg = config_from_dict(data)
+    cfg = replace(cfg, model=replace(cfg.model, weights=""))
     model = build_model(cfg, categories)
     try:
         model.load_state_dict(model_state)

@@ -149,13 +149,10 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
             except ckpt.CheckpointError as e:
                 log(f"[train] latest reported checkpoint is unusable: {e}")
     found = ckpt.latest_valid(run, log=log)
-    if found is None and init_checkpoint:
-        found = init_checkpoint, ckpt.verify_remote(init_checkpoint)
-    if found is None:
+    uri = found[0] if found is not None else init_checkpoint
+    if not uri:
         return False
-    uri, meta = found
-    with tempfile.TemporaryDirectory() as d:
-        loaded, meta = ckpt.load(ckpt.download(uri, d))
+    loaded, meta = ckpt.load(uri)
     state.load_state_dict(loaded)
     log(f"[train] resumed from {uri} (epoch {meta['epoch']}, step {meta['step']})")
     return True

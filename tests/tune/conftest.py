@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import pytest
 import yaml
@@ -73,11 +72,6 @@ def _experiment_runs(cfg) -> dict[str, str]:
     return {os.path.basename(d.rstrip("/")): d for d in storage.list_dirs(storage.join(experiment_uri(cfg), "runs"))}
 
 
-def _load_checkpoint(uri: str) -> tuple[dict, dict]:
-    with tempfile.TemporaryDirectory() as d:
-        return ckpt.load(ckpt.download(uri, d))
-
-
 @pytest.fixture
 def runs_of():
     """``runs_of(cfg)``: the Train runs of a search's trials, {run name: URI}."""
@@ -87,4 +81,4 @@ def runs_of():
 @pytest.fixture
 def checkpoint_state():
     """``checkpoint_state(uri)``: (state, meta) of a checkpoint in storage."""
-    return _load_checkpoint
+    return ckpt.load
