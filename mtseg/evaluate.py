@@ -51,14 +51,9 @@ class EvalActor:
     """Ray Data UDF (actor pool): batch -> one row with the batch's Evaluator state; loads the model once.
 
     Args:
-        cfg: the run's config as a dict (``Config.to_dict()``).
-        categories: COCO categories of the label space (``CategoryIndex.to_categories()``).
-        model_state: the model's ``state_dict``, or an ObjectRef to it: the driver reads the
-            checkpoint once and every actor fetches the weights from the object store.
-        device: ``cpu`` or ``cuda``.
-        num_threads: torch intra-op threads (CPU actors).
-        tasks: the driver's registered task classes (:func:`mtseg.tasks.task_classes`),
-            registered here before the config is read.
+        cfg: ``Config.to_dict()``; categories: ``CategoryIndex.to_categories()``.
+        model_state: the ``state_dict`` or an ObjectRef to it (the driver reads the checkpoint once).
+        tasks: the driver's registered task classes, registered here before the config is read.
     """
 
     def __init__(self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu", num_threads: int = 1,
@@ -110,13 +105,8 @@ class EvaluationResult:
     """Metrics of one checkpoint on one split.
 
     Attributes:
-        metrics: ``{"val/miou": ..., "val/mask_ap": ..., ...}`` (NaN where undefined).
-        images: images evaluated.
-        checkpoint: checkpoint directory URI.
-        data: dataset root.
-        split: split name.
-        timing: ``inference_s`` (streaming pipeline, first read to last state),
-            ``images_per_s``, ``metrics_s`` (merge + COCO matching + accumulate), ``total_s``.
+        metrics: ``{"val/miou": ..., ...}`` (NaN where undefined).
+        timing: ``inference_s``, ``images_per_s``, ``metrics_s`` (merge + COCO matching), ``total_s``.
         setup: how the pipeline ran (actors, device, batch size, COCO shards).
         files: URIs of the written ``metrics.json`` and ``metrics.md`` (empty if not written).
     """
@@ -266,16 +256,11 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
 
     Args:
-        loaded: from :func:`mtseg.train.checkpoint.load_for_inference`.
-        data_uri: dataset root (local or ``s3://``).
-        split: split name.
+        loaded: from :func:`load_for_evaluation`.
         batch_size: images per forward pass; default the run's ``data.batch_size``.
-        concurrency: inference actors; default one per GPU, else one per CPU.
-        actor_cpus: CPUs each actor reserves; default see :func:`plan_actors`.
-        use_gpu: ``auto``, ``true`` or ``false``.
+        concurrency, actor_cpus, use_gpu: see :func:`plan_actors`.
         limit: only the first ``limit`` images.
         coco_shards: Ray tasks for the COCO per-image matching; default by image count and CPUs.
-        log: progress lines.
 
     Returns:
         An :class:`EvaluationResult` (nothing written).
@@ -350,12 +335,9 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str | None = None, split: str
     """Load a checkpoint, evaluate it on a split, write ``metrics.json`` + ``metrics.md``.
 
     Args:
-        checkpoint: checkpoint directory or run directory (its newest complete checkpoint),
-            local or ``s3://``.
-        data_uri: dataset root; default the run's ``data.uri``.
-        split: split name; default the run's ``data.val_split``.
+        checkpoint: checkpoint or run directory (its newest complete checkpoint), local or ``s3://``.
+        data_uri, split: default the run's ``data.uri`` and ``data.val_split``.
         out: where the two files go; default the checkpoint directory itself.
-        log: progress lines.
         **options: :func:`evaluate_loaded` keyword arguments.
 
     Returns:

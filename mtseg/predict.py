@@ -83,10 +83,8 @@ class ImagePrediction:
     """One image's outputs, at the image's own size.
 
     Attributes:
-        image_id: the id used in the COCO results.
-        semantic: (H, W) int64 fused class map (0 = background, CategoryIndex order).
-        maps: ``{task: map}`` of every task whose prediction fusion does not replace, as the
-            task's ``output_map`` gives it (e.g. (H, W) probabilities, (H, W, 3) uint8 images).
+        semantic: (H, W) int64 fused class map (0 = background).
+        maps: ``{task: task.output_map(...)}`` of every task fusion does not replace.
         instances: COCO result dicts (``segmentation`` compressed RLE at (H, W)).
     """
 
@@ -100,10 +98,7 @@ class Predictor:
     """A trained model plus the pre- and post-processing that maps images to :class:`ImagePrediction`.
 
     Args:
-        cfg: the run's config.
-        categories: the label space the model was trained on.
-        model: from :func:`mtseg.train.checkpoint.build_inference_model`.
-        device: where ``model`` lives.
+        model: from :func:`mtseg.train.checkpoint.build_inference_model`, on ``device``.
         checkpoint_uri: where the weights came from (recorded in outputs).
     """
 
@@ -183,17 +178,10 @@ class Predictor:
 
 def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex, tasks: dict,
            score_threshold: float = OVERLAY_SCORE_THRESHOLD) -> dict[str, Image.Image]:
-    """The pictures of one prediction.
+    """The pictures of one prediction on its (H, W, 3) uint8 image: ``{"overlay": ..., task: ...}`` (PIL).
 
-    Args:
-        image: (H, W, 3) uint8 RGB, the original image.
-        pred: its prediction (maps at (H, W)).
-        categories: names for the legends.
-        tasks: the model's tasks (:attr:`Predictor.tasks`); each draws its own map.
-        score_threshold: lowest instance score outlined in the overlay.
-
-    Returns:
-        ``{"overlay": ..., task: ...}`` (PIL images; one per map in ``pred.maps``).
+    Each of ``tasks`` (:attr:`Predictor.tasks`) draws its own map; the overlay outlines
+    instances scoring at least ``score_threshold``.
     """
     from PIL import Image
 
@@ -214,14 +202,8 @@ def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex, 
 
 
 def find_images(inputs: Sequence[str]) -> list[str]:
-    """Expand files, directories and ``s3://`` prefixes into a list of image sources.
-
-    Args:
-        inputs: image files (tried whatever their name), directories and ``s3://`` prefixes
-            (their files ending in :data:`IMAGE_EXTENSIONS`, recursively, sorted).
-
-    Returns:
-        Sources in the order given, each once.
+    """Expand files (tried whatever their name), directories and ``s3://`` prefixes (their
+    :data:`IMAGE_EXTENSIONS` files, recursively, sorted) into image sources, in order, each once.
 
     Raises:
         PredictError: no inputs, or an input that does not exist.
@@ -283,14 +265,8 @@ def _output_names(sources: Sequence[str]) -> list[str]:
 
 @dataclass
 class PredictSummary:
-    """What ``predict_images`` did.
-
-    Attributes:
-        images: ``[{"image_id", "source", "name", "height", "width", "instances", "files"}]``.
-        skipped: ``[{"source", "error"}]``.
-        out: the output directory.
-        seconds: wall time.
-    """
+    """What ``predict_images`` did: ``images`` ``[{"image_id", "source", "name", "height", "width",
+    "instances", "files"}]``, ``skipped`` ``[{"source", "error"}]``, the ``out`` directory, wall ``seconds``."""
 
     images: list[dict]
     skipped: list[dict]
@@ -323,24 +299,19 @@ def predict_images(
 
     Args:
         checkpoint: checkpoint or run directory, local or ``s3://``.
-        inputs: image files, directories, ``s3://`` prefixes (see :func:`find_images`).
+        inputs: see :func:`find_images`.
         out: output directory, local or ``s3://``.
-        device: ``auto``, ``cpu`` or ``cuda``.
-        batch_size: images per forward pass; default the run's ``data.batch_size``.
-        max_image_side: larger images are decoded reduced and downscaled to this side, and
-            their outputs are at that size; default the run's ``data.max_image_side``.
+        device: see :func:`pick_device`.
+        batch_size, max_image_side: default the run's ``data.batch_size``, ``data.max_image_side``.
         data_uri: dataset to read the label space from when the checkpoint lacks it.
-        score_threshold: lowest instance score outlined in the overlays.
-        progress: show progress on stderr: a tqdm bar on a terminal; in a log (stderr not a
-            terminal), a plain line at every tenth of the images and at the end instead.
+        progress: a tqdm bar on a terminal; in a log, a plain line every tenth of the images.
         predictor: an already loaded model (then ``checkpoint``/``device`` are not used).
 
     Returns:
         A :class:`PredictSummary`; its content is also written to ``<out>/summary.json``.
 
     Raises:
-        PredictError: no images, bad device, batch size or image side, or an ``out`` that is
-            not a directory (all found before the model is loaded).
+        PredictError: bad input or ``out``, found before the model is loaded.
         mtseg.storage.StorageError: a malformed URI or an ``out`` that cannot be written.
     """
     t0 = time.monotonic()
