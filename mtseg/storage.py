@@ -1,21 +1,13 @@
 """One place that turns a URI into a filesystem: ``/path``, ``file:///path`` or ``s3://bucket/prefix``.
 
-Everything in mtseg that reads or writes data, shards, checkpoints or results goes through
-here, so the S3 endpoint and credentials are handled once:
+All of mtseg's reads and writes go through here, so the S3 endpoint (``AWS_ENDPOINT_URL_S3`` /
+``AWS_ENDPOINT_URL``, passed explicitly: pyarrow does not reliably read them) and credentials
+are handled once, and no secret appears in a message (:func:`redact`).
 
-* endpoint from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (pyarrow does not reliably read
-  them, so they are passed explicitly);
-* credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (/ ``AWS_SESSION_TOKEN``);
-* secrets never appear in messages: every error goes through :func:`redact`.
-
-Writes are atomic: an object is either complete under its final name or absent. Locally that
-is a temp file + ``os.replace``; on S3 a single PUT (boto3 ``put_object``) is atomic by itself,
-whereas a streamed multipart upload can be completed with partial data when interrupted.
-
-Retries have one layer: the S3 clients' own. boto3 clients retry with botocore's ``standard``
-mode and pyarrow's S3FileSystem with the AWS SDK's standard strategy (connection errors, 5xx,
-throttling; exponential backoff with jitter); mtseg adds no loop around them. A failure that
-is left after them becomes one line, classified by exception type and S3 error code.
+Writes are atomic: a temp file + ``os.replace`` locally, a single PUT on S3 (a streamed
+multipart upload can be completed with partial data when interrupted). Retries are the S3
+clients' own (botocore's and the AWS SDK's ``standard`` mode); a failure left after them
+becomes one line, classified by exception type and S3 error code.
 """
 
 from __future__ import annotations
@@ -133,21 +125,15 @@ def _parse(uri: str) -> tuple[str, str, str]:
 
 
 def check_uri(uri: str) -> str:
-    """Parse and validate a URI given by a user, before anything is read or written.
+    """Validate a user's URI (local path, ``file:///abs`` or ``s3://bucket[/prefix]``) before any I/O.
 
-    Every command checks each URI it takes with this, so that a typo fails at once with one
-    line instead of writing somewhere unintended (``s3://`` alone would otherwise become a
-    bucket named after the first path part joined onto it) or failing half-way.
-
-    Args:
-        uri: a local path, ``file:///abs/path`` or ``s3://bucket[/prefix]``.
+    A typo then fails at once with one line instead of writing somewhere unintended.
 
     Returns:
         The URI without trailing slashes (``s3://b/p/`` -> ``s3://b/p``; a local path as given).
 
     Raises:
-        StorageError: empty, an unsupported scheme, no or an invalid bucket name, an empty,
-            ``.`` or ``..`` key segment, or a ``file://`` URI that is not absolute.
+        StorageError: what is wrong with it (scheme, bucket name, key segments, ...).
     """
     scheme, bucket, key = _parse(uri)
     if scheme == "s3":
@@ -195,11 +181,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Turn a URI into (pyarrow filesystem, path inside it).
-
-    ``/abs``, ``rel/path`` and ``file:///abs`` give a LocalFileSystem and an absolute path;
-    ``s3://bucket/prefix`` gives an S3FileSystem and ``bucket/prefix``.
-    """
+    """``uri`` -> (pyarrow filesystem, path inside it): a local absolute path, or ``bucket/prefix`` on S3."""
     scheme, bucket, path = _parse(str(uri))
     if scheme == "s3":
         return s3_filesystem(), f"{bucket}/{path}".rstrip("/")
@@ -207,12 +189,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def s3_client(max_attempts: int | None = None):
-    """A boto3 S3 client for bucket and object admin, with the same endpoint and credentials.
-
-    Cached per endpoint, credentials, region and attempts, like :func:`s3_filesystem`: a
-    client takes about 0.3 s of CPU to build (botocore parses its endpoint and service
-    JSON), which was 15 of the 19 s ``make demo`` spent sharding 24 shards. boto3 clients
-    are thread-safe.
+    """A boto3 S3 client with the same endpoint and credentials, cached per settings (one takes ~0.3 s of CPU to build).
 
     Args:
         max_attempts: per request, retries included (botocore's ``standard`` retry mode);
@@ -330,12 +307,7 @@ def _reason(uri: str, exc: BaseException) -> str:
 
 
 def describe_error(uri: str, exc: BaseException) -> str:
-    """A one-line, secret-free reason for a storage failure on ``uri``.
-
-    Classified by exception type: a local OSError by its errno, a botocore error by its S3
-    error code and HTTP status, pyarrow's ``FileNotFoundError`` as not found, and any other
-    pyarrow error on S3 by asking boto3 about the bucket.
-    """
+    """A one-line, secret-free reason for a storage failure on ``uri``."""
     if isinstance(exc, StorageError):
         return str(exc)
     return redact(f"{uri}: {_reason(uri, exc)}")
@@ -397,22 +369,22 @@ def exists(uri: str) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, recursive: bool = False) -> list[str]:
-    """Files directly under (or, with ``recursive``, anywhere below) ``uri``, as URIs, sorted."""
+def _list(uri: str, kind: pafs.FileType, recursive: bool) -> list[str]:
     fs, path = resolve(uri)
     with translate_errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
     prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File)
+    return sorted(prefix + i.path for i in infos if i.type == kind)
+
+
+def list_files(uri: str, recursive: bool = False) -> list[str]:
+    """Files directly under (or, with ``recursive``, anywhere below) ``uri``, as URIs, sorted."""
+    return _list(uri, pafs.FileType.File, recursive)
 
 
 def list_dirs(uri: str) -> list[str]:
     """Immediate sub-directories of ``uri`` as URIs, sorted."""
-    fs, path = resolve(uri)
-    with translate_errors(uri):
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.Directory)
+    return _list(uri, pafs.FileType.Directory, False)
 
 
 def is_inside(uri: str, root: str) -> bool:
@@ -460,8 +432,7 @@ def ensure_bucket(name: str) -> None:
 def check_access(uri: str) -> None:
     """Fail fast, with one clear line, if ``uri`` cannot be used (missing bucket, bad credentials, endpoint down).
 
-    For S3 this asks the server about the bucket; for a local path it checks that the nearest
-    existing ancestor is a writable directory (not a file in the way).
+    On S3 this asks about the bucket; locally, the nearest existing ancestor must be a writable directory.
 
     Raises:
         StorageError: the URI is malformed (see :func:`check_uri`) or cannot be written.
@@ -492,10 +463,9 @@ def check_access(uri: str) -> None:
 class _UploadOnClose:
     """A writable file that buffers in memory and PUTs the whole object on close (:func:`write_bytes`).
 
-    A streamed upload interrupted half-way can leave a truncated object (or fail the whole
-    checkpoint); one PUT of the complete bytes cannot. The PUT goes through boto3, not pyarrow:
-    this runs on one of Arrow's I/O threads (inside ``copy_files``), and a pyarrow S3 stream
-    would queue its multipart parts on that same, possibly exhausted, pool and deadlock.
+    One PUT cannot leave a truncated object. It goes through boto3: this runs on one of Arrow's
+    I/O threads (inside ``copy_files``), where a pyarrow S3 stream would queue its multipart
+    parts on that same, possibly exhausted, pool and deadlock.
     """
 
     def __init__(self, uri: str):
@@ -513,15 +483,6 @@ class _UploadOnClose:
     def flush(self) -> None:
         pass
 
-    def writable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return False
-
-    def seekable(self) -> bool:
-        return False
-
     def close(self) -> None:
         if self.closed:
             return
@@ -532,9 +493,7 @@ class _UploadOnClose:
 class _WholeObjectHandler(pafs.FileSystemHandler):
     """An S3FileSystem whose files are read and written whole, each with one boto3 GET or PUT.
 
-    Ray Train and Tune copy checkpoints and experiment state with ``pyarrow.fs.copy_files`` on
-    Arrow's I/O threads; see :class:`_UploadOnClose` for why a file is not streamed there.
-    Everything else is the S3FileSystem's own; retries are the two clients' (no layer here).
+    Ray Train and Tune copy checkpoints with ``pyarrow.fs.copy_files`` (see :class:`_UploadOnClose`).
     """
 
     def __init__(self, fs: pafs.S3FileSystem):
@@ -542,9 +501,6 @@ class _WholeObjectHandler(pafs.FileSystemHandler):
 
     def __eq__(self, other):
         return isinstance(other, _WholeObjectHandler) and self.fs.equals(other.fs)
-
-    def __ne__(self, other):
-        return not self == other
 
     def get_type_name(self):
         return "whole-object+" + self.fs.type_name
@@ -579,18 +535,14 @@ class _WholeObjectHandler(pafs.FileSystemHandler):
     def copy_file(self, src, dest):
         return self.fs.copy_file(src, dest)
 
-    def _get(self, path):
+    def open_input_file(self, path):
         import pyarrow as pa
 
         bucket, _, key = path.partition("/")
         with translate_errors("s3://" + path):
             return pa.BufferReader(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
-    def open_input_stream(self, path):
-        return self._get(path)
-
-    def open_input_file(self, path):
-        return self._get(path)
+    open_input_stream = open_input_file
 
     def open_output_stream(self, path, metadata):
         import pyarrow as pa
@@ -602,11 +554,7 @@ class _WholeObjectHandler(pafs.FileSystemHandler):
 
 
 def ray_storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(storage_filesystem, storage_path)`` to give Ray Train's or Tune's ``RunConfig`` for ``uri``.
-
-    On S3, files are read and written whole through boto3 (see :class:`_WholeObjectHandler`):
-    a checkpoint file is complete or absent, and no copy deadlocks Arrow's I/O pool.
-    """
+    """``(storage_filesystem, storage_path)`` for Ray's ``RunConfig``; on S3, files are read and written whole."""
     fs, path = resolve(uri)
     if is_s3(uri):
         fs = pafs.PyFileSystem(_WholeObjectHandler(fs))
