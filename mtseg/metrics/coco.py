@@ -260,13 +260,10 @@ def _summarize(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list) -> tuple[
 
 
 def ray_map(**remote_options: Any) -> MapFn:
-    """A map-like executor that runs each call as a Ray task.
+    """``executor(fn, *iterables) -> list`` for :meth:`CocoMaskEvaluator.compute`, one Ray task a call.
 
     Args:
-        **remote_options: ``ray.remote`` options, e.g. ``num_cpus=1``.
-
-    Returns:
-        ``executor(fn, *iterables) -> list`` for :meth:`CocoMaskEvaluator.compute`.
+        **remote_options: ``ray.remote`` options; default ``num_cpus=1``.
     """
     import ray
 

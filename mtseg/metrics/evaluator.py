@@ -73,8 +73,7 @@ class Evaluator:
         """Add one batch.
 
         Args:
-            batch: training-batch dict (the data contract): ``image``, ``image_id`` and the
-                tasks' targets.
+            batch: training-batch dict: ``image``, ``image_id`` and the tasks' targets.
             outputs: model outputs (logits at input resolution), ``{task: tensor}``.
             fused: fused predictions that replace a task's own decision from its output,
                 ``{task: tensor}`` (:func:`mtseg.fusion.fused_predictions`).
@@ -146,14 +145,11 @@ class Evaluator:
                 self.metrics[name] = type(metric).from_state(state[name])
 
     def compute(self, num_shards: int = 1, executor: MapFn | None = None) -> dict[str, float]:
-        """All metrics as ``{"<prefix>/<name>": float}``.
+        """All metrics as ``{"<prefix>/<name>": float}``, NaN where undefined.
 
         Args:
             num_shards: COCO matching shards (see :meth:`CocoMaskEvaluator.compute`).
             executor: ``map``-like callable running them; default serial.
-
-        Returns:
-            Keys for the tasks present only (see the class docstring); NaN where undefined.
         """
         values: dict[str, float] = {}
         for name, task in self.tasks.items():

@@ -158,21 +158,17 @@ class PanopticQuality(SumMetric):
 
 
 def segments_from_results(results: Sequence[dict], height: int, width: int,
-                          class_of: Callable[[int], int] | None = None, score_threshold: float = 0.5,
-                          overlap_threshold: float = 0.5) -> list[Segment]:
+                          class_of: Callable[[int], int]) -> list[Segment]:
     """Overlapping scored instance masks (COCO results of one image) -> disjoint segments.
 
-    As Panoptic FPN / detectron2 do: instances are pasted in decreasing score order onto
-    free pixels; one keeping less than ``overlap_threshold`` of its mask is dropped.
+    As Panoptic FPN / detectron2 do: instances scoring at least 0.5 are pasted in decreasing
+    score order onto free pixels; one keeping less than half of its mask is dropped.
 
     Args:
         results: COCO result dicts of one image (RLE ``segmentation``, ``score``, ``category_id``).
         height: image height the masks have.
         width: image width.
-        class_of: maps ``category_id`` to the class index used by PanopticQuality
-            (e.g. ``CategoryIndex.class_of``); identity when None.
-        score_threshold: lowest score kept.
-        overlap_threshold: smallest kept fraction of a mask.
+        class_of: maps ``category_id`` to the class index (``CategoryIndex.class_of``).
 
     Returns:
         Disjoint ``(mask, class)`` segments.
@@ -182,23 +178,22 @@ def segments_from_results(results: Sequence[dict], height: int, width: int,
     order = sorted(range(len(results)), key=lambda i: -float(results[i]["score"]))
     for i in order:
         r = results[i]
-        if float(r["score"]) < score_threshold:
+        if float(r["score"]) < 0.5:
             break
         mask = mask_utils.decode(r["segmentation"]).astype(bool)
         if mask.shape != taken.shape:
             raise ValueError(f"results[{i}]: mask shape {mask.shape} != image size {(height, width)}")
         area = int(mask.sum())
         free = mask & ~taken
-        if area == 0 or free.sum() < overlap_threshold * area:
+        if area == 0 or free.sum() < 0.5 * area:
             continue
         taken |= free
-        cid = int(r["category_id"])
-        segments.append((free, class_of(cid) if class_of else cid))
+        segments.append((free, class_of(int(r["category_id"]))))
     return segments
 
 
 def gt_segments_from_coco(coco_gt: COCO, image_id: int,
-                          class_of: Callable[[int], int] | None = None) -> tuple[list[Segment], np.ndarray]:
+                          class_of: Callable[[int], int]) -> tuple[list[Segment], np.ndarray]:
     """Ground-truth segments and void mask of one image from COCO instance annotations.
 
     A pixel covered by several instances goes to the first (file order); crowds become void.
@@ -206,7 +201,7 @@ def gt_segments_from_coco(coco_gt: COCO, image_id: int,
     Args:
         coco_gt: the ground truth.
         image_id: the image.
-        class_of: maps ``category_id`` to a class index; identity when None.
+        class_of: maps ``category_id`` to a class index.
 
     Returns:
         (disjoint ``(mask, class)`` segments, (H, W) bool void mask).
@@ -225,6 +220,5 @@ def gt_segments_from_coco(coco_gt: COCO, image_id: int,
         if not free.any():
             continue
         taken |= free
-        cid = int(ann["category_id"])
-        segments.append((free, class_of(cid) if class_of else cid))
+        segments.append((free, class_of(int(ann["category_id"]))))
     return segments, void & ~taken
