@@ -2,24 +2,14 @@
 
 Two files beside a run's checkpoints (``<storage_path>/<run_name>/``):
 
-* ``lease.json``: who is driving the run (owner, host, pid, process start time) and a
-  heartbeat the holder refreshes every ``heartbeat_s``. A second ``mtseg train`` (or Tune
-  trial, or submitted job: they all go through :func:`guard_run`) on the same run name
-  finds a live lease and stops with one line naming the owner. A lease is taken over when
-  its heartbeat is older than ``ttl_s`` (a driver on another machine that died) or at once
-  when its holder ran on this host and that process is gone (``kill -9`` then restart,
-  the usual resume). Same-name restart-resume therefore keeps working; two live drivers
-  never write into one prefix.
-* ``outcome.json``: ``running`` while the lease is held, then ``finished``, ``failed`` or
-  ``interrupted`` with a one-line reason. A ``running`` outcome whose lease went stale is
-  read back as ``interrupted`` (the driver was killed and could not say so itself).
-
-How the lease is created: on S3 with a conditional write (``If-None-Match: *`` creates,
-``If-Match: <etag>`` takes over a stale lease), so of two drivers racing, exactly one
-wins. A store that rejects conditional writes gets a documented best effort: write, wait,
-read back, and keep the lease only if it still names this driver. Local paths use an
-exclusive create (``O_EXCL``) and take a stale lease over by renaming it away first (only
-one rename of a file succeeds).
+* ``lease.json``: who drives the run, with a heartbeat. Every run start (``mtseg train``, a
+  Tune trial, a submitted job) goes through :func:`guard_run`; a live lease stops it with one
+  line naming the owner. A lease is taken over when its heartbeat is older than ``ttl_s``, or
+  at once when its holder ran on this host and that process is gone (``kill -9``, then resume).
+  It is created atomically: an S3 conditional write (best effort where the store has none),
+  locally ``O_EXCL``.
+* ``outcome.json``: ``running``, then ``finished``, ``failed`` or ``interrupted`` with a
+  one-line reason; a ``running`` outcome whose lease went stale reads back as ``interrupted``.
 """
 
 from __future__ import annotations
@@ -149,27 +139,16 @@ def _put_conditional(uri: str, body: bytes, *, if_none_match: bool = False, if_m
 
 
 class RunLease:
-    """The lease on one run (see the module docstring).
-
-    Args:
-        run_uri: ``<storage_path>/<run_name>``, local or ``s3://``.
-        ttl_s: a heartbeat older than this frees the lease for another host.
-        heartbeat_s: how often the holder refreshes it.
-        log: where take-overs and a lost lease are reported.
-    """
+    """The lease on ``run_uri`` (see the module docstring); take-overs and a lost lease go to ``log``."""
 
     def __init__(self, run_uri: str, *, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S,
                  log: Callable[[str], None] = print):
-        if heartbeat_s >= ttl_s:
-            raise ValueError(f"lease heartbeat ({heartbeat_s}s) must be shorter than its ttl ({ttl_s}s)")
         self.run_uri = run_uri
         self.uri = storage.join(run_uri, LEASE_FILE)
         self.ttl_s, self.heartbeat_s, self.log = ttl_s, heartbeat_s, log
         self.holder = Holder.me(ttl_s)
-        self._etag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost = False
         self.failure: str | None = None
 
     def fail(self, reason: str) -> None:
@@ -202,14 +181,10 @@ class RunLease:
         if storage.is_s3(self.uri):
             try:
                 if exists:
-                    ok = _put_conditional(self.uri, body, if_match=replace_etag)
-                else:
-                    ok = _put_conditional(self.uri, body, if_none_match=True)
+                    return _put_conditional(self.uri, body, if_match=replace_etag)
+                return _put_conditional(self.uri, body, if_none_match=True)
             except _Unsupported:
                 return self._best_effort(body)
-            if ok:
-                self._etag = _read_json(self.uri)[1]
-            return ok
         path = storage.resolve(self.uri)[1]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if exists:
@@ -230,8 +205,7 @@ class RunLease:
         """For stores without conditional writes: write, let a racing writer land, read back."""
         storage.write_bytes(self.uri, body)
         time.sleep(1.0)
-        current, etag = _read_json(self.uri)
-        self._etag = etag
+        current, _ = _read_json(self.uri)
         return current is not None and current.get("token") == self.holder.token
 
     # ------------------------------------------------------------------ heartbeat, release
@@ -245,7 +219,6 @@ class RunLease:
             try:
                 current, _ = _read_json(self.uri)
                 if current is None or current.get("token") != self.holder.token:
-                    self.lost = True
                     owner = current.get("owner") if current else "nobody"
                     self.log(f"[train] WARNING: lost the lease on {self.run_uri} (now held by {owner})")
                     return
@@ -284,9 +257,8 @@ def _refuse_live(run_uri: str, other: Holder | None) -> str:
 
 
 def check_free(run_uri: str) -> None:
-    """Fail early, before a cluster is touched, when another live driver holds the run.
-
-    :func:`guard_run` takes the lease for real later; this only spares the user a Ray start.
+    """Fail before a cluster is touched when another live driver holds the run (:func:`guard_run`
+    takes the lease later; this spares the user a Ray start).
 
     Raises:
         RunLockedError: one line naming the owner.
@@ -351,11 +323,8 @@ def describe_exit(exc: BaseException | None) -> tuple[str, str]:
 
 
 def error_line(exc: BaseException) -> str:
-    """One line for an error, the root cause where there is one.
-
-    Ray Train's errors quote each worker's traceback; the line that names the cause is its
-    last ``SomeError: message`` line, not the first line of the message.
-    """
+    """One line for an error: the root cause, which in Ray Train's errors (each worker's traceback
+    quoted) is the last ``SomeError: message`` line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     causes = [line for line in lines if _CAUSE.match(line)]
     if causes:
@@ -364,14 +333,13 @@ def error_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def guard_run(run_uri: str, *, log: Callable[[str], None] = print, ttl_s: float = TTL_S,
-              heartbeat_s: float = HEARTBEAT_S) -> Iterator[RunLease]:
+def guard_run(run_uri: str, *, log: Callable[[str], None] = print) -> Iterator[RunLease]:
     """Hold the run's lease and record its outcome for the duration of the block.
 
     Raises:
         RunLockedError: another live driver holds the run; nothing was written.
     """
-    lease = RunLease(run_uri, ttl_s=ttl_s, heartbeat_s=heartbeat_s, log=log)
+    lease = RunLease(run_uri, log=log)
     lease.acquire()
     started = time.time()
     write_outcome(run_uri, "running", owner=lease.holder.owner, started_at=started)
