@@ -18,6 +18,21 @@ random-resized-crop + flip, task targets) and end with the same training batches
   JPEG files and instances JSON from local disk (pycocotools turns each annotation into RLE
   per item, as a plain COCO dataset class does).
 
+``coco_profile`` repeats the comparison on COCO-sized data (``mtseg data synth --profile
+coco``: 640x480 JPEGs of ~155 KB, ~7 instances each) at 512 px crops, and adds what a user
+sizes cores per GPU with, measured in this process on one core (``torch.set_num_threads(1)``):
+
+* ``sample_ms_per_core``: the full multi-task sample (JPEG and RLE decode, joint augmentation,
+  every task's target), ms per image;
+* ``reference_semantic_ms_per_core``: a semantic-only pipeline written the way torchvision's
+  ``references/segmentation`` writes it with ``transforms.v2`` (masks merged into one class
+  map as its ``ConvertCocoPolysToMask`` does, ``RandomResize(0.5..2x base)``,
+  ``RandomHorizontalFlip``, ``RandomCrop`` padded with 255) on the same images and
+  annotations, decoded by the same decoder; without ``ToDtype``/``Normalize``, which mtseg
+  does on the training device;
+* ``stages_ms``: the sample's stages (decode, augment, targets, transfer = stacking into a
+  batch and turning the wire layout into the batch contract), ms per image each.
+
 Each side makes one warm-up pass (process start-up, Ray's worker pool) and then ``--passes``
 timed passes, each a full epoch over the images; images/s is the median over the timed
 passes, and the ratio is ray_data / dataloader. The two sides alternate pass by pass (never
@@ -49,6 +64,8 @@ from mtseg.data.manifest import read_manifest
 from mtseg.data.pipeline import ChunkedTransform, SampleTransform, categories_of, read_split
 from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
+from mtseg.data.targets import Instances, decode_annotations
+from mtseg.data.transforms import apply_joint, decode_image, sample_seed
 from mtseg.tasks import build_tasks
 
 SPLIT = "train2017"
@@ -144,6 +161,150 @@ def run_both(uri: str, coco_root: str, cfg, passes: int, env: dict) -> tuple[dic
         ray.shutdown()
 
 
+def _rows(dataset: CocoFiles) -> list[tuple]:
+    """Every image's (bytes, annotations, id, height, width) as the stream hands them to a sample."""
+    rows = []
+    for image_id in dataset.ids:
+        info = dataset.coco.imgs[image_id]
+        with open(os.path.join(dataset.image_dir, info["file_name"]), "rb") as f:
+            data = f.read()
+        anns = [
+            {"id": a["id"], "category_id": a["category_id"], "iscrowd": a.get("iscrowd", 0),
+             "segmentation_size": (rle := dataset.coco.annToRLE(a))["size"], "segmentation_counts": rle["counts"]}
+            for a in dataset.coco.imgToAnns.get(image_id, [])
+        ]
+        rows.append((data, anns, image_id, info["height"], info["width"]))
+    return rows
+
+
+class ReferenceSemantic:
+    """torchvision references/segmentation's training transform (v2), semantic masks only.
+
+    ``ConvertCocoPolysToMask`` (every annotation's mask, merged by ``max`` of mask x class,
+    overlaps 255; crowd 255 as mtseg does), then ``RandomResize(0.5 * base, 2 * base)``,
+    ``RandomHorizontalFlip(0.5)``, ``RandomCrop(crop, pad_if_needed, fill 255 for the mask)``.
+    ``base`` keeps the reference's base:crop ratio of 520:480.
+    """
+
+    def __init__(self, categories, crop: int):
+        from torchvision import tv_tensors
+        from torchvision.transforms import v2
+
+        base = round(crop * 520 / 480)
+        self.categories, self.tv_tensors = categories, tv_tensors
+        self.transform = v2.Compose([
+            v2.RandomResize(min_size=int(0.5 * base), max_size=int(2.0 * base)),
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Mask: 255, "others": 0}),
+        ])
+
+    def __call__(self, data: bytes, anns, image_id: int, height: int, width: int):
+        image = decode_image(data)
+        masks, labels, crowd = decode_annotations(anns, height, width, self.categories)
+        if len(labels):
+            masks_t = torch.from_numpy(masks)
+            cats = torch.as_tensor(np.where(crowd, 255, labels), dtype=torch.uint8)
+            target, _ = (masks_t * cats[:, None, None]).max(dim=0)
+            target[masks_t.sum(0) > 1] = 255
+        else:
+            target = torch.zeros((height, width), dtype=torch.uint8)
+        return self.transform(self.tv_tensors.Image(image), self.tv_tensors.Mask(target))
+
+
+def _per_image_ms(fn, rows, passes: int = 2) -> float:
+    """ms per image of ``fn(*row)`` over all rows, the best of ``passes`` (after one warm-up image)."""
+    fn(*rows[0])
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        for row in rows:
+            fn(*row)
+        best = min(best, (time.perf_counter() - start) / len(rows))
+    return round(best * 1e3, 2)
+
+
+def _stages_ms(fn: SampleTransform, rows) -> dict:
+    """The stages of :meth:`SampleTransform.sample`, timed one by one, ms per image."""
+    totals = dict.fromkeys(("decode", "augment", "targets", "transfer"), 0.0)
+    samples = []
+    for data, anns, image_id, height, width in rows:
+        t0 = time.perf_counter()
+        pixels = decode_image(data)
+        masks, labels, crowd = decode_annotations(anns, height, width, fn.categories)
+        t1 = time.perf_counter()
+        pixels, masks = apply_joint(fn._transform, pixels, masks, seed=sample_seed(fn.seed, fn.epoch, image_id))
+        t2 = time.perf_counter()
+        instances = Instances(masks, labels, crowd, fn.categories)
+        values = {"image": pixels.numpy(), "image_id": np.int64(image_id), "orig_size": np.array([height, width], np.int64)}
+        for task in fn.tasks:
+            values.update(task.build_targets(instances))
+        samples.append({k: np.asarray(values[k]).astype(f.wire, copy=False) for k, f in fn.fields.items()})
+        t3 = time.perf_counter()
+        totals["decode"] += t1 - t0
+        totals["augment"] += t2 - t1
+        totals["targets"] += t3 - t2
+    start = time.perf_counter()
+    for i in range(0, len(samples), 8):
+        fn.to_torch(fn.stack(samples[i : i + 8]))
+    totals["transfer"] = time.perf_counter() - start
+    return {k: round(v / len(rows) * 1e3, 2) for k, v in totals.items()}
+
+
+def coco_profile(tmp: str, args) -> dict:
+    """The COCO-profile figures: per-core sample cost, the reference beside it, stages, Ray vs DataLoader."""
+    coco_root = os.path.join(tmp, "coco-profile")
+    synthesize(coco_root, train=args.coco_images, val=0, seed=0, profile="coco")
+    cfg = load_config(None, [f"data.image_size={args.coco_crop}", "data.batch_size=8"])
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        cats = categories_of({"categories": COCO(os.path.join(coco_root, "annotations", f"instances_{SPLIT}.json"))
+                              .dataset["categories"]})
+    fn = SampleTransform.from_config(cats, cfg, build_tasks(cfg, cats), train=True)
+    rows = _rows(CocoFiles(coco_root, SPLIT, fn))
+    reference = ReferenceSemantic(cats, args.coco_crop)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: what a sizing of cores per GPU divides by
+    try:
+        # Alternated, so that background load hits both alike.
+        sample_ms = min(_per_image_ms(fn.sample, rows, 1) for _ in range(2))
+        reference_ms = min(_per_image_ms(reference, rows, 1) for _ in range(2))
+        stages = _stages_ms(fn, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+    store = SeaweedFS(data_dir=os.path.join(tmp, "seaweedfs-coco")).start()
+    saved = {k: os.environ.get(k) for k in store.env()}
+    try:
+        os.environ.update(store.env())
+        storage._s3_filesystem.cache_clear()
+        uri = f"s3://{store.bucket}/ingest-coco"
+        shard_coco(coco_root, SPLIT, uri, images_per_shard=16, log=lambda _: None)
+        ray_result, dl_result = run_both(uri, coco_root, cfg, args.coco_passes, store.env())
+    finally:
+        store.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage._s3_filesystem.cache_clear()
+    return {
+        "images": args.coco_images,
+        "image_px": [640, 480],
+        "crop_px": args.coco_crop,
+        "sample_ms_per_core": sample_ms,
+        "reference_semantic_ms_per_core": reference_ms,
+        "sample_over_reference": round(sample_ms / reference_ms, 3),
+        "target_sample_over_reference": 1.3,
+        "target_sample_ms_per_core": 20.0,
+        "stages_ms": stages,
+        "ray_over_dataloader": round(ray_result["images_per_s"] / dl_result["images_per_s"], 3),
+        "ray_data": ray_result,
+        "dataloader": dl_result,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000, help="synthetic training images (one pass = one epoch over them)")
@@ -152,6 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--images-per-shard", type=int, default=256)
     parser.add_argument("--passes", type=int, default=3, help="timed passes per side (after one warm-up)")
+    parser.add_argument("--coco-images", type=int, default=64, help="COCO-profile images (0 skips coco_profile)")
+    parser.add_argument("--coco-crop", type=int, default=512, help="COCO-profile crop side, pixels")
+    parser.add_argument("--coco-passes", type=int, default=2, help="COCO-profile timed passes per side")
     parser.add_argument("--out", help="results JSON file (default benchmarks/results/ingest.json)")
     args = parser.parse_args(argv)
 
@@ -176,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     os.environ[k] = v
             storage._s3_filesystem.cache_clear()
+        coco = coco_profile(tmp, args) if args.coco_images else None
 
     result = {
         "benchmark": "ingest",
@@ -195,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_ratio": 1.0,
         "ray_data": ray_result,
         "dataloader": dl_result,
+        "coco_profile": coco,
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
