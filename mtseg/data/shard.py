@@ -44,22 +44,15 @@ SHARD_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("width", pa.int32()),
         pa.field("image", pa.binary()),
-        pa.field(
-            "annotations",
-            pa.list_(
-                pa.struct(
-                    [
-                        pa.field("id", pa.int64()),
-                        pa.field("category_id", pa.int32()),
-                        pa.field("iscrowd", pa.int8()),
-                        pa.field("bbox", pa.list_(pa.float64())),
-                        pa.field("area", pa.float64()),
-                        pa.field("segmentation_size", pa.list_(pa.int32())),
-                        pa.field("segmentation_counts", pa.binary()),
-                    ]
-                )
-            ),
-        ),
+        pa.field("annotations", pa.list_(pa.struct([
+            pa.field("id", pa.int64()),
+            pa.field("category_id", pa.int32()),
+            pa.field("iscrowd", pa.int8()),
+            pa.field("bbox", pa.list_(pa.float64())),
+            pa.field("area", pa.float64()),
+            pa.field("segmentation_size", pa.list_(pa.int32())),
+            pa.field("segmentation_counts", pa.binary()),
+        ]))),
     ],
     metadata={"mtseg.schema_version": str(SCHEMA_VERSION)},
 )
@@ -428,7 +421,8 @@ def _build_shard(coco: COCO, coco_root: str, split: str, image_ids: list[int], w
     return rows, tally
 
 
-def _check_bad_share(split: str, bad: int, listed: int, max_bad_fraction: float, reasons: Counter) -> None:
+def _check_bad_share(split: str, reasons: Counter, listed: int, max_bad_fraction: float) -> None:
+    bad = sum(reasons.values())
     if bad > max_bad_fraction * listed:
         raise ShardError(
             f"split {split}: {bad} of {listed} images are bad ({bad / listed:.1%}), more than max_bad_fraction={max_bad_fraction:g}; "
@@ -453,19 +447,14 @@ def shard_coco(
     ``<coco_root>/<split>/``. Shards already complete for this input are not written again.
 
     Args:
-        coco_root: COCO root, a local directory or ``s3://bucket/prefix``.
-        split: split name, e.g. ``train2017``.
-        out_uri: dataset root to write, a local directory or ``s3://bucket/prefix``.
-        images_per_shard: images per shard (the last shard may have fewer).
-        max_bad_fraction: largest tolerated share of bad images (missing, corrupt, truncated,
-            wrong size, malformed or duplicate entries) among those listed, in [0, 1].
+        coco_root, out_uri: a local directory or ``s3://bucket/prefix``.
+        max_bad_fraction: largest tolerated share of bad images among those listed, in [0, 1].
         workers: threads reading and decoding images concurrently.
-        create_bucket: create the bucket of an ``s3://`` ``out_uri`` when it does not exist
-            (otherwise a missing bucket is an error, as in ``mtseg train``).
+        create_bucket: create the bucket of an ``s3://`` ``out_uri`` when it does not exist.
         log: receives one progress line per shard.
 
     Returns:
-        The manifest (also written to ``<out_uri>/<split>/manifest.json``).
+        The manifest.
 
     Raises:
         ShardError: bad arguments, an unusable annotation file, or too many bad images.
@@ -498,7 +487,7 @@ def shard_coco(
     del raw
     if listed == 0:
         raise ShardError(f"split {split}: {ann_uri} lists no images")
-    _check_bad_share(split, sum(file_tally.images.values()), listed, max_bad_fraction, file_tally.images)
+    _check_bad_share(split, file_tally.images, listed, max_bad_fraction)
 
     split_uri = storage.join(out_uri, split)
     chunks = [image_ids[i : i + images_per_shard] for i in range(0, len(image_ids), images_per_shard)]
@@ -545,7 +534,7 @@ def shard_coco(
         counts.update(sidecar["counts"])
         if sidecar["path"]:
             shards.append({k: sidecar[k] for k in ("path", "rows", "bytes", "sha256")})
-        _check_bad_share(split, sum(total.images.values()), listed, max_bad_fraction, total.images)
+        _check_bad_share(split, total.images, listed, max_bad_fraction)
 
     _remove_stale(split_uri, {s["path"] for s in shards}, len(chunks), log)
     image_skips = sum(total.images.values())
