@@ -269,16 +269,13 @@ def _shard_paths(uri: str, split: str, manifest: dict, shards: Sequence[str] | N
 
 
 def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> tuple[ray.data.Dataset, dict]:
-    """A lazy Ray Dataset over a split's shard rows.
+    """A lazy Ray Dataset over a split's shard rows (``uri`` local or ``s3://``).
 
     Args:
-        uri: dataset root, local directory or ``s3://bucket/prefix``.
-        split: split name (``<uri>/<split>/manifest.json`` must exist).
-        shards: optional subset / order of shard paths (the trainer plans epochs in :mod:`mtseg.train.data`); default all.
+        shards: optional subset / order of shard paths; default all.
 
     Returns:
-        (dataset of shard rows with :data:`READ_COLUMNS`, the manifest). Nothing is read until
-        the dataset is iterated.
+        (dataset of shard rows with :data:`READ_COLUMNS`, the manifest).
 
     Raises:
         mtseg.data.manifest.ManifestError: no or bad manifest.
