@@ -376,16 +376,3 @@ def load_for_evaluation(checkpoint: str, data_uri: str | None = None, split: str
     split = split or loaded.cfg.data.val_split
     _check_label_space(loaded, read_manifest(data_uri, split), storage.join(data_uri, split))
     return loaded, data_uri, split
-
-
-__all__ = [
-    "PREPROCESS_TASK_CPUS",
-    "EvalActor",
-    "EvaluationResult",
-    "build_eval_dataset",
-    "evaluate_checkpoint",
-    "evaluate_loaded",
-    "load_for_evaluation",
-    "plan_actors",
-    "write_results",
-]

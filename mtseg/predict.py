@@ -393,17 +393,3 @@ def predict_images(
               "categories": predictor.categories.to_categories(), "seconds": round(summary.seconds, 3)}
     storage.write_bytes(storage.join(out, "summary.json"), (json.dumps(record, indent=1) + "\n").encode())
     return summary
-
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImagePrediction",
-    "PredictError",
-    "PredictSummary",
-    "Predictor",
-    "find_images",
-    "pick_device",
-    "predict_images",
-    "read_image",
-    "render",
-]

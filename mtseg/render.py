@@ -153,18 +153,3 @@ def panel(rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]], scale: i
             img = Image.fromarray(tile).resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST)
             canvas.paste(img, (x, y + title_h))
     return canvas
-
-
-__all__ = [
-    "beside",
-    "blend",
-    "colorize",
-    "font",
-    "heatmap",
-    "instance_map",
-    "legend",
-    "outlines",
-    "palette",
-    "panel",
-    "to_uint8_image",
-]

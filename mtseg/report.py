@@ -213,7 +213,3 @@ def write_report(out_dir: str, title: str, metrics: dict[str, float], scalars: d
         f.write(f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{_STYLE}</style>\n"
                 + "\n".join(body) + "\n")
     return md_path, html_path
-
-
-__all__ = ["Panel", "format_metric", "group_scalars", "metrics_table", "plot_panel", "png_bytes", "read_scalars",
-           "undefined_reason", "write_report"]

@@ -559,30 +559,3 @@ def ray_storage(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         fs = pafs.PyFileSystem(_WholeObjectHandler(fs))
     return fs, path
-
-
-__all__ = [
-    "NotFoundError",
-    "StorageError",
-    "check_access",
-    "check_uri",
-    "delete",
-    "describe_error",
-    "ensure_bucket",
-    "exists",
-    "is_s3",
-    "join",
-    "list_dirs",
-    "list_files",
-    "read_bytes",
-    "redact",
-    "ray_storage",
-    "resolve",
-    "s3_client",
-    "s3_endpoint",
-    "s3_error_code",
-    "s3_filesystem",
-    "split_s3",
-    "translate_errors",
-    "write_bytes",
-]

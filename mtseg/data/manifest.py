@@ -101,15 +101,3 @@ def write_manifest(root: str, split: str, manifest: dict) -> str:
 def shard_uris(root: str, split: str, manifest: dict) -> list[str]:
     """Full URIs of a manifest's shards (``<root>/<split>/shard-00000.parquet`` ...), in manifest order."""
     return [storage.join(root, split, entry["path"]) for entry in manifest["shards"]]
-
-
-__all__ = [
-    "MANIFEST_NAME",
-    "SCHEMA_VERSION",
-    "ManifestError",
-    "manifest_uri",
-    "read_manifest",
-    "shard_uris",
-    "validate_manifest",
-    "write_manifest",
-]

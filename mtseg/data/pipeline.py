@@ -30,8 +30,8 @@ import torch
 from mtseg import storage
 from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
-from mtseg.data.targets import Instances, TargetBuilder, WireField, decode_annotations
-from mtseg.data.transforms import apply_joint, build_transform, decode_image, sample_seed
+from mtseg.data.targets import TargetBuilder, WireField, augment, decode_annotations
+from mtseg.data.transforms import build_transform, decode_image, sample_seed
 
 if TYPE_CHECKING:  # Ray is imported lazily: the non-Ray path must not pay for it
     import ray.data
@@ -177,8 +177,7 @@ class SampleTransform:
         except ValueError as e:
             raise ValueError(f"image {image_id}: {e}") from None
         seed = sample_seed(self.seed, self.epoch, image_id) if self.train else None
-        pixels, masks = apply_joint(self._transform, pixels, masks, seed=seed)
-        instances = Instances(masks, labels, crowd, self.categories)
+        pixels, instances = augment(self._transform, pixels, masks, labels, crowd, self.categories, seed=seed)
         values = {"image": pixels.numpy(), "image_id": np.int64(image_id), "orig_size": np.array([height, width], np.int64)}
         for task in self.tasks:
             values.update(task.build_targets(instances))
@@ -418,19 +417,3 @@ def iter_local_batches(
             break
     if pending and not drop_last:
         yield fn.to_torch(fn.stack(pending))
-
-
-__all__ = [
-    "CHUNK_ROWS",
-    "READ_COLUMNS",
-    "ChunkedTransform",
-    "SampleTransform",
-    "batch_fields",
-    "categories_of",
-    "ground_truth",
-    "iter_local_batches",
-    "read_split",
-    "stream_fields",
-    "to_torch",
-    "worker_batches",
-]

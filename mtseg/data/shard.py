@@ -571,6 +571,3 @@ def shard_coco(
         f"{image_skips} image(s) and {manifest['counts']['annotations_skipped']} annotation(s) skipped -> {uri}"
     )
     return manifest
-
-
-__all__ = ["PROGRESS_DIR", "ROW_GROUP_SIZE", "SHARD_SCHEMA", "ShardError", "shard_coco"]
