@@ -78,14 +78,14 @@ def test_per_task_gradients_through_the_representation_equal_full_backwards(batc
     model, losses, _ = _model_and_losses(cfg, representation=False)
     params = model.shared_parameters()
     reference = per_task_gradients(list(losses.values()), params, accumulate_others=True)
-    heads_reference = [p.grad.clone() for p in model.task_parameters()]
+    heads_reference = [p.grad.clone() for p in model.heads.parameters()]
 
     model, losses, (features, leaf) = _model_and_losses(cfg, representation=True)
     rep = representation_gradients(list(losses.values()), leaf)
     grads = encoder_gradients(features, rep, model.shared_parameters(), batched=batched)
     assert grads.shape == reference.shape == (len(TASK_NAMES), sum(p.numel() for p in params))
     assert torch.allclose(grads, reference, rtol=1e-5, atol=1e-7)
-    for p, ref in zip(model.task_parameters(), heads_reference):
+    for p, ref in zip(model.heads.parameters(), heads_reference):
         assert torch.allclose(p.grad, ref, rtol=1e-5, atol=1e-7)
     assert all(p.grad is None for p in model.shared_parameters())
 
