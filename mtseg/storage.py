@@ -416,17 +416,21 @@ def delete(uri: str, recursive: bool = False, *, within: str | None = None) -> N
             fs.delete_file(path)
 
 
+def _bucket_exists(uri: str, bucket: str) -> bool:
+    try:
+        with translate_errors(uri):
+            s3_client(max_attempts=CHECK_MAX_ATTEMPTS).head_bucket(Bucket=bucket)
+    except NotFoundError:  # a HEAD answers a missing bucket with a bare 404
+        return False
+    return True
+
+
 def ensure_bucket(name: str) -> None:
     """Create bucket ``name`` if it does not exist (idempotent)."""
     uri = f"s3://{name}"
-    try:
+    if not _bucket_exists(uri, name):
         with translate_errors(uri):
-            s3_client(max_attempts=CHECK_MAX_ATTEMPTS).head_bucket(Bucket=name)
-        return
-    except NotFoundError:
-        pass
-    with translate_errors(uri):
-        s3_client().create_bucket(Bucket=name)
+            s3_client().create_bucket(Bucket=name)
 
 
 def check_access(uri: str) -> None:
@@ -440,11 +444,8 @@ def check_access(uri: str) -> None:
     check_uri(uri)
     if is_s3(uri):
         bucket, _ = split_s3(uri)
-        try:
-            with translate_errors(uri):
-                s3_client(max_attempts=CHECK_MAX_ATTEMPTS).head_bucket(Bucket=bucket)
-        except NotFoundError:  # a HEAD answers a missing bucket with a bare 404
-            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
+        if not _bucket_exists(uri, bucket):
+            raise StorageError(f"{uri}: bucket {bucket!r} does not exist")
         return
     _, path = resolve(uri)
     parent = path
