@@ -78,15 +78,11 @@ _OWN_FIELDS = stream_fields(1)  # shapes unused: what to_torch does with the str
 
 
 def to_torch(batch: Mapping[str, Any], fields: Mapping[str, WireField] | None = None) -> dict[str, torch.Tensor]:
-    """A batch in the wire layout (or already in the contract) -> torch tensors of the batch contract.
+    """A batch (numpy or tensors) in the wire layout -> torch tensors of the batch contract.
 
     Args:
-        batch: numpy arrays (or tensors) with a leading batch dimension.
-        fields: the batch's keys (:func:`batch_fields`, :attr:`SampleTransform.fields`);
-            default the stream's own keys only. Keys without a field pass through unchanged.
-
-    Returns:
-        Dict of torch tensors, each key in its contract dtype; ``image`` in [0, 1].
+        fields: the batch's keys (:func:`batch_fields`); default the stream's own keys only.
+            Keys without a field pass through unchanged.
     """
     fields = _OWN_FIELDS if fields is None else fields
     out = {}
@@ -324,14 +320,12 @@ def worker_batches(
     """A train worker's stream: its planned rows, in plan order, as batches of the contract.
 
     Args:
-        segments: the worker's slice of the epoch (:func:`mtseg.train.data.plan_epoch`):
-            objects with ``path`` (a shard URI) and ``rows`` (row indices in that shard).
-        transform: the per-image work.
+        segments: the worker's slice of the epoch (:func:`mtseg.train.data.plan_epoch`).
         rows_per_task: images per Ray Data read task (and per block).
         num_cpus: CPUs each read task reserves.
 
     Returns:
-        An iterator of dicts of torch tensors (CPU; move them to the device in the loop).
+        An iterator of dicts of CPU torch tensors.
     """
     import ray.data
 
