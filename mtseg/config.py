@@ -124,6 +124,7 @@ class TrainConfig:
     grad_clip: float = _f(5.0, min=0.0, help="max grad norm; 0 disables")
     seed: int = _f(0)
     amp: bool = _f(True, help="bf16 autocast on GPU (ignored on CPU)")
+    compile: bool = _f(False, help="wrap the model in torch.compile (the first steps compile; for GPU runs)")
     num_workers: int = _f(2, min=1)
     cpus_per_worker: float = _f(1.0, min=0.0)
     use_gpu: str = _f("auto", choices=("auto", "true", "false"))
