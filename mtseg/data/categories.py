@@ -39,9 +39,10 @@ class CategoryIndex:
         ids = [int(c["id"]) for c in cats]
         if len(set(ids)) != len(ids):
             raise ValueError(f"categories: duplicate category ids in {ids}")
-        supers = sorted({str(c.get("supercategory") or c["name"]) for c in cats})
+        super_of = [str(c.get("supercategory") or c["name"]) for c in cats]
+        supers = sorted(set(super_of))
         super_index = {s: j + 1 for j, s in enumerate(supers)}
-        class_to_super = [0] + [super_index[str(c.get("supercategory") or c["name"])] for c in cats]
+        class_to_super = [0] + [super_index[s] for s in super_of]
         return cls(
             coco_ids=tuple(ids),
             names=tuple(str(c["name"]) for c in cats),
