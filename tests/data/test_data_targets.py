@@ -3,10 +3,12 @@ a square's boundary ring, center and offsets; crowd; classes."""
 
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
-from mtseg.data.targets import Instances, decode_annotations
+from mtseg.data.targets import Instances, augment, decode_annotations, disjoint_id_map
+from mtseg.data.transforms import apply_joint, build_transform
 from mtseg.tasks.boundary import BoundaryTask
 from mtseg.tasks.instance import InstanceTask
 from mtseg.tasks.semantic import SemanticTask
@@ -290,3 +292,23 @@ def test_edge_cases_empty_border_one_pixel_and_crowd(cats):
     # A crowd region: its outline is a boundary, but it has no center and no thing pixels.
     out = _targets(box[None], [1], [True], cats, width=1)
     assert out["boundary"].sum() > 0 and not out["center"].any() and not out["thing_mask"].any()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_augment_gives_the_instances_of_the_augmented_masks(cats, overlap, train):
+    rng = np.random.default_rng(4)
+    h, w = 40, 52
+    masks, labels, crowd = _random_instances(rng, h, w, 6)
+    if not overlap:  # the visible parts, as COCO's instances and the synthetic data are
+        masks = np.stack([_reference_segments(masks.astype(bool), crowd) == i + 1 for i in range(6)]).astype(np.uint8)
+    assert (disjoint_id_map(masks) is None) == overlap
+    transform = build_transform(32, train=train, scale_min=0.3)
+    image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+    for seed in range(5):
+        want_image, want_masks = apply_joint(transform, image, masks, seed=seed)
+        want = Instances(want_masks, labels, crowd, cats)
+        got_image, got = augment(transform, image, masks, labels, crowd, cats, seed=seed)
+        assert torch.equal(got_image, want_image)
+        assert got.segments.dtype == np.int64 and np.array_equal(got.segments, want.segments)
+        assert np.array_equal(got.masks, want_masks) and np.array_equal(got.semantic, want.semantic)
