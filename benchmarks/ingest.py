@@ -64,8 +64,8 @@ from mtseg.data.manifest import read_manifest
 from mtseg.data.pipeline import ChunkedTransform, SampleTransform, categories_of, read_split
 from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
-from mtseg.data.targets import Instances, decode_annotations
-from mtseg.data.transforms import apply_joint, decode_image, sample_seed
+from mtseg.data.targets import augment, decode_annotations
+from mtseg.data.transforms import decode_image, sample_seed
 from mtseg.tasks import build_tasks
 
 SPLIT = "train2017"
@@ -232,9 +232,9 @@ def _stages_ms(fn: SampleTransform, rows) -> dict:
         pixels = decode_image(data)
         masks, labels, crowd = decode_annotations(anns, height, width, fn.categories)
         t1 = time.perf_counter()
-        pixels, masks = apply_joint(fn._transform, pixels, masks, seed=sample_seed(fn.seed, fn.epoch, image_id))
+        seed = sample_seed(fn.seed, fn.epoch, image_id)
+        pixels, instances = augment(fn._transform, pixels, masks, labels, crowd, fn.categories, seed=seed)
         t2 = time.perf_counter()
-        instances = Instances(masks, labels, crowd, fn.categories)
         values = {"image": pixels.numpy(), "image_id": np.int64(image_id), "orig_size": np.array([height, width], np.int64)}
         for task in fn.tasks:
             values.update(task.build_targets(instances))
