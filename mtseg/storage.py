@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import os
 import posixpath
 import re
@@ -23,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mtseg.errors import MtsegError
@@ -461,7 +463,7 @@ def check_access(uri: str) -> None:
 # ---------------------------------------------------------------------------- Ray's storage filesystem
 
 
-class _UploadOnClose:
+class _UploadOnClose(io.BytesIO):
     """A writable file that buffers in memory and PUTs the whole object on close (:func:`write_bytes`).
 
     One PUT cannot leave a truncated object. It goes through boto3: this runs on one of Arrow's
@@ -470,25 +472,14 @@ class _UploadOnClose:
     """
 
     def __init__(self, uri: str):
-        import io
-
-        self._uri, self._buf = uri, io.BytesIO()
-        self.closed = False
-
-    def write(self, data) -> int:
-        return self._buf.write(data)
-
-    def tell(self) -> int:
-        return self._buf.tell()
-
-    def flush(self) -> None:
-        pass
+        super().__init__()
+        self._uri = uri
 
     def close(self) -> None:
-        if self.closed:
-            return
-        write_bytes(self._uri, self._buf.getvalue())
-        self.closed = True
+        if not self.closed:
+            data = self.getvalue()
+            super().close()  # first: a failed PUT is not tried again when the object is collected
+            write_bytes(self._uri, data)
 
 
 class _WholeObjectHandler(pafs.FileSystemHandler):
@@ -537,8 +528,6 @@ class _WholeObjectHandler(pafs.FileSystemHandler):
         return self.fs.copy_file(src, dest)
 
     def open_input_file(self, path):
-        import pyarrow as pa
-
         bucket, _, key = path.partition("/")
         with translate_errors("s3://" + path):
             return pa.BufferReader(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
@@ -546,8 +535,6 @@ class _WholeObjectHandler(pafs.FileSystemHandler):
     open_input_stream = open_input_file
 
     def open_output_stream(self, path, metadata):
-        import pyarrow as pa
-
         return pa.PythonFile(_UploadOnClose("s3://" + path), mode="w")
 
     def open_append_stream(self, path, metadata):
