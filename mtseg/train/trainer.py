@@ -1,19 +1,12 @@
 """Distributed training on Ray Train (V2): ``TorchTrainer`` + a thin ``train_fn_per_worker``.
 
-Run it with ``mtseg train --config jobs/configs/demo.yaml [key=value ...]`` or submit
-``jobs/train.py`` through the Ray Jobs API. The worker function only wires library pieces
-together (mtseg/train/loop.py runs without Ray):
-
-* data: each worker streams its slice of a deterministic epoch plan (mtseg/train/data.py)
-  with Ray Data, from the position recorded in the checkpoint;
-* model: ``ray.train.torch.prepare_model`` (DDP, device placement); gradients are combined by
-  the weighting strategy and averaged once per step (mtseg/weighting);
-* checkpoints: every ``train.checkpoint_every_steps`` and at each epoch end, through
-  ``ray.train.report``; Ray Train keeps the best ``train.keep_checkpoints`` by ``val/miou``
-  and always the latest, and restores them after a worker or node failure
-  (``FailureConfig``) or when the same run name is started again (its snapshot in storage);
-* storage: ``storage_path`` is a local dir or ``s3://``, reached through a filesystem that
-  retries transient errors, so an object store that is down for a few seconds is survived.
+``mtseg train --config jobs/configs/demo.yaml [key=value ...]`` (or ``jobs/train.py`` through the
+Ray Jobs API) runs :func:`run_training`. Each worker streams its slice of a deterministic epoch
+plan (mtseg/train/data.py) from the checkpointed position and runs :func:`mtseg.train.loop.fit`
+(which runs without Ray). Checkpoints go through ``ray.train.report`` every
+``train.checkpoint_every_steps`` and at each validation; Ray Train keeps the best
+``train.keep_checkpoints`` by ``val/miou`` and restores the latest after a failure or when the
+same run name starts again.
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ from typing import Any
 import torch
 
 from mtseg import storage
-from mtseg.config import Config, ConfigError, config_from_dict, to_yaml
+from mtseg.config import Config, ConfigError, config_from_dict, save_config, to_yaml
 from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
 from mtseg.data.pipeline import SampleTransform, worker_batches
@@ -64,17 +57,14 @@ class DataPlan:
         self.categories = CategoryIndex.from_categories(self.train_manifest["categories"])
         # The stream's own task objects (they travel to the Ray Data workers and build the targets).
         self.tasks = build_tasks(cfg, self.categories)
-        self.train_shards = list(zip(shard_uris(cfg.data.uri, cfg.data.train_split, self.train_manifest),
-                                     (int(s["rows"]) for s in self.train_manifest["shards"])))
-        self.val_shards = list(zip(shard_uris(cfg.data.uri, cfg.data.val_split, self.val_manifest),
-                                   (int(s["rows"]) for s in self.val_manifest["shards"])))
+        self.train_shards = _shards(cfg.data.uri, cfg.data.train_split, self.train_manifest)
+        self.val_shards = _shards(cfg.data.uri, cfg.data.val_split, self.val_manifest)
         if cfg.train.val_max_images:
             self.val_shards = _truncate(self.val_shards, cfg.train.val_max_images)
         self.train_images = sum(n for _, n in self.train_shards)
 
     def steps_per_epoch(self, world_size: int) -> int:
-        t = self.cfg.train
-        return steps_per_epoch(self.train_images, world_size, self.cfg.data.batch_size, t.grad_accum)
+        return steps_per_epoch(self.train_images, world_size, self.cfg.data.batch_size, self.cfg.train.grad_accum)
 
     def train_batches(self, epoch: int, start: int, world_size: int, rank: int):
         cfg = self.cfg
@@ -107,6 +97,10 @@ class DataPlan:
         return coco_gt_from_rows(rows, self.val_manifest["categories"])
 
 
+def _shards(uri: str, split: str, manifest: dict) -> list[tuple[str, int]]:
+    return list(zip(shard_uris(uri, split, manifest), (int(s["rows"]) for s in manifest["shards"])))
+
+
 def _truncate(shards: list[tuple[str, int]], limit: int) -> list[tuple[str, int]]:
     out, left = [], limit
     for path, n in shards:
@@ -133,9 +127,8 @@ def _all_reduce_mean(values: dict[str, float], device) -> dict[str, float]:
 
 
 def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> bool:
-    """Load the latest complete checkpoint: Ray's, else the newest complete one in storage,
-    else ``init_checkpoint`` (a checkpoint directory URI another run wrote, e.g. the trial that
-    Population Based Training exploits)."""
+    """Load Ray's latest checkpoint, else the run's newest complete one in storage, else
+    ``init_checkpoint`` (another run's, e.g. the trial PBT exploits); False when there is none."""
     import ray.train
 
     reported = ray.train.get_checkpoint()
@@ -159,11 +152,7 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
 
 
 class _Reporter:
-    """What a worker tells the world: Ray Train reports (with checkpoints), TensorBoard, image ids.
-
-    Rank 0 writes the checkpoints and TensorBoard events; every rank reports (Ray Train waits
-    for all of them) and, with ``train.log_image_ids``, logs the ids it trained on.
-    """
+    """Ray Train reports (every rank; checkpoints from rank 0), TensorBoard (rank 0), image ids."""
 
     def __init__(self, state: TrainState, cfg: Config, plan: DataPlan, *, rank: int, per_epoch: int, total_steps: int,
                  local_dir: str, restored: bool):
@@ -326,13 +315,10 @@ def preflight(cfg: Config) -> DataPlan:
 
 
 def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint: str = ""):
-    """The ``TorchTrainer`` for ``cfg``: scaling, storage (:func:`mtseg.storage.ray_storage`), failures, checkpoint policy.
-
-    ``mtseg train`` fits it directly; ``mtseg tune`` builds one per trial (Train V2's form).
+    """The ``TorchTrainer`` for ``cfg``: scaling, storage, failures, checkpoint policy.
 
     Args:
-        callbacks: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``); the driver's
-            progress printer is always added.
+        callbacks: Ray Train callbacks, after the driver's progress printer.
         init_checkpoint: checkpoint directory URI to start from when the run has none of its own.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -371,13 +357,9 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
 
 def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: list | None = None,
                  init_checkpoint: str = ""):
-    """Train ``cfg`` on the Ray cluster this process is connected to (``ray.init`` first).
+    """Train ``cfg`` on the connected Ray cluster, holding the run's lease (:mod:`mtseg.train.runstate`).
 
-    Starting a run whose name already has checkpoints in ``storage_path`` resumes it;
-    ``restart=True`` deletes them and starts over. The run's lease is held throughout
-    (:mod:`mtseg.train.runstate`): a second live driver on the same run stops before
-    touching it, and the run's outcome is recorded beside its checkpoints. ``mtseg train``,
-    submitted jobs and every Tune trial start their runs here.
+    A run name with checkpoints in ``storage_path`` resumes; ``restart=True`` deletes them first.
 
     Args:
         callbacks, init_checkpoint: passed to :func:`build_trainer`.
@@ -395,7 +377,7 @@ def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: li
             clear_run(cfg, log=log)
         elif ckpt.list_checkpoints(run):
             log(f"[train] run {cfg.train.run_name!r} has checkpoints in {run}: resuming it (pass --restart to start over)")
-        storage.write_bytes(storage.join(run, "config.yaml"), to_yaml(cfg).encode())
+        save_config(cfg, storage.join(run, "config.yaml"))
         result = build_trainer(cfg, callbacks=callbacks, init_checkpoint=init_checkpoint).fit()
         if result.error:
             lease.fail(describe_exit(result.error)[1])
@@ -403,14 +385,9 @@ def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: li
 
 
 def clear_run(cfg: Config, *, log=print) -> None:
-    """``--restart``: delete what a run wrote (checkpoints, config), keeping its lease and outcome.
-
-    :func:`run_training` holds the lease and has just recorded the outcome as ``running``.
-
-    Every delete is checked to lie inside the run's own prefix, and the run inside
-    ``train.storage_path``; the run name is a plain name (config validation), so this is
-    a second line of defence, not the only one.
-    """
+    """``--restart``: delete what a run wrote (checkpoints, config), keeping the lease and outcome
+    :func:`run_training` holds. Every delete is checked to lie inside the run (a second line of
+    defence after the plain-name check of ``train.run_name``)."""
     run = run_uri(cfg)
     if not storage.is_inside(run, cfg.train.storage_path):
         raise storage.StorageError(f"{run}: the run is not inside train.storage_path {cfg.train.storage_path}")
