@@ -212,9 +212,10 @@ def augment(
 ) -> tuple[torch.Tensor, Instances]:
     """Augment an image and its instance masks jointly (:func:`~mtseg.data.transforms.apply_joint`) into :class:`Instances`.
 
-    When no two masks overlap (COCO's instances rarely do) the one map of :func:`disjoint_id_map`
-    is transformed instead of N masks: the same instances bit for bit, for about the cost of
-    one mask.
+    When no two masks overlap (visible-part annotations, as the synthetic data's are) the one
+    map of :func:`disjoint_id_map` is transformed instead of N masks: the same instances bit
+    for bit, for about the cost of one mask. Overlapping masks (some of COCO's own images)
+    take the per-mask path: their paint order depends on the areas after augmentation.
 
     Args:
         transform: from :func:`~mtseg.data.transforms.build_transform`.
