@@ -217,14 +217,14 @@ def find_images(inputs: Sequence[str]) -> list[str]:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             sources.append(item)
-        elif info.type == pafs.FileType.Directory or (storage.is_s3(item) and info.type == pafs.FileType.NotFound
-                                                       and storage.list_files(item, recursive=True)):
-            found = [f for f in storage.list_files(item, recursive=True) if f.lower().endswith(IMAGE_EXTENSIONS)]
-            if not found:
-                print(f"[predict] {item}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found", file=sys.stderr)
-            sources.extend(found)
-        else:
+            continue
+        listed = storage.list_files(item, recursive=True)  # an S3 prefix is no object of its own
+        if info.type != pafs.FileType.Directory and not listed:
             raise PredictError(f"{item}: no such file or directory")
+        found = [f for f in listed if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not found:
+            print(f"[predict] {item}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found", file=sys.stderr)
+        sources.extend(found)
     return list(dict.fromkeys(sources))
 
 
