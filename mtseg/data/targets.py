@@ -148,38 +148,42 @@ class Instances:
         self.masks, self.labels, self.iscrowd, self.categories = masks, labels, iscrowd, categories
 
     @classmethod
-    def from_segments(cls, segments: np.ndarray, labels: np.ndarray, iscrowd: np.ndarray,
-                      categories: CategoryIndex) -> Instances:
-        """Instances from the map of the annotation owning each pixel, when no two masks overlap.
+    def from_layers(cls, layers: np.ndarray, labels: np.ndarray, iscrowd: np.ndarray,
+                    categories: CategoryIndex) -> Instances:
+        """Instances from id layers (:func:`id_layers`, after augmentation), without N masks.
 
         Args:
-            segments: (H, W) integer map, 0 = background, ``i + 1`` = annotation ``i``; each
-                annotation's mask is exactly its pixels here (so masks are disjoint).
+            layers: (K, H, W) integer maps, 0 = none, ``i + 1`` = annotation ``i``; every
+                annotation's mask is exactly its pixels in one of the layers.
             labels: (N,) contiguous class index of each annotation.
             iscrowd: (N,) crowd flags.
             categories: the label space.
 
         Returns:
-            The same :class:`Instances` as built from the masks, without materialising them
-            (``masks`` is derived on first use).
+            The same :class:`Instances` as built from the masks (``masks`` and ``segments``
+            are derived on first use).
         """
-        segments = np.asarray(segments, np.int64)
-        if segments.ndim != 2:
-            raise ValueError(f"segments: expected (H, W), got shape {segments.shape}")
+        layers = np.asarray(layers)
+        if layers.ndim != 3 or layers.shape[0] < 1:
+            raise ValueError(f"layers: expected (K >= 1, H, W), got shape {layers.shape}")
         n = np.asarray(labels).reshape(-1).shape[0]
         out = cls(np.zeros((n, 0, 0), np.uint8), labels, iscrowd, categories)  # validates labels, flags
-        del out.masks  # derived from the map on first use
-        out.segments = segments
+        del out.masks  # derived from the layers on first use
+        out._layers = layers
         return out
 
     @functools.cached_property
     def masks(self) -> np.ndarray:
-        """(N, H, W) binary instance masks (set by the constructor; derived when built :meth:`from_segments`)."""
-        return (self.segments[None] == np.arange(1, len(self.labels) + 1).reshape(-1, 1, 1)).astype(np.uint8)
+        """(N, H, W) binary instance masks (as given, or derived from :meth:`from_layers`' layers)."""
+        ids = np.arange(1, len(self.labels) + 1).reshape(-1, 1, 1)
+        return (self._layers[:, None] == ids[None]).any(0).astype(np.uint8)
 
     @functools.cached_property
     def segments(self) -> np.ndarray:
         """(H, W) int64: the annotation (1-based) that owns each pixel, 0 for background (see :func:`segment_map`)."""
+        layers = getattr(self, "_layers", None)
+        if layers is not None:
+            return _layered_segment_map(layers, self.iscrowd)
         return segment_map(self.masks.astype(bool, copy=False), self.iscrowd)
 
     @functools.cached_property
@@ -212,10 +216,8 @@ def augment(
 ) -> tuple[torch.Tensor, Instances]:
     """Augment an image and its instance masks jointly (:func:`~mtseg.data.transforms.apply_joint`) into :class:`Instances`.
 
-    When no two masks overlap (visible-part annotations, as the synthetic data's are) the one
-    map of :func:`disjoint_id_map` is transformed instead of N masks: the same instances bit
-    for bit, for about the cost of one mask. Overlapping masks (some of COCO's own images)
-    take the per-mask path: their paint order depends on the areas after augmentation.
+    The K id maps of :func:`id_layers` are transformed instead of N masks (K = 1 when no two
+    masks overlap): the same instances bit for bit, for about the cost of K masks.
 
     Args:
         transform: from :func:`~mtseg.data.transforms.build_transform`.
@@ -229,33 +231,53 @@ def augment(
     Returns:
         ``(image, instances)`` at the transform's output size.
     """
-    ids = disjoint_id_map(masks)
-    if ids is None:
+    layers = id_layers(masks)
+    if layers is None:
         image, masks = apply_joint(transform, image, masks, seed=seed)
         return image, Instances(masks, labels, iscrowd, categories)
-    image, ids = apply_joint(transform, image, ids[None], seed=seed)
-    return image, Instances.from_segments(ids[0], labels, iscrowd, categories)
+    image, layers = apply_joint(transform, image, layers, seed=seed)
+    return image, Instances.from_layers(layers, labels, iscrowd, categories)
 
 
-def disjoint_id_map(masks: np.ndarray) -> np.ndarray | None:
-    """(H, W) uint8 map of the mask (1-based) covering each pixel, 0 for none; None when masks overlap.
+def id_layers(masks: np.ndarray) -> np.ndarray | None:
+    """The masks packed into a few uint8 id maps: (K, H, W), 0 = none, ``i + 1`` on mask ``i``.
 
-    With no pixel under two masks, any resampling that picks source pixels (nearest resize,
-    crop, flip) commutes with it: transforming this one map gives the :func:`segment_map` of
-    the transformed masks, whatever their paint order would have been. None too when there
-    are 255 masks or more (uint8 is what the resampler takes).
+    Masks go, in order, into the first layer they do not overlap, so disjoint masks (visible
+    parts, as panoptic annotations and the synthetic data have) make one layer and COCO's
+    occasional overlaps a second or third. A resampling that picks source pixels (nearest
+    resize, crop, flip) acts on every id alike, so transforming the K layers transforms all N
+    masks exactly, and :class:`Instances` resolves the overlaps afterwards from the layers
+    (with the areas after augmentation, as :func:`segment_map` does). None when there are 255
+    masks or more (uint8 is what the resampler takes).
     """
     n = masks.shape[0]
     if n >= 255:
         return None
-    ids = np.zeros(masks.shape[1:], np.uint8)
-    if n == 0:
-        return ids
-    if n > 1 and masks.sum(0, dtype=np.uint8).max() > 1:
-        return None
+    layers = [np.zeros(masks.shape[1:], np.uint8)]
     for i in range(n):
-        np.copyto(ids, np.uint8(i + 1), where=masks[i].astype(bool, copy=False))
-    return ids
+        mask = masks[i].astype(bool, copy=False)
+        for layer in layers:
+            if not layer[mask].any():
+                break
+        else:
+            layer = np.zeros(masks.shape[1:], np.uint8)
+            layers.append(layer)
+        layer[mask] = i + 1
+    return np.stack(layers)
+
+
+def _layered_segment_map(layers: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
+    """:func:`segment_map` of the masks held by :func:`id_layers`' layers."""
+    if layers.shape[0] == 1:  # disjoint masks: the owner is the only mask there is
+        return layers[0].astype(np.int64)
+    n = iscrowd.shape[0]
+    areas = np.bincount(layers.reshape(-1), minlength=n + 1)[1 : n + 1]
+    # segment_map paints in this order, so the last painted (highest rank) of the masks
+    # covering a pixel owns it.
+    rank = np.zeros(n + 1, np.int64)
+    rank[np.lexsort((-areas, ~iscrowd)) + 1] = np.arange(1, n + 1)
+    winner = rank[layers].argmax(0)
+    return np.take_along_axis(layers, winner[None], 0)[0].astype(np.int64)
 
 
 def segment_map(masks: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
@@ -277,4 +299,4 @@ def segment_map(masks: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
     return segments
 
 
-__all__ = ["Instances", "TargetBuilder", "WireField", "augment", "decode_annotations", "disjoint_id_map", "label_field", "segment_map"]
+__all__ = ["Instances", "TargetBuilder", "WireField", "augment", "decode_annotations", "id_layers", "label_field", "segment_map"]

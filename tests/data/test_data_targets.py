@@ -7,7 +7,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
-from mtseg.data.targets import Instances, augment, decode_annotations, disjoint_id_map
+from mtseg.data.targets import Instances, augment, decode_annotations, id_layers
 from mtseg.data.transforms import apply_joint, build_transform
 from mtseg.tasks.boundary import BoundaryTask
 from mtseg.tasks.instance import InstanceTask
@@ -302,7 +302,7 @@ def test_augment_gives_the_instances_of_the_augmented_masks(cats, overlap, train
     masks, labels, crowd = _random_instances(rng, h, w, 6)
     if not overlap:  # the visible parts, as COCO's instances and the synthetic data are
         masks = np.stack([_reference_segments(masks.astype(bool), crowd) == i + 1 for i in range(6)]).astype(np.uint8)
-    assert (disjoint_id_map(masks) is None) == overlap
+    assert (len(id_layers(masks)) > 1) == overlap
     transform = build_transform(32, train=train, scale_min=0.3)
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
     for seed in range(5):
@@ -312,3 +312,19 @@ def test_augment_gives_the_instances_of_the_augmented_masks(cats, overlap, train
         assert torch.equal(got_image, want_image)
         assert got.segments.dtype == np.int64 and np.array_equal(got.segments, want.segments)
         assert np.array_equal(got.masks, want_masks) and np.array_equal(got.semantic, want.semantic)
+        assert np.array_equal(got.segments, _reference_segments(want_masks.astype(bool), crowd))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_instances_from_id_layers_equal_instances_from_masks(cats, seed):
+    rng = np.random.default_rng(100 + seed)
+    h, w = (int(v) for v in rng.integers(1, 20, 2))
+    masks, labels, crowd = _random_instances(rng, h, w, int(rng.integers(0, 9)), crowd_share=0.3)
+    layers = id_layers(masks)
+    assert layers.dtype == np.uint8 and layers.shape[1:] == (h, w)
+    got, want = Instances.from_layers(layers, labels, crowd, cats), Instances(masks, labels, crowd, cats)
+    assert np.array_equal(got.segments, want.segments) and got.segments.dtype == want.segments.dtype
+    assert np.array_equal(got.masks, masks)
+    for task in _tasks(cats, width=2):
+        for key, value in task.build_targets(got).items():
+            assert np.array_equal(value, task.build_targets(want)[key]), key
