@@ -1,9 +1,7 @@
 """The training and evaluation loop, as library functions that run with or without Ray.
 
-``train_fn_per_worker`` (mtseg/train/trainer.py) is a thin wrapper: it builds a
-:class:`TrainState` and calls :func:`fit`, which runs the epochs (:func:`train_one_epoch`,
-:func:`validate`, a report with a checkpoint) over the worker's slice of the Ray Data stream.
-Tests call the same functions on plain iterables.
+``train_fn_per_worker`` (mtseg/train/trainer.py) builds a :class:`TrainState` and calls
+:func:`fit` on the worker's Ray Data stream; tests call it on plain iterables.
 """
 
 from __future__ import annotations
@@ -31,12 +29,8 @@ from mtseg.weighting import build_weighting, sync_buffers, sync_gradients
 class TrainState:
     """Everything a checkpoint holds, plus the objects that own it.
 
-    Attributes:
-        epoch: current epoch, 0-based.
-        step: optimiser steps taken since the start of the run.
-        epoch_rows: images each worker has consumed in the current epoch (every worker
-            consumes the same number per step, so one integer locates the whole stream).
-        last_val: the metrics of the latest validation (empty before the first).
+    ``epoch`` is 0-based; ``step`` counts optimiser steps of the run; ``epoch_rows`` the images each
+    worker has consumed this epoch (the same on every worker, so one integer locates the stream).
     """
 
     cfg: Config
@@ -55,9 +49,8 @@ class TrainState:
 
     @property
     def module(self) -> nn.Module:
-        """The bare model (unwrapped from torch.compile and DistributedDataParallel)."""
-        model = getattr(self.model, "_orig_mod", self.model)
-        return getattr(model, "module", model)
+        """The bare model (unwrapped from DistributedDataParallel)."""
+        return getattr(self.model, "module", self.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -111,9 +104,6 @@ def build_state(
         model = model.to(memory_format=torch.channels_last)
     if wrap_model is not None:
         model = wrap_model(model)
-    if cfg.train.compile:
-        # After DDP, so that compile splits the graph at DDP's gradient buckets (DDPOptimizer).
-        model = torch.compile(model)
     tasks = build_tasks(cfg, categories)
     strategy = build_weighting(cfg.weighting, list(tasks)).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in strategy.parameters() if p.requires_grad]
@@ -234,9 +224,8 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_batch(state_or_model, batch: dict[str, torch.Tensor], tasks: dict, cfg: Config, categories: CategoryIndex):
+def predict_batch(model: nn.Module, batch: dict[str, torch.Tensor], tasks: dict, cfg: Config, categories: CategoryIndex):
     """Forward + fusion for one batch: (outputs, semantic map, per-image instances)."""
-    model = state_or_model
     inputs = model_inputs(batch, tasks, cfg, train=False)
     outputs = {k: v.float() for k, v in model(inputs).items()}
     semantic = fuse_semantic(outputs, categories, hierarchical=cfg.tasks.hierarchical)
@@ -254,11 +243,8 @@ def evaluate(
     evaluator,
     device: torch.device,
 ) -> None:
-    """Feed this worker's validation batches to ``evaluator`` (a metrics.Evaluator).
-
-    The caller merges evaluators across workers and computes: one implementation of the
-    metrics serves training validation and ``mtseg evaluate``.
-    """
+    """Feed this worker's validation batches to ``evaluator`` (a metrics.Evaluator); training
+    validation and ``mtseg evaluate`` share it."""
     model.eval()
     for batch in batches:
         batch = to_device(batch, device, cfg.model.channels_last)
@@ -298,11 +284,9 @@ def fit(
 ) -> None:
     """Train from where ``state`` stands to the end of ``train.epochs``.
 
-    Each epoch: the rest of its optimiser steps (:func:`train_one_epoch`, resumed at
-    ``state.epoch_rows``), the weighting strategy's epoch end, then, every
-    ``train.val_every_epochs`` epochs and after the last, validation into ``state.last_val``
-    and ``report(last_val)`` with the epoch counted (the caller checkpoints there, so every
-    checkpoint's metrics are its own model's).
+    Every ``train.val_every_epochs`` epochs and after the last: validate into ``state.last_val``,
+    count the epoch, then ``report`` (the caller checkpoints there, so a checkpoint's metrics are
+    its own model's).
 
     Args:
         steps_per_epoch: optimiser steps of a full epoch (every worker takes the same).
