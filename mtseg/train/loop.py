@@ -49,8 +49,9 @@ class TrainState:
 
     @property
     def module(self) -> nn.Module:
-        """The bare model (unwrapped from DistributedDataParallel)."""
-        return getattr(self.model, "module", self.model)
+        """The bare model (unwrapped from torch.compile and DistributedDataParallel)."""
+        model = getattr(self.model, "_orig_mod", self.model)
+        return getattr(model, "module", model)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +105,9 @@ def build_state(
         model = model.to(memory_format=torch.channels_last)
     if wrap_model is not None:
         model = wrap_model(model)
+    if cfg.train.compile:
+        # After DDP, so that compile splits the graph at DDP's gradient buckets (DDPOptimizer).
+        model = torch.compile(model)
     tasks = build_tasks(cfg, categories)
     strategy = build_weighting(cfg.weighting, list(tasks)).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in strategy.parameters() if p.requires_grad]
