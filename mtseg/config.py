@@ -408,28 +408,3 @@ def save_config(cfg: Config, path: str) -> None:
     """
     storage.write_bytes(path, to_yaml(cfg).encode())
 
-
-__all__ = [
-    "BACKBONES",
-    "TASK_NAMES",
-    "WEIGHTING_NAMES",
-    "ClusterConfig",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "TasksConfig",
-    "TrainConfig",
-    "TuneConfig",
-    "WeightingConfig",
-    "coerce_value",
-    "config_from_dict",
-    "field_spec",
-    "load_config",
-    "parse_override",
-    "save_config",
-    "set_dotted",
-    "to_yaml",
-    "validate",
-    "validate_name",
-]

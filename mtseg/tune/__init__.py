@@ -25,60 +25,30 @@ exploit starts a new Train run from the donor's checkpoint, rebased to the mutat
 table and the best config, :mod:`~mtseg.tune.search` builds the ``Tuner`` and resumes.
 """
 
-from mtseg.tune.objective import (
-    DELTA_M,
-    baseline_config,
-    baseline_key,
-    delta_m,
-    ensure_baselines,
-    task_objective,
-)
-from mtseg.tune.results import TuneOutcome, best_train_config, summarize, to_csv, to_markdown, write_results
-from mtseg.tune.search import build_tuner, check_options, run_tune
-from mtseg.tune.space import (
-    PBT_MUTABLE,
-    Param,
-    SearchError,
-    experiment_uri,
-    parse_param,
-    trial_config,
-    validate_search,
-)
-from mtseg.tune.trial import (
-    TRIAL_DRIVER_CPUS,
-    TrialSpec,
-    rebase_checkpoint,
-    start_from_checkpoint,
-    trial_class,
-    trial_metrics,
-)
+from mtseg.tune.objective import DELTA_M, baseline_config, baseline_key, delta_m, ensure_baselines, task_objective
+from mtseg.tune.results import best_train_config, summarize, to_csv, to_markdown, write_results
+from mtseg.tune.search import check_options, run_tune
+from mtseg.tune.space import SearchError, experiment_uri, parse_param, trial_config, validate_search
+from mtseg.tune.trial import rebase_checkpoint, trial_metrics
 
 __all__ = [
     "DELTA_M",
-    "PBT_MUTABLE",
-    "TRIAL_DRIVER_CPUS",
-    "Param",
     "SearchError",
-    "TrialSpec",
-    "TuneOutcome",
     "baseline_config",
     "baseline_key",
     "best_train_config",
-    "build_tuner",
     "check_options",
     "delta_m",
     "ensure_baselines",
     "experiment_uri",
     "parse_param",
     "rebase_checkpoint",
-    "start_from_checkpoint",
     "run_tune",
     "summarize",
     "task_objective",
     "to_csv",
     "to_markdown",
     "trial_config",
-    "trial_class",
     "trial_metrics",
     "validate_search",
     "write_results",
