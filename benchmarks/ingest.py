@@ -64,7 +64,7 @@ from mtseg.data.manifest import read_manifest
 from mtseg.data.pipeline import ChunkedTransform, SampleTransform, categories_of, read_split
 from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
-from mtseg.data.targets import augment, decode_annotations
+from mtseg.data.targets import augment, decode_annotations, decode_layers
 from mtseg.data.transforms import decode_image, sample_seed
 from mtseg.tasks import build_tasks
 
@@ -230,10 +230,10 @@ def _stages_ms(fn: SampleTransform, rows) -> dict:
     for data, anns, image_id, height, width in rows:
         t0 = time.perf_counter()
         pixels = decode_image(data)
-        masks, labels, crowd = decode_annotations(anns, height, width, fn.categories)
+        layers, labels, crowd = decode_layers(anns, height, width, fn.categories)
         t1 = time.perf_counter()
         seed = sample_seed(fn.seed, fn.epoch, image_id)
-        pixels, instances = augment(fn._transform, pixels, masks, labels, crowd, fn.categories, seed=seed)
+        pixels, instances = augment(fn._transform, pixels, layers, labels, crowd, fn.categories, seed=seed)
         t2 = time.perf_counter()
         values = {"image": pixels.numpy(), "image_id": np.int64(image_id), "orig_size": np.array([height, width], np.int64)}
         for task in fn.tasks:

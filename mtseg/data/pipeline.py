@@ -30,7 +30,7 @@ import torch
 from mtseg import storage
 from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
-from mtseg.data.targets import TargetBuilder, WireField, augment, decode_annotations
+from mtseg.data.targets import TargetBuilder, WireField, augment, decode_layers
 from mtseg.data.transforms import build_transform, decode_image, sample_seed
 
 if TYPE_CHECKING:  # Ray is imported lazily: the non-Ray path must not pay for it
@@ -169,11 +169,11 @@ class SampleTransform:
             pixels = decode_image(image)
             if tuple(pixels.shape[1:]) != (height, width):
                 raise ValueError(f"decoded size {tuple(pixels.shape[1:])} differs from the row's {(height, width)}")
-            masks, labels, crowd = decode_annotations(annotations, height, width, self.categories)
+            layers, labels, crowd = decode_layers(annotations, height, width, self.categories)
         except ValueError as e:
             raise ValueError(f"image {image_id}: {e}") from None
         seed = sample_seed(self.seed, self.epoch, image_id) if self.train else None
-        pixels, instances = augment(self._transform, pixels, masks, labels, crowd, self.categories, seed=seed)
+        pixels, instances = augment(self._transform, pixels, layers, labels, crowd, self.categories, seed=seed)
         values = {"image": pixels.numpy(), "image_id": np.int64(image_id), "orig_size": np.array([height, width], np.int64)}
         for task in self.tasks:
             values.update(task.build_targets(instances))

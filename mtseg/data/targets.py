@@ -91,6 +91,19 @@ def decode_annotations(
     Raises:
         ValueError: an annotation's mask size differs from (height, width) or its RLE is bad.
     """
+    rles, labels, crowd = _read_annotations(annotations, height, width, categories)
+    if not rles:
+        return np.zeros((0, height, width), np.uint8), labels, crowd
+    try:
+        decoded = mask_utils.decode(rles)  # (H, W, N), Fortran order
+    except Exception as e:  # noqa: BLE001 - pycocotools raises bare exceptions on bad counts
+        raise ValueError(f"annotations: cannot decode RLE ({e})") from None
+    masks = np.ascontiguousarray(decoded.transpose(2, 0, 1))
+    return masks, labels, crowd
+
+
+def _read_annotations(annotations, height: int, width: int, categories: CategoryIndex):
+    """The known-category annotations' RLEs (pycocotools dicts), class indices and crowd flags."""
     rles, labels, crowd = [], [], []
     for ann in annotations or ():
         try:
@@ -108,14 +121,89 @@ def decode_annotations(
         rles.append({"size": size, "counts": counts})
         labels.append(label)
         crowd.append(bool(ann.get("iscrowd", 0)))
+    return rles, np.asarray(labels, np.int64), np.asarray(crowd, bool)
+
+
+def decode_layers(
+    annotations: Iterable[Mapping[str, Any]] | None,
+    height: int,
+    width: int,
+    categories: CategoryIndex,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode a shard row's annotations straight into id layers: ``id_layers(decode_annotations(...)[0])``.
+
+    The N full masks are never built: each RLE string is parsed to its runs, overlaps are
+    found on the RLEs themselves (pycocotools), and each layer is painted with one cumulative
+    sum over its run boundaries.
+
+    Args:
+        annotations, height, width, categories: as for :func:`decode_annotations`.
+
+    Returns:
+        ``layers`` (K, height, width) (see :func:`id_layers`), ``labels`` int64 (N,),
+        ``iscrowd`` bool (N,).
+
+    Raises:
+        ValueError: an annotation's mask size differs from (height, width) or its RLE is bad.
+    """
+    rles, labels, crowd = _read_annotations(annotations, height, width, categories)
+    n, size = len(rles), height * width
+    dtype = _layer_dtype(n)
     if not rles:
-        return np.zeros((0, height, width), np.uint8), np.zeros((0,), np.int64), np.zeros((0,), bool)
-    try:
-        decoded = mask_utils.decode(rles)  # (H, W, N), Fortran order
-    except Exception as e:  # noqa: BLE001 - pycocotools raises bare exceptions on bad counts
-        raise ValueError(f"annotations: cannot decode RLE ({e})") from None
-    masks = np.ascontiguousarray(decoded.transpose(2, 0, 1))
-    return masks, np.asarray(labels, np.int64), np.asarray(crowd, bool)
+        return np.zeros((1, height, width), dtype), labels, crowd
+    members: list[list[int]] = []  # annotation indices of each layer
+    unions: list[dict] = []  # each layer's pixels, as an RLE
+    bounds: list[list[np.ndarray]] = []  # each layer's run starts, ends and ids
+    for i, rle in enumerate(rles):
+        counts = _rle_counts(rle["counts"])
+        if counts.size == 0 or counts.sum() != size or (counts < 0).any():
+            raise ValueError(f"annotations: cannot decode RLE (annotation {i}: runs do not cover the {height}x{width} mask)")
+        for k, union in enumerate(unions):
+            if not mask_utils.area(mask_utils.merge([union, rle], intersect=True)):
+                break
+        else:
+            k = len(unions)
+            members.append([]), unions.append(None), bounds.append([])
+        members[k].append(i)
+        unions[k] = rle if unions[k] is None else mask_utils.merge([unions[k], rle])
+        ends = np.cumsum(counts)
+        bounds[k].append(np.stack([ends[:-1:2], ends[1::2], np.full(counts.size // 2, i + 1)]))
+    layers = np.empty((len(unions), height, width), dtype)
+    for k, parts in enumerate(bounds):
+        starts, stops, ids = np.concatenate(parts, axis=1)
+        # Runs in one layer are disjoint: +id where a run starts, -id where it stops, summed up.
+        step = np.bincount(starts, weights=ids, minlength=size + 1) - np.bincount(stops, weights=ids, minlength=size + 1)
+        flat = np.cumsum(step[:size]).astype(dtype)
+        layers[k] = flat.reshape(width, height).T  # RLE runs go down the columns
+    return layers, labels, crowd
+
+
+def _rle_counts(counts: bytes) -> np.ndarray:
+    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``, vectorised)."""
+    c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return c
+    # Each count is a little-endian run of 5-bit groups; bit 0x20 says another group follows,
+    # bit 0x10 of the last group is the sign.
+    ends = np.flatnonzero((c & 0x20) == 0)
+    if ends.size == 0 or ends[-1] != c.size - 1:
+        return np.zeros(0, np.int64)  # a truncated count
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    shift = 5 * (np.arange(c.size) - np.repeat(starts, ends - starts + 1))
+    x = np.add.reduceat((c & 0x1F) << shift, starts)
+    negative = (c[ends] & 0x10) != 0
+    x[negative] -= np.left_shift(1, 5 * (ends[negative] - starts[negative] + 1))
+    # From the fourth count on, each is stored as the difference to the count two before it.
+    out = x.copy()
+    out[2::2] = np.cumsum(x[2::2])
+    out[1::2] = np.cumsum(x[1::2])
+    return out
+
+
+def _layer_dtype(n: int) -> np.dtype:
+    # uint8 while the ids fit (a quarter of int32's bytes to resample); COCO's most crowded
+    # image has 93 annotations.
+    return np.dtype(np.uint8 if n < 255 else np.int32)
 
 
 class Instances:
@@ -207,22 +295,23 @@ class Instances:
 def augment(
     transform: Any,
     image: torch.Tensor,
-    masks: np.ndarray,
+    layers: np.ndarray,
     labels: np.ndarray,
     iscrowd: np.ndarray,
     categories: CategoryIndex,
     *,
     seed: int | None = None,
 ) -> tuple[torch.Tensor, Instances]:
-    """Augment an image and its instance masks jointly (:func:`~mtseg.data.transforms.apply_joint`) into :class:`Instances`.
+    """Augment an image and its instances jointly (:func:`~mtseg.data.transforms.apply_joint`) into :class:`Instances`.
 
-    The K id maps of :func:`id_layers` are transformed instead of N masks (K = 1 when no two
-    masks overlap): the same instances bit for bit, for about the cost of K masks.
+    The K id layers (:func:`decode_layers`, :func:`id_layers`; K = 1 when no two masks
+    overlap) are transformed instead of N masks: the same instances bit for bit as
+    transforming the masks, for about the cost of K masks.
 
     Args:
         transform: from :func:`~mtseg.data.transforms.build_transform`.
         image: uint8 (3, H, W).
-        masks: (N, H, W) binary masks (from :func:`decode_annotations`).
+        layers: (K, H, W) id layers of the image's instances.
         labels: (N,) class indices.
         iscrowd: (N,) crowd flags.
         categories: the label space.
@@ -231,15 +320,11 @@ def augment(
     Returns:
         ``(image, instances)`` at the transform's output size.
     """
-    layers = id_layers(masks)
-    if layers is None:
-        image, masks = apply_joint(transform, image, masks, seed=seed)
-        return image, Instances(masks, labels, iscrowd, categories)
     image, layers = apply_joint(transform, image, layers, seed=seed)
     return image, Instances.from_layers(layers, labels, iscrowd, categories)
 
 
-def id_layers(masks: np.ndarray) -> np.ndarray | None:
+def id_layers(masks: np.ndarray) -> np.ndarray:
     """The masks packed into a few uint8 id maps: (K, H, W), 0 = none, ``i + 1`` on mask ``i``.
 
     Masks go, in order, into the first layer they do not overlap, so disjoint masks (visible
@@ -247,20 +332,19 @@ def id_layers(masks: np.ndarray) -> np.ndarray | None:
     occasional overlaps a second or third. A resampling that picks source pixels (nearest
     resize, crop, flip) acts on every id alike, so transforming the K layers transforms all N
     masks exactly, and :class:`Instances` resolves the overlaps afterwards from the layers
-    (with the areas after augmentation, as :func:`segment_map` does). None when there are 255
-    masks or more (uint8 is what the resampler takes).
+    (with the areas after augmentation, as :func:`segment_map` does). uint8 while the ids fit,
+    int32 beyond.
     """
     n = masks.shape[0]
-    if n >= 255:
-        return None
-    layers = [np.zeros(masks.shape[1:], np.uint8)]
+    dtype = _layer_dtype(n)
+    layers = [np.zeros(masks.shape[1:], dtype)]
     for i in range(n):
         mask = masks[i].astype(bool, copy=False)
         for layer in layers:
             if not layer[mask].any():
                 break
         else:
-            layer = np.zeros(masks.shape[1:], np.uint8)
+            layer = np.zeros(masks.shape[1:], dtype)
             layers.append(layer)
         layer[mask] = i + 1
     return np.stack(layers)
@@ -299,4 +383,4 @@ def segment_map(masks: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
     return segments
 
 
-__all__ = ["Instances", "TargetBuilder", "WireField", "augment", "decode_annotations", "id_layers", "label_field", "segment_map"]
+__all__ = ["Instances", "TargetBuilder", "WireField", "augment", "decode_annotations", "decode_layers", "id_layers", "label_field", "segment_map"]

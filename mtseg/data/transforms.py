@@ -236,14 +236,14 @@ def apply_joint(
     Args:
         transform: from :func:`build_transform`.
         image: uint8 (3, H, W).
-        masks: (N, H, W) binary masks of the same H, W; N may be 0.
+        masks: (N, H, W) binary masks of the same H, W (N may be 0), or int32 id maps.
         seed: when given, the random draws are made from this seed (in a forked RNG, so the
             global torch RNG is left as it was); None uses the global RNG. The draws go
             through torch's process-wide CPU generator, so threads must not share it while
             this runs (Ray tasks and DataLoader workers run one sample at a time).
 
     Returns:
-        ``image`` uint8 (3, S, S) and ``masks`` uint8 numpy (N, S, S).
+        ``image`` uint8 (3, S, S) and ``masks`` numpy (N, S, S), uint8 (int32 for int32 input).
 
     Raises:
         ValueError: the image and masks differ in size.
@@ -253,7 +253,10 @@ def apply_joint(
     if masks.ndim != 3 or tuple(masks.shape[1:]) != tuple(image.shape[1:]):
         raise ValueError(f"masks: shape {masks.shape} does not match the image size {tuple(image.shape[1:])}")
     img = tv_tensors.Image(image)
-    msk = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)))
+    # int32 id maps (mtseg.data.targets.id_layers with 255+ ids) keep their ids; nearest
+    # resampling picks the same source pixels for every integer dtype.
+    dtype = np.int32 if masks.dtype == np.int32 else np.uint8
+    msk = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(masks, dtype=dtype)))
     if seed is None:
         out_img, out_msk = transform(img, msk)
     else:

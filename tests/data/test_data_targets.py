@@ -7,7 +7,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
-from mtseg.data.targets import Instances, augment, decode_annotations, id_layers
+from mtseg.data.targets import Instances, augment, decode_annotations, decode_layers, id_layers
 from mtseg.data.transforms import apply_joint, build_transform
 from mtseg.tasks.boundary import BoundaryTask
 from mtseg.tasks.instance import InstanceTask
@@ -308,7 +308,7 @@ def test_augment_gives_the_instances_of_the_augmented_masks(cats, overlap, train
     for seed in range(5):
         want_image, want_masks = apply_joint(transform, image, masks, seed=seed)
         want = Instances(want_masks, labels, crowd, cats)
-        got_image, got = augment(transform, image, masks, labels, crowd, cats, seed=seed)
+        got_image, got = augment(transform, image, id_layers(masks), labels, crowd, cats, seed=seed)
         assert torch.equal(got_image, want_image)
         assert got.segments.dtype == np.int64 and np.array_equal(got.segments, want.segments)
         assert np.array_equal(got.masks, want_masks) and np.array_equal(got.semantic, want.semantic)
@@ -328,3 +328,40 @@ def test_instances_from_id_layers_equal_instances_from_masks(cats, seed):
     for task in _tasks(cats, width=2):
         for key, value in task.build_targets(got).items():
             assert np.array_equal(value, task.build_targets(want)[key]), key
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_decode_layers_equals_the_layers_of_the_decoded_masks(cats, seed):
+    rng = np.random.default_rng(200 + seed)
+    h, w = (int(v) for v in rng.integers(1, 30, 2))
+    masks, labels, crowd = _random_instances(rng, h, w, int(rng.integers(0, 9)))
+    if seed == 0:
+        masks[:] = 1  # every mask the whole image: one layer each
+    anns = [_ann(m, cats.coco_id_of(int(c)), int(k), ann_id=i) for i, (m, c, k) in enumerate(zip(masks, labels, crowd))]
+    want_masks, want_labels, want_crowd = decode_annotations(anns, h, w, cats)
+    layers, got_labels, got_crowd = decode_layers(anns, h, w, cats)
+    want = id_layers(want_masks)
+    assert layers.dtype == want.dtype == np.uint8 and layers.flags.c_contiguous
+    assert np.array_equal(layers, want)
+    assert np.array_equal(got_labels, want_labels) and np.array_equal(got_crowd, want_crowd)
+
+
+def test_decode_layers_empty_many_and_bad_rle(cats):
+    layers, labels, _ = decode_layers(None, 4, 5, cats)
+    assert layers.shape == (1, 4, 5) and not layers.any() and labels.shape == (0,)
+    # 300 one-pixel annotations: ids past uint8 travel as int32, and survive the transform.
+    h, w = 20, 15
+    masks = np.zeros((300, h, w), np.uint8)
+    masks[np.arange(300), np.arange(300) // w, np.arange(300) % w] = 1
+    anns = [_ann(m, 1, ann_id=i) for i, m in enumerate(masks)]
+    layers, labels, crowd = decode_layers(anns, h, w, cats)
+    assert layers.dtype == np.int32 and np.array_equal(layers, id_layers(masks))
+    image = torch.zeros((3, h, w), dtype=torch.uint8)
+    transform = build_transform(16, train=False)
+    _, got = augment(transform, image, layers, labels, crowd, cats)
+    want = Instances(apply_joint(transform, image, masks)[1], labels, crowd, cats)
+    assert np.array_equal(got.segments, want.segments) and got.segments.max() > 255
+    bad = _ann(_square(4, 5, 0, 0, 2), 1)
+    for counts in (b"", b"0", bad["segmentation_counts"][:-1], b"00000"):
+        with pytest.raises(ValueError, match="cannot decode RLE"):
+            decode_layers([dict(bad, segmentation_counts=counts)], 4, 5, cats)
