@@ -133,8 +133,8 @@ def decode_layers(
     """Decode a shard row's annotations straight into id layers: ``id_layers(decode_annotations(...)[0])``.
 
     The N full masks are never built: each RLE string is parsed to its runs, overlaps are
-    found on the RLEs themselves (pycocotools), and each layer is painted with one cumulative
-    sum over its run boundaries.
+    found on the RLEs themselves (pycocotools), and each layer is written by one ``repeat`` of
+    its runs and the gaps between them.
 
     Args:
         annotations, height, width, categories: as for :func:`decode_annotations`.
@@ -171,10 +171,17 @@ def decode_layers(
     layers = np.empty((len(unions), height, width), dtype)
     for k, parts in enumerate(bounds):
         starts, stops, ids = np.concatenate(parts, axis=1)
-        # Runs in one layer are disjoint: +id where a run starts, -id where it stops, summed up.
-        step = np.bincount(starts, weights=ids, minlength=size + 1) - np.bincount(stops, weights=ids, minlength=size + 1)
-        flat = np.cumsum(step[:size]).astype(dtype)
-        layers[k] = flat.reshape(width, height).T  # RLE runs go down the columns
+        # Runs in one layer are disjoint: sorted, they alternate with the gaps between them,
+        # and one repeat writes the whole layer.
+        order = np.argsort(starts, kind="stable")
+        starts, stops, ids = starts[order], stops[order], ids[order]
+        lengths = np.empty(2 * starts.size + 1, np.int64)
+        lengths[0:-1:2] = starts - np.concatenate([[0], stops[:-1]])
+        lengths[1::2] = stops - starts
+        lengths[-1] = size - stops[-1] if stops.size else size
+        values = np.zeros(lengths.size, dtype)
+        values[1::2] = ids
+        layers[k] = np.repeat(values, lengths).reshape(width, height).T  # RLE runs go down the columns
     return layers, labels, crowd
 
 
