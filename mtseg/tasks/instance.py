@@ -45,23 +45,33 @@ def center_targets(instances: np.ndarray, n: int, sigma: float) -> tuple[np.ndar
     offset = np.zeros((2, h, w), np.float32)
     if n == 0 or not instances.any():
         return center, offset
-    # Per-instance reductions over the map (bincount), then one table lookup per pixel: no
-    # per-instance pass over the image. Row and column sums are integers, exact in float64
-    # whatever the order they are added in, so the centroids are those of a pixel loop.
-    flat = instances.reshape(-1)
-    count = np.bincount(flat, minlength=n + 1)
-    rows = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1)
-    cols = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)
+    # The map as horizontal runs of one id (a few per row where instances are): per-instance
+    # sums over runs instead of pixels, and the offsets written run by run with one repeat.
+    # Every sum is of integers, exact in float64 in any order, so the centroids are those of
+    # a pixel loop.
+    starts = np.ones((h, w), bool)
+    starts[:, 1:] = instances[:, 1:] != instances[:, :-1]
+    ys, xs = np.nonzero(starts)
+    ids = instances[ys, xs]
+    stops = np.empty_like(xs)
+    stops[:-1] = np.where(ys[1:] == ys[:-1], xs[1:], w)
+    stops[-1] = w
+    lengths = stops - xs
+    count = np.bincount(ids, weights=lengths, minlength=n + 1)
+    rows = np.bincount(ids, weights=ys * lengths, minlength=n + 1)
+    cols = np.bincount(ids, weights=(xs + stops - 1) * lengths // 2, minlength=n + 1)  # x + ... + (stop - 1)
     visible = count > 0
     visible[0] = False
-    safe = np.maximum(count, 1).astype(np.float64)
+    safe = np.maximum(count, 1.0)
     # Rounded to the pixel grid so the heatmap peaks at exactly 1.0 where the offsets point.
     cy, cx = np.rint(rows / safe), np.rint(cols / safe)
 
     # Whole pixels, exact in float32 (|offset| < 2**24); 0 outside instances.
-    inside = instances > 0
-    np.subtract(cy.astype(np.float32)[instances], np.arange(h, dtype=np.float32)[:, None], out=offset[0], where=inside)
-    np.subtract(cx.astype(np.float32)[instances], np.arange(w, dtype=np.float32)[None, :], out=offset[1], where=inside)
+    inside = ids > 0
+    dy = np.where(inside, cy[ids] - ys, 0.0).astype(np.float32)
+    offset[0] = np.repeat(dy, lengths).reshape(h, w)
+    np.subtract(np.repeat(cx.astype(np.float32)[ids], lengths).reshape(h, w), np.arange(w, dtype=np.float32),
+                out=offset[1], where=instances > 0)
 
     radius = int(np.ceil(_GAUSSIAN_RADIUS_SIGMAS * sigma))
     g = np.arange(-radius, radius + 1, dtype=np.float64)
