@@ -3,11 +3,13 @@
 Every task builds its own target (:meth:`mtseg.tasks.base.Task.build_targets`, in its own
 module) from the same per-image input, built here:
 
-* :func:`decode_annotations` turns a shard row's annotations (compressed RLE, COCO category
-  ids) into binary instance masks with contiguous class labels;
-* :class:`Instances` holds those masks after joint augmentation, at the model's input size,
-  and the maps several tasks share (which annotation owns each pixel, the category map,
-  the thing pixels), each computed once per image on first use;
+* :func:`decode_layers` turns a shard row's annotations (compressed RLE, COCO category ids)
+  into a few instance-id maps (*layers*: one when no masks overlap) with contiguous class
+  labels, without building N full masks (:func:`decode_annotations` gives the masks);
+* :func:`augment` transforms the image and the layers jointly into :class:`Instances`, which
+  holds the instances at the model's input size and the maps several tasks share (which
+  annotation owns each pixel, the category map, the thing pixels), each computed once per
+  image on first use;
 * :class:`WireField` is how a task declares a target key in the batch: its shape, its dtype
   on the wire (between Ray Data workers and the training loop) and in the batch contract.
 
