@@ -207,7 +207,7 @@ def coco_timing(gt, shards: int, copies: int) -> dict:
         start = time.perf_counter()
         dist = CocoMaskEvaluator(gt)
         dist.update(results)
-        dist.compute(num_shards=shards, executor=ray_map(num_cpus=1))
+        dist.compute(num_shards=shards, executor=ray_map())
         ray_s.append(time.perf_counter() - start)
         if not np.array_equal(dist.stats, ev.stats):
             raise AssertionError(f"distributed COCOeval {dist.stats} != single-process {ev.stats}")

@@ -310,7 +310,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
         part.load_state_dict(pickle.loads(blob))
         evaluator.merge(part)
     shards = coco_shards or max(1, min(math.ceil(images / IMAGES_PER_COCO_SHARD), 2 * int(resources.get("CPU", 1))))
-    metrics = evaluator.compute(num_shards=shards, executor=ray_map(num_cpus=1))
+    metrics = evaluator.compute(num_shards=shards, executor=ray_map())
     metrics_s = time.monotonic() - t1
     return EvaluationResult(
         metrics=metrics, images=images, checkpoint=loaded.uri, data=data_uri, split=split,

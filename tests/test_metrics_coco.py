@@ -403,5 +403,5 @@ def test_ray_tasks_executor_equals_single_run(data, ray_local):
     rows, results, _, reference = data
     ev = CocoMaskEvaluator(coco_gt_from_rows(rows, CATEGORIES))
     ev.update(results)
-    ev.compute(num_shards=3, executor=ray_map(num_cpus=1))
+    ev.compute(num_shards=3, executor=ray_map())
     np.testing.assert_allclose(ev.stats, reference.stats, rtol=0, atol=1e-9)

@@ -51,11 +51,7 @@ _saved_stdout = None
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence pycocotools' progress prints.
-
-    Unlike ``contextlib.redirect_stdout`` this nests across threads (a thread-pool
-    executor): the first entrant redirects and the last one out restores.
-    """
+    """Silence pycocotools' prints; unlike ``redirect_stdout`` it nests across a thread pool's threads."""
     global _quiet_depth, _saved_stdout
     with _quiet_lock:
         if _quiet_depth == 0:
@@ -160,9 +156,8 @@ def evaluate_image_shard(gt_dataset: dict, results: list[dict], img_ids: Sequenc
 
     Args:
         gt_dataset: a COCO ground-truth dataset dict (not modified); may hold more images.
-        results: COCO result dicts; those of other images are ignored. When every one has
-            an ``id`` (its 1-based position in the full result list), detection ids in the
-            output are those instead of shard-local ones.
+        results: COCO result dicts; those of other images are ignored. With an ``id`` on
+            every one (its 1-based position in the full list), the output uses those ids.
         img_ids: the images of this shard (non-empty).
 
     Returns:
@@ -259,18 +254,12 @@ def _summarize(coco_gt: COCO, img_ids: Sequence[int], eval_imgs: list) -> tuple[
     return {name: (float(v) if v > -1 else math.nan) for name, v in zip(STAT_NAMES, stats)}, stats
 
 
-def ray_map(**remote_options: Any) -> MapFn:
-    """``executor(fn, *iterables) -> list`` for :meth:`CocoMaskEvaluator.compute`, one Ray task a call.
-
-    Args:
-        **remote_options: ``ray.remote`` options; default ``num_cpus=1``.
-    """
+def ray_map() -> MapFn:
+    """``executor(fn, *iterables) -> list`` for :meth:`CocoMaskEvaluator.compute`, one 1-CPU Ray task a call."""
     import ray
 
-    options = remote_options or {"num_cpus": 1}
-
     def _map(fn: Callable, *iterables: Iterable) -> list:
-        task = ray.remote(**options)(fn)
+        task = ray.remote(num_cpus=1)(fn)
         return ray.get([task.remote(*args) for args in zip(*iterables)])
 
     return _map
@@ -450,9 +439,8 @@ class CocoMaskEvaluator:
     def all_reduce(self, num_shards: int = 1, executor: MapFn | None = None) -> None:
         """Evaluate over all torch.distributed ranks' results; then every rank's compute() has the total.
 
-        Results go to the rank owning their image's share of the ids, are matched there,
-        and the matchings are gathered on rank 0 for one ``accumulate()``, whose numbers
-        are broadcast. Equals one run over ``rank0 + rank1 + ...`` results.
+        Each rank matches its share of the images; rank 0 accumulates and broadcasts. Equals
+        one run over ``rank0 + rank1 + ...`` results.
 
         Args:
             num_shards: shards of this rank's share, for ``executor``.
