@@ -54,15 +54,8 @@ CREDENTIAL_ENV_VARS = (
 
 
 def storage_env(environ: Mapping[str, str] | None = None, *, credentials: bool = False) -> dict[str, str]:
-    """The storage variables set in ``environ``, to pass on to Ray workers or a job.
-
-    Args:
-        environ: environment to read (default ``os.environ``).
-        credentials: add :data:`CREDENTIAL_ENV_VARS` to :data:`STORAGE_ENV_VARS`.
-
-    Returns:
-        ``{name: value}`` of those that are set and not empty.
-    """
+    """``{name: value}`` of the :data:`STORAGE_ENV_VARS` (with ``credentials``, also the
+    :data:`CREDENTIAL_ENV_VARS`) set and not empty in ``environ``, to pass on to Ray workers or a job."""
     environ = os.environ if environ is None else environ
     names = STORAGE_ENV_VARS + (CREDENTIAL_ENV_VARS if credentials else ())
     return {k: environ[k] for k in names if environ.get(k)}
@@ -198,14 +191,8 @@ class SeaweedFS:
             return False
 
     def vacuum(self, garbage_threshold: float = 0.01, timeout: float = 120.0) -> None:
-        """Reclaim the disk space of deleted objects now (``weed shell`` ``volume.vacuum``).
-
-        Args:
-            garbage_threshold: compact every volume whose deleted fraction exceeds this.
-
-        Raises:
-            ClusterError: the store is not running or the shell failed.
-        """
+        """Reclaim the disk space of deleted objects now: compact every volume whose deleted
+        fraction exceeds ``garbage_threshold`` (``weed shell`` ``volume.vacuum``)."""
         if not (self.master_port and _port_open(self.master_port)):
             raise ClusterError(f"SeaweedFS vacuum: no master on {LOOPBACK}:{self.master_port}")
         script = f"lock\nvolume.vacuum -garbageThreshold {garbage_threshold}\nunlock\n"
@@ -352,15 +339,9 @@ def _auth_token_path(env: Mapping[str, str]) -> tuple[str, bool]:
 
 
 def ensure_auth_token(env: dict[str, str] | None = None) -> None:
-    """Create Ray's auth token (``ray get-auth-token --generate``) unless one is configured.
+    """Create Ray's auth token (``ray get-auth-token --generate``) unless ``env`` configures one.
 
     ``ray start --head`` with token auth refuses to start without one (``ray.init`` makes one).
-
-    Args:
-        env: the environment the head starts with (default ``os.environ``).
-
-    Raises:
-        ClusterError: the token could not be written.
     """
     env = dict(os.environ if env is None else env)
     path, configured = _auth_token_path(env)
@@ -489,11 +470,7 @@ class LocalStack:
 
     @classmethod
     def load(cls, dir: str = DEFAULT_STACK_DIR) -> LocalStack:
-        """The stack recorded in ``<dir>/stack.json`` (an empty one when there is no file).
-
-        Raises:
-            ClusterError: the file exists but is not a stack state (one line naming it).
-        """
+        """The stack recorded in ``<dir>/stack.json`` (empty without the file; ClusterError for a bad one)."""
         path = os.path.join(dir, "stack.json")
         if not os.path.exists(path):
             return cls(dir=dir)
@@ -530,8 +507,7 @@ class LocalStack:
     def up(self, *, ray_head: bool = True, num_cpus: int | None = None) -> dict[str, str]:
         """Start SeaweedFS and a Ray head (each only if not already running); return the client env.
 
-        Raises:
-            ClusterError: a service failed to start; what this call started is stopped again.
+        On a ClusterError, what this call started is stopped again.
         """
         started: list[SeaweedFS | RayHead] = []
         try:
@@ -570,11 +546,7 @@ class LocalStack:
         return self.env()
 
     def down(self) -> list[str]:
-        """Stop the Ray head and SeaweedFS of this stack directory, recorded or not.
-
-        Returns:
-            One line per service saying what was stopped.
-        """
+        """Stop the Ray head and SeaweedFS of this stack directory, recorded or not; one line per service."""
         lines = []
         head = self._head()
         pids = head.processes()

@@ -106,8 +106,7 @@ def resolve_address(address: str | None = None, *, environ: Mapping[str, str] | 
     """The Ray Jobs API address to use: the head's dashboard URL.
 
     Args:
-        address: explicit address (``--address``); wins over everything else.
-        environ: environment to read (default ``os.environ``).
+        address: ``--address``; wins over everything else.
         stack_dir: state dir of ``mtseg cluster up`` (default ``runs/stack``), the last resort.
 
     Returns:
@@ -140,9 +139,6 @@ def resolve_address(address: str | None = None, *, environ: Mapping[str, str] | 
 
 def load_token(environ: Mapping[str, str] | None = None) -> tuple[str | None, str]:
     """Find the Ray auth token the way Ray itself does.
-
-    Args:
-        environ: environment to read (default ``os.environ``).
 
     Returns:
         ``(token, source)``: token None when there is none; source (``RAY_AUTH_TOKEN``, a file
@@ -209,13 +205,9 @@ def _quiet_ray_logs() -> Iterator[None]:
 
 
 class JobsClient:
-    """A Ray ``JobSubmissionClient`` with mtseg's address and token rules.
-
-    Every Ray error becomes a one-line :class:`SubmitError` naming the address, without the
-    token or storage secrets.
+    """A Ray ``JobSubmissionClient`` with mtseg's address and token rules; Ray's errors become one secret-free line.
 
     Args:
-        address: see :func:`resolve_address`.
         token: the auth token; default :func:`load_token`. Pass ``""`` to send none.
 
     Raises:
@@ -324,11 +316,7 @@ class JobsClient:
         return status
 
     def follow(self, submission_id: str, out: IO[str] | None = None, *, poll_s: float = 1.0) -> str:
-        """Stream the job's log to ``out`` until the job ends; return its terminal status.
-
-        Polls the log when the Jobs API websocket breaks (a proxy that drops websockets, a
-        restarted dashboard).
-        """
+        """Stream the job's log to ``out`` until the job ends (polling if the websocket breaks); return its status."""
         out = out or sys.stdout
         progress = [0]  # characters written so far, kept when the stream breaks half-way
         try:
@@ -361,12 +349,8 @@ class JobsClient:
 
 
 def project_root() -> Path:
-    """The job's ``working_dir``: the nearest directory at or above the current one holding
-    ``pyproject.toml`` and ``jobs/``, else the checkout mtseg was imported from.
-
-    Raises:
-        SubmitError: neither is a project checkout.
-    """
+    """The job's ``working_dir``: the nearest checkout (``pyproject.toml`` + ``jobs/``) at or above
+    the current directory, else the one mtseg was imported from; SubmitError if neither is."""
     here = Path.cwd().resolve()
     for d in (here, *here.parents, Path(__file__).resolve().parent.parent):
         if (d / "pyproject.toml").is_file() and (d / "jobs").is_dir():
@@ -455,7 +439,7 @@ def submit(
         config_path: the YAML config, inside the project (the cluster sees only the project);
             None runs on the built-in defaults.
         overrides: dotted ``key=value`` overrides, validated here and passed to the script.
-        address: Jobs API address (see :func:`resolve_address`).
+        address: see :func:`resolve_address`.
         working_dir: the directory uploaded as the job's working_dir; default :func:`project_root`.
         submission_id: a plain name (letters, digits, ``-_.``); default :func:`make_submission_id`.
         script_args: arguments for the entry script (after ``--config``, before the overrides).
@@ -542,12 +526,9 @@ def submit(
 def run_outcome(info) -> str | None:
     """How a training job's run says it ended (``finished``, ``interrupted: REASON``), beside Ray's status.
 
-    Args:
-        info: the job's ``JobDetails``.
-
     Returns:
-        None when the job names no run; ``not started`` when the run has recorded nothing yet;
-        ``unreadable (...)`` when its storage cannot be read from here.
+        None when the job's ``JobDetails`` name no run; ``not started`` when the run has recorded
+        nothing yet; ``unreadable (...)`` when its storage cannot be read from here.
     """
     from mtseg.storage import StorageError
 
