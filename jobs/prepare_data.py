@@ -5,10 +5,14 @@
 
 Thin on purpose: parse, call ``mtseg data shard`` once per split of the config
 (``data.train_split``, ``data.val_split``) with the config's ``data.uri`` as the output and its
-``data.images_per_shard`` / ``data.max_bad_fraction``, exit with the first failure's code.
+``data.images_per_shard`` / ``data.max_bad_fraction``, exit with the first failure's code. As a
+Ray job (``RAY_ADDRESS`` set) it adds ``--ray``: the shards are built as Ray tasks on the
+cluster's CPUs, and a killed job resubmitted skips the shards it completed. Run by hand without
+``RAY_ADDRESS``, it shards in this process.
 """
 
 import argparse
+import os
 import sys
 
 from mtseg.cli import main
@@ -35,6 +39,7 @@ if __name__ == "__main__":
         code = main([
             "data", "shard", "--coco-root", args.coco_root, "--split", split, "--out", cfg.data.uri,
             "--images-per-shard", str(cfg.data.images_per_shard), "--max-bad-fraction", str(cfg.data.max_bad_fraction),
+            *(["--ray"] if os.environ.get("RAY_ADDRESS") else []),
         ])
         if code:
             sys.exit(code)

@@ -17,10 +17,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     from mtseg.data.shard import shard_coco
 
+    if args.ray:  # a local Ray, or the cluster of RAY_ADDRESS (set inside a Ray job)
+        from mtseg.cluster import init_local_ray, storage_env
+
+        init_local_ray(env=storage_env(credentials=True), log_to_driver=False)
     manifest = shard_coco(
         args.coco_root, args.split, args.out,
         images_per_shard=args.images_per_shard, max_bad_fraction=args.max_bad_fraction,
-        create_bucket=args.create_bucket,
+        executor="ray" if args.ray else "local", create_bucket=args.create_bucket,
     )
     print(json.dumps({"counts": manifest["counts"], "converted": manifest["converted"],
                       "skipped": {k: v for k, v in manifest["skipped"].items() if k != "details"}}, indent=2))
@@ -47,4 +51,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--images-per-shard", type=int, default=256)
     shard.add_argument("--max-bad-fraction", type=float, default=0.05)
     shard.add_argument("--create-bucket", action="store_true", help="create the --out bucket if it does not exist")
+    shard.add_argument("--ray", action="store_true",
+                       help="build the shards as Ray tasks on every CPU of the Ray cluster (RAY_ADDRESS, else a local Ray)")
     shard.set_defaults(fn=cmd_shard)

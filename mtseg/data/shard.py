@@ -9,6 +9,9 @@ every segmentation as compressed RLE, so readers decode every mask the same way.
   parquet discovery by the ``_``) lets a re-run skip every shard already complete for this input.
 * **Readable later.** Every image is decoded with the decoder training uses; a format it does
   not read (BMP, TIFF, ...) is converted once to a lossless PNG.
+* **Parallel.** ``executor="ray"`` builds each shard as a Ray task (the annotation file is
+  parsed once here; a task gets only its shard's entries) with the same bytes and the same
+  resume; ``mtseg submit prepare`` runs that way on the cluster's cores.
 * **Never silent.** Bad input is skipped, counted per reason and listed in the manifest; more
   than ``max_bad_fraction`` bad images fails the run. Storage failures stop it.
 """
@@ -16,13 +19,14 @@ every segmentation as compressed RLE, so readers decode every mask the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +71,7 @@ IMAGE_RULES_VERSION = 2
 # Enough examples to find the bad files, bounded so a badly broken dataset keeps a small manifest.
 MAX_DETAILS = 200
 _DETAILS_PER_SHARD = 50
+EXECUTORS = ("local", "ray")
 
 
 class ShardError(MtsegError, ValueError):
@@ -263,10 +268,10 @@ def _to_rle(segm: Any, height: int, width: int, tally: _Tally, ann: dict) -> dic
     return None
 
 
-def _annotation_rows(coco: COCO, entry: dict, tally: _Tally) -> list[dict]:
+def _annotation_rows(anns: list[dict], entry: dict, tally: _Tally) -> list[dict]:
     height, width = entry["height"], entry["width"]
     rows = []
-    for ann in sorted(coco.imgToAnns.get(entry["id"], []), key=lambda a: a["id"]):
+    for ann in sorted(anns, key=lambda a: a["id"]):
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1):
             tally.annotation("malformed_annotation", ann, f"iscrowd {iscrowd!r}")
@@ -394,15 +399,14 @@ def _write_shard(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def _build_shard(coco: COCO, coco_root: str, split: str, image_ids: list[int], workers: int) -> tuple[list[dict], _Tally]:
+def _build_shard(entries: list[dict], anns: list[list[dict]], coco_root: str, split: str, workers: int) -> tuple[list[dict], _Tally]:
     tally = _Tally()
-    entries = [coco.imgs[i] for i in image_ids]
     uris = [storage.join(coco_root, split, *e["file_name"].split("/")) for e in entries]
     # Threads overlap the object-store round trips; a shard's worth of bytes is the memory bound.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_read_image, uris, entries))
     rows = []
-    for entry, (data, reason, note) in zip(entries, results):
+    for entry, image_anns, (data, reason, note) in zip(entries, anns, results):
         if data is None:
             tally.image(reason, entry, note)
             continue
@@ -415,10 +419,79 @@ def _build_shard(coco: COCO, coco_root: str, split: str, image_ids: list[int], w
                 "height": entry["height"],
                 "width": entry["width"],
                 "image": data,
-                "annotations": _annotation_rows(coco, entry, tally),
+                "annotations": _annotation_rows(image_anns, entry, tally),
             }
         )
     return rows, tally
+
+
+def _make_shard(split_uri: str, index: int, fingerprint: str, entries: list[dict], anns: list[list[dict]],
+                coco_root: str, split: str, workers: int) -> dict:
+    """Build, write and record one shard; returns its sidecar. Runs in the driver or as a Ray task.
+
+    Takes only its own image entries and their annotations, so a Ray task is sent a shard's
+    worth of the annotation file, never the whole of it.
+    """
+    rows, tally = _build_shard(entries, anns, coco_root, split, workers)
+    sidecar = {
+        "fingerprint": fingerprint,
+        "path": _shard_name(index) if rows else None,
+        "rows": len(rows),
+        "bytes": 0,
+        "sha256": None,
+        "counts": {
+            "annotations": sum(len(r["annotations"]) for r in rows),
+            "crowd_annotations": sum(a["iscrowd"] for r in rows for a in r["annotations"]),
+            "images_without_annotations": sum(not r["annotations"] for r in rows),
+        },
+        "skipped": tally.to_dict(),
+        "converted": dict(sorted(tally.converted.items())),
+    }
+    if rows:  # a shard whose every image is bad is recorded, not written
+        data = _write_shard(rows)
+        del rows
+        sidecar.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        storage.write_bytes(storage.join(split_uri, _shard_name(index)), data)
+    # The sidecar goes after its shard: a crash in between only costs rewriting the shard.
+    storage.write_bytes(_sidecar_uri(split_uri, index), json.dumps(sidecar, sort_keys=True).encode())
+    return sidecar
+
+
+@functools.lru_cache(maxsize=1)
+def _ray_shard_task():
+    import ray
+
+    # One CPU per task; its threads overlap the reads with the decodes of one shard.
+    return ray.remote(num_cpus=1)(_make_shard)
+
+
+def _run_on_ray(jobs: list[tuple], max_in_flight: int | None) -> Iterator[tuple[int, dict]]:
+    """(index, sidecar) of each job as its Ray task finishes, at most ``max_in_flight`` running or queued.
+
+    The bound keeps the queued tasks' arguments (image entries, annotations) out of the object
+    store until a CPU is near; a job is ``(split_uri, index, fingerprint, entries, anns, ...)``.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise ShardError("executor='ray': Ray is not initialised (call mtseg.cluster.init_local_ray or ray.init first)")
+    task = _ray_shard_task()
+    if max_in_flight is None:
+        max_in_flight = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pending = list(reversed(jobs))
+    running: dict = {}
+    try:
+        while pending or running:
+            while pending and len(running) < max_in_flight:
+                job = pending.pop()
+                running[task.options(name=f"shard-{job[1]:05d}").remote(*job)] = job[1]
+            done, _ = ray.wait(list(running), num_returns=1)
+            index = running.pop(done[0])
+            yield index, ray.get(done[0])
+    finally:
+        # A failure (or a bad share over the limit) stops the rest; what they wrote is whole.
+        for ref in running:
+            ray.cancel(ref)
 
 
 def _check_bad_share(split: str, reasons: Counter, listed: int, max_bad_fraction: float) -> None:
@@ -438,6 +511,8 @@ def shard_coco(
     images_per_shard: int = 256,
     max_bad_fraction: float = 0.05,
     workers: int = 8,
+    executor: str = "local",
+    max_in_flight: int | None = None,
     create_bucket: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -449,7 +524,11 @@ def shard_coco(
     Args:
         coco_root, out_uri: a local directory or ``s3://bucket/prefix``.
         max_bad_fraction: largest tolerated share of bad images among those listed, in [0, 1].
-        workers: threads reading and decoding images concurrently.
+        workers: threads reading and decoding the images of one shard concurrently.
+        executor: ``"local"`` builds the shards one after another in this process; ``"ray"``
+            builds each as a Ray task (one CPU each, on the Ray this process is connected to),
+            with the same shards, sidecars and manifest byte for byte.
+        max_in_flight: Ray tasks submitted and not yet finished (default twice the cluster's CPUs).
         create_bucket: create the bucket of an ``s3://`` ``out_uri`` when it does not exist.
         log: receives one progress line per shard.
 
@@ -469,6 +548,10 @@ def shard_coco(
         raise ShardError(f"max_bad_fraction: must be in [0, 1], got {max_bad_fraction!r}")
     if not _is_int(workers) or workers < 1:
         raise ShardError(f"workers: must be an integer >= 1, got {workers!r}")
+    if executor not in EXECUTORS:
+        raise ShardError(f"executor: must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if max_in_flight is not None and (not _is_int(max_in_flight) or max_in_flight < 1):
+        raise ShardError(f"max_in_flight: must be an integer >= 1, got {max_in_flight!r}")
     # Both URIs are checked, and the output proven writable, before anything is read or written.
     coco_root, out_uri = storage.check_uri(coco_root), storage.check_uri(out_uri)
     if create_bucket and storage.is_s3(out_uri):
@@ -493,48 +576,45 @@ def shard_coco(
     chunks = [image_ids[i : i + images_per_shard] for i in range(0, len(image_ids), images_per_shard)]
     log(f"{split}: {listed} images listed, {len(chunks)} shard(s) of up to {images_per_shard} -> {split_uri}")
 
-    total = _Tally()
-    total.merge(file_tally.to_dict())
-    shards, counts = [], Counter()
+    sidecars: dict[int, dict] = {}
+    jobs = []
     for index, chunk in enumerate(chunks):
-        name = _shard_name(index)
         fingerprint = _fingerprint(annotations_sha256, chunk)
         sidecar = _completed(split_uri, index, fingerprint)
         if sidecar is not None:
-            log(f"{split}: {name} already complete ({sidecar['rows']} rows), skipped")
+            log(f"{split}: {_shard_name(index)} already complete ({sidecar['rows']} rows), skipped")
+            sidecars[index] = sidecar
         else:
-            rows, tally = _build_shard(coco, coco_root, split, chunk, workers)
-            sidecar = {
-                "fingerprint": fingerprint,
-                "path": name if rows else None,
-                "rows": len(rows),
-                "bytes": 0,
-                "sha256": None,
-                "counts": {
-                    "annotations": sum(len(r["annotations"]) for r in rows),
-                    "crowd_annotations": sum(a["iscrowd"] for r in rows for a in r["annotations"]),
-                    "images_without_annotations": sum(not r["annotations"] for r in rows),
-                },
-                "skipped": tally.to_dict(),
-                "converted": dict(sorted(tally.converted.items())),
-            }
-            if rows:  # a shard whose every image is bad is recorded, not written
-                data = _write_shard(rows)
-                del rows
-                sidecar.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-                storage.write_bytes(storage.join(split_uri, name), data)
-            # The sidecar goes after its shard: a crash in between only costs rewriting the shard.
-            storage.write_bytes(_sidecar_uri(split_uri, index), json.dumps(sidecar, sort_keys=True).encode())
-            skipped = sum(sidecar["skipped"]["images"].values())
-            converted = sum(sidecar["converted"].values())
-            log(f"{split}: {name} written ({sidecar['rows']} rows, {skipped} image(s) skipped, "
-                f"{converted} converted to PNG, {sidecar['bytes'] / 1e6:.1f} MB)")
+            entries = [coco.imgs[i] for i in chunk]
+            anns = [coco.imgToAnns.get(i, []) for i in chunk]
+            jobs.append((split_uri, index, fingerprint, entries, anns, coco_root, split, workers))
+    del coco
+    skipped_so_far = Counter(file_tally.images)
+    for sidecar in sidecars.values():
+        skipped_so_far.update(sidecar["skipped"]["images"])
+    _check_bad_share(split, skipped_so_far, listed, max_bad_fraction)
+
+    done = ((job[1], _make_shard(*job)) for job in jobs) if executor == "local" else _run_on_ray(jobs, max_in_flight)
+    for index, sidecar in done:
+        sidecars[index] = sidecar
+        skipped = sum(sidecar["skipped"]["images"].values())
+        converted = sum(sidecar["converted"].values())
+        log(f"{split}: {_shard_name(index)} written ({sidecar['rows']} rows, {skipped} image(s) skipped, "
+            f"{converted} converted to PNG, {sidecar['bytes'] / 1e6:.1f} MB)")
+        skipped_so_far.update(sidecar["skipped"]["images"])
+        _check_bad_share(split, skipped_so_far, listed, max_bad_fraction)
+
+    # Merged in shard order whatever order the shards finished in: the same manifest either way.
+    total = _Tally()
+    total.merge(file_tally.to_dict())
+    shards, counts = [], Counter()
+    for index in range(len(chunks)):
+        sidecar = sidecars[index]
         total.merge(sidecar["skipped"])
         total.converted.update(sidecar.get("converted", {}))
         counts.update(sidecar["counts"])
         if sidecar["path"]:
             shards.append({k: sidecar[k] for k in ("path", "rows", "bytes", "sha256")})
-        _check_bad_share(split, total.images, listed, max_bad_fraction)
 
     _remove_stale(split_uri, {s["path"] for s in shards}, len(chunks), log)
     image_skips = sum(total.images.values())

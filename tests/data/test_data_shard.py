@@ -380,6 +380,8 @@ def test_storage_outage_is_fatal_not_bad_input(coco_root, tmp_path, monkeypatch)
         ({"images_per_shard": 0}, "images_per_shard"),
         ({"max_bad_fraction": 1.5}, "max_bad_fraction"),
         ({"workers": 0}, "workers"),
+        ({"executor": "dask"}, "executor: must be one of local, ray"),
+        ({"executor": "ray", "max_in_flight": 0}, "max_in_flight"),
     ],
 )
 def test_bad_arguments(coco_root, tmp_path, kwargs, match):
@@ -441,3 +443,51 @@ def test_s3_round_trip_and_resume(tmp_path, s3_bucket):
     again = shard_coco(src, SPLIT, out, images_per_shard=5, log=log.append)
     assert _written(log) == ["shard-00001.parquet"]
     assert again == manifest
+
+
+def _split_files(out) -> dict[str, bytes]:
+    """Every file of the split (shards, sidecars, manifest) by relative path."""
+    split_dir = os.path.join(out, SPLIT)
+    files = {}
+    for dirpath, _, names in os.walk(split_dir):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, split_dir)] = f.read()
+    return files
+
+
+@pytest.mark.slow
+def test_ray_tasks_write_the_same_shards_and_resume(coco_root, tmp_path, ray_local):
+    _break(coco_root)  # skipped images and annotations land in the sidecars and the manifest too
+    local, parallel = str(tmp_path / "local"), str(tmp_path / "ray")
+    expected = shard_coco(coco_root, SPLIT, local, images_per_shard=3, max_bad_fraction=0.25, log=_quiet)
+    log: list[str] = []
+    # Two in flight over seven shards: tasks finish out of order and are queued behind the bound.
+    manifest = shard_coco(coco_root, SPLIT, parallel, images_per_shard=3, max_bad_fraction=0.25,
+                          executor="ray", max_in_flight=2, log=log.append)
+    assert manifest == expected and manifest["counts"]["images_skipped"] == 4
+    assert sorted(_written(log)) == [f"shard-{i:05d}.parquet" for i in range(7)]
+    assert _split_files(parallel) == _split_files(local)  # byte for byte, sidecars and manifest included
+
+    # A run killed part-way leaves whole shards with their sidecars and no manifest: only the rest is rebuilt.
+    os.remove(os.path.join(parallel, SPLIT, "manifest.json"))
+    os.remove(os.path.join(parallel, SPLIT, "shard-00004.parquet"))
+    os.remove(os.path.join(parallel, SPLIT, "_progress", "shard-00006.json"))
+    before = _mtimes(parallel)
+    log = []
+    again = shard_coco(coco_root, SPLIT, parallel, images_per_shard=3, max_bad_fraction=0.25, executor="ray", log=log.append)
+    assert sorted(_written(log)) == ["shard-00004.parquet", "shard-00006.parquet"]
+    assert sum("already complete" in line for line in log) == 5
+    assert again == expected and _split_files(parallel) == _split_files(local)
+    after = _mtimes(parallel)
+    assert all(after[n] == t for n, t in before.items() if n not in ("shard-00006.parquet",))
+
+
+@pytest.mark.slow
+def test_ray_tasks_stop_on_too_many_bad_images(coco_root, tmp_path, ray_local):
+    _break(coco_root)
+    out = str(tmp_path / "ray")
+    with pytest.raises(ShardError, match=r"split train2017: \d of 20 images are bad"):
+        shard_coco(coco_root, SPLIT, out, images_per_shard=3, max_bad_fraction=0.05, executor="ray", log=_quiet)
+    assert not os.path.exists(os.path.join(out, SPLIT, "manifest.json"))
