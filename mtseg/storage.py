@@ -127,15 +127,11 @@ def _parse(uri: str) -> tuple[str, str, str]:
 
 
 def check_uri(uri: str) -> str:
-    """Validate a user's URI (local path, ``file:///abs`` or ``s3://bucket[/prefix]``) before any I/O.
-
-    A typo then fails at once with one line instead of writing somewhere unintended.
+    """Validate a user's URI (local path, ``file:///abs`` or ``s3://bucket[/prefix]``) before any I/O,
+    so that a typo fails at once (StorageError) instead of writing somewhere unintended.
 
     Returns:
         The URI without trailing slashes (``s3://b/p/`` -> ``s3://b/p``; a local path as given).
-
-    Raises:
-        StorageError: what is wrong with it (scheme, bucket name, key segments, ...).
     """
     scheme, bucket, key = _parse(uri)
     if scheme == "s3":
@@ -194,8 +190,7 @@ def s3_client(max_attempts: int | None = None):
     """A boto3 S3 client with the same endpoint and credentials, cached per settings (one takes ~0.3 s of CPU to build).
 
     Args:
-        max_attempts: per request, retries included (botocore's ``standard`` retry mode);
-            default :data:`BOTO_MAX_ATTEMPTS`.
+        max_attempts: per request, retries included; default :data:`BOTO_MAX_ATTEMPTS`.
     """
     return _s3_client(*_s3_settings(), max_attempts or BOTO_MAX_ATTEMPTS)
 
@@ -317,10 +312,7 @@ def describe_error(uri: str, exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def translate_errors(uri: str) -> Iterator[None]:
-    """Turn any backend error raised inside into a one-line :class:`StorageError` on ``uri``.
-
-    A missing object or file raises :class:`NotFoundError`.
-    """
+    """Turn any backend error raised inside into a one-line :class:`StorageError` (:class:`NotFoundError`) on ``uri``."""
     try:
         yield
     except StorageError:
@@ -333,9 +325,7 @@ def translate_errors(uri: str) -> Iterator[None]:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to ``uri`` atomically: complete under its final name or not at all.
 
-    Raises:
-        StorageError: one line naming ``uri`` and the reason (a full disk states the bytes to
-            write and the space free; also a read-only or missing directory, access denied).
+    A full disk's StorageError states the bytes to write and the space free.
     """
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -436,13 +426,8 @@ def ensure_bucket(name: str) -> None:
 
 
 def check_access(uri: str) -> None:
-    """Fail fast, with one clear line, if ``uri`` cannot be used (missing bucket, bad credentials, endpoint down).
-
-    On S3 this asks about the bucket; locally, the nearest existing ancestor must be a writable directory.
-
-    Raises:
-        StorageError: the URI is malformed (see :func:`check_uri`) or cannot be written.
-    """
+    """Fail fast with a one-line StorageError if ``uri`` is malformed or unusable (missing bucket, bad credentials,
+    endpoint down; locally, the nearest existing ancestor is not a writable directory)."""
     check_uri(uri)
     if is_s3(uri):
         bucket, _ = split_s3(uri)
