@@ -44,15 +44,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import os
 import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
+import psutil
 import torch
 from _results import write_results
 from torch.utils.data import DataLoader, Dataset
@@ -60,15 +63,18 @@ from torch.utils.data import DataLoader, Dataset
 from mtseg import storage
 from mtseg.cluster import SeaweedFS, init_local_ray
 from mtseg.config import load_config
-from mtseg.data.manifest import read_manifest
-from mtseg.data.pipeline import ChunkedTransform, SampleTransform, categories_of, read_split
+from mtseg.data.manifest import read_manifest, shard_uris, write_manifest
+from mtseg.data.pipeline import ChunkedTransform, SampleTransform, categories_of, read_split, worker_batches
 from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
 from mtseg.data.targets import augment, decode_annotations, decode_layers
 from mtseg.data.transforms import decode_image, sample_seed
 from mtseg.tasks import build_tasks
+from mtseg.train.data import plan_epoch
 
 SPLIT = "train2017"
+MEMORY_SPLIT_10X = "train2017-10x"
+MEMORY_COPIES = 10
 
 
 class CocoFiles(Dataset):
@@ -305,6 +311,171 @@ def coco_profile(tmp: str, args) -> dict:
     }
 
 
+def replicate_split(uri: str, split: str, out_split: str, copies: int) -> dict:
+    """Write ``copies`` copies of a sharded split's files as a new split beside it, with its manifest.
+
+    The copies carry the same rows (image ids included), so the data volume grows ``copies``
+    times while synthesis and sharding are paid once.
+
+    Returns:
+        The new split's manifest (every copy of every shard, copy by copy).
+    """
+    manifest = read_manifest(uri, split)
+    shards = []
+    for entry in manifest["shards"]:
+        data = storage.read_bytes(storage.join(uri, split, entry["path"]))
+        for copy in range(copies):
+            path = f"copy{copy:03d}-{entry['path']}"
+            storage.write_bytes(storage.join(uri, out_split, path), data)
+            shards.append(entry | {"path": path})
+    shards.sort(key=lambda e: e["path"])
+    counts = {k: v * copies if isinstance(v, int) else v for k, v in manifest["counts"].items()}
+    out = manifest | {"split": out_split, "shards": shards, "counts": counts | {"shards": len(shards)}}
+    write_manifest(uri, out_split, out)
+    return out
+
+
+def _ray_workers(me: psutil.Process) -> list[psutil.Process]:
+    """Ray worker processes under this driver (its raylet's children), idle ones included."""
+    workers = []
+    for proc in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmdline = proc.cmdline()
+            if cmdline and (cmdline[0].startswith("ray::") or any("default_worker.py" in c for c in cmdline)):
+                workers.append(proc)
+    return workers
+
+
+class PeakMemory:
+    """Peak RSS of this process plus Ray's worker processes, and peak object store use, sampled in a thread.
+
+    The object store's use is its total capacity less what ``ray.available_resources()``
+    reports free (Ray counts the objects held against the ``object_store_memory`` resource).
+    """
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.rss_peak = self.store_peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> tuple[int, int]:
+        """(RSS of this process + Ray workers, object store bytes in use) now."""
+        import ray
+
+        me = psutil.Process()
+        rss = me.memory_info().rss
+        for proc in _ray_workers(me):
+            with contextlib.suppress(psutil.Error):
+                rss += proc.memory_info().rss
+        total = ray.cluster_resources().get("object_store_memory", 0)
+        store = total - ray.available_resources().get("object_store_memory", total)
+        return rss, int(store)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, store = self.sample()
+            self.rss_peak, self.store_peak = max(self.rss_peak, rss), max(self.store_peak, store)
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _stream_peak(uri: str, split: str, cfg, categories, tasks) -> dict:
+    """Stream one epoch of ``split`` through the training stream (one worker's plan) and sample memory throughout."""
+    manifest = read_manifest(uri, split)
+    shards = list(zip(shard_uris(uri, split, manifest), (int(s["rows"]) for s in manifest["shards"])))
+    segments = plan_epoch(shards, seed=0, epoch=0, world_size=1, rank=0)
+    transform = SampleTransform.from_config(categories, cfg, tasks, train=True, epoch=0, seed=0)
+    gc.collect()
+    with PeakMemory() as peak:
+        baseline_rss, baseline_store = peak.sample()
+        start = time.perf_counter()
+        images = 0
+        for batch in worker_batches(segments, transform, batch_size=cfg.data.batch_size, drop_last=True,
+                                    rows_per_task=cfg.data.rows_per_read_task, num_cpus=cfg.data.map_num_cpus):
+            images += len(batch["image_id"])
+        seconds = time.perf_counter() - start
+    mib = 2**20
+    return {
+        "images": images,
+        "seconds": round(seconds, 1),
+        "rss_peak_mib": round(peak.rss_peak / mib, 1),
+        "rss_before_mib": round(baseline_rss / mib, 1),
+        "object_store_peak_mib": round(peak.store_peak / mib, 1),
+        "object_store_before_mib": round(baseline_store / mib, 1),
+        "samples": peak.samples,
+    }
+
+
+def memory(tmp: str, args) -> dict:
+    """Peak memory of the training stream at 1x and 10x the data (the shards copied 10 times)."""
+    coco_root = os.path.join(tmp, "coco-memory")
+    synthesize(coco_root, train=args.memory_images, val=0, seed=0, profile="coco")
+    cfg = load_config(None, [f"data.image_size={args.memory_crop}", "data.batch_size=8"])
+    store = SeaweedFS(data_dir=os.path.join(tmp, "seaweedfs-memory")).start()
+    saved = {k: os.environ.get(k) for k in store.env()}
+    import ray
+
+    try:
+        os.environ.update(store.env())
+        storage._s3_filesystem.cache_clear()
+        uri = f"s3://{store.bucket}/ingest-memory"
+        manifest = shard_coco(coco_root, SPLIT, uri, images_per_shard=args.memory_images_per_shard, log=lambda _: None)
+        replicate_split(uri, SPLIT, MEMORY_SPLIT_10X, MEMORY_COPIES)
+        categories = categories_of(manifest)
+        tasks = build_tasks(cfg, categories)
+        init_local_ray(num_cpus=2, env=store.env(), log_to_driver=False)
+        try:
+            # 1x first: whatever the first pass leaves behind (warm workers) then counts against 10x.
+            one = _stream_peak(uri, SPLIT, cfg, categories, tasks)
+            ten = _stream_peak(uri, MEMORY_SPLIT_10X, cfg, categories, tasks)
+        finally:
+            ray.shutdown()
+    finally:
+        store.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage._s3_filesystem.cache_clear()
+    rss_ratio = round(ten["rss_peak_mib"] / one["rss_peak_mib"], 3)
+    store_ratio = round(ten["object_store_peak_mib"] / one["object_store_peak_mib"], 3) if one["object_store_peak_mib"] else None
+    return {
+        "method": (
+            f"{args.memory_images} COCO-profile images (640x480) sharded once, {len(manifest['shards'])} shards; "
+            f"10x = the same shard files copied {MEMORY_COPIES} times under new names in the bucket, one manifest "
+            f"listing them all (data volume 10x, same rows and image ids). Each pass streams one epoch through "
+            f"the training stream (mtseg.data.pipeline.worker_batches over plan_epoch, world size 1) from "
+            f"SeaweedFS on a local Ray with 2 CPUs, {args.memory_crop} px crops, batch 8; 1x then 10x in one Ray "
+            f"session. RSS: this process (the consumer) + every Ray worker process, summed, sampled every 0.2 s, "
+            f"peak of the sum. Object store: ray.cluster_resources() - ray.available_resources() "
+            f"'object_store_memory', same sampling."
+        ),
+        "crop_px": args.memory_crop,
+        "images_1x": one["images"],
+        "images_10x": ten["images"],
+        "rss_peak_mib_1x": one["rss_peak_mib"],
+        "rss_peak_mib_10x": ten["rss_peak_mib"],
+        "rss_ratio_10x": rss_ratio,
+        "object_store_peak_mib_1x": one["object_store_peak_mib"],
+        "object_store_peak_mib_10x": ten["object_store_peak_mib"],
+        "object_store_ratio_10x": store_ratio,
+        "goal": {"ratio_max": 1.10, "rss_met": rss_ratio <= 1.10,
+                 "object_store_met": None if store_ratio is None else store_ratio <= 1.10},
+        "passes": {"1x": one, "10x": ten},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4000, help="synthetic training images (one pass = one epoch over them)")
@@ -316,12 +487,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--coco-images", type=int, default=64, help="COCO-profile images (0 skips coco_profile)")
     parser.add_argument("--coco-crop", type=int, default=512, help="COCO-profile crop side, pixels")
     parser.add_argument("--coco-passes", type=int, default=2, help="COCO-profile timed passes per side")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="peak memory of the training stream at 1x and 10x the data (--no-memory skips it)")
+    parser.add_argument("--memory-images", type=int, default=200, help="COCO-profile images of the 1x pass")
+    parser.add_argument("--memory-images-per-shard", type=int, default=50)
+    parser.add_argument("--memory-crop", type=int, default=128, help="crop side of the memory passes, pixels")
     parser.add_argument("--out", help="results JSON file (default benchmarks/results/ingest.json)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     cfg = load_config(None, [f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}", "tasks.patch_size=4"])
     with tempfile.TemporaryDirectory(prefix="mtseg-ingest-") as tmp:
+        # First, while this process (the consumer it measures) holds nothing of the other sections.
+        mem = memory(tmp, args) if args.memory else None
         coco_root = os.path.join(tmp, "coco")
         synthesize(coco_root, train=args.images, val=0, size=args.size, seed=0)
         store = SeaweedFS(data_dir=os.path.join(tmp, "seaweedfs")).start()
@@ -361,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ray_data": ray_result,
         "dataloader": dl_result,
         "coco_profile": coco,
+        "memory": mem,
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
