@@ -110,10 +110,13 @@ def build_state(
         model = torch.compile(model)
     tasks = build_tasks(cfg, categories)
     strategy = build_weighting(cfg.weighting, list(tasks)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad] + [p for p in strategy.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg.train)
+    optimizer = build_optimizer(_trainable(model, strategy), cfg.train)
     scheduler = build_scheduler(optimizer, total_steps, cfg.train)
     return TrainState(cfg, categories, model, tasks, strategy, optimizer, scheduler, device, total_steps)
+
+
+def _trainable(*modules: nn.Module) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -123,11 +126,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _grad_sync(model: nn.Module, ddp_averages: bool, last_micro_batch: bool):
-    """DDP's all-reduce during backward, or not (see :mod:`mtseg.weighting.base`).
-
-    It runs only on the last micro-batch of a step, and only for strategies whose backward is
-    one pass (``ddp_averages``); otherwise :func:`sync_gradients` averages after backward.
-    """
+    """DDP's all-reduce on the last micro-batch of a single-pass backward (``ddp_averages``);
+    otherwise none, and :func:`sync_gradients` averages after backward (see :mod:`mtseg.weighting.base`)."""
     if not hasattr(model, "no_sync") or (ddp_averages and last_micro_batch):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -166,14 +166,12 @@ def train_one_epoch(
     state.model.train()
     accum = cfg.train.grad_accum
     shared = list(state.module.shared_parameters())
-    all_params = [p for p in state.model.parameters() if p.requires_grad] + [
-        p for p in state.strategy.parameters() if p.requires_grad
-    ]
+    all_params = _trainable(state.model, state.strategy)
     buffers = list(state.model.buffers()) + list(state.strategy.buffers())
     # DDP averages the model's gradients during a single-pass backward; what it does not
     # reach (the strategy's own parameters) is averaged after it.
     ddp_averages = state.strategy.single_backward and hasattr(state.model, "no_sync")
-    to_sync = [p for p in state.strategy.parameters() if p.requires_grad] if ddp_averages else all_params
+    to_sync = _trainable(state.strategy) if ddp_averages else all_params
     sums: dict[str, float] = {}
     it: Iterator = iter(batches)
     for _ in range(steps):
