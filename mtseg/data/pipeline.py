@@ -180,11 +180,7 @@ class SampleTransform:
         return {k: np.asarray(values[k]).astype(f.wire, copy=False) for k, f in self.fields.items()}
 
     def iter_samples(self, batch: pa.Table | pa.RecordBatch) -> Iterator[dict[str, np.ndarray]]:
-        """:meth:`sample` for every row of a batch of shard rows, one image at a time.
-
-        Raises:
-            ValueError: the batch lacks a column of :data:`READ_COLUMNS`, or a row is bad.
-        """
+        """:meth:`sample` for every row of a batch of shard rows; ValueError if it lacks a :data:`READ_COLUMNS` column."""
         missing = [c for c in READ_COLUMNS if c not in batch.schema.names]
         if missing:
             raise ValueError(f"shard rows: missing columns {missing}; is this an mtseg shard?")
@@ -193,7 +189,6 @@ class SampleTransform:
             yield self.sample(image, anns, image_id, height, width)
 
     def __call__(self, batch: pa.Table | pa.RecordBatch) -> dict[str, np.ndarray]:
-        """Transform a batch of shard rows into one stacked batch in the wire layout (numpy)."""
         return self.stack(list(self.iter_samples(batch)))
 
     def stack(self, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -317,15 +312,12 @@ def worker_batches(
     rows_per_task: int,
     num_cpus: float,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """A train worker's stream: its planned rows, in plan order, as batches of the contract.
+    """A train worker's stream: its planned rows, in plan order, as batches of the contract (CPU tensors).
 
     Args:
         segments: the worker's slice of the epoch (:func:`mtseg.train.data.plan_epoch`).
         rows_per_task: images per Ray Data read task (and per block).
         num_cpus: CPUs each read task reserves.
-
-    Returns:
-        An iterator of dicts of CPU torch tensors.
     """
     import ray.data
 
@@ -367,7 +359,7 @@ def iter_local_batches(
     limit: int | None = None,
     drop_last: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Stream a split without Ray: shards read with pyarrow one record batch at a time.
+    """Stream a split as batches of the contract without Ray: shards read with pyarrow, a record batch at a time.
 
     Args:
         categories: the label space; None reads it from the manifest.
@@ -375,9 +367,6 @@ def iter_local_batches(
         batch_size: images per batch; default ``cfg.data.batch_size``.
         shards: subset / order of shard paths; default all in manifest order.
         limit: stop after this many images; None for all.
-
-    Yields:
-        Batches as dicts of torch tensors (the batch contract).
 
     Raises:
         mtseg.data.manifest.ManifestError: no or bad manifest.
