@@ -139,9 +139,7 @@ def fuse_instances(
             required; ``"semantic"`` logits, when present, score each instance.
         semantic_map: (B, H, W) fused category map (:func:`fuse_semantic`), 0 = background.
         categories: the dataset's label spaces.
-        threshold: minimum center heatmap value of an instance center.
-        nms_kernel: keypoint-NMS window (odd), pixels.
-        top_k: most centers kept per image.
+        threshold, nms_kernel, top_k: the center search, see :func:`find_centers`.
 
     Returns:
         Per image, a list of ``{"mask": bool ndarray (H, W), "category": contiguous index,
@@ -223,12 +221,9 @@ def _assign_pixels(offset: torch.Tensor, things: torch.Tensor, centers: torch.Te
 def instances_to_coco(
     instances: list[dict], image_id: int, categories: CategoryIndex, orig_size: tuple[int, int] | None = None
 ) -> list[dict]:
-    """COCO result dicts for one image.
+    """COCO result dicts for one image's list from :func:`fuse_instances`.
 
     Args:
-        instances: one image's list from :func:`fuse_instances`.
-        image_id: the COCO image id.
-        categories: maps contiguous categories back to COCO ids.
         orig_size: (height, width) of the original image; masks are resized to it.
 
     Returns:

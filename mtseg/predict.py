@@ -203,11 +203,8 @@ def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex, 
 
 def find_images(inputs: Sequence[str]) -> list[str]:
     """Expand files (tried whatever their name), directories and ``s3://`` prefixes (their
-    :data:`IMAGE_EXTENSIONS` files, recursively, sorted) into image sources, in order, each once.
-
-    Raises:
-        PredictError: no inputs, or an input that does not exist.
-    """
+    :data:`IMAGE_EXTENSIONS` files, recursively, sorted) into image sources, in order, each once;
+    PredictError for no inputs or a missing one."""
     if not inputs:
         raise PredictError("no images given: name image files, directories or s3:// prefixes")
     sources: list[str] = []
@@ -229,13 +226,10 @@ def find_images(inputs: Sequence[str]) -> list[str]:
 
 
 def read_image(source: str, *, max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Read and decode one image (local or ``s3://``) as training does (:func:`mtseg.data.transforms.load_image`).
+    """Read and decode one image (local or ``s3://``) as training does; ValueError naming the source if it cannot.
 
     Returns:
         ``(pixels, (height, width))``: uint8 (3, h, w) pixels and the file's own size.
-
-    Raises:
-        ValueError: unreadable or not a decodable image (the message names the source).
     """
     from mtseg.data.transforms import load_image
 
