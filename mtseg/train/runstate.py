@@ -171,7 +171,8 @@ class RunLease:
                 reason = _refuse_live(self.run_uri, other)
                 self.log(f"[train] taking over the lease on {self.run_uri}: {reason}")
             if self._create(replace_etag=etag if current is not None else None, exists=current is not None):
-                self._start_heartbeat()
+                self._thread = threading.Thread(target=self._beat, name="mtseg-run-lease", daemon=True)
+                self._thread.start()
                 return
         raise RunLockedError(f"run {self.run_uri}: another driver took the lease at the same time")
 
@@ -209,10 +210,6 @@ class RunLease:
         return current is not None and current.get("token") == self.holder.token
 
     # ------------------------------------------------------------------ heartbeat, release
-
-    def _start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name="mtseg-run-lease", daemon=True)
-        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -339,18 +336,14 @@ def guard_run(run_uri: str, *, log: Callable[[str], None] = print) -> Iterator[R
     Raises:
         RunLockedError: another live driver holds the run; nothing was written.
     """
-    lease = RunLease(run_uri, log=log)
-    lease.acquire()
-    started = time.time()
-    write_outcome(run_uri, "running", owner=lease.holder.owner, started_at=started)
-    try:
-        yield lease
-    except BaseException as e:
-        status, reason = describe_exit(e)
-        write_outcome(run_uri, status, reason, owner=lease.holder.owner, started_at=started)
-        raise
-    else:
+    with RunLease(run_uri, log=log) as lease:
+        started = time.time()
+        write_outcome(run_uri, "running", owner=lease.holder.owner, started_at=started)
+        try:
+            yield lease
+        except BaseException as e:
+            status, reason = describe_exit(e)
+            write_outcome(run_uri, status, reason, owner=lease.holder.owner, started_at=started)
+            raise
         status, reason = ("failed", lease.failure) if lease.failure else ("finished", "")
         write_outcome(run_uri, status, reason, owner=lease.holder.owner, started_at=started)
-    finally:
-        lease.release()
