@@ -181,13 +181,10 @@ def resolve(uri: str) -> str:
     raise CheckpointError(f"{uri}: not a checkpoint directory (no {META_FILE}) nor a run with checkpoint_* directories")
 
 
-def _parent(uri: str) -> str:
-    return posixpath.dirname(uri.rstrip("/")) if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
-
-
 def read_config(uri: str) -> Config:
     """The checkpoint's config.yaml; a Ray Train checkpoint without one falls back to its run's."""
-    for where in (storage.join(uri, CONFIG_FILE), storage.join(_parent(uri), CONFIG_FILE)):
+    run = posixpath.dirname(uri.rstrip("/")) if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
+    for where in (storage.join(uri, CONFIG_FILE), storage.join(run, CONFIG_FILE)):
         if storage.exists(where):
             try:
                 data = yaml.safe_load(storage.read_bytes(where).decode())
