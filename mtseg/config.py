@@ -51,10 +51,7 @@ def validate_name(key: str, value: str) -> str:
 
 def _f(default: Any = dataclasses.MISSING, *, choices=None, min=None, max=None, help: str = "", **kw):
     """A dataclass field with validation metadata."""
-    meta = {"choices": choices, "min": min, "max": max, "help": help}
-    if default is dataclasses.MISSING:
-        return field(metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+    return field(default=default, metadata={"choices": choices, "min": min, "max": max, "help": help}, **kw)
 
 
 @dataclass
