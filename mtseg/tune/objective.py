@@ -116,12 +116,10 @@ def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
             log(f"[tune] baseline {task}: {out[task]['metric']}={out[task]['value']} (cached {uri})")
         else:
             missing[task] = (bcfg, key)
-    if not missing:
-        return _with_directions(out)
-
-    from mtseg.train.trainer import run_training
 
     def train(task: str) -> dict:
+        from mtseg.train.trainer import run_training
+
         bcfg, key = missing[task]
         bcfg.train.storage_path = storage.join(root, RUNS_DIR)
         bcfg.train.run_name = f"{task}-{key}"
@@ -138,12 +136,7 @@ def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
         return record
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.tune.max_concurrent_trials)) as pool:
-        for task, record in zip(missing, pool.map(train, list(missing))):
-            out[task] = record
-    return _with_directions(out)
-
-
-def _with_directions(baselines: dict[str, dict]) -> dict[str, dict]:
-    for task, record in baselines.items():
+        out.update(zip(missing, pool.map(train, list(missing))))
+    for task, record in out.items():
         record["higher_is_better"] = task_objective(task)[1]
-    return baselines
+    return out

@@ -30,12 +30,6 @@ class TuneOutcome:
     grid: Any = None
 
 
-def _state(result, epochs_run: int, epochs: int) -> str:
-    if result.error is not None:
-        return "ERROR"
-    return "TERMINATED" if epochs_run >= epochs else "STOPPED"
-
-
 def summarize(results, cfg: Config, params: dict[str, Param]) -> list[dict]:
     """One row per trial: id, state, epochs run, its config, and the metrics of its best epoch
     by ``tune.metric``; best first, trials without the metric last."""
@@ -51,7 +45,8 @@ def summarize(results, cfg: Config, params: dict[str, Param]) -> list[dict]:
             if metric in df and df[metric].notna().any():
                 best_row = df.loc[(df[metric] * sign).idxmax()].to_dict()
         trial_id = (r.metrics or {}).get("trial_id") or os.path.basename(str(r.path)).removeprefix("trial_")
-        row = {"trial": trial_id, "state": _state(r, epochs_run, cfg.train.epochs), "epochs": epochs_run}
+        state = "ERROR" if r.error is not None else "TERMINATED" if epochs_run >= cfg.train.epochs else "STOPPED"
+        row = {"trial": trial_id, "state": state, "epochs": epochs_run}
         row.update({k: (r.config or {}).get(k) for k in params})
         for key in dict.fromkeys((metric, "val/miou", "val/mask_ap", DELTA_M)):
             value = best_row.get(key)
