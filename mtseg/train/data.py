@@ -24,13 +24,6 @@ class Segment:
     rows: tuple[int, ...]
 
 
-def epoch_order(shard_rows: list[int], seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
-    """The epoch's global order: (shard index, permuted row indices) per shard, in shard order."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(shard_rows))
-    return [(int(s), np.random.default_rng([seed, epoch, int(s)]).permutation(shard_rows[s])) for s in order]
-
-
 def plan_epoch(
     shards: list[tuple[str, int]],
     *,
@@ -52,8 +45,9 @@ def plan_epoch(
             every image is evaluated once).
     """
     rows = [n for _, n in shards]
-    if shuffle:
-        order = epoch_order(rows, seed, epoch)
+    if shuffle:  # shards permuted by (seed, epoch), each shard's rows by (seed, epoch, shard)
+        shard_order = np.random.default_rng([seed, epoch]).permutation(len(rows))
+        order = [(int(s), np.random.default_rng([seed, epoch, int(s)]).permutation(rows[s])) for s in shard_order]
     else:
         order = [(i, np.arange(n)) for i, n in enumerate(rows)]
     total = sum(rows)
