@@ -12,7 +12,6 @@ The pipeline streams; only per-batch metric states and ground-truth rows reach t
     driver: states merged into one Evaluator, COCO matching in parallel Ray tasks
 
 The per-batch work is the code training validation runs, so both report the same numbers.
-Results go to ``metrics.json`` and ``metrics.md`` beside the checkpoint (or ``--out``).
 """
 
 from __future__ import annotations
@@ -256,7 +255,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
 
     Args:
-        loaded: from :func:`load_for_evaluation`.
+        loaded: from :func:`load_for_evaluation`, which checked the counts and the label space.
         batch_size: images per forward pass; default the run's ``data.batch_size``.
         concurrency, actor_cpus, use_gpu: see :func:`plan_actors`.
         limit: only the first ``limit`` images.
@@ -266,24 +265,19 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
         An :class:`EvaluationResult` (nothing written).
 
     Raises:
-        PredictError: bad arguments, a label space that differs from the checkpoint's, or an
-            empty split.
+        PredictError: bad arguments or an empty split.
     """
     import ray
 
-    from mtseg.data.manifest import read_manifest
     from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator, coco_gt_from_rows, ray_map
     from mtseg.tasks import build_tasks
 
-    _check_counts(batch_size=batch_size, limit=limit)
     batch_size = batch_size if batch_size is not None else loaded.cfg.data.batch_size
-    manifest = read_manifest(data_uri, split)
-    _check_label_space(loaded, manifest, storage.join(data_uri, split))
     resources = dict(ray.cluster_resources())
     plan = plan_actors(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
     try:
-        ds, _ = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit)
+        ds, manifest = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit)
     except ValueError as e:  # e.g. a split whose manifest lists no shards
         raise PredictError(str(e)) from None
     log(f"[evaluate] {storage.join(data_uri, split)}: {plan['actors']} {plan['device']} actor(s), batch {batch_size}")
@@ -354,8 +348,7 @@ def load_for_evaluation(checkpoint: str, data_uri: str | None = None, split: str
                         out: str | None = None) -> tuple[LoadedCheckpoint, str, str]:
     """Load a checkpoint and check everything :func:`evaluate_loaded` would refuse, before Ray starts.
 
-    ``batch_size``, ``limit`` and ``out`` are only checked (counts >= 1, a writable directory);
-    the other arguments are :func:`evaluate_checkpoint`'s.
+    ``batch_size``, ``limit`` and ``out`` are only checked; the rest are :func:`evaluate_checkpoint`'s.
 
     Returns:
         ``(loaded, data_uri, split)`` with the defaults filled in.
