@@ -121,11 +121,6 @@ def trial_metrics(train_metrics: dict, cfg: Config, baselines: dict) -> dict[str
     return out
 
 
-def _uri_of(path: str, like: str) -> str:
-    """A storage URI for ``path`` as Ray reports it (an S3 path without its scheme)."""
-    return "s3://" + path.lstrip("/") if storage.is_s3(like) else path
-
-
 def start_from_checkpoint(checkpoint_dir: str, cfg: Config, spec: TrialSpec, trial_id: str) -> tuple[str, str]:
     """Prepare a trial start from a Tune checkpoint (PBT exploit or pause, a resumed PBT search).
 
@@ -222,8 +217,9 @@ def trial_class():
                 return {**self.last, "done": True}
             metrics = trial_metrics(item["metrics"], self.cfg, self.spec.baselines)
             metrics["run_name"] = self.run_name
-            if item["checkpoint"]:
-                metrics["checkpoint_uri"] = _uri_of(item["checkpoint"], self.spec.runs_uri)
+            if item["checkpoint"]:  # Ray reports an S3 path without its scheme
+                path = item["checkpoint"]
+                metrics["checkpoint_uri"] = "s3://" + path.lstrip("/") if storage.is_s3(self.spec.runs_uri) else path
             self.last = metrics
             if metrics.get("train/epoch", 0) >= self.cfg.train.epochs:
                 metrics = {**metrics, "done": True}
