@@ -2,8 +2,6 @@
 
     strategy = build_weighting(cfg.weighting, task_names)
     weights = strategy.backward(losses, model.shared_parameters())   # replaces loss.backward()
-    # strategy.uses_representation: model(images, representation=True) and pass it on
-    sync_gradients(params)                                           # DDP: see base.py
 
 See :mod:`mtseg.weighting.base` for the interface and the distributed design.
 """

@@ -7,64 +7,30 @@ One call replaces ``loss.backward()`` in the trainer::
     sync_gradients(all_params)                               # no-op without torch.distributed
     optimizer.step()
 
-The trainer never branches on a strategy's name: every strategy accumulates gradients
-into the ``.grad`` of all parameters (shared, task heads and its own, e.g. uncertainty's
-log-variances) and returns the per-task weight it used, for logging.
+The trainer never branches on a strategy's name: every strategy accumulates gradients into
+the ``.grad`` of all parameters (shared, heads and its own) and returns the per-task weights
+it used, for logging. Its state lives in parameters or buffers, so ``state_dict()`` holds it.
 
-Distributed data parallel (DDP) design
---------------------------------------
-Strategies whose ``backward`` is one ``.backward()`` of a combined loss
-(``single_backward``: equal, static, uncertainty, DWA, FAMO) run it as DDP intends: DDP's
-bucketed all-reduce averages the model's gradients while the backward pass runs (only the
-last micro-batch of a gradient-accumulation step syncs), and :func:`sync_gradients` then
-averages the strategy's own parameters (uncertainty's log-variances). The gradient of a
-weighted sum is the weighted sum of gradients, so this is the same average.
+DDP. A strategy whose ``backward`` is one ``.backward()`` of a combined loss
+(``single_backward``: equal, static, uncertainty, DWA, FAMO) lets DDP's bucketed all-reduce
+average the model's gradients during that pass (the gradient of a weighted sum is the
+weighted sum of gradients); :func:`sync_gradients` then averages its own parameters. Those
+that derive weights from loss values (DWA, FAMO) average the values over ranks first, so
+every rank computes the same weights. Strategies that take per-task gradients (PCGrad,
+GradNorm) run under DDP's ``no_sync()`` (its all-reduce would fire on each of their
+backward passes), average the (T, P) per-task gradients in ONE :func:`all_reduce_mean` so
+every rank writes the same shared ``.grad``, and the trainer's :func:`sync_gradients`
+averages the heads'. Forward under ``no_sync`` skips DDP's buffer broadcast, so the trainer
+calls :func:`sync_buffers` after every step.
 
-* Strategies that derive weights from loss values (DWA, FAMO) first average the loss
-  values over ranks (:func:`all_reduce_mean`), so every rank computes the same weights
-  and updates the same state.
-
-Strategies that take per-task gradients run forward and ``backward`` inside DDP's
-``model.no_sync()``, so that DDP's all-reduce does not fire on their several backward
-passes, and the trainer then calls :func:`sync_gradients` once: one coalesced all-reduce
-averaging every ``.grad`` over the world.
-* Strategies that manipulate per-task gradients (PCGrad, GradNorm) compute the per-task
-  gradients of the shared parameters (``torch.autograd.grad``/``backward`` with
-  ``retain_graph``), flatten them into one (T, P) tensor and average it over ranks with
-  ONE :func:`all_reduce_mean`; every rank then manipulates the same global task
-  gradients and writes identical shared ``.grad``. The later :func:`sync_gradients`
-  leaves those unchanged (the average of identical values) and averages the heads'.
-
-Per-task gradients through the encoder
---------------------------------------
-A per-task gradient of the shared parameters costs one backward pass through the encoder
-per task. Where the model hands over its shared representation (``model(images,
-representation=True)`` returns ``(outputs, (features, leaf))``: the heads read ``leaf``, a
-detached copy of ``features``), a strategy that sets :attr:`WeightingStrategy.uses_representation`
-gets it as ``backward(..., representation=(features, leaf))`` and splits the backward in two:
-
-* :func:`representation_gradients`: each task's loss backward stops at ``leaf`` (the heads
-  only, cheap); the heads' ``.grad`` fill as ``loss.backward()`` fills them, and the (T, ...)
-  gradients at the representation come back.
-* exact: :func:`encoder_gradients` pulls the T representation gradients through the encoder,
-  one backward each or in ONE batched backward (``torch.autograd.grad(...,
-  is_grads_batched=True)``, vmap over the backward): the exact (T, P) per-task gradients of
-  the shared parameters, by the chain rule.
-  vmap still runs T encoder backwards' worth of arithmetic (batched into wider kernels), so
-  it saves the per-pass overhead, not the FLOPs, and holds T activation-sized gradients at
-  once (memory grows with T).
-* ``rep_grad`` (LibMTL's representation-gradient mode, an approximation): the strategy works
-  on the representation gradients themselves and runs ONE encoder backward,
-  ``features.backward(combined)``. See :mod:`mtseg.weighting.pcgrad`, :mod:`mtseg.weighting.gradnorm`.
-
-Forward under ``no_sync`` also skips DDP's buffer broadcast, so after each optimiser step
-the trainer calls :func:`sync_buffers` (whichever path ran), which broadcasts every buffer
-(BatchNorm running statistics, strategy state) from rank 0: all ranks then hold the same
-parameters and buffers after every step. ``model.sync_batchnorm`` additionally makes
-BatchNorm normalise with statistics of the global batch (SyncBatchNorm).
-
-Every strategy keeps its state (learned log-variances, loss history, FAMO's logits,
-GradNorm's weights) in parameters or buffers, so ``state_dict()`` checkpoints it.
+Per-task gradients through the encoder. Given ``model(images, representation=True)``'s
+``(features, leaf)`` (the heads read ``leaf``, a detached copy of ``features``), a strategy
+with :attr:`WeightingStrategy.uses_representation` stops each task's backward at ``leaf``
+(:func:`representation_gradients`: the heads only, cheap), then either pulls the T gradients
+through the encoder for the exact (T, P) gradients (:func:`encoder_gradients`, one backward
+per task or one batched vmap backward: it saves per-pass overhead, not FLOPs, and holds T
+activation-sized gradients), or, in LibMTL's approximate ``rep_grad`` mode, works on the
+representation gradients and runs ONE encoder backward (see :mod:`~mtseg.weighting.pcgrad`).
 """
 
 from __future__ import annotations
@@ -88,19 +54,30 @@ def _distributed() -> bool:
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` over all ranks (a new tensor); returns it unchanged without torch.distributed.
+    """The mean of ``tensor`` (same shape and dtype on every rank) over all ranks, as a new tensor.
 
-    Args:
-        tensor: the same shape and dtype on every rank; not modified.
-
-    Returns:
-        The mean over ranks.
+    Without torch.distributed, ``tensor`` itself.
     """
     if not _distributed():
         return tensor
     out = tensor.detach().clone()
     dist.all_reduce(out)
     return out.div_(dist.get_world_size())
+
+
+def _coalesced(tensors: Iterable[torch.Tensor], collective) -> None:
+    """Run ``collective`` in place on ``tensors``, one flat tensor per device and dtype."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        collective(flat)
+        offset = 0
+        for t in group:
+            n = t.numel()
+            t.detach().copy_(flat[offset : offset + n].view(t.shape))
+            offset += n
 
 
 def sync_gradients(params: Iterable[torch.Tensor]) -> None:
@@ -118,46 +95,27 @@ def sync_gradients(params: Iterable[torch.Tensor]) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
     world = dist.get_world_size()
-    for grads in groups.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def mean(flat: torch.Tensor) -> None:
         dist.all_reduce(flat)
         flat.div_(world)
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset : offset + n].view(g.shape))
-            offset += n
+
+    _coalesced([p.grad for p in params], mean)
 
 
 def sync_buffers(buffers: Iterable[torch.Tensor]) -> None:
     """Copy rank 0's buffers to every rank, in one coalesced broadcast per device and dtype.
 
-    mtseg averages gradients itself (:func:`sync_gradients`) and runs DDP's forward under
-    ``no_sync``, so DDP's own start-of-forward buffer broadcast never happens. Without this,
-    BatchNorm running statistics drift apart across ranks: each rank would then validate
-    with its own statistics while the checkpoint holds rank 0's. Broadcasting from rank 0
-    is what DDP does with ``broadcast_buffers=True``. No-op without torch.distributed.
+    DDP's forward runs under ``no_sync``, so its own buffer broadcast never happens; without
+    this, BatchNorm running statistics drift apart across ranks while the checkpoint holds
+    rank 0's. No-op without torch.distributed.
 
     Args:
         buffers: the buffers (the same list, in the same order, on every rank).
     """
-    if not _distributed():
-        return
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for b in buffers:
-        groups.setdefault((b.device, b.dtype), []).append(b)
-    for tensors in groups.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
-        dist.broadcast(flat, src=0)
-        offset = 0
-        for t in tensors:
-            n = t.numel()
-            t.detach().copy_(flat[offset : offset + n].view(t.shape))
-            offset += n
+    if _distributed():
+        _coalesced(buffers, lambda flat: dist.broadcast(flat, src=0))
 
 
 def ordered_losses(losses: dict[str, torch.Tensor], task_names: list[str]) -> list[torch.Tensor]:
@@ -181,14 +139,12 @@ def per_task_gradients(
     """Flattened gradient of each loss w.r.t. ``params``: a (T, P) tensor.
 
     Args:
-        losses: the T scalar losses, sharing one graph. Pass the tensors the tasks
-            returned, not elements of a ``torch.stack`` of them: backward through a stack
-            would send zero gradients down every other task's branch.
+        losses: the T scalar losses, sharing one graph: the tensors the tasks returned, not
+            elements of a ``torch.stack`` (backward through a stack visits every branch).
         params: the parameters to differentiate (the shared ones).
-        accumulate_others: also accumulate each loss's gradient into the ``.grad`` of every
-            other parameter it reaches (the task heads), as ``loss.backward()`` would; the
-            ``.grad`` of ``params`` is left as it was, and the graph is freed after the last
-            loss. Without it the graph is kept for a later backward.
+        accumulate_others: also accumulate into the ``.grad`` of the other parameters the
+            losses reach (the heads), as ``loss.backward()`` would, and free the graph; the
+            ``.grad`` of ``params`` is left as it was. Without it the graph is kept.
 
     Returns:
         The (T, P) per-task gradients (zeros where a loss does not reach a parameter).
@@ -217,9 +173,8 @@ def representation_gradients(
 ) -> torch.Tensor:
     """Each loss's gradient at the representation the heads read, by one backward per loss.
 
-    The backward passes stop at ``leaf`` (a leaf tensor: the encoder is not reached) and
-    accumulate into the heads' ``.grad`` as ``loss.backward()`` would; the graph is freed
-    after the last loss. ``leaf.grad`` is left as it was.
+    The passes stop at ``leaf`` (the encoder is not reached), accumulate into the heads'
+    ``.grad`` as ``loss.backward()`` would and free the graph; ``leaf.grad`` is left as it was.
 
     Args:
         losses: the T scalar losses (the tensors the tasks returned).
@@ -247,10 +202,9 @@ def encoder_gradients(
 ) -> torch.Tensor:
     """The exact per-task gradients of ``params``, from the tasks' gradients at ``features``.
 
-    ``grad_theta L_i = J^T grad_features L_i``: one vector-Jacobian product per task, run as
-    ONE batched backward (``is_grads_batched``, vmap over the backward) or, with
-    ``batched=False`` or where an op of the encoder has no batched backward, one backward per
-    task (the reason is logged once). The graph of ``features`` is freed afterwards.
+    ``grad_theta L_i = J^T grad_features L_i``, as ONE batched backward (``is_grads_batched``)
+    or, with ``batched=False`` or where an encoder op has no batched backward (logged once),
+    one backward per task. The graph of ``features`` is freed afterwards.
 
     Args:
         features: the encoder's output (attached to the graph).
@@ -314,14 +268,10 @@ class WeightingStrategy(nn.Module):
         task_names: the tasks, in the order losses are reported.
     """
 
-    #: Whether :meth:`backward` is a single ``.backward()`` of one combined loss. Then the
-    #: trainer lets DDP average the model's gradients during that pass (bucketed, overlapping
-    #: the backward); strategies that take per-task gradients (PCGrad, GradNorm) run under
-    #: ``no_sync`` and :func:`sync_gradients` averages everything after them.
+    #: :meth:`backward` is one ``.backward()`` of a combined loss: DDP may average during it.
     single_backward: ClassVar[bool] = True
 
-    #: Whether :meth:`backward` takes ``representation=(features, leaf)``: the trainer then
-    #: runs the model with ``representation=True`` (see "Per-task gradients through the encoder").
+    #: :meth:`backward` takes ``representation=(features, leaf)`` from ``model(images, representation=True)``.
     uses_representation: bool = False
 
     def __init__(self, task_names: list[str]):
@@ -329,10 +279,6 @@ class WeightingStrategy(nn.Module):
         if not task_names:
             raise ValueError("weighting: at least one task is required")
         self.task_names = list(task_names)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_names)
 
     def combine(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Combined loss and the per-task weights used, from the (T,) loss vector."""
@@ -377,23 +323,22 @@ def adam_update(
     step: torch.Tensor,
     *,
     lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
     weight_decay: float = 0.0,
 ) -> None:
     """One Adam step (Kingma and Ba 2015; L2 weight decay as ``torch.optim.Adam``) on buffers, in place.
 
-    Strategies that update their own weights inside ``backward`` (GradNorm, FAMO) keep
-    the optimiser state in buffers, so it is part of ``state_dict()``.
+    GradNorm and FAMO update their weights inside ``backward``; buffers keep the optimiser
+    state in ``state_dict()``.
     """
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
     with torch.no_grad():
         if weight_decay:
             grad = grad + weight_decay * param
         step.add_(1)
         t = float(step)
-        exp_avg.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
-        exp_avg_sq.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-        bias1 = 1 - betas[0] ** t
-        bias2 = 1 - betas[1] ** t
+        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias1 = 1 - beta1**t
+        bias2 = 1 - beta2**t
         denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
         param.addcdiv_(exp_avg, denom, value=-lr / bias1)

@@ -9,9 +9,8 @@ with ``L_k(t)`` the average loss of task k over epoch t, ``T`` the temperature a
 ``w_k = 1`` for the first two epochs. A task whose loss stopped falling (ratio near 1)
 gets more weight than one still improving fast.
 
-The strategy tracks the epoch averages itself from ``backward`` calls. At
-:meth:`DWAWeighting.on_epoch_end` the sums and counts are averaged over ranks (one
-all-reduce; call it on every rank), so every rank derives the same weights.
+The strategy tracks the epoch averages from ``backward`` calls; :meth:`DWAWeighting.on_epoch_end`
+averages them over ranks (call it on every rank), so every rank derives the same weights.
 """
 
 from __future__ import annotations

@@ -12,11 +12,10 @@ a step, ``xi`` moves to favour the tasks whose log-loss fell least:
     delta_i = log l_i(t) - log l_i(t+1);   xi <- Adam(xi, grad = J_softmax(xi)^T delta, lr, weight_decay=gamma)
 
 The paper's code evaluates ``l(t+1)`` with an extra forward pass on the same batch after
-the optimiser step. Here ``l(t+1)`` is the next step's loss (the next batch), which
-costs nothing; the ``xi`` update for step t is applied at the start of step t+1, before
-the weights are used. Loss values are averaged over ranks first, so every rank uses the
-same weights and updates the same ``xi``. The minimum losses ``l*`` of the paper are 0
-(every loss here is >= 0).
+the optimiser step; here it is the next step's loss (the next batch), which costs nothing,
+so the ``xi`` update for step t runs at the start of step t+1. Loss values are averaged
+over ranks first, so every rank updates the same ``xi``. The paper's minimum losses ``l*``
+are 0 (every loss here is >= 0).
 """
 
 from __future__ import annotations
@@ -67,8 +66,6 @@ class FAMOWeighting(WeightingStrategy):
             z = torch.softmax(self.logits, dim=0)
             d = current + EPS
             c = (z / d).sum()
-            # d(sum z_i log l_i)/c = sum z_i / (c l_i) grad l_i: a weighted sum with these
-            # weights; taking l_i from the rank average keeps the weights equal on all ranks.
-            weights = z / (c * d)
+            weights = z / (c * d)  # d(sum z_i log l_i)/c = sum z_i / (c l_i) grad l_i
         (weights.to(vec.device) * vec).sum().backward()
         return self._report(weights)

@@ -13,23 +13,17 @@ are renormalised to sum to T. A task that trains slower than the others (larger
 ``r_i``) gets a larger target norm and so a larger weight.
 
 ``W`` is the last weight tensor of ``shared_params`` (the paper's choice, "to save on
-compute"): the per-task gradients need only the heads' backward passes, not T passes
-through the encoder. Since ``grad_W (w_i L_i) = w_i grad_W L_i``, ``dL_grad/dw_i`` is
-``sign(G_i - target_i) * ||grad_W L_i||`` in closed form (no double backward).
-
-DDP: the (T, |W|) per-task gradients and the T loss values travel in ONE all-reduce
-(mean), so every rank computes the same norms, ratios and weights.
+compute"): no pass through the encoder per task. Since ``grad_W (w_i L_i) = w_i grad_W
+L_i``, ``dL_grad/dw_i = sign(G_i - target_i) * ||grad_W L_i||`` in closed form (no double
+backward). DDP: the (T, |W|) gradients and the T losses travel in ONE all-reduce (mean).
 
 ``rep_grad=True``: LibMTL's representation-gradient mode (Lin and Zhang, "LibMTL: A Python
-Library for Multi-Task Learning", JMLR 2023; ``AbsWeighting(rep_grad=True)``), an
-approximation: ``G_i`` is the norm of the task's gradient at the shared representation
-(the decoder's output the heads read) instead of at ``W``. Each weighted loss backward
-runs through its head alone and the encoder runs ONE backward of the summed
-representation gradients, so the network's update is still exactly the gradient of
-``sum_i w_i L_i``; only the norms the weights follow differ. DDP: each rank's squared
-norms travel with the loss values in the one all-reduce (the norm over the global batch).
+Library for Multi-Task Learning", JMLR 2023), an approximation: ``G_i`` is the norm at the
+shared representation the heads read instead of at ``W``. The encoder runs ONE backward of
+the summed representation gradients, so the network's update is still exactly the gradient
+of ``sum_i w_i L_i``; only the norms the weights follow differ. DDP: each rank's squared
+norms travel with the losses in the one all-reduce (the norm over the global batch).
 """
-
 
 from __future__ import annotations
 
@@ -97,7 +91,7 @@ class GradNormWeighting(WeightingStrategy):
         representation: Representation | None = None,
     ) -> dict[str, float]:
         vec = stack_losses(losses, self.task_names)
-        t = self.num_tasks
+        t = len(self.task_names)
         used = self.weights.clone()
         if self.rep_grad:
             if representation is None:

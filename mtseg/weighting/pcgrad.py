@@ -8,34 +8,22 @@ sum of the projected gradients; each head gets its own task's gradient.
 
 Every projected ``g_i`` stays a linear combination of the original task gradients, so
 the surgery runs on the T x T Gram matrix ``G G^T`` and yields coefficients ``w`` with
-``update = w^T G``: the same result as projecting the vectors, at O(T^2) instead of
-O(T^2 P) work after the Gram product. ``w`` is reported as the tasks' weights.
+``update = w^T G`` (O(T^2) work after the Gram product). ``w`` is reported as the weights.
 
 Two modes (see "Per-task gradients through the encoder" in :mod:`mtseg.weighting.base`):
 
-* exact (default): the surgery on the per-task gradients of the shared parameters. Given
-  the model's representation, each task's backward runs through its head alone and the T
-  gradients at the representation go through the encoder one backward per task, or, with
-  ``batched=True``, in ONE batched backward (vmap; without a representation: one full
-  backward per task). The loop is the default because it measured faster on CPU
-  (benchmarks/multitask.py, resnet18-FPN, 64 px, batch 8, 1 thread: 4.0x equal
-  weighting's step looped, 5.0x batched): vmap still does T encoder backwards of
-  arithmetic, and its batching rules (convolution weight gradients, BatchNorm) add
-  reshapes and copies that a compute-bound CPU pays for; on a GPU, where one pass leaves the
-  device idle between small kernels, batching may win (``weighting.pcgrad_batched``).
-  Either way exact PCGrad pays T encoder backwards, and the batched form holds T
-  activation-sized gradients at once. DDP: the (T, P) matrix is
-  averaged over ranks in ONE all-reduce.
+* exact (default): the surgery on the per-task gradients of the shared parameters, the T
+  encoder backwards looped or, with ``batched=True``, as one vmap backward. The loop is the
+  default because it measured faster on CPU (benchmarks/multitask.py: 4.0x equal
+  weighting's step looped, 5.0x batched): vmap does the same arithmetic plus the copies of
+  its batching rules; on a GPU batching may win (``weighting.pcgrad_batched``). DDP: the
+  (T, P) matrix is averaged over ranks in ONE all-reduce.
 * ``rep_grad=True``: LibMTL's representation-gradient mode (Lin and Zhang, "LibMTL: A
-  Python Library for Multi-Task Learning", JMLR 2023; ``AbsWeighting(rep_grad=True)``), an
-  approximation: the surgery runs on the tasks' gradients at the shared representation
-  (the decoder's output the heads read) instead of at the parameters, i.e. it takes the
-  Gram matrix ``R R^T`` for ``G G^T = R J J^T R^T``, and the shared parameters get ONE
-  encoder backward of ``w^T R``. Unlike LibMTL, which sums the representation gradient
-  over the batch first, every sample's features are coordinates of R here. DDP: the (T, T)
-  Gram matrix of each rank's R is averaged in one all-reduce (the Gram matrix of the
-  global batch's R, up to a scale that PCGrad ignores), each rank back-propagates
-  ``w^T R`` for its own samples and :func:`sync_gradients` averages.
+  Python Library for Multi-Task Learning", JMLR 2023), an approximation: the Gram matrix
+  ``R R^T`` of the gradients at the shared representation stands in for ``G G^T = R J J^T
+  R^T``, and the encoder runs ONE backward of ``w^T R``. Unlike LibMTL, which sums R over
+  the batch first, every sample's features are coordinates of R. DDP: the (T, T) Gram
+  matrix is averaged in one all-reduce (the global batch's, up to a scale PCGrad ignores).
 
 The random order comes from a generator seeded by the step count, so every rank computes
 the same ``w`` and writes the same shared ``.grad``.
@@ -82,7 +70,6 @@ class PCGradWeighting(WeightingStrategy):
 
     Args:
         task_names: the tasks.
-        seed: seeds the projection order (with the step count), identical on every rank.
         rep_grad: project the gradients at the shared representation instead (an
             approximation, one encoder backward; see the module docstring).
         batched: exact mode: the per-task encoder backwards as one batched backward (vmap).
@@ -91,15 +78,14 @@ class PCGradWeighting(WeightingStrategy):
     single_backward = False  # per-task gradients first: averaged by sync_gradients
     uses_representation = True
 
-    def __init__(self, task_names: list[str], seed: int = 0, *, rep_grad: bool = False, batched: bool = False):
+    def __init__(self, task_names: list[str], *, rep_grad: bool = False, batched: bool = False):
         super().__init__(task_names)
-        self.seed = int(seed)
         self.rep_grad, self.batched = bool(rep_grad), bool(batched)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     def _order(self) -> list[list[int]]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.steps))
-        t = self.num_tasks
+        gen = torch.Generator().manual_seed(int(self.steps))
+        t = len(self.task_names)
         return [[j for j in torch.randperm(t, generator=gen).tolist() if j != i] for i in range(t)]
 
     def backward(
@@ -118,7 +104,7 @@ class PCGradWeighting(WeightingStrategy):
             features, leaf = representation
             rep = representation_gradients(ordered, leaf)
             if self.rep_grad:
-                flat = rep.reshape(self.num_tasks, -1).float()
+                flat = rep.reshape(len(self.task_names), -1).float()
                 coef = pcgrad_coefficients(all_reduce_mean(flat @ flat.T).double().cpu(), self._order())
                 features.backward(torch.einsum("t,t...->...", coef.to(rep), rep))
                 self.steps += 1
