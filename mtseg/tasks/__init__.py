@@ -1,9 +1,8 @@
 """Tasks of the multi-task model: one module per task, and the registry that names them.
 
 Adding a task is one new module implementing :class:`~mtseg.tasks.base.Task` and one
-line in :data:`TASKS`; a task defined outside mtseg is added with one call,
-``mtseg.tasks.register(MyTask)`` (or ``@register`` on the class). Configs may then name it, and
-the Ray Train workers and Tune trials register it too (:func:`task_classes` travels with them)::
+line in :data:`TASKS`; a task defined outside mtseg is added with ``@register`` (Ray Train
+workers and Tune trials get it through :func:`task_classes`)::
 
     tasks = build_tasks(cfg, categories)              # {name: Task}, in cfg.tasks.names order
     images = model_inputs(batch, tasks, cfg, train=True)
@@ -40,10 +39,9 @@ TASKS: dict[str, type[Task]] = {
 
 
 def register(cls: type[Task]) -> type[Task]:
-    """Add a task class to :data:`TASKS` under its ``name``, so that configs can name it.
+    """Add a task class to :data:`TASKS` under its ``name`` (a class decorator), so configs can name it.
 
-    Usable as a class decorator. Registering the same class again (same module and
-    qualified name, e.g. a module imported twice) replaces the entry.
+    Registering the same class again (e.g. a module imported twice) replaces the entry.
 
     Args:
         cls: a concrete subclass of :class:`~mtseg.tasks.base.Task`.
@@ -68,9 +66,7 @@ def register(cls: type[Task]) -> type[Task]:
         KNOWN_TASK_NAMES.append(name)
     module = sys.modules.get(cls.__module__)
     if module is not None and not module.__name__.startswith("mtseg."):
-        # Ray workers unpickle the class, and its module (a script, a test file) may not be
-        # importable there: ship its code instead of a reference (a class unpickled that way
-        # has no module here, and ships by value again).
+        # Its module (a script, a test file) may not be importable on Ray workers: ship the code.
         from ray import cloudpickle
 
         cloudpickle.register_pickle_by_value(module)
@@ -107,15 +103,13 @@ def model_inputs(
 ) -> torch.Tensor:
     """The image tensor to feed the model, after every task's input transform.
 
-    With the reconstruction task and ``train=True`` random patches are masked and the
-    mask is stored in ``batch["recon_mask"]`` (B, 1, H, W); ``batch["image"]`` itself is
-    left untouched (it is the reconstruction target). With ``train=False`` nothing changes.
+    With reconstruction and ``train=True``, random patches are masked (the mask goes to
+    ``batch["recon_mask"]``; ``batch["image"]``, the target, is left untouched).
 
     Args:
         batch: a training batch (see the data contract); ``"image"`` is required.
         tasks: from :func:`build_tasks`.
-        cfg: unused; accepted so callers can pass the run config uniformly (the tasks
-            already hold their settings).
+        cfg: unused (the tasks hold their settings).
         train: whether this is a training step.
         generator: random source for the masks (reproducible runs and tests).
 
