@@ -29,7 +29,7 @@ test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: setup
-	for b in ingest multitask train_overhead evaluate tune_overhead gpu; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in ingest multitask train_overhead evaluate tune_overhead gpu shard; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info
