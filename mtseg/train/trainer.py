@@ -131,24 +131,22 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
     ``init_checkpoint`` (another run's, e.g. the trial PBT exploits); False when there is none."""
     import ray.train
 
+    def resume(where: str, shown: str) -> bool:
+        loaded, meta = ckpt.load(where)
+        state.load_state_dict(loaded)
+        log(f"[train] resumed from {shown} (epoch {meta['epoch']}, step {meta['step']})")
+        return True
+
     reported = ray.train.get_checkpoint()
     if reported is not None:
         with reported.as_directory() as d:
             try:
-                loaded, meta = ckpt.load(d)
-                state.load_state_dict(loaded)
-                log(f"[train] resumed from {reported.path} (epoch {meta['epoch']}, step {meta['step']})")
-                return True
+                return resume(d, reported.path)
             except ckpt.CheckpointError as e:
                 log(f"[train] latest reported checkpoint is unusable: {e}")
     found = ckpt.latest_valid(run, log=log)
     uri = found[0] if found is not None else init_checkpoint
-    if not uri:
-        return False
-    loaded, meta = ckpt.load(uri)
-    state.load_state_dict(loaded)
-    log(f"[train] resumed from {uri} (epoch {meta['epoch']}, step {meta['step']})")
-    return True
+    return bool(uri) and resume(uri, uri)
 
 
 class _Reporter:
@@ -181,16 +179,13 @@ class _Reporter:
         metrics = {**metrics, "train/epoch": state.epoch, "train/step": state.step, "train/total_steps": self.total_steps,
                    "train/epoch_rows": state.epoch_rows}
         metrics.setdefault(VAL_METRIC, state.last_val.get(VAL_METRIC, 0.0))
-        if not with_checkpoint:
+        if not with_checkpoint or self.rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            if self.rank == 0:
-                ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics, "categories": self.categories},
-                          self.config_yaml)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-            else:
-                ray.train.report(metrics)
+            ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics, "categories": self.categories},
+                      self.config_yaml)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     def scalars(self, metrics: dict[str, float], step: int, *, flush: bool = False) -> None:
         if self.writer is not None:
@@ -275,9 +270,8 @@ def _progress_callback():
     class Progress(UserCallback):
         """Prints one progress line per report on the driver: epoch, step, loss, img/s, ETA."""
 
-        def __init__(self):
-            self.t0 = None
-            self.step0 = 0
+        t0: float | None = None
+        step0 = 0
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0] if metrics else {}
@@ -321,11 +315,12 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
         callbacks: Ray Train callbacks, after the driver's progress printer.
         init_checkpoint: checkpoint directory URI to start from when the run has none of its own.
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.ray_storage(cfg.train.storage_path)
-    use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and _cluster_has_gpus())
+    use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     if cfg.model.sync_batchnorm and not use_gpu and cfg.train.num_workers > 1:
         # torch's SyncBatchNorm runs on CUDA only; on CPU workers the broadcast of rank 0's
         # buffers after each step (always on) is what keeps replicas identical.
@@ -397,9 +392,3 @@ def clear_run(cfg: Config, *, log=print) -> None:
             storage.delete(entry, recursive=True, within=run)
     for owned in ("tensorboard", "image_ids"):  # only what training writes there
         shutil.rmtree(os.path.join(local_run_dir(cfg), owned), ignore_errors=True)
-
-
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
