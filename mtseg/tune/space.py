@@ -130,10 +130,6 @@ def trial_config(base: dict, values: dict[str, Any]) -> Config:
     return config_from_dict(tree)
 
 
-def _is_pbt_mutable(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in PBT_MUTABLE)
-
-
 # Above this many combinations of discrete values, each key is checked on its own.
 _MAX_CHECKED_COMBINATIONS = 4096
 
@@ -205,7 +201,7 @@ def _validate_pbt(cfg: Config, params: dict[str, Param]) -> None:
     if not mutated:
         raise ConfigError("tune.space: PBT needs at least one mutated key (choice/uniform/loguniform/randint); grid[...] only seeds the population")
     for p in mutated:
-        if not _is_pbt_mutable(p.key):
+        if not any(p.key == k or (k.endswith(".") and p.key.startswith(k)) for k in PBT_MUTABLE):
             raise ConfigError(
                 f"tune.space.{p.key}: PBT cannot change it inside a running trial (the checkpoint's layout depends on it); "
                 f"use grid[...] to seed the population, or mutate one of "
