@@ -487,7 +487,14 @@ def _run_on_ray(jobs: list[tuple], max_in_flight: int | None) -> Iterator[tuple[
                 running[task.options(name=f"shard-{job[1]:05d}").remote(*job)] = job[1]
             done, _ = ray.wait(list(running), num_returns=1)
             index = running.pop(done[0])
-            yield index, ray.get(done[0])
+            try:
+                sidecar = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                # The task's own one-line error (a storage failure), not Ray's traceback around it.
+                if isinstance(e.cause, MtsegError):
+                    raise e.cause from None
+                raise
+            yield index, sidecar
     finally:
         # A failure (or a bad share over the limit) stops the rest; what they wrote is whole.
         for ref in running:

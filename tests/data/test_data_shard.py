@@ -491,3 +491,13 @@ def test_ray_tasks_stop_on_too_many_bad_images(coco_root, tmp_path, ray_local):
     with pytest.raises(ShardError, match=r"split train2017: \d of 20 images are bad"):
         shard_coco(coco_root, SPLIT, out, images_per_shard=3, max_bad_fraction=0.05, executor="ray", log=_quiet)
     assert not os.path.exists(os.path.join(out, SPLIT, "manifest.json"))
+
+
+@pytest.mark.slow
+def test_ray_task_storage_failure_is_one_line(coco_root, tmp_path, ray_local):
+    out = tmp_path / "ray"
+    (out / SPLIT / "shard-00001.parquet" / "in-the-way").mkdir(parents=True)  # the shard cannot be put there
+    with pytest.raises(storage.StorageError) as raised:
+        shard_coco(coco_root, SPLIT, str(out), images_per_shard=5, executor="ray", log=_quiet)
+    assert "shard-00001.parquet" in str(raised.value) and "\n" not in str(raised.value)
+    assert not os.path.exists(out / SPLIT / "manifest.json")
