@@ -379,9 +379,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"weighting.rep_grad: only gradnorm and pcgrad have it, not {cfg.weighting.name}")
     if cfg.tasks.patch_size > cfg.data.image_size:
         raise ConfigError(f"tasks.patch_size: {cfg.tasks.patch_size} exceeds data.image_size {cfg.data.image_size}")
-    if "supercategory" in cfg.tasks.names or "boundary" in cfg.tasks.names or "instance" in cfg.tasks.names:
-        if "semantic" not in cfg.tasks.names:
-            raise ConfigError("tasks.names: supercategory, boundary and instance refine 'semantic', which must be in the set")
+    if {"supercategory", "boundary", "instance"} & set(cfg.tasks.names) and "semantic" not in cfg.tasks.names:
+        raise ConfigError("tasks.names: supercategory, boundary and instance refine 'semantic', which must be in the set")
     for key, uri in (("data.uri", cfg.data.uri), ("data.unlabeled_uri", cfg.data.unlabeled_uri),
                      ("train.storage_path", cfg.train.storage_path)):
         if uri or key != "data.unlabeled_uri":
