@@ -100,13 +100,29 @@ def test_bad_config_fails_before_any_worker_starts(ray_local, tiny_dataset, s3_b
     assert main(["train", f"data.uri={tiny_dataset}-missing", f"train.storage_path={s3_bucket}"]) == 2
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _is_ours(pid: int) -> bool:
+    """Whether ``pid`` descends from this process: the local Ray's raylet is our child, its workers
+    its children; a Ray Train worker of anyone else's Ray on this machine (a user's demo) is not."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        pid = _parent(pid)
+    return False
+
+
 def _worker_pids() -> list[int]:
+    """Ray Train worker processes of this session's Ray."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"RayTrainWorker" in f.read():
+                    if b"RayTrainWorker" in f.read() and _is_ours(int(entry)):
                         pids.append(int(entry))
             except OSError:
                 pass
