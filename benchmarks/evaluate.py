@@ -96,8 +96,8 @@ def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | Non
     from mtseg.data.pipeline import iter_local_batches
     from mtseg.fusion import has_instances
     from mtseg.metrics import Evaluator
-    from mtseg.predict import build_inference_model
     from mtseg.tasks import build_tasks
+    from mtseg.train.checkpoint import build_inference_model
     from mtseg.train.loop import evaluate
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -246,14 +246,14 @@ def main(argv: list[str] | None = None) -> dict:
     from mtseg.cluster import init_local_ray
     from mtseg.data.shard import shard_coco
     from mtseg.data.synth import synthesize
-    from mtseg.predict import load_checkpoint
+    from mtseg.train.checkpoint import load_for_inference
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mtseg-bench-eval-") as tmp:
         coco_root, data_uri = os.path.join(tmp, "coco"), os.path.join(tmp, "shards")
         synthesize(coco_root, train=0, val=args.images, size=args.size, seed=0)
         manifest = shard_coco(coco_root, SPLIT, data_uri, images_per_shard=args.images_per_shard, log=lambda _: None)
-        loaded = load_checkpoint(_make_checkpoint(os.path.join(tmp, "run", "checkpoint_000000"), data_uri, args.batch_size))
+        loaded = load_for_inference(_make_checkpoint(os.path.join(tmp, "run", "checkpoint_000000"), data_uri, args.batch_size))
         gt = ground_truth(data_uri)  # built once, outside the timings, as training validation does
         init_local_ray(num_cpus=2, log_to_driver=False)
         try:
