@@ -65,10 +65,11 @@ import numpy as np
 import psutil
 import torch
 from _results import write_results
+from _store import local_store
 from torch.utils.data import DataLoader, Dataset
 
 from mtseg import storage
-from mtseg.cluster import SeaweedFS, init_local_ray
+from mtseg.cluster import init_local_ray
 from mtseg.config import load_config
 from mtseg.data.manifest import read_manifest, shard_uris, write_manifest
 from mtseg.data.pipeline import ChunkedTransform, SampleTransform, categories_of, read_split, worker_batches
@@ -286,22 +287,10 @@ def coco_profile(tmp: str, args) -> dict:
     finally:
         torch.set_num_threads(threads)
 
-    store = SeaweedFS(data_dir=os.path.join(tmp, "seaweedfs-coco")).start()
-    saved = {k: os.environ.get(k) for k in store.env()}
-    try:
-        os.environ.update(store.env())
-        storage._s3_filesystem.cache_clear()
+    with local_store(os.path.join(tmp, "seaweedfs-coco")) as store:
         uri = f"s3://{store.bucket}/ingest-coco"
         shard_coco(coco_root, SPLIT, uri, images_per_shard=16, log=lambda _: None)
         ray_result, dl_result = run_both(uri, coco_root, cfg, args.coco_passes, store.env())
-    finally:
-        store.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage._s3_filesystem.cache_clear()
     return {
         "images": args.coco_images,
         "image_px": [640, 480],
@@ -452,13 +441,9 @@ def memory(tmp: str, args) -> dict:
     coco_root = os.path.join(tmp, "coco-memory")
     synthesize(coco_root, train=args.memory_images, val=0, seed=0, profile="coco")
     cfg = load_config(None, [f"data.image_size={args.memory_crop}", "data.batch_size=8"])
-    store = SeaweedFS(data_dir=os.path.join(tmp, "seaweedfs-memory")).start()
-    saved = {k: os.environ.get(k) for k in store.env()}
     import ray
 
-    try:
-        os.environ.update(store.env())
-        storage._s3_filesystem.cache_clear()
+    with local_store(os.path.join(tmp, "seaweedfs-memory")) as store:
         uri = f"s3://{store.bucket}/ingest-memory"
         manifest = shard_coco(coco_root, SPLIT, uri, images_per_shard=args.memory_images_per_shard, log=lambda _: None)
         replicate_split(uri, SPLIT, MEMORY_SPLIT_10X, MEMORY_COPIES)
@@ -474,14 +459,6 @@ def memory(tmp: str, args) -> dict:
             ten = _stream_peak(uri, MEMORY_SPLIT_10X, cfg, categories, tasks)
         finally:
             ray.shutdown()
-    finally:
-        store.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage._s3_filesystem.cache_clear()
     rss_ratio = round(ten["rss_peak_mib"] / one["rss_peak_mib"], 3)
     store_ratio = round(ten["object_store_peak_mib"] / one["object_store_peak_mib"], 3) if one["object_store_peak_mib"] else None
     return {
@@ -538,22 +515,10 @@ def main(argv: list[str] | None = None) -> dict:
         mem = memory(tmp, args) if args.memory else None
         coco_root = os.path.join(tmp, "coco")
         synthesize(coco_root, train=args.images, val=0, size=args.size, seed=0)
-        store = SeaweedFS(data_dir=os.path.join(tmp, "seaweedfs")).start()
-        saved = {k: os.environ.get(k) for k in store.env()}
-        try:
-            os.environ.update(store.env())
-            storage._s3_filesystem.cache_clear()  # the store's endpoint and keys, not earlier ones
+        with local_store(os.path.join(tmp, "seaweedfs")) as store:
             uri = f"s3://{store.bucket}/ingest"
             manifest = shard_coco(coco_root, SPLIT, uri, images_per_shard=args.images_per_shard, log=lambda _: None)
             ray_result, dl_result = run_both(uri, coco_root, cfg, args.passes, store.env())
-        finally:
-            store.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            storage._s3_filesystem.cache_clear()
         coco = coco_profile(tmp, args) if args.coco_images else None
 
     result = {

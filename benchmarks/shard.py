@@ -38,9 +38,10 @@ import time
 
 import torch
 from _results import write_results
+from _store import local_store
 
 from mtseg import storage
-from mtseg.cluster import SeaweedFS, init_local_ray
+from mtseg.cluster import init_local_ray
 from mtseg.data import shard as shard_mod
 from mtseg.data.synth import synthesize
 from mtseg.data.transforms import prepare_image
@@ -110,11 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         coco_root = os.path.join(tmp, "coco")
         synthesize(coco_root, train=args.images, val=0, seed=0, profile="coco")
         source_mb = sum(os.path.getsize(os.path.join(coco_root, SPLIT, n)) for n in os.listdir(os.path.join(coco_root, SPLIT))) / 1e6
-        store = SeaweedFS(data_dir=os.path.join(tmp, "seaweedfs")).start()
-        saved = {k: os.environ.get(k) for k in store.env()}
-        try:
-            os.environ.update(store.env())
-            storage._s3_filesystem.cache_clear()  # the store's endpoint and keys, not earlier ones
+        with local_store(os.path.join(tmp, "seaweedfs")) as store:
             bucket = f"s3://{store.bucket}"
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # per core: what sizes a cluster
@@ -132,14 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
                 warm, warm_s = _timed_shard(coco_root, f"{bucket}/ray", images_per_shard=args.images_per_shard, executor="ray")
             finally:
                 ray.shutdown()
-        finally:
-            store.stop()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            storage._s3_filesystem.cache_clear()
 
     manifests = (serial, pooled, cold, warm)
     identical = all(m["shards"] == serial["shards"] and m["counts"] == serial["counts"] for m in manifests)
