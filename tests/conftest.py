@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import uuid
 
 import pytest
@@ -131,3 +133,23 @@ def two_ranks(tmp_path):
         return tuple(json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
 
     return run
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def load_benchmark():
+    """Factory: the module of ``benchmarks/<name>.py``, loaded from its path (benchmarks/ is no package)."""
+
+    def load(name: str):
+        sys.path.insert(0, BENCHMARKS)  # it imports its siblings (_results, _store)
+        try:
+            spec = importlib.util.spec_from_file_location(f"{name}_benchmark", os.path.join(BENCHMARKS, f"{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        finally:
+            sys.path.remove(BENCHMARKS)
+
+    return load

@@ -5,29 +5,13 @@ The phases that start Ray (stream, evaluate) run in ``make bench``; torch.compil
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 
 import torch
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
-
-def _load_gpu_benchmark():
-    sys.path.insert(0, BENCHMARKS)  # it imports its sibling _results
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_benchmark", os.path.join(BENCHMARKS, "gpu.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(BENCHMARKS)
-
-
-def test_cpu_smoke_trains_both_models_counts_their_flops_and_says_it_is_a_smoke(tmp_path):
-    gpu = _load_gpu_benchmark()
+def test_cpu_smoke_trains_both_models_counts_their_flops_and_says_it_is_a_smoke(tmp_path, load_benchmark):
+    gpu = load_benchmark("gpu")
     out = tmp_path / "gpu.json"
     threads = torch.get_num_threads()
     try:
@@ -46,8 +30,8 @@ def test_cpu_smoke_trains_both_models_counts_their_flops_and_says_it_is_a_smoke(
     assert all(g["met"] is None for g in figures["goals"].values())  # a smoke meets or misses nothing
 
 
-def test_bf16_peak_table_knows_the_gpus_of_the_goal():
-    gpu = _load_gpu_benchmark()
+def test_bf16_peak_table_knows_the_gpus_of_the_goal(load_benchmark):
+    gpu = load_benchmark("gpu")
     assert gpu.bf16_peak_flops("NVIDIA H100 80GB HBM3") == gpu.bf16_peak_flops("NVIDIA H200") == 989e12
     assert gpu.bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert gpu.bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12

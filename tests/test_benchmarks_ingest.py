@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 from mtseg.data.manifest import read_manifest
 from mtseg.data.shard import shard_coco
 from mtseg.data.synth import synthesize
 from mtseg.train.data import plan_epoch
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
-
-def _load_ingest_benchmark():
-    sys.path.insert(0, BENCHMARKS)  # it imports its sibling _results
-    try:
-        spec = importlib.util.spec_from_file_location("ingest_benchmark", os.path.join(BENCHMARKS, "ingest.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(BENCHMARKS)
-
-
-def test_replicate_split_lists_every_copy_in_a_manifest_the_stream_reads(tmp_path):
-    ingest = _load_ingest_benchmark()
+def test_replicate_split_lists_every_copy_in_a_manifest_the_stream_reads(tmp_path, load_benchmark):
+    ingest = load_benchmark("ingest")
     synthesize(str(tmp_path / "coco"), train=5, val=0, seed=0)
     uri = str(tmp_path / "shards")
     one = shard_coco(str(tmp_path / "coco"), "train2017", uri, images_per_shard=2, log=lambda _: None)
