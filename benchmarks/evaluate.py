@@ -9,8 +9,10 @@ Inference, same model and same images on both sides, each doing the whole evalua
 per image (decode + resize + targets, forward, fusion, per-batch metric updates):
 
 * ``ray_data``: :func:`mtseg.evaluate.build_eval_dataset` on a local Ray with 2 CPUs, the
-  actor plan ``mtseg evaluate`` picks by default (:func:`mtseg.evaluate.plan_actors`),
-  iterated to the last per-batch state;
+  plan ``mtseg evaluate`` picks by default (:func:`mtseg.evaluate.plan_inference`: on CPUs the
+  model runs in the read + decode tasks), iterated to the last per-batch state;
+* ``actor_pool``: the same with ``--concurrency 2`` (one single-threaded actor per CPU, the
+  plan GPUs get), for comparison;
 * ``plain``: one process, torch on every core, :func:`mtseg.data.pipeline.iter_local_batches`
   feeding :func:`mtseg.train.loop.evaluate` (training validation's loop) and one Evaluator.
 
@@ -24,8 +26,10 @@ images after the first results came back over the time after that, which leaves 
 side's start-up (the plain loop's model build; Ray's actor processes importing torch and
 loading the model, a fixed cost of seconds that a real evaluation pays once, whatever its
 size). ``end_to_end`` has the plain images / wall time of a pass, start-up included, and
-the time to the first results; with a few seconds of actor start-up, it approaches the
-steady-state ratio only for evaluations of a few thousand images and more.
+the time to the first results; ``end_to_end_ratio`` is its ratio. ``cold_first_results_s``
+is that time in the warm-up pass, where Ray's worker processes import torch for the first
+time (what a single ``mtseg evaluate`` job pays once); the timed passes reuse them, as a
+job's later evaluations do. Actors cannot be reused: each pass starts new ones.
 
 COCOeval: ground truth from the same shards, detections made from it (each object detected
 ``--detections-per-object`` times with masks shifted by up to two pixels and falling scores,
@@ -117,14 +121,15 @@ def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | Non
     return result
 
 
-def ray_pass(loaded, data_uri: str, batch_size: int, limit: int | None = None) -> tuple[Pass, dict]:
-    """``mtseg evaluate``'s pipeline with its default actor plan, to the last per-batch state."""
+def ray_pass(loaded, data_uri: str, batch_size: int, limit: int | None = None,
+             concurrency: int | None = None) -> tuple[Pass, dict]:
+    """``mtseg evaluate``'s pipeline with its default plan (or ``concurrency`` actors), to the last per-batch state."""
     import ray
 
-    from mtseg.evaluate import build_eval_dataset, plan_actors
+    from mtseg.evaluate import build_eval_dataset, plan_inference
 
     start = time.perf_counter()
-    plan = plan_actors(ray.cluster_resources())
+    plan = plan_inference(ray.cluster_resources(), concurrency=concurrency)
     ds, _ = build_eval_dataset(loaded, data_uri, SPLIT, batch_size=batch_size, plan=plan, limit=limit)
     result = Pass(0, 0.0)
     for row in ds.iter_rows():
@@ -259,12 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             # Warm-up on a few images: imports, Ray's worker pool, the page cache.
             plain_pass(loaded, data_uri, args.batch_size, gt, limit=2 * args.batch_size)
-            ray_pass(loaded, data_uri, args.batch_size, limit=2 * args.batch_size)
-            plain_runs, ray_runs, plan = [], [], {}
+            cold, _ = ray_pass(loaded, data_uri, args.batch_size, limit=2 * args.batch_size)
+            actors = int(ray.cluster_resources()["CPU"])
+            plain_runs, ray_runs, actor_runs, plan = [], [], [], {}
             for _ in range(args.passes):
                 plain_runs.append(plain_pass(loaded, data_uri, args.batch_size, gt))
                 run, plan = ray_pass(loaded, data_uri, args.batch_size)
                 ray_runs.append(run)
+                actor_runs.append(ray_pass(loaded, data_uri, args.batch_size, concurrency=actors)[0])
             coco = coco_timing(gt, args.coco_shards, args.detections_per_object)
         finally:
             ray.shutdown()
@@ -274,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray_steady, plain_steady = median(ray_runs, "steady_images_per_s"), median(plain_runs, "steady_images_per_s")
     ray_total, plain_total = median(ray_runs, "images_per_s"), median(plain_runs, "images_per_s")
+    actor_steady, actor_total = median(actor_runs, "steady_images_per_s"), median(actor_runs, "images_per_s")
     result = {
         "benchmark": "evaluate",
         "images": args.images,
@@ -283,17 +291,26 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "shards": len(manifest["shards"]),
         "cpus": os.cpu_count(),
-        "ray_plan": {k: plan[k] for k in ("actors", "device", "num_cpus", "threads")},
+        "ray_plan": {k: plan[k] for k in ("mode", "actors", "device", "num_cpus", "threads")},
         "ray_data_images_per_s": ray_steady,
         "plain_loop_images_per_s": plain_steady,
         "ratio": round(ray_steady / plain_steady, 3),
         "target_ratio": 0.9,
+        "end_to_end_ratio": round(ray_total / plain_total, 3),
         "end_to_end": {
             "ray_data_images_per_s": ray_total,
             "plain_loop_images_per_s": plain_total,
             "ratio": round(ray_total / plain_total, 3),
             "ray_first_results_s": [round(r.first_seconds, 2) for r in ray_runs],
             "plain_first_results_s": [round(r.first_seconds, 2) for r in plain_runs],
+            "cold_first_results_s": round(cold.first_seconds, 2),
+        },
+        "actor_pool": {
+            "actors": actors,
+            "images_per_s": actor_steady,
+            "ratio": round(actor_steady / plain_steady, 3),
+            "end_to_end_ratio": round(actor_total / plain_total, 3),
+            "first_results_s": [round(r.first_seconds, 2) for r in actor_runs],
         },
         "ray_passes_steady_images_per_s": [round(r.steady_images_per_s, 2) for r in ray_runs],
         "plain_passes_steady_images_per_s": [round(r.steady_images_per_s, 2) for r in plain_runs],

@@ -3,9 +3,9 @@
     ray job submit --working-dir . -- python jobs/evaluate.py --checkpoint s3://bucket/runs/demo --data s3://bucket/shards --split val2017
     mtseg evaluate --checkpoint s3://bucket/runs/demo --data s3://bucket/shards    # the same, in this shell
 
-Thin on purpose: parse, call mtseg, exit. Batch inference runs on the cluster's Ray Data actor
-pool (GPU actors when the cluster has GPUs); metrics.json and metrics.md are written beside the
-checkpoint and the table is printed to the job's log.
+Thin on purpose: parse, call mtseg, exit. Batch inference runs in Ray Data: an actor per GPU
+when the cluster has GPUs, else in the read + decode tasks; metrics.json and metrics.md are
+written beside the checkpoint and the table is printed to the job's log.
 """
 
 import sys

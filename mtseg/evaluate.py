@@ -7,7 +7,8 @@ The pipeline streams; only per-batch metric states and ground-truth rows reach t
     read_parquet(split shards)
       └ map_batches(ChunkedTransform)    CPU tasks fused with the read: validation transform +
                                          targets + each image's ground truth as JSON
-      └ map_batches(EvalActor)           actor pool (one GPU each when there are GPUs): the
+      └ map_batches(EvalTask)            on CPUs, fused too: one task reads, decodes and scores
+        or map_batches(EvalActor)        with GPUs: an actor pool, one GPU each; both run the
                                          per-batch Evaluator of :func:`mtseg.train.loop.evaluate`
     driver: states merged into one Evaluator, COCO matching in parallel Ray tasks
 
@@ -20,7 +21,7 @@ import json
 import math
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,36 @@ class EvalActor:
         }
 
 
+#: The model of the evaluation running in this worker process: ``{model key: EvalActor}``.
+_WORKER_MODEL: dict[str, EvalActor] = {}
+
+
+class EvalTask:
+    """Ray Data UDF (tasks, fused with the read): an :class:`EvalActor` built once per worker process.
+
+    Ray reuses a job's task workers, and the read + decode already imported torch in them, so
+    the model costs one build per worker. An actor pool would start new processes instead, each
+    spending 4-5 CPU-seconds importing torch and torchvision before its first batch: on 2 CPUs,
+    most of a 1,000-image evaluation. A worker keeps one model, that of the newest ``key``.
+
+    Args:
+        key: names the model (the ObjectRef of its state, one per evaluation).
+        kwargs: :class:`EvalActor`'s arguments.
+        batch_size: images per forward; the fused map gets each decoded chunk whole.
+    """
+
+    def __init__(self, key: str, kwargs: dict[str, Any], batch_size: int):
+        self.key, self.kwargs, self.batch_size = key, kwargs, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        if self.key not in _WORKER_MODEL:
+            _WORKER_MODEL.clear()
+            _WORKER_MODEL[self.key] = EvalActor(**self.kwargs)
+        actor = _WORKER_MODEL[self.key]
+        for start in range(0, len(batch["gt"]), self.batch_size):
+            yield actor({k: v[start:start + self.batch_size] for k, v in batch.items()})
+
+
 @dataclass
 class EvaluationResult:
     """Metrics of one checkpoint on one split.
@@ -130,11 +161,12 @@ class EvaluationResult:
         from mtseg.report import metrics_table
 
         s = self.setup
+        where = (f"{s['actors']} {s.get('device', '?')} inference actor(s)" if s.get("actors")
+                 else "inference in the read + decode tasks")
         lines = [
             f"# Evaluation of `{self.checkpoint}`",
             "",
-            f"Split `{self.split}` of `{self.data}`: {self.images} images; "
-            f"{s.get('actors', '?')} {s.get('device', '?')} inference actor(s), batch {s.get('batch_size', '?')}; "
+            f"Split `{self.split}` of `{self.data}`: {self.images} images; {where}, batch {s.get('batch_size', '?')}; "
             f"{self.timing.get('images_per_s', 0.0):.1f} images/s; metrics {self.timing.get('metrics_s', 0.0):.1f}s "
             f"(COCO matching in {s.get('coco_shards', 1)} Ray tasks).",
             "",
@@ -143,13 +175,16 @@ class EvaluationResult:
         return "\n".join(lines) + "\n"
 
 
-def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurrency: int | None = None,
+def plan_inference(resources: dict[str, float], *, use_gpu: str = "auto", concurrency: int | None = None,
                 actor_cpus: float | None = None) -> dict[str, Any]:
-    """How many inference actors, with which resources.
+    """Where the forward passes run, with which resources.
 
-    One actor per GPU, else one single-threaded actor per CPU (several small forwards use the
-    CPUs better than one multi-threaded one). The actors leave :data:`PREPROCESS_TASK_CPUS`
-    free: with every CPU held by an actor no read + decode task could run and the stream stalls.
+    With GPUs, one actor per GPU (``mode`` ``actors``). On CPUs, by default, in the read +
+    decode tasks themselves (``mode`` ``tasks``, one single-threaded :class:`EvalTask` per CPU:
+    several small forwards use the CPUs better than one multi-threaded one, and no actor has
+    to start). ``concurrency`` or ``actor_cpus`` on CPUs ask for an actor pool; it leaves
+    :data:`PREPROCESS_TASK_CPUS` free: with every CPU held by an actor no read + decode task
+    could run and the stream stalls.
 
     Args:
         resources: ``ray.cluster_resources()``.
@@ -158,7 +193,8 @@ def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurren
         actor_cpus: CPUs each actor reserves; default its share of the CPUs left over (at most 1).
 
     Returns:
-        ``{"actors", "device", "num_cpus", "num_gpus", "threads"}``.
+        ``{"mode", "actors", "device", "num_cpus", "num_gpus", "threads"}``; ``actors`` is 0 in
+        ``tasks`` mode.
 
     Raises:
         PredictError: GPUs asked for and absent, or bad numbers.
@@ -175,6 +211,9 @@ def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurren
     if actor_cpus is not None and actor_cpus < 0:
         raise PredictError(f"--actor-cpus: must be >= 0, got {actor_cpus}")
     on_gpu = gpus > 0 and use_gpu != "false"
+    if not on_gpu and concurrency is None and actor_cpus is None:
+        return {"mode": "tasks", "actors": 0, "device": "cpu", "num_cpus": preprocess_cpus, "num_gpus": 0.0,
+                "threads": 1}
     actors = concurrency or (gpus if on_gpu else max(1, int(cpus)))
     if actor_cpus is None:
         actor_cpus = max(0.0, min(1.0, (cpus - preprocess_cpus) / actors))
@@ -184,6 +223,7 @@ def plan_actors(resources: dict[str, float], *, use_gpu: str = "auto", concurren
             f"needs on a cluster of {cpus:g} CPUs; lower --concurrency or --actor-cpus"
         )
     return {
+        "mode": "actors",
         "actors": actors,
         "device": "cuda" if on_gpu else "cpu",
         "num_cpus": round(actor_cpus, 4),
@@ -198,7 +238,7 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
 
     Args:
         batch_size: images per model forward.
-        plan: from :func:`plan_actors`.
+        plan: from :func:`plan_inference`.
         limit: evaluate the first ``limit`` images only.
 
     Returns:
@@ -219,11 +259,17 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     ds = ds.map_batches(ChunkedTransform(transform, with_gt=True), batch_format="pyarrow", batch_size=None,
                         zero_copy_batch=True)
     state_ref = ray.put(loaded.model_state)
+    kwargs = {"cfg": cfg.to_dict(), "categories": loaded.categories.to_categories(), "model_state": state_ref,
+              "device": plan["device"], "num_threads": plan["threads"], "tasks": task_classes()}
+    if plan["mode"] == "tasks":
+        ds = ds.map_batches(EvalTask(state_ref.hex(), kwargs, batch_size), batch_size=None, batch_format="numpy")
+        # Ray 2.60 reserves half the CPUs for each operator by default; with one fused operator
+        # that left 1.2 tasks running on 2 CPUs. The Dataset keeps its own copy of the context.
+        ds.context.op_resource_reservation_enabled = False
+        return ds, manifest
     return ds.map_batches(
         EvalActor,
-        fn_constructor_kwargs={"cfg": cfg.to_dict(), "categories": loaded.categories.to_categories(),
-                               "model_state": state_ref, "device": plan["device"], "num_threads": plan["threads"],
-                               "tasks": task_classes()},
+        fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
@@ -257,7 +303,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     Args:
         loaded: from :func:`load_for_evaluation`, which checked the counts and the label space.
         batch_size: images per forward pass; default the run's ``data.batch_size``.
-        concurrency, actor_cpus, use_gpu: see :func:`plan_actors`.
+        concurrency, actor_cpus, use_gpu: see :func:`plan_inference`.
         limit: only the first ``limit`` images.
         coco_shards: Ray tasks for the COCO per-image matching; default by image count and CPUs.
 
@@ -275,12 +321,13 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
 
     batch_size = batch_size if batch_size is not None else loaded.cfg.data.batch_size
     resources = dict(ray.cluster_resources())
-    plan = plan_actors(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
+    plan = plan_inference(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
     try:
         ds, manifest = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit)
     except ValueError as e:  # e.g. a split whose manifest lists no shards
         raise PredictError(str(e)) from None
-    log(f"[evaluate] {storage.join(data_uri, split)}: {plan['actors']} {plan['device']} actor(s), batch {batch_size}")
+    where = f"{plan['actors']} {plan['device']} actor(s)" if plan["actors"] else "the read + decode tasks"
+    log(f"[evaluate] {storage.join(data_uri, split)}: inference in {where}, batch {batch_size}")
 
     t0 = time.monotonic()
     states: list[bytes] = []
@@ -310,7 +357,7 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
         metrics=metrics, images=images, checkpoint=loaded.uri, data=data_uri, split=split,
         timing={"inference_s": round(inference_s, 3), "images_per_s": round(images / inference_s, 2),
                 "metrics_s": round(metrics_s, 3), "total_s": round(inference_s + metrics_s, 3)},
-        setup={"actors": plan["actors"], "device": plan["device"], "actor_cpus": plan["num_cpus"],
+        setup={"mode": plan["mode"], "actors": plan["actors"], "device": plan["device"], "actor_cpus": plan["num_cpus"],
                "batch_size": batch_size, "coco_shards": shards, "limit": limit},
     )
 

@@ -16,7 +16,7 @@ import torch
 
 from mtseg import storage
 from mtseg.config import load_config, to_yaml
-from mtseg.evaluate import plan_actors
+from mtseg.evaluate import plan_inference
 from mtseg.predict import PredictError
 from mtseg.train import checkpoint as ckpt
 
@@ -89,25 +89,29 @@ def test_evaluate_streams_from_seaweedfs_and_matches_the_plain_loop(ray_local, t
     from mtseg.cli import main
 
     run, checkpoint_uri, cfg, categories = trained_checkpoint
-    # The run directory resolves to its newest complete checkpoint; two actors share the batches.
-    code = main(["evaluate", "--checkpoint", run, "--data", tiny_data, "--split", "val2017", "--batch-size", "4"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "| `val/miou` |" in out and "| `val/mask_ap` |" in out
-
-    written = json.loads(storage.read_bytes(storage.join(checkpoint_uri, "metrics.json")))
-    assert written["images"] == VAL_IMAGES and written["split"] == "val2017" and written["setup"]["actors"] == 2
-    table = storage.read_bytes(storage.join(checkpoint_uri, "metrics.md")).decode()
-    assert "| `val/pixel_acc` |" in table
-
     expected = _plain_loop_metrics(checkpoint_uri, cfg, categories)
-    assert set(written["metrics"]) == set(expected)
-    for key, want in expected.items():
-        got = written["metrics"][key]
-        if math.isnan(want):
-            assert got is None, key  # undefined (NaN) is written as null
-        else:
-            assert got == pytest.approx(want, rel=1e-9, abs=1e-12), key
+    # The run directory resolves to its newest complete checkpoint. By default the read + decode
+    # tasks run the model; --concurrency asks for an actor pool. Both give the plain loop's numbers.
+    for extra, mode, actors in (([], "tasks", 0), (["--concurrency", "2"], "actors", 2)):
+        code = main(["evaluate", "--checkpoint", run, "--data", tiny_data, "--split", "val2017", "--batch-size", "4",
+                     *extra])
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "| `val/miou` |" in out and "| `val/mask_ap` |" in out
+
+        written = json.loads(storage.read_bytes(storage.join(checkpoint_uri, "metrics.json")))
+        assert written["images"] == VAL_IMAGES and written["split"] == "val2017"
+        assert (written["setup"]["mode"], written["setup"]["actors"]) == (mode, actors)
+        table = storage.read_bytes(storage.join(checkpoint_uri, "metrics.md")).decode()
+        assert "| `val/pixel_acc` |" in table
+
+        assert set(written["metrics"]) == set(expected)
+        for key, want in expected.items():
+            got = written["metrics"][key]
+            if math.isnan(want):
+                assert got is None, key  # undefined (NaN) is written as null
+            else:
+                assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (mode, key)
 
 
 @pytest.mark.slow
@@ -131,23 +135,25 @@ def test_evaluate_limit_and_label_space_check(ray_local, trained_checkpoint, tin
         evaluate_checkpoint(checkpoint_uri, other, "val2017", out=str(tmp_path), log=lambda *a: None)
 
 
-def test_actor_plan_leaves_a_cpu_for_decoding_and_uses_every_gpu():
-    cpu = plan_actors({"CPU": 8.0})
-    assert cpu == {"actors": 8, "device": "cpu", "num_cpus": 0.875, "num_gpus": 0.0, "threads": 1}
-    small = plan_actors({"CPU": 2.0})
+def test_inference_plan_runs_in_the_read_tasks_on_cpus_and_uses_every_gpu():
+    cpu = plan_inference({"CPU": 8.0})
+    assert cpu == {"mode": "tasks", "actors": 0, "device": "cpu", "num_cpus": 1.0, "num_gpus": 0.0, "threads": 1}
+    pool = plan_inference({"CPU": 8.0}, concurrency=8)
+    assert pool == {"mode": "actors", "actors": 8, "device": "cpu", "num_cpus": 0.875, "num_gpus": 0.0, "threads": 1}
+    small = plan_inference({"CPU": 2.0}, concurrency=2)
     assert small["actors"] == 2 and small["num_cpus"] == 0.5  # 1 CPU stays free for read + decode
-    assert plan_actors({"CPU": 2.0}, concurrency=1)["num_cpus"] == 1.0
-    assert plan_actors({"CPU": 1.0})["num_cpus"] == 0.0  # still runs: the actor reserves nothing
-    assert plan_actors({"CPU": 16.0}, concurrency=2, actor_cpus=4.0)["threads"] == 4
-    gpu = plan_actors({"CPU": 16.0, "GPU": 4.0})
+    assert plan_inference({"CPU": 2.0}, concurrency=1)["num_cpus"] == 1.0
+    assert plan_inference({"CPU": 1.0}, concurrency=1)["num_cpus"] == 0.0  # still runs: the actor reserves nothing
+    assert plan_inference({"CPU": 16.0}, concurrency=2, actor_cpus=4.0)["threads"] == 4
+    gpu = plan_inference({"CPU": 16.0, "GPU": 4.0})
     assert gpu["device"] == "cuda" and gpu["actors"] == 4 and gpu["num_gpus"] == 1.0 and gpu["num_cpus"] == 1.0
-    assert plan_actors({"CPU": 16.0, "GPU": 4.0}, use_gpu="false")["device"] == "cpu"
+    assert plan_inference({"CPU": 16.0, "GPU": 4.0}, use_gpu="false")["device"] == "cpu"
     with pytest.raises(PredictError, match="no GPUs"):
-        plan_actors({"CPU": 2.0}, use_gpu="true")
+        plan_inference({"CPU": 2.0}, use_gpu="true")
     with pytest.raises(PredictError, match="--concurrency"):
-        plan_actors({"CPU": 2.0}, concurrency=0)
+        plan_inference({"CPU": 2.0}, concurrency=0)
     with pytest.raises(PredictError, match="read \\+ decode"):
-        plan_actors({"CPU": 2.0}, concurrency=2, actor_cpus=1.0)
+        plan_inference({"CPU": 2.0}, concurrency=2, actor_cpus=1.0)
 
 
 def test_bad_checkpoint_fails_before_ray_starts(tmp_path, capsys, monkeypatch):

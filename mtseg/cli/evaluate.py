@@ -36,9 +36,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split name (default: the run's data.val_split)")
     p.add_argument("--out", default=None, help="where metrics.json and metrics.md go (default: the checkpoint directory)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: data.batch_size)")
-    p.add_argument("--concurrency", type=int, default=None, help="inference actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="inference actors (default: one per GPU; without GPUs the read + decode tasks run the model, "
+                        "and this asks for an actor pool instead)")
     p.add_argument("--actor-cpus", type=float, default=None,
-                   help="CPUs each actor reserves (default: its share of the CPUs the read + decode tasks leave)")
+                   help="CPUs each actor reserves (default: its share of the CPUs the read + decode tasks leave); "
+                        "without GPUs, asks for an actor pool")
     p.add_argument("--use-gpu", default="auto", choices=("auto", "true", "false"))
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
