@@ -262,11 +262,9 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
     kwargs = {"cfg": cfg.to_dict(), "categories": loaded.categories.to_categories(), "model_state": state_ref,
               "device": plan["device"], "num_threads": plan["threads"], "tasks": task_classes()}
     if plan["mode"] == "tasks":
-        ds = ds.map_batches(EvalTask(state_ref.hex(), kwargs, batch_size), batch_size=None, batch_format="numpy")
-        # Ray 2.60 reserves half the CPUs for each operator by default; with one fused operator
-        # that left 1.2 tasks running on 2 CPUs. The Dataset keeps its own copy of the context.
-        ds.context.op_resource_reservation_enabled = False
-        return ds, manifest
+        return ds.map_batches(EvalTask(state_ref.hex(), kwargs, batch_size), batch_size=None,
+                              batch_format="numpy"), manifest
+    ds.context.op_resource_reservation_enabled = True  # the actors keep their share of the CPUs
     return ds.map_batches(
         EvalActor,
         fn_constructor_kwargs=kwargs,

@@ -265,7 +265,8 @@ def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> 
         shards: optional subset / order of shard paths; default all.
 
     Returns:
-        (dataset of shard rows with :data:`READ_COLUMNS`, the manifest).
+        (dataset of shard rows with :data:`READ_COLUMNS`, the manifest); its context has Ray
+        Data's per-operator resource reservation off (a stage of actors after it wants it on).
 
     Raises:
         mtseg.data.manifest.ManifestError: no or bad manifest.
@@ -288,6 +289,10 @@ def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> 
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=list(READ_COLUMNS), override_num_blocks=len(paths))
     finally:
         ctx.use_datasource_v2 = saved
+    # Ray 2.60 reserves half the CPUs per operator by default. The read fuses with the maps after
+    # it into one operator, which then ran 1.2 tasks at a time on 2 CPUs (benchmarks/ingest.py:
+    # 0.76 of the DataLoader with the reservation, 0.99 without).
+    ds.context.op_resource_reservation_enabled = False
     return ds, manifest
 
 
