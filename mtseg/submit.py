@@ -40,9 +40,10 @@ class JobSpec:
 
     Args:
         script: the entry script, relative to the project root.
-        entrypoint_num_cpus: CPUs the driver reserves. Training, tuning and evaluation drivers
-            only coordinate, so they reserve none and run on the head; prepare and predict do
-            the work themselves and reserve a CPU (a worker node when the head has none).
+        entrypoint_num_cpus: CPUs the driver reserves. Preparing, training, tuning and
+            evaluation drivers only coordinate (prepare's shards are Ray tasks), so they
+            reserve none and run on the head; predict does the work itself and reserves a CPU
+            (a worker node when the head has none).
         help: one line for ``mtseg submit --help``.
         takes_config: the script takes ``--config FILE`` and ``key=value`` overrides; otherwise
             its own arguments (``mtseg submit evaluate -- --checkpoint ...``).
@@ -58,7 +59,7 @@ class JobSpec:
 
 
 JOBS: dict[str, JobSpec] = {
-    "prepare": JobSpec("jobs/prepare_data.py", 1.0, "shard COCO into parquet shards + manifest at data.uri"),
+    "prepare": JobSpec("jobs/prepare_data.py", 0.0, "shard COCO into parquet shards + manifest at data.uri"),
     "train": JobSpec("jobs/train.py", 0.0, "distributed training (Ray Train)", command="train"),
     "tune": JobSpec("jobs/tune.py", 0.0, "task-weighting / architecture search (Ray Tune)", command="tune"),
     "evaluate": JobSpec("jobs/evaluate.py", 0.0, "metrics of a checkpoint (Ray Data batch inference)",
