@@ -289,19 +289,11 @@ def read_split(uri: str, split: str, *, shards: Sequence[str] | None = None) -> 
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=list(READ_COLUMNS), override_num_blocks=len(paths))
     finally:
         ctx.use_datasource_v2 = saved
-    return _unreserved(ds), manifest
-
-
-def _unreserved(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """``ds`` with Ray Data's per-operator resource reservation off (its context is its own).
-
-    Ray 2.60 reserves part of the CPUs for each operator by default. mtseg's streams fuse the
-    read with the maps after it into one operator, which then ran about 1.2 tasks at a time on
-    2 CPUs: 300-330 img/s from the training stream instead of 450-510, and 0.76 of a DataLoader
-    from a split's stream instead of 0.99 (benchmarks/ingest.py).
-    """
+    # Ray 2.60 reserves part of the CPUs for each operator by default. The read fuses with the
+    # maps after it into one operator, which then ran about 1.2 tasks at a time on 2 CPUs: 0.76
+    # of a DataLoader instead of 0.99 (benchmarks/ingest.py).
     ds.context.op_resource_reservation_enabled = False
-    return ds
+    return ds, manifest
 
 
 def _read_and_transform(task: dict, transform: SampleTransform, out_rows: int) -> Iterator[dict[str, np.ndarray]]:
@@ -339,7 +331,10 @@ def worker_batches(
     tasks = [{"path": s.path, "rows": list(s.rows)} for s in segments]
     if not tasks:
         return iter(())
-    ds = _unreserved(ray.data.from_items(tasks, override_num_blocks=len(tasks)))
+    # Ray Data's per-operator reservation stays on here (read_split turns it off): without it
+    # this stream alone ran 1.5x faster, but make demo took 8.5 min instead of 6.3, its read
+    # tasks taking the CPUs that training computes on.
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # The plan fixes the order; Ray Data must not reorder blocks finishing out of turn.
     ds.context.execution_options.preserve_order = True
     # One dataset per worker per epoch: its plan would be logged every epoch on every worker.
