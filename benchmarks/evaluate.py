@@ -1,6 +1,6 @@
 """Evaluation throughput: Ray Data batch inference vs a plain loop, and COCOeval time per 1,000 instances.
 
-Run (about two minutes on 2 otherwise idle CPUs)::
+Run (about three minutes on 2 otherwise idle CPUs)::
 
     .venv/bin/python benchmarks/evaluate.py                  # 1200 synthetic 64 px images
     .venv/bin/python benchmarks/evaluate.py --images 4000 --passes 3
