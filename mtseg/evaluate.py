@@ -176,7 +176,7 @@ class EvaluationResult:
 
 
 def plan_inference(resources: dict[str, float], *, use_gpu: str = "auto", concurrency: int | None = None,
-                actor_cpus: float | None = None) -> dict[str, Any]:
+                   actor_cpus: float | None = None) -> dict[str, Any]:
     """Where the forward passes run, with which resources.
 
     With GPUs, one actor per GPU (``mode`` ``actors``). On CPUs, by default, in the read +
