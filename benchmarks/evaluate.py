@@ -23,7 +23,7 @@ background load on a shared machine hits both alike; figures are medians over th
 
 Two rates per side. ``*_images_per_s`` and ``ratio`` are the steady-state throughput: the
 images after the first results came back over the time after that, which leaves out each
-side's start-up (the plain loop's model build; Ray's actor processes importing torch and
+side's start-up (the plain loop's model build; Ray's worker processes importing torch and
 loading the model, a fixed cost of seconds that a real evaluation pays once, whatever its
 size). ``end_to_end`` has the plain images / wall time of a pass, start-up included, and
 the time to the first results; ``end_to_end_ratio`` is its ratio. ``cold_first_results_s``
