@@ -24,6 +24,7 @@ test: setup lint
 lint: setup
 	$(BIN)/lint-imports
 	$(BIN)/ruff check mtseg tests benchmarks jobs
+	$(BIN)/ruff format --check mtseg tests benchmarks jobs
 
 test-fast: setup
 	$(BIN)/python -m pytest tests -m "not slow"

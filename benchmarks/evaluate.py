@@ -111,8 +111,7 @@ def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | Non
     tasks = build_tasks(cfg, cats)
     evaluator = Evaluator(cats, tasks, coco_gt=coco_gt if has_instances(tasks) else None)
     result = Pass(0, 0.0)
-    for batch in iter_local_batches(data_uri, SPLIT, cats, cfg, False, tasks=tasks, batch_size=batch_size,
-                                    limit=limit):
+    for batch in iter_local_batches(data_uri, SPLIT, cats, cfg, False, tasks=tasks, batch_size=batch_size, limit=limit):
         evaluate(model, [batch], tasks, cfg, cats, evaluator, torch.device("cpu"))
         result.images += int(batch["image_id"].shape[0])
         if not result.first_images:
@@ -121,8 +120,9 @@ def plain_pass(loaded, data_uri: str, batch_size: int, coco_gt, limit: int | Non
     return result
 
 
-def ray_pass(loaded, data_uri: str, batch_size: int, limit: int | None = None,
-             concurrency: int | None = None) -> tuple[Pass, dict]:
+def ray_pass(
+    loaded, data_uri: str, batch_size: int, limit: int | None = None, concurrency: int | None = None
+) -> tuple[Pass, dict]:
     """``mtseg evaluate``'s pipeline with its default plan (or ``concurrency`` actors), to the last per-batch state."""
     import ray
 
@@ -181,9 +181,14 @@ def _fake_detections(gt, copies: int, seed: int = 0) -> list[dict]:
                 continue
             m = np.roll(m, tuple(int(v) for v in rng.integers(-2, 3, size=2)), axis=(0, 1))
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-            results.append({"image_id": int(image_id), "category_id": int(ann["category_id"]),
-                            "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                            "score": float(rng.uniform(0.5, 1.0) / (1 + k))})
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(ann["category_id"]),
+                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                    "score": float(rng.uniform(0.5, 1.0) / (1 + k)),
+                }
+            )
     return results
 
 
@@ -237,8 +242,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=1200, help="synthetic validation images")
     parser.add_argument("--size", type=int, default=64, help="synthetic image side, pixels")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--images-per-shard", type=int, default=16,
-                        help="small shards: results stream back shard by shard, so the steady-state window starts early")
+    parser.add_argument(
+        "--images-per-shard",
+        type=int,
+        default=16,
+        help="small shards: results stream back shard by shard, so the steady-state window starts early",
+    )
     parser.add_argument("--passes", type=int, default=2, help="timed passes per side (after a short warm-up)")
     parser.add_argument("--coco-shards", type=int, default=4, help="Ray tasks for the COCO per-image matching")
     parser.add_argument("--detections-per-object", type=int, default=8, help="detections made from each object")

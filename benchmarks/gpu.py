@@ -114,12 +114,24 @@ def shard_data(root: str, uri: str, images_per_shard: int) -> None:
 def build_config(uri: str, sizes: dict, *, compile: bool = False):
     from mtseg.config import load_config
 
-    return load_config(None, [
-        f"data.uri={uri}", f"data.image_size={sizes['image_size']}", f"data.batch_size={sizes['batch_size']}",
-        "data.map_num_cpus=1", "data.rows_per_read_task=16",
-        "model.backbone=resnet50", "model.decoder=fpn", "model.decoder_channels=256", "model.channels_last=true",
-        "weighting.name=equal", "train.amp=true", "train.warmup_steps=0", f"train.compile={compile}",
-    ])
+    return load_config(
+        None,
+        [
+            f"data.uri={uri}",
+            f"data.image_size={sizes['image_size']}",
+            f"data.batch_size={sizes['batch_size']}",
+            "data.map_num_cpus=1",
+            "data.rows_per_read_task=16",
+            "model.backbone=resnet50",
+            "model.decoder=fpn",
+            "model.decoder_channels=256",
+            "model.channels_last=true",
+            "weighting.name=equal",
+            "train.amp=true",
+            "train.warmup_steps=0",
+            f"train.compile={compile}",
+        ],
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -229,19 +241,30 @@ def stream_batches(cfg, categories, tasks, uri: str, images: int):
     shards = list(zip(shard_uris(uri, cfg.data.train_split, manifest), (int(s["rows"]) for s in manifest["shards"])))
     per_epoch = sum(n for _, n in shards)
     # One dataset over several epochs' plans: no per-epoch pipeline start inside the timed steps.
-    segments = [s for epoch in range(math.ceil(images / per_epoch))
-                for s in plan_epoch(shards, seed=0, epoch=epoch, world_size=1, rank=0)]
+    segments = [
+        s for epoch in range(math.ceil(images / per_epoch)) for s in plan_epoch(shards, seed=0, epoch=epoch, world_size=1, rank=0)
+    ]
     transform = SampleTransform.from_config(categories, cfg, tasks, train=True, epoch=0, seed=0)
-    return worker_batches(segments, transform, batch_size=cfg.data.batch_size, drop_last=True,
-                          rows_per_task=cfg.data.rows_per_read_task, num_cpus=cfg.data.map_num_cpus)
+    return worker_batches(
+        segments,
+        transform,
+        batch_size=cfg.data.batch_size,
+        drop_last=True,
+        rows_per_task=cfg.data.rows_per_read_task,
+        num_cpus=cfg.data.map_num_cpus,
+    )
 
 
 def save_checkpoint(directory: str, state) -> str:
     from mtseg.config import to_yaml
     from mtseg.train import checkpoint as ckpt
 
-    ckpt.save(directory, {"model": state.module.state_dict()},
-              {"step": state.step, "categories": state.categories.to_categories()}, to_yaml(state.cfg))
+    ckpt.save(
+        directory,
+        {"model": state.module.state_dict()},
+        {"step": state.step, "categories": state.categories.to_categories()},
+        to_yaml(state.cfg),
+    )
     return directory
 
 
@@ -271,14 +294,20 @@ def run(args: argparse.Namespace) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = bf16_peak_flops(name) if device.type == "cuda" else None
     figures: dict = {
-        "benchmark": "gpu", "device": name, "smoke": smoke, "torch": torch.__version__,
+        "benchmark": "gpu",
+        "device": name,
+        "smoke": smoke,
+        "torch": torch.__version__,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
         "bf16_peak_tflops": None if peak is None else peak / 1e12,
         "model": "resnet50 + fpn256, tasks semantic/supercategory/boundary/instance/reconstruction, equal weighting",
         "anchor_model": "torchvision deeplabv3_resnet50 (semantic only, plain loop)",
-        "amp": "bf16" if device.type == "cuda" else "off (CPU)", "channels_last": True,
+        "amp": "bf16" if device.type == "cuda" else "off (CPU)",
+        "channels_last": True,
         **{k: sizes[k] for k in ("image_size", "batch_size", "warmup", "steps")},
-        "phases_s": {}, "skipped": {}, "errors": {},
+        "phases_s": {},
+        "skipped": {},
+        "errors": {},
     }
     work = tempfile.mkdtemp(prefix="mtseg-gpu-bench-")
     from mtseg.data.categories import CategoryIndex
@@ -289,8 +318,9 @@ def run(args: argparse.Namespace) -> dict:
 
     t = time.monotonic()
     uri = os.path.join(work, "shards")
-    figures["data_profile"] = synthesize_data(work, train=sizes["train_images"], val=sizes["val_images"],
-                                              size=sizes["image_size"], coco=not smoke)
+    figures["data_profile"] = synthesize_data(
+        work, train=sizes["train_images"], val=sizes["val_images"], size=sizes["image_size"], coco=not smoke
+    )
     shard_data(work, uri, images_per_shard=64)
     cfg = build_config(uri, sizes)
     categories = CategoryIndex.from_categories(read_manifest(uri, "train2017")["categories"])
@@ -325,8 +355,7 @@ def run(args: argparse.Namespace) -> dict:
         finally:
             figures["phases_s"][key] = round(time.monotonic() - t, 1)
 
-    phase("in_memory", lambda: train_multitask(cfg, categories, itertools.cycle(resident), device,
-                                                warmup=warmup, steps=steps))
+    phase("in_memory", lambda: train_multitask(cfg, categories, itertools.cycle(resident), device, warmup=warmup, steps=steps))
 
     def flops() -> dict:
         from mtseg.train.loop import build_state, train_one_epoch
@@ -358,8 +387,12 @@ def run(args: argparse.Namespace) -> dict:
     if smoke and "compile" in phases and not args.compile_on_cpu:
         figures["skipped"]["compile"] = "smoke run: torch.compile on CPU takes minutes (--compile-on-cpu runs it)"
     else:
-        phase("compile", lambda: train_multitask(build_config(uri, sizes, compile=True), categories,
-                                                  itertools.cycle(resident), device, warmup=warmup, steps=steps))
+        phase(
+            "compile",
+            lambda: train_multitask(
+                build_config(uri, sizes, compile=True), categories, itertools.cycle(resident), device, warmup=warmup, steps=steps
+            ),
+        )
 
     def evaluate() -> dict:
         import ray
@@ -376,16 +409,29 @@ def run(args: argparse.Namespace) -> dict:
         init_local_ray(num_cpus=max(2, (os.cpu_count() or 2) - 1), log_to_driver=False)
         try:
             t0 = time.monotonic()
-            res = evaluate_checkpoint(ckpt_dir, uri, "val2017", out=os.path.join(work, "eval"), log=lambda *a: None,
-                                      use_gpu="true" if device.type == "cuda" else "false", concurrency=1,
-                                      batch_size=batch)
+            res = evaluate_checkpoint(
+                ckpt_dir,
+                uri,
+                "val2017",
+                out=os.path.join(work, "eval"),
+                log=lambda *a: None,
+                use_gpu="true" if device.type == "cuda" else "false",
+                concurrency=1,
+                batch_size=batch,
+            )
             total = time.monotonic() - t0
         finally:
             ray.shutdown()
-        return {"images": res.images, "device": res.setup["device"], "actors": res.setup["actors"],
-                "img_per_s": res.timing["images_per_s"], "inference_s": res.timing["inference_s"],
-                "metrics_s": res.timing["metrics_s"], "end_to_end_s": round(total, 2),
-                "val_miou": res.metrics.get("val/miou")}
+        return {
+            "images": res.images,
+            "device": res.setup["device"],
+            "actors": res.setup["actors"],
+            "img_per_s": res.timing["images_per_s"],
+            "inference_s": res.timing["inference_s"],
+            "metrics_s": res.timing["metrics_s"],
+            "end_to_end_s": round(total, 2),
+            "val_miou": res.metrics.get("val/miou"),
+        }
 
     phase("evaluate", evaluate)
 
@@ -398,8 +444,10 @@ def run(args: argparse.Namespace) -> dict:
     figures["anchor"] = {k: v for k, v in anchor.items() if not k.startswith("_")}
     figures["stream_img_per_s"] = results.get("stream", {}).get("img_per_s")
     figures["stream"] = results.get("stream")
-    figures["compile"] = {"off": {k: v for k, v in mem.items() if not k.startswith("_")} or None,
-                          "on": {k: v for k, v in results.get("compile", {}).items() if not k.startswith("_")} or None}
+    figures["compile"] = {
+        "off": {k: v for k, v in mem.items() if not k.startswith("_")} or None,
+        "on": {k: v for k, v in results.get("compile", {}).items() if not k.startswith("_")} or None,
+    }
     fl = results.get("flops", {})
     figures["flops_per_step"] = fl or None
     figures["mfu"] = figures["anchor_mfu"] = None
@@ -414,11 +462,13 @@ def run(args: argparse.Namespace) -> dict:
         return a / b if a is not None and b else None
 
     figures["goals"] = {
-        "multitask_over_anchor": _goal(ratio(figures["img_per_s"], figures["anchor_img_per_s"]),
-                                       GOALS["multitask_over_anchor"], smoke),
+        "multitask_over_anchor": _goal(
+            ratio(figures["img_per_s"], figures["anchor_img_per_s"]), GOALS["multitask_over_anchor"], smoke
+        ),
         "mfu": _goal(figures["mfu"], GOALS["mfu"], smoke),
-        "stream_over_in_memory": _goal(ratio(figures["stream_img_per_s"], figures["in_memory_img_per_s"]),
-                                       GOALS["stream_over_in_memory"], smoke),
+        "stream_over_in_memory": _goal(
+            ratio(figures["stream_img_per_s"], figures["in_memory_img_per_s"]), GOALS["stream_over_in_memory"], smoke
+        ),
     }
     figures["total_s"] = round(time.monotonic() - start, 1)
     import shutil
@@ -437,7 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--resident-batches", type=int, default=4, help="distinct pre-built batches the in-memory passes cycle")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one: no OpenMP barrier stalls on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads on CPU (one: no OpenMP barrier stalls on a shared machine)"
+    )
     ap.add_argument("--compile-on-cpu", action="store_true", help="smoke run: run the torch.compile phase too")
     ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/gpu.json)")
     return ap.parse_args(argv)

@@ -164,8 +164,9 @@ def run_both(uri: str, coco_root: str, cfg, passes: int, env: dict) -> tuple[dic
         dataset = CocoFiles(coco_root, SPLIT, fn)
         ray_runs, dl_runs = [], []
         for _ in range(passes + 1):  # the first pass of each is the warm-up
-            stream = read_split(uri, SPLIT)[0].map_batches(ChunkedTransform(fn), batch_format="pyarrow", batch_size=None,
-                                                           zero_copy_batch=True)
+            stream = read_split(uri, SPLIT)[0].map_batches(
+                ChunkedTransform(fn), batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+            )
             batches = stream.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy")
             ray_runs.append(_one_pass(fn.to_torch(b) for b in batches))
             loader = DataLoader(dataset, batch_size=cfg.data.batch_size, num_workers=2, collate_fn=_Collate(fn))
@@ -183,8 +184,13 @@ def _rows(dataset: CocoFiles) -> list[tuple]:
         with open(os.path.join(dataset.image_dir, info["file_name"]), "rb") as f:
             data = f.read()
         anns = [
-            {"id": a["id"], "category_id": a["category_id"], "iscrowd": a.get("iscrowd", 0),
-             "segmentation_size": (rle := dataset.coco.annToRLE(a))["size"], "segmentation_counts": rle["counts"]}
+            {
+                "id": a["id"],
+                "category_id": a["category_id"],
+                "iscrowd": a.get("iscrowd", 0),
+                "segmentation_size": (rle := dataset.coco.annToRLE(a))["size"],
+                "segmentation_counts": rle["counts"],
+            }
             for a in dataset.coco.imgToAnns.get(image_id, [])
         ]
         rows.append((data, anns, image_id, info["height"], info["width"]))
@@ -206,11 +212,13 @@ class ReferenceSemantic:
 
         base = round(crop * 520 / 480)
         self.categories, self.tv_tensors = categories, tv_tensors
-        self.transform = v2.Compose([
-            v2.RandomResize(min_size=int(0.5 * base), max_size=int(2.0 * base)),
-            v2.RandomHorizontalFlip(0.5),
-            v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Mask: 255, "others": 0}),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.RandomResize(min_size=int(0.5 * base), max_size=int(2.0 * base)),
+                v2.RandomHorizontalFlip(0.5),
+                v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Mask: 255, "others": 0}),
+            ]
+        )
 
     def __call__(self, data: bytes, anns, image_id: int, height: int, width: int):
         image = decode_image(data)
@@ -272,8 +280,9 @@ def coco_profile(tmp: str, args) -> dict:
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
-        cats = categories_of({"categories": COCO(os.path.join(coco_root, "annotations", f"instances_{SPLIT}.json"))
-                              .dataset["categories"]})
+        cats = categories_of(
+            {"categories": COCO(os.path.join(coco_root, "annotations", f"instances_{SPLIT}.json")).dataset["categories"]}
+        )
     fn = SampleTransform.from_config(cats, cfg, build_tasks(cfg, cats), train=True)
     rows = _rows(CocoFiles(coco_root, SPLIT, fn))
     reference = ReferenceSemantic(cats, args.coco_crop)
@@ -374,8 +383,11 @@ class PeakMemory:
                 workers.append(proc.memory_info().rss)
         total = ray.cluster_resources().get("object_store_memory", 0)
         store = total - ray.available_resources().get("object_store_memory", total)
-        parts = {"consumer_mib": round(consumer / 2**20, 1), "workers": len(workers),
-                 "workers_mib": round(sum(workers) / 2**20, 1)}
+        parts = {
+            "consumer_mib": round(consumer / 2**20, 1),
+            "workers": len(workers),
+            "workers_mib": round(sum(workers) / 2**20, 1),
+        }
         return consumer + sum(workers), int(store), parts
 
     def _run(self) -> None:
@@ -418,8 +430,14 @@ def _stream_peak(uri: str, split: str, cfg, categories, tasks) -> dict:
         baseline_rss, baseline_store, _ = peak.sample()
         start = time.perf_counter()
         images = 0
-        for batch in worker_batches(segments, transform, batch_size=cfg.data.batch_size, drop_last=True,
-                                    rows_per_task=cfg.data.rows_per_read_task, num_cpus=cfg.data.map_num_cpus):
+        for batch in worker_batches(
+            segments,
+            transform,
+            batch_size=cfg.data.batch_size,
+            drop_last=True,
+            rows_per_task=cfg.data.rows_per_read_task,
+            num_cpus=cfg.data.map_num_cpus,
+        ):
             images += len(batch["image_id"])
         seconds = time.perf_counter() - start
     mib = 2**20
@@ -481,8 +499,11 @@ def memory(tmp: str, args) -> dict:
         "object_store_peak_mib_1x": one["object_store_peak_mib"],
         "object_store_peak_mib_10x": ten["object_store_peak_mib"],
         "object_store_ratio_10x": store_ratio,
-        "goal": {"ratio_max": 1.10, "rss_met": rss_ratio <= 1.10,
-                 "object_store_met": None if store_ratio is None else store_ratio <= 1.10},
+        "goal": {
+            "ratio_max": 1.10,
+            "rss_met": rss_ratio <= 1.10,
+            "object_store_met": None if store_ratio is None else store_ratio <= 1.10,
+        },
         "passes": {"warmup_1x": warmup, "1x": one, "10x": ten},
     }
 
@@ -498,8 +519,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--coco-images", type=int, default=64, help="COCO-profile images (0 skips coco_profile)")
     parser.add_argument("--coco-crop", type=int, default=512, help="COCO-profile crop side, pixels")
     parser.add_argument("--coco-passes", type=int, default=2, help="COCO-profile timed passes per side")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="peak memory of the training stream at 1x and 10x the data (--no-memory skips it)")
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="peak memory of the training stream at 1x and 10x the data (--no-memory skips it)",
+    )
     parser.add_argument("--memory-images", type=int, default=200, help="COCO-profile images of the 1x pass")
     # Small shards: the 1x pass must span several windows of read tasks in flight (4 on 2 CPUs,
     # one shard each), or its peak is the whole 1x data set rather than the stream's window.
@@ -533,9 +558,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dataloader_local_images_per_s": dl_result["images_per_s"],
         "ratio": round(ray_result["images_per_s"] / dl_result["images_per_s"], 3),
         # Each Ray pass against the DataLoader pass right after it: the two saw the same load.
-        "pass_ratios": [
-            round(r / d, 3) for r, d in zip(ray_result["passes_images_per_s"], dl_result["passes_images_per_s"])
-        ],
+        "pass_ratios": [round(r / d, 3) for r, d in zip(ray_result["passes_images_per_s"], dl_result["passes_images_per_s"])],
         "target_ratio": 1.0,
         "ray_data": ray_result,
         "dataloader": dl_result,

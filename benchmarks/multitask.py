@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ms = {k: 1000 * statistics.median(r.times) for k, r in runners.items()}
     ratios = {"multitask_over_single": _paired_ratio(runners["multi/equal"], runners["single/semantic"])}
-    strategy_ratios = {
-        n: _paired_ratio(runners[f"multi/{n}"], runners["multi/equal"]) for n in configurations if n != "equal"
-    }
+    strategy_ratios = {n: _paired_ratio(runners[f"multi/{n}"], runners["multi/equal"]) for n in configurations if n != "equal"}
     checks = {k: ratios[k] <= v for k, v in TARGETS.items() if k in ratios}
     checks.update({k: strategy_ratios[k] <= v for k, v in TARGETS.items() if k in strategy_ratios})
     result = {
@@ -239,7 +237,9 @@ def _iqr(values: list[float]) -> float:
 
 
 def _markdown(r: dict) -> str:
-    head = f"{r['backbone']}+{r['decoder']}({r['decoder_channels']}), {r['image_size']} px, batch {r['batch_size']}, {r['device']}"
+    head = (
+        f"{r['backbone']}+{r['decoder']}({r['decoder_channels']}), {r['image_size']} px, batch {r['batch_size']}, {r['device']}"
+    )
     lines = [f"# multi-task step time ({head})", "", "| configuration | median step (ms) | ratio | target |", "|---|---|---|---|"]
     ms = r["step_ms_median"]
     lines.append(f"| single/semantic | {ms['single/semantic']} | 1 | |")

@@ -81,8 +81,16 @@ def _cost_split(coco_root: str, out_uri: str, images_per_shard: int) -> dict:
             totals["read"] += t1 - t0
             totals["decode"] += t2 - t1
             totals["rle"] += t3 - t2
-            rows.append({"image_id": image_id, "file_name": entry["file_name"], "height": entry["height"],
-                         "width": entry["width"], "image": data, "annotations": anns})
+            rows.append(
+                {
+                    "image_id": image_id,
+                    "file_name": entry["file_name"],
+                    "height": entry["height"],
+                    "width": entry["width"],
+                    "image": data,
+                    "annotations": anns,
+                }
+            )
         t0 = time.perf_counter()
         blob = shard_mod._write_shard(rows)
         t1 = time.perf_counter()
@@ -110,7 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mtseg-shard-") as tmp:
         coco_root = os.path.join(tmp, "coco")
         synthesize(coco_root, train=args.images, val=0, seed=0, profile="coco")
-        source_mb = sum(os.path.getsize(os.path.join(coco_root, SPLIT, n)) for n in os.listdir(os.path.join(coco_root, SPLIT))) / 1e6
+        source_mb = (
+            sum(os.path.getsize(os.path.join(coco_root, SPLIT, n)) for n in os.listdir(os.path.join(coco_root, SPLIT))) / 1e6
+        )
         with local_store(os.path.join(tmp, "seaweedfs")) as store:
             bucket = f"s3://{store.bucket}"
             threads = torch.get_num_threads()
@@ -125,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
 
             init_local_ray(num_cpus=args.ray_cpus, env=store.env(), log_to_driver=False)
             try:
-                cold, cold_s = _timed_shard(coco_root, f"{bucket}/ray-cold", images_per_shard=args.images_per_shard, executor="ray")
+                cold, cold_s = _timed_shard(
+                    coco_root, f"{bucket}/ray-cold", images_per_shard=args.images_per_shard, executor="ray"
+                )
                 warm, warm_s = _timed_shard(coco_root, f"{bucket}/ray", images_per_shard=args.images_per_shard, executor="ray")
             finally:
                 ray.shutdown()

@@ -28,9 +28,12 @@ from mtseg.config import load_config  # noqa: E402
 from mtseg.data.categories import CategoryIndex  # noqa: E402
 
 CATEGORIES = [
-    {"id": 1, "name": "disc", "supercategory": "round"}, {"id": 3, "name": "ring", "supercategory": "round"},
-    {"id": 7, "name": "box", "supercategory": "angular"}, {"id": 18, "name": "triangle", "supercategory": "angular"},
-    {"id": 44, "name": "cross", "supercategory": "compound"}, {"id": 62, "name": "pair", "supercategory": "compound"},
+    {"id": 1, "name": "disc", "supercategory": "round"},
+    {"id": 3, "name": "ring", "supercategory": "round"},
+    {"id": 7, "name": "box", "supercategory": "angular"},
+    {"id": 18, "name": "triangle", "supercategory": "angular"},
+    {"id": 44, "name": "cross", "supercategory": "compound"},
+    {"id": 62, "name": "pair", "supercategory": "compound"},
 ]
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "configs", "demo.yaml")
 
@@ -40,17 +43,19 @@ def make_batches(n: int, batch_size: int, size: int, num_classes: int, num_super
     out = []
     for i in range(n):
         sem = torch.randint(0, num_classes, (batch_size, size, size), generator=g)
-        out.append({
-            "image": torch.rand(batch_size, 3, size, size, generator=g),
-            "semantic": sem,
-            "supercategory": torch.randint(0, num_super, (batch_size, size, size), generator=g),
-            "boundary": (torch.rand(batch_size, size, size, generator=g) > 0.9).float(),
-            "center": torch.rand(batch_size, 1, size, size, generator=g),
-            "offset": torch.randn(batch_size, 2, size, size, generator=g),
-            "thing_mask": (sem > 0).float(),
-            "image_id": torch.arange(i * batch_size, (i + 1) * batch_size),
-            "orig_size": torch.full((batch_size, 2), size),
-        })
+        out.append(
+            {
+                "image": torch.rand(batch_size, 3, size, size, generator=g),
+                "semantic": sem,
+                "supercategory": torch.randint(0, num_super, (batch_size, size, size), generator=g),
+                "boundary": (torch.rand(batch_size, size, size, generator=g) > 0.9).float(),
+                "center": torch.rand(batch_size, 1, size, size, generator=g),
+                "offset": torch.randn(batch_size, 2, size, size, generator=g),
+                "thing_mask": (sem > 0).float(),
+                "image_id": torch.arange(i * batch_size, (i + 1) * batch_size),
+                "orig_size": torch.full((batch_size, 2), size),
+            }
+        )
     return out
 
 
@@ -60,11 +65,11 @@ def timed_loop(cfg, steps: int, warmup: int, wrap=None, on_first=None) -> float:
 
     categories = CategoryIndex.from_categories(CATEGORIES)
     state = build_state(cfg, categories, steps + warmup, torch.device("cpu"), wrap_model=wrap)
-    batches = make_batches(steps + warmup, cfg.data.batch_size, cfg.data.image_size, categories.num_classes,
-                           categories.num_supercategories)
+    batches = make_batches(
+        steps + warmup, cfg.data.batch_size, cfg.data.image_size, categories.num_classes, categories.num_supercategories
+    )
     marks = []
-    train_one_epoch(state, iter(batches[:warmup]), steps=warmup,
-                    on_step=lambda *a: marks.append(time.perf_counter()))
+    train_one_epoch(state, iter(batches[:warmup]), steps=warmup, on_step=lambda *a: marks.append(time.perf_counter()))
     if on_first:
         on_first(marks[0])
     t0 = time.perf_counter()
@@ -81,8 +86,13 @@ def ray_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     cfg = config_from_dict(config["cfg"])
     first = {}
-    ips = timed_loop(cfg, config["steps"], config["warmup"], wrap=ray.train.torch.prepare_model,
-                     on_first=lambda t: first.setdefault("t", time.time() - time.perf_counter() + t))
+    ips = timed_loop(
+        cfg,
+        config["steps"],
+        config["warmup"],
+        wrap=ray.train.torch.prepare_model,
+        on_first=lambda t: first.setdefault("t", time.time() - time.perf_counter() + t),
+    )
     import tempfile
 
     # Train V2 keeps the metrics that come with a checkpoint: attach an empty one.
@@ -131,12 +141,18 @@ def main() -> None:
     figures = {
         "benchmark": "train_overhead",
         "model": f"{cfg.model.backbone}+{cfg.model.decoder}{cfg.model.decoder_channels}",
-        "tasks": len(cfg.tasks.names), "weighting": cfg.weighting.name,
-        "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "threads": args.threads,
+        "tasks": len(cfg.tasks.names),
+        "weighting": cfg.weighting.name,
+        "batch_size": cfg.data.batch_size,
+        "image_size": cfg.data.image_size,
+        "threads": args.threads,
         "steps": args.steps,
-        "plain_img_per_s": round(plain, 2), "plain_before": round(plain_before, 2), "plain_after": round(plain_after, 2),
+        "plain_img_per_s": round(plain, 2),
+        "plain_before": round(plain_before, 2),
+        "plain_after": round(plain_after, 2),
         "ray_train_img_per_s": round(ray_ips, 2),
-        "ratio": round(ray_ips / plain, 3), "target_ratio": 0.90,
+        "ratio": round(ray_ips / plain, 3),
+        "target_ratio": 0.90,
         "ray_time_to_first_step_s": round(first_step_s, 2),
     }
     write_results(figures)

@@ -45,8 +45,16 @@ def base_config(data_uri: str, storage_path: str, epochs: int) -> dict:
         "data": {"uri": data_uri, "image_size": 32, "batch_size": 4, "rows_per_read_task": 8, "map_num_cpus": 0.25},
         "model": {"decoder_channels": 16},
         "tasks": {"names": ["semantic", "boundary"], "patch_size": 4},
-        "train": {"storage_path": storage_path, "epochs": epochs, "num_workers": 1, "cpus_per_worker": 0.5,
-                  "warmup_steps": 2, "checkpoint_every_steps": 0, "log_every_steps": 4, "keep_checkpoints": 1},
+        "train": {
+            "storage_path": storage_path,
+            "epochs": epochs,
+            "num_workers": 1,
+            "cpus_per_worker": 0.5,
+            "warmup_steps": 2,
+            "checkpoint_every_steps": 0,
+            "log_every_steps": 4,
+            "keep_checkpoints": 1,
+        },
     }
 
 
@@ -76,10 +84,19 @@ def standalone(base: dict, concurrency: int, tag: str) -> float:
 def search(base: dict, name: str, scheduler: str, values: list[str], concurrency: int, **tune) -> tuple[object, float]:
     from mtseg.tune import run_tune
 
-    cfg = config_from_dict({**base, "tune": {
-        "experiment_name": name, "scheduler": scheduler, "max_concurrent_trials": concurrency, "num_samples": 1,
-        "space": {"weighting.name": f"grid[{', '.join(values)}]"}, **tune,
-    }})
+    cfg = config_from_dict(
+        {
+            **base,
+            "tune": {
+                "experiment_name": name,
+                "scheduler": scheduler,
+                "max_concurrent_trials": concurrency,
+                "num_samples": 1,
+                "space": {"weighting.name": f"grid[{', '.join(values)}]"},
+                **tune,
+            },
+        }
+    )
     t0 = time.perf_counter()
     outcome = run_tune(cfg, delta_m=False, log=lambda *a: None)
     return outcome, time.perf_counter() - t0
@@ -143,13 +160,21 @@ def main() -> None:
     figures = {
         "benchmark": "tune_overhead",
         "setup": "2 CPUs, local Ray, 1 Train worker x 0.5 CPU per trial, resnet18+FPN16, 32 px, 48 images",
-        "trials": args.trials, "concurrency": args.concurrency,
-        "standalone_trial_s": round(t_trial, 2), "standalone_before_s": round(before, 2), "standalone_after_s": round(after, 2),
-        "tune_wall_s": round(tune_wall, 2), "ideal_wall_s": round(ideal, 2),
-        "overhead_ratio": round(tune_wall / ideal, 3), "target_ratio": 1.2,
-        "grid_configs": len(GRID), "grid_epochs_per_trial": args.grid_epochs,
-        "grid_epochs": grid_epochs, "grid_wall_s": round(grid_wall, 2),
-        "asha_epochs": asha_epochs, "asha_wall_s": round(asha_wall, 2),
+        "trials": args.trials,
+        "concurrency": args.concurrency,
+        "standalone_trial_s": round(t_trial, 2),
+        "standalone_before_s": round(before, 2),
+        "standalone_after_s": round(after, 2),
+        "tune_wall_s": round(tune_wall, 2),
+        "ideal_wall_s": round(ideal, 2),
+        "overhead_ratio": round(tune_wall / ideal, 3),
+        "target_ratio": 1.2,
+        "grid_configs": len(GRID),
+        "grid_epochs_per_trial": args.grid_epochs,
+        "grid_epochs": grid_epochs,
+        "grid_wall_s": round(grid_wall, 2),
+        "asha_epochs": asha_epochs,
+        "asha_wall_s": round(asha_wall, 2),
         "asha_compute_ratio": round(asha_epochs / grid_epochs, 3),
         "asha_epochs_to_grid_best": reach,
         "asha_to_best_ratio": round(reach / grid_epochs, 3) if reach else None,
@@ -159,9 +184,12 @@ def main() -> None:
         "asha_states": {r["weighting.name"]: f"{r['state']} after {r['epochs']}" for r in asha.rows},
     }
     md = [
-        "# Ray Tune overhead and ASHA vs full grid", "",
-        f"{figures['setup']}.", "",
-        "| measure | value | target |", "|---|---|---|",
+        "# Ray Tune overhead and ASHA vs full grid",
+        "",
+        f"{figures['setup']}.",
+        "",
+        "| measure | value | target |",
+        "|---|---|---|",
         f"| {args.trials} one-epoch trials under Tune, {args.concurrency} at once: wall | {figures['tune_wall_s']} s | |",
         f"| ceil(N / concurrency) x standalone trial time | {figures['ideal_wall_s']} s | |",
         f"| Tune overhead ratio | {figures['overhead_ratio']} | <= 1.2 |",

@@ -22,8 +22,12 @@ from mtseg.config import ConfigError, load_config
 def _args(argv):
     p = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="YAML config (jobs/configs/*.yaml)")
-    p.add_argument("--coco-root", required=True, help="COCO root: <root>/<split>/ images and <root>/annotations/instances_<split>.json")
-    p.add_argument("--split", action="append", default=None, help="only this split (repeatable; default: the config's train and val splits)")
+    p.add_argument(
+        "--coco-root", required=True, help="COCO root: <root>/<split>/ images and <root>/annotations/instances_<split>.json"
+    )
+    p.add_argument(
+        "--split", action="append", default=None, help="only this split (repeatable; default: the config's train and val splits)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.uri=s3://bucket/shards")
     return p.parse_args(argv)
 
@@ -36,11 +40,23 @@ if __name__ == "__main__":
         print(f"prepare_data.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     for split in args.split or [cfg.data.train_split, cfg.data.val_split]:
-        code = main([
-            "data", "shard", "--coco-root", args.coco_root, "--split", split, "--out", cfg.data.uri,
-            "--images-per-shard", str(cfg.data.images_per_shard), "--max-bad-fraction", str(cfg.data.max_bad_fraction),
-            *(["--ray"] if os.environ.get("RAY_ADDRESS") else []),
-        ])
+        code = main(
+            [
+                "data",
+                "shard",
+                "--coco-root",
+                args.coco_root,
+                "--split",
+                split,
+                "--out",
+                cfg.data.uri,
+                "--images-per-shard",
+                str(cfg.data.images_per_shard),
+                "--max-bad-fraction",
+                str(cfg.data.max_bad_fraction),
+                *(["--ray"] if os.environ.get("RAY_ADDRESS") else []),
+            ]
+        )
         if code:
             sys.exit(code)
     sys.exit(0)

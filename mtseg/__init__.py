@@ -1,2 +1,3 @@
 """mtseg: multi-task segmentation on COCO at cluster scale."""
+
 __version__ = "0.1.0"

@@ -146,13 +146,20 @@ class SeaweedFS:
             used.update({ports[name], ports[name] + 10000})
         self.s3_port, self.master_port = ports["s3"], ports["master"]
         cmd = [
-            weed_binary(), "mini",
+            weed_binary(),
+            "mini",
             f"-dir={self.data_dir}",
-            f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
-            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
-            f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-            f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-ip={LOOPBACK}",
+            f"-ip.bind={LOOPBACK}",
+            f"-s3.port={ports['s3']}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             # Deleted objects stay on disk until their volume is vacuumed, and the master's own
             # sweep runs every 14 minutes: a run that rewrites checkpoints grows the store by
             # gigabytes in between. Sweep every minute; :meth:`vacuum` compacts on demand.
@@ -180,8 +187,11 @@ class SeaweedFS:
         from botocore.config import Config as BotoConfig
 
         client = boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
             config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2, s3={"addressing_style": "path"}),
         )
         try:
@@ -196,8 +206,13 @@ class SeaweedFS:
         if not (self.master_port and _port_open(self.master_port)):
             raise ClusterError(f"SeaweedFS vacuum: no master on {LOOPBACK}:{self.master_port}")
         script = f"lock\nvolume.vacuum -garbageThreshold {garbage_threshold}\nunlock\n"
-        out = subprocess.run([weed_binary(), "shell", f"-master={LOOPBACK}:{self.master_port}"], input=script,
-                             capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(
+            [weed_binary(), "shell", f"-master={LOOPBACK}:{self.master_port}"],
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if out.returncode != 0:
             tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
             raise ClusterError(f"SeaweedFS vacuum failed: {tail[0]}")
@@ -347,8 +362,13 @@ def ensure_auth_token(env: dict[str, str] | None = None) -> None:
     path, configured = _auth_token_path(env)
     if configured:
         return
-    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"], env=env,
-                         capture_output=True, text=True, timeout=120)  # stdout is the token: never printed
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "get-auth-token", "--generate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # stdout is the token: never printed
     if out.returncode != 0:
         tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
         raise ClusterError(f"could not create the Ray auth token {path}: {tail[0]}")
@@ -405,12 +425,21 @@ class RayHead:
         self.dashboard_port = self.dashboard_port or pick()
         used.update({self.port, self.dashboard_port})
         cmd = [
-            str(Path(sys.executable).parent / "ray"), "start", "--head",
-            f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
-            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={self.dashboard_port}",
-            f"--dashboard-agent-listen-port={pick()}", f"--dashboard-agent-grpc-port={pick()}",
-            f"--ray-client-server-port={pick()}", f"--metrics-export-port={pick()}", f"--runtime-env-agent-port={pick()}",
-            f"--temp-dir={os.path.abspath(self.temp_dir)}", "--disable-usage-stats",
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            f"--node-ip-address={LOOPBACK}",
+            f"--port={self.port}",
+            "--include-dashboard=true",
+            f"--dashboard-host={LOOPBACK}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--dashboard-agent-listen-port={pick()}",
+            f"--dashboard-agent-grpc-port={pick()}",
+            f"--ray-client-server-port={pick()}",
+            f"--metrics-export-port={pick()}",
+            f"--runtime-env-agent-port={pick()}",
+            f"--temp-dir={os.path.abspath(self.temp_dir)}",
+            "--disable-usage-stats",
         ]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
@@ -418,7 +447,8 @@ class RayHead:
         from mtseg.compat import worker_pool_config
 
         full_env = {
-            **os.environ, **LOOPBACK_ENV,
+            **os.environ,
+            **LOOPBACK_ENV,
             **{f"RAY_{k}": str(v) for k, v in worker_pool_config(self.num_cpus).items()},
             # Token auth on explicitly: without it `ray start` only enables it when a token exists.
             "RAY_AUTH_MODE": "token",
@@ -578,11 +608,16 @@ class LocalStack:
         for name, service, recorded in (("seaweedfs", store, self.seaweedfs), ("ray", head, self.ray)):
             pids = service.processes()
             if recorded and service.alive():
-                out[name] = (f"up {store.endpoint} bucket={store.bucket}" if service is store
-                             else f"up {head.address} dashboard={head.dashboard_url}")
+                out[name] = (
+                    f"up {store.endpoint} bucket={store.bucket}"
+                    if service is store
+                    else f"up {head.address} dashboard={head.dashboard_url}"
+                )
             elif pids:
-                out[name] = (f"not answering, but process(es) {', '.join(map(str, pids))} run from {self.dir}: "
-                             "`mtseg cluster down` stops them")
+                out[name] = (
+                    f"not answering, but process(es) {', '.join(map(str, pids))} run from {self.dir}: "
+                    "`mtseg cluster down` stops them"
+                )
             else:
                 out[name] = "down" if recorded else "not started"
         return out

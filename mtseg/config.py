@@ -78,8 +78,11 @@ class ModelConfig:
     decoder_channels: int = _f(64, min=8)
     weights: str = _f("", help="local backbone weights file; empty = random init (nothing is downloaded)")
     channels_last: bool = _f(False)
-    sync_batchnorm: bool = _f(False, help="SyncBatchNorm: normalise with global-batch statistics (for small per-GPU "
-                                          "batches); off, rank 0's BatchNorm buffers are broadcast after each step")
+    sync_batchnorm: bool = _f(
+        False,
+        help="SyncBatchNorm: normalise with global-batch statistics (for small per-GPU "
+        "batches); off, rank 0's BatchNorm buffers are broadcast after each step",
+    )
 
 
 @dataclass
@@ -101,8 +104,11 @@ class WeightingConfig:
     gradnorm_lr: float = _f(0.025, min=0.0)
     famo_lr: float = _f(0.025, min=0.0)
     famo_gamma: float = _f(0.001, min=0.0)
-    rep_grad: bool = _f(False, help="pcgrad/gradnorm: per-task gradients at the shared representation, one encoder "
-                        "backward (LibMTL's rep_grad; an approximation, faster)")
+    rep_grad: bool = _f(
+        False,
+        help="pcgrad/gradnorm: per-task gradients at the shared representation, one encoder "
+        "backward (LibMTL's rep_grad; an approximation, faster)",
+    )
     pcgrad_batched: bool = _f(False, help="exact pcgrad: the per-task encoder backwards as one batched (vmap) backward")
 
 
@@ -132,13 +138,18 @@ class TrainConfig:
     max_failures: int = _f(3, min=-1)
     val_max_images: int = _f(0, min=0, help="0 = whole val split")
     log_image_ids: bool = _f(False, help="audit the data order: write each step's image ids to <run dir>/image_ids/")
-    ray_log_level: str = _f("WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                            help="Ray Train's own console logs (mtseg's progress line is printed regardless)")
+    ray_log_level: str = _f(
+        "WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="Ray Train's own console logs (mtseg's progress line is printed regardless)",
+    )
 
 
 @dataclass
 class TuneConfig:
-    space: dict[str, str] = _f(default_factory=dict, help="dotted key -> choice[..] | uniform[a,b] | loguniform[a,b] | randint[a,b] | grid[..]")
+    space: dict[str, str] = _f(
+        default_factory=dict, help="dotted key -> choice[..] | uniform[a,b] | loguniform[a,b] | randint[a,b] | grid[..]"
+    )
     num_samples: int = _f(4, min=1)
     scheduler: str = _f("asha", choices=("asha", "pbt", "fifo"))
     search_alg: str = _f("random", choices=("random", "optuna"))
@@ -358,8 +369,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if data is not None and not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...), "
-                              f"not a {type(data).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections (data, model, train, ...), not a {type(data).__name__}"
+            )
         data = _deep_copy(data, where=path)
     return config_from_dict(data, overrides)
 
@@ -381,8 +393,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"tasks.patch_size: {cfg.tasks.patch_size} exceeds data.image_size {cfg.data.image_size}")
     if {"supercategory", "boundary", "instance"} & set(cfg.tasks.names) and "semantic" not in cfg.tasks.names:
         raise ConfigError("tasks.names: supercategory, boundary and instance refine 'semantic', which must be in the set")
-    for key, uri in (("data.uri", cfg.data.uri), ("data.unlabeled_uri", cfg.data.unlabeled_uri),
-                     ("train.storage_path", cfg.train.storage_path)):
+    for key, uri in (
+        ("data.uri", cfg.data.uri),
+        ("data.unlabeled_uri", cfg.data.unlabeled_uri),
+        ("train.storage_path", cfg.train.storage_path),
+    ):
         if uri or key != "data.unlabeled_uri":
             try:
                 storage.check_uri(uri)
@@ -403,4 +418,3 @@ def save_config(cfg: Config, path: str) -> None:
         mtseg.storage.StorageError: the file cannot be written (one line naming it).
     """
     storage.write_bytes(path, to_yaml(cfg).encode())
-

@@ -44,8 +44,14 @@ def _step(n: int, text: str) -> None:
     print(f"\n[demo {n}/{STEPS}] {text}", flush=True)
 
 
-def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_images: int = 96, epochs: int | None = None,
-             config_path: str | None = None, overrides: list[str] | None = None) -> int:
+def run_demo(
+    out_dir: str = "runs/demo",
+    train_images: int | None = None,
+    val_images: int = 96,
+    epochs: int | None = None,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+) -> int:
     """Run the demo; returns 0 when val mIoU reaches the target, 1 otherwise.
 
     Args:
@@ -100,12 +106,20 @@ def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_im
 
         current = "5/7 train"
         storage_path = f"s3://{store.bucket}/demo/runs"
-        cfg = load_config(config_path or str(DEMO_CONFIG), [
-            f"data.uri={data_uri}", f"train.storage_path={storage_path}",
-            *([f"train.epochs={epochs}"] if epochs else []), *(overrides or []),
-        ])
-        _step(5, f"training {cfg.model.backbone}+{cfg.model.decoder} on {', '.join(cfg.tasks.names)} with "
-                 f"{cfg.train.num_workers} Ray Train workers, {cfg.train.epochs} epochs, weighting={cfg.weighting.name}")
+        cfg = load_config(
+            config_path or str(DEMO_CONFIG),
+            [
+                f"data.uri={data_uri}",
+                f"train.storage_path={storage_path}",
+                *([f"train.epochs={epochs}"] if epochs else []),
+                *(overrides or []),
+            ],
+        )
+        _step(
+            5,
+            f"training {cfg.model.backbone}+{cfg.model.decoder} on {', '.join(cfg.tasks.names)} with "
+            f"{cfg.train.num_workers} Ray Train workers, {cfg.train.epochs} epochs, weighting={cfg.weighting.name}",
+        )
         from mtseg.train.trainer import local_run_dir, run_training
 
         result = run_training(cfg, restart=True)
@@ -127,10 +141,16 @@ def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_im
             json.dump({k: (v if v == v else None) for k, v in metrics.items()}, f, indent=2, sort_keys=True)
         elapsed = time.monotonic() - t_start
         md, html_path = write_report(
-            out_dir, "mtseg demo", metrics, scalars, images,
-            notes=[f"{cfg.train.num_workers} Ray Train workers streaming from SeaweedFS; {cfg.train.epochs} epochs; "
-                   f"weighting {cfg.weighting.name}; checkpoint {best.path}, exported to {model_dir}; "
-                   f"wall time {elapsed:.0f}s."],
+            out_dir,
+            "mtseg demo",
+            metrics,
+            scalars,
+            images,
+            notes=[
+                f"{cfg.train.num_workers} Ray Train workers streaming from SeaweedFS; {cfg.train.epochs} epochs; "
+                f"weighting {cfg.weighting.name}; checkpoint {best.path}, exported to {model_dir}; "
+                f"wall time {elapsed:.0f}s."
+            ],
         )
         print(f"  metrics: {os.path.join(out_dir, 'metrics.json')}\n  report: {md}, {html_path}")
         for k in sorted(metrics):
@@ -155,10 +175,14 @@ def run_demo(out_dir: str = "runs/demo", train_images: int | None = None, val_im
             ray.shutdown()
     elapsed = time.monotonic() - t_start
     verdict = "reached" if miou >= TARGET_MIOU else "MISSED"
-    print(f"\n[demo] val/miou = {miou:.4f} ({verdict} the {TARGET_MIOU:.2f} target) in {elapsed / 60:.1f} min; "
-          f"{out_dir} holds {_disk_usage(out_dir) / 2**20:.0f} MB")
-    print(f"[demo] the model's metrics on the validation split: "
-          f"{_command('evaluate', '--checkpoint', model_dir, '--data', local_shards)}")
+    print(
+        f"\n[demo] val/miou = {miou:.4f} ({verdict} the {TARGET_MIOU:.2f} target) in {elapsed / 60:.1f} min; "
+        f"{out_dir} holds {_disk_usage(out_dir) / 2**20:.0f} MB"
+    )
+    print(
+        f"[demo] the model's metrics on the validation split: "
+        f"{_command('evaluate', '--checkpoint', model_dir, '--data', local_shards)}"
+    )
     # Last, so that it is what the terminal shows: the model applied to an image, as a user would.
     print(f"[demo] segment an image with the trained model (no cluster or store needed):\n  {predict_command(model_dir, image)}")
     return 0 if miou >= TARGET_MIOU else 1
@@ -258,8 +282,7 @@ def _write_overlays(model_dir: str, cfg, data_uri: str, out_dir: str, count: int
     categories = loaded.categories
     model = ckpt.build_inference_model(cfg, categories, loaded.model_state)
     tasks = build_tasks(cfg, categories)
-    batch = next(iter_local_batches(data_uri, cfg.data.val_split, categories, cfg, train=False, tasks=tasks,
-                                    batch_size=count))
+    batch = next(iter_local_batches(data_uri, cfg.data.val_split, categories, cfg, train=False, tasks=tasks, batch_size=count))
     outputs, semantic, instances = predict_batch(model, batch, tasks, cfg, categories)
     fused = fused_predictions(semantic)
     paths = []

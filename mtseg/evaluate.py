@@ -56,8 +56,9 @@ class EvalActor:
         tasks: the driver's registered task classes, registered here before the config is read.
     """
 
-    def __init__(self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu", num_threads: int = 1,
-                 tasks: tuple = ()):
+    def __init__(
+        self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu", num_threads: int = 1, tasks: tuple = ()
+    ):
         import ray
         import torch
 
@@ -127,7 +128,7 @@ class EvalTask:
             _WORKER_MODEL[self.key] = EvalActor(**self.kwargs)
         actor = _WORKER_MODEL[self.key]
         for start in range(0, len(batch["gt"]), self.batch_size):
-            yield actor({k: v[start:start + self.batch_size] for k, v in batch.items()})
+            yield actor({k: v[start : start + self.batch_size] for k, v in batch.items()})
 
 
 @dataclass
@@ -153,16 +154,26 @@ class EvaluationResult:
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict; undefined metrics (NaN) become null."""
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.metrics.items()}
-        return {"checkpoint": self.checkpoint, "data": self.data, "split": self.split, "images": self.images,
-                "metrics": clean, "timing": self.timing, "setup": self.setup}
+        return {
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+            "split": self.split,
+            "images": self.images,
+            "metrics": clean,
+            "timing": self.timing,
+            "setup": self.setup,
+        }
 
     def table(self) -> str:
         """The markdown report: what was evaluated, then one row per metric."""
         from mtseg.report import metrics_table
 
         s = self.setup
-        where = (f"{s['actors']} {s.get('device', '?')} inference actor(s)" if s.get("actors")
-                 else "inference in the read + decode tasks")
+        where = (
+            f"{s['actors']} {s.get('device', '?')} inference actor(s)"
+            if s.get("actors")
+            else "inference in the read + decode tasks"
+        )
         lines = [
             f"# Evaluation of `{self.checkpoint}`",
             "",
@@ -175,8 +186,9 @@ class EvaluationResult:
         return "\n".join(lines) + "\n"
 
 
-def plan_inference(resources: dict[str, float], *, use_gpu: str = "auto", concurrency: int | None = None,
-                   actor_cpus: float | None = None) -> dict[str, Any]:
+def plan_inference(
+    resources: dict[str, float], *, use_gpu: str = "auto", concurrency: int | None = None, actor_cpus: float | None = None
+) -> dict[str, Any]:
     """Where the forward passes run, with which resources.
 
     With GPUs, one actor per GPU (``mode`` ``actors``). On CPUs, by default, in the read +
@@ -212,8 +224,7 @@ def plan_inference(resources: dict[str, float], *, use_gpu: str = "auto", concur
         raise PredictError(f"--actor-cpus: must be >= 0, got {actor_cpus}")
     on_gpu = gpus > 0 and use_gpu != "false"
     if not on_gpu and concurrency is None and actor_cpus is None:
-        return {"mode": "tasks", "actors": 0, "device": "cpu", "num_cpus": preprocess_cpus, "num_gpus": 0.0,
-                "threads": 1}
+        return {"mode": "tasks", "actors": 0, "device": "cpu", "num_cpus": preprocess_cpus, "num_gpus": 0.0, "threads": 1}
     actors = concurrency or (gpus if on_gpu else max(1, int(cpus)))
     if actor_cpus is None:
         actor_cpus = max(0.0, min(1.0, (cpus - preprocess_cpus) / actors))
@@ -232,8 +243,9 @@ def plan_inference(resources: dict[str, float], *, use_gpu: str = "auto", concur
     }
 
 
-def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int,
-                       plan: dict[str, Any], limit: int | None = None):
+def build_eval_dataset(
+    loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int, plan: dict[str, Any], limit: int | None = None
+):
     """The lazy Ray Dataset of per-batch evaluator states (see the module docstring).
 
     Args:
@@ -256,14 +268,18 @@ def build_eval_dataset(loaded: LoadedCheckpoint, data_uri: str, split: str, *, b
         ds = ds.limit(int(limit))
     transform = SampleTransform.from_config(loaded.categories, cfg, build_tasks(cfg, loaded.categories), train=False)
     # Each image's ground truth travels beside it: an actor scores a batch against its own images.
-    ds = ds.map_batches(ChunkedTransform(transform, with_gt=True), batch_format="pyarrow", batch_size=None,
-                        zero_copy_batch=True)
+    ds = ds.map_batches(ChunkedTransform(transform, with_gt=True), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
     state_ref = ray.put(loaded.model_state)
-    kwargs = {"cfg": cfg.to_dict(), "categories": loaded.categories.to_categories(), "model_state": state_ref,
-              "device": plan["device"], "num_threads": plan["threads"], "tasks": task_classes()}
+    kwargs = {
+        "cfg": cfg.to_dict(),
+        "categories": loaded.categories.to_categories(),
+        "model_state": state_ref,
+        "device": plan["device"],
+        "num_threads": plan["threads"],
+        "tasks": task_classes(),
+    }
     if plan["mode"] == "tasks":
-        return ds.map_batches(EvalTask(state_ref.hex(), kwargs, batch_size), batch_size=None,
-                              batch_format="numpy"), manifest
+        return ds.map_batches(EvalTask(state_ref.hex(), kwargs, batch_size), batch_size=None, batch_format="numpy"), manifest
     ds.context.op_resource_reservation_enabled = True  # the actors keep their share of the CPUs
     return ds.map_batches(
         EvalActor,
@@ -292,10 +308,19 @@ def _check_counts(**counts: int | None) -> None:
             raise PredictError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
 
 
-def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int | None = None,
-                    concurrency: int | None = None, actor_cpus: float | None = None, use_gpu: str = "auto",
-                    limit: int | None = None, coco_shards: int | None = None,
-                    log: Callable[[str], None] = print) -> EvaluationResult:
+def evaluate_loaded(
+    loaded: LoadedCheckpoint,
+    data_uri: str,
+    split: str,
+    *,
+    batch_size: int | None = None,
+    concurrency: int | None = None,
+    actor_cpus: float | None = None,
+    use_gpu: str = "auto",
+    limit: int | None = None,
+    coco_shards: int | None = None,
+    log: Callable[[str], None] = print,
+) -> EvaluationResult:
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
 
     Args:
@@ -352,11 +377,26 @@ def evaluate_loaded(loaded: LoadedCheckpoint, data_uri: str, split: str, *, batc
     metrics = evaluator.compute(num_shards=shards, executor=ray_map())
     metrics_s = time.monotonic() - t1
     return EvaluationResult(
-        metrics=metrics, images=images, checkpoint=loaded.uri, data=data_uri, split=split,
-        timing={"inference_s": round(inference_s, 3), "images_per_s": round(images / inference_s, 2),
-                "metrics_s": round(metrics_s, 3), "total_s": round(inference_s + metrics_s, 3)},
-        setup={"mode": plan["mode"], "actors": plan["actors"], "device": plan["device"], "actor_cpus": plan["num_cpus"],
-               "batch_size": batch_size, "coco_shards": shards, "limit": limit},
+        metrics=metrics,
+        images=images,
+        checkpoint=loaded.uri,
+        data=data_uri,
+        split=split,
+        timing={
+            "inference_s": round(inference_s, 3),
+            "images_per_s": round(images / inference_s, 2),
+            "metrics_s": round(metrics_s, 3),
+            "total_s": round(inference_s + metrics_s, 3),
+        },
+        setup={
+            "mode": plan["mode"],
+            "actors": plan["actors"],
+            "device": plan["device"],
+            "actor_cpus": plan["num_cpus"],
+            "batch_size": batch_size,
+            "coco_shards": shards,
+            "limit": limit,
+        },
     )
 
 
@@ -369,8 +409,15 @@ def write_results(result: EvaluationResult, out: str) -> list[str]:
     return result.files
 
 
-def evaluate_checkpoint(checkpoint: str, data_uri: str | None = None, split: str | None = None, *,
-                        out: str | None = None, log: Callable[[str], None] = print, **options: Any) -> EvaluationResult:
+def evaluate_checkpoint(
+    checkpoint: str,
+    data_uri: str | None = None,
+    split: str | None = None,
+    *,
+    out: str | None = None,
+    log: Callable[[str], None] = print,
+    **options: Any,
+) -> EvaluationResult:
     """Load a checkpoint, evaluate it on a split, write ``metrics.json`` + ``metrics.md``.
 
     Args:
@@ -388,9 +435,15 @@ def evaluate_checkpoint(checkpoint: str, data_uri: str | None = None, split: str
     return result
 
 
-def load_for_evaluation(checkpoint: str, data_uri: str | None = None, split: str | None = None, *,
-                        batch_size: int | None = None, limit: int | None = None,
-                        out: str | None = None) -> tuple[LoadedCheckpoint, str, str]:
+def load_for_evaluation(
+    checkpoint: str,
+    data_uri: str | None = None,
+    split: str | None = None,
+    *,
+    batch_size: int | None = None,
+    limit: int | None = None,
+    out: str | None = None,
+) -> tuple[LoadedCheckpoint, str, str]:
     """Load a checkpoint and check everything :func:`evaluate_loaded` would refuse, before Ray starts.
 
     ``batch_size``, ``limit`` and ``out`` are only checked; the rest are :func:`evaluate_checkpoint`'s.

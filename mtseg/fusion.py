@@ -29,8 +29,7 @@ _BOUNDARY_THRESHOLD = 0.5
 def _check_classes(logits: torch.Tensor, categories: CategoryIndex) -> None:
     if logits.ndim != 4 or logits.shape[1] != categories.num_classes:
         raise ValueError(
-            f"fusion: semantic output must be (B, {categories.num_classes}, H, W) for this dataset, "
-            f"got {tuple(logits.shape)}"
+            f"fusion: semantic output must be (B, {categories.num_classes}, H, W) for this dataset, got {tuple(logits.shape)}"
         )
 
 
@@ -97,9 +96,7 @@ def _snap_edges(pred: torch.Tensor, confidence: torch.Tensor, edge: torch.Tensor
 
 
 @torch.no_grad()
-def find_centers(
-    heatmap: torch.Tensor, *, threshold: float, nms_kernel: int, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def find_centers(heatmap: torch.Tensor, *, threshold: float, nms_kernel: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keypoint NMS on one center heatmap.
 
     Args:
@@ -238,6 +235,10 @@ def instances_to_coco(
     if any(m.ndim != 2 for m in masks):
         raise ValueError(f"instances_to_coco: a mask must be (H, W), got shape {next(m.shape for m in masks if m.ndim != 2)}")
     return masks_to_coco_results(
-        image_id, np.stack(masks), [int(i["category"]) for i in instances], [float(i["score"]) for i in instances],
-        categories, orig_size=orig_size,
+        image_id,
+        np.stack(masks),
+        [int(i["category"]) for i in instances],
+        [float(i["score"]) for i in instances],
+        categories,
+        orig_size=orig_size,
     )

@@ -102,8 +102,7 @@ class Predictor:
         checkpoint_uri: where the weights came from (recorded in outputs).
     """
 
-    def __init__(self, cfg: Config, categories: CategoryIndex, model: nn.Module, device: torch.device,
-                 checkpoint_uri: str = ""):
+    def __init__(self, cfg: Config, categories: CategoryIndex, model: nn.Module, device: torch.device, checkpoint_uri: str = ""):
         import torch
 
         from mtseg.data.transforms import build_transform
@@ -162,7 +161,7 @@ class Predictor:
         preds = []
         for i, (image, image_id) in enumerate(zip(images, image_ids)):
             size = (int(image.shape[1]), int(image.shape[2]))
-            pred = ImagePrediction(image_id=int(image_id), semantic=resize_map(semantic[i:i + 1], size, "nearest")[0].numpy())
+            pred = ImagePrediction(image_id=int(image_id), semantic=resize_map(semantic[i : i + 1], size, "nearest")[0].numpy())
             for name, task in self.tasks.items():
                 values = None if name in fused else task.output_map(outputs[name][i], size)
                 if values is not None:
@@ -176,8 +175,13 @@ class Predictor:
 # ---------------------------------------------------------------------------- pictures
 
 
-def render(image: np.ndarray, pred: ImagePrediction, categories: CategoryIndex, tasks: dict,
-           score_threshold: float = OVERLAY_SCORE_THRESHOLD) -> dict[str, Image.Image]:
+def render(
+    image: np.ndarray,
+    pred: ImagePrediction,
+    categories: CategoryIndex,
+    tasks: dict,
+    score_threshold: float = OVERLAY_SCORE_THRESHOLD,
+) -> dict[str, Image.Image]:
     """The pictures of one prediction on its (H, W, 3) uint8 image: ``{"overlay": ..., task: ...}`` (PIL).
 
     Each of ``tasks`` (:attr:`Predictor.tasks`) draws its own map; the overlay outlines
@@ -355,9 +359,11 @@ def predict_images(
                 ok.append((i, image))
                 if size != tuple(image.shape[1:]):
                     original[i] = size
-                    tqdm.write(f"[predict] {storage.redact(sources[i])}: {size[1]}x{size[0]} downscaled to "
-                               f"{image.shape[2]}x{image.shape[1]} (max image side {max_side}); outputs are at that size",
-                               file=sys.stderr)
+                    tqdm.write(
+                        f"[predict] {storage.redact(sources[i])}: {size[1]}x{size[0]} downscaled to "
+                        f"{image.shape[2]}x{image.shape[1]} (max image side {max_side}); outputs are at that size",
+                        file=sys.stderr,
+                    )
             # Ids follow input order, so a file keeps its id whatever else fails.
             preds = predictor.predict([im for _, im in ok], [i + 1 for i, _ in ok])
             for (i, image), pred in zip(ok, preds):
@@ -369,9 +375,17 @@ def predict_images(
                 files.append(f"{names[i]}_instances.json")
                 storage.write_bytes(storage.join(out, files[-1]), json.dumps(pred.instances).encode())
                 all_results.extend(pred.instances)
-                images.append({"image_id": pred.image_id, "source": sources[i], "name": names[i],
-                               "height": int(image.shape[1]), "width": int(image.shape[2]),
-                               "instances": len(pred.instances), "files": files})
+                images.append(
+                    {
+                        "image_id": pred.image_id,
+                        "source": sources[i],
+                        "name": names[i],
+                        "height": int(image.shape[1]),
+                        "width": int(image.shape[2]),
+                        "instances": len(pred.instances),
+                        "files": files,
+                    }
+                )
                 if i in original:
                     images[-1]["downscaled_from"] = {"height": original[i][0], "width": original[i][1]}
             bar.update(len(chunk))
@@ -383,7 +397,12 @@ def predict_images(
     bar.close()
     storage.write_bytes(storage.join(out, "coco_results.json"), json.dumps(all_results).encode())
     summary = PredictSummary(images=images, skipped=skipped, out=out, seconds=time.monotonic() - t0)
-    record = {"checkpoint": predictor.checkpoint_uri or checkpoint, "images": images, "skipped": skipped,
-              "categories": predictor.categories.to_categories(), "seconds": round(summary.seconds, 3)}
+    record = {
+        "checkpoint": predictor.checkpoint_uri or checkpoint,
+        "images": images,
+        "skipped": skipped,
+        "categories": predictor.categories.to_categories(),
+        "seconds": round(summary.seconds, 3),
+    }
     storage.write_bytes(storage.join(out, "summary.json"), (json.dumps(record, indent=1) + "\n").encode())
     return summary

@@ -26,8 +26,22 @@ def palette() -> np.ndarray:
     rng = np.random.default_rng(12345)
     colours = np.zeros((256, 3), np.uint8)
     base = np.array(
-        [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240],
-         [240, 50, 230], [210, 245, 60], [250, 190, 212], [0, 128, 128], [220, 190, 255], [170, 110, 40], [128, 0, 0]],
+        [
+            [230, 25, 75],
+            [60, 180, 75],
+            [255, 225, 25],
+            [0, 130, 200],
+            [245, 130, 48],
+            [145, 30, 180],
+            [70, 240, 240],
+            [240, 50, 230],
+            [210, 245, 60],
+            [250, 190, 212],
+            [0, 128, 128],
+            [220, 190, 255],
+            [170, 110, 40],
+            [128, 0, 0],
+        ],
         np.uint8,
     )
     for i in range(1, 256):
@@ -71,8 +85,9 @@ def blend(image: np.ndarray, labels: np.ndarray, alpha: float = BLEND_ALPHA) -> 
     return np.where(fg, (1 - alpha) * out + alpha * colour, out).astype(np.uint8)
 
 
-def outlines(image: np.ndarray, instances: Iterable[dict], score_threshold: float,
-             colour: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+def outlines(
+    image: np.ndarray, instances: Iterable[dict], score_threshold: float, colour: tuple[int, int, int] = (255, 255, 255)
+) -> np.ndarray:
     """A copy of ``image`` with one-pixel outlines of the instances (COCO results at (H, W)) scoring at least ``score_threshold``."""
     from pycocotools import mask as mask_utils
 

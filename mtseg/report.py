@@ -132,8 +132,16 @@ def plot_panel(panel: Panel):
             continue
         # Ten colours, then the same colours dashed: every line stays told apart in the legend,
         # and a task has the same colour in the loss and the weight panels (both sorted by name).
-        ax.plot(steps, values, linestyle=styles[i // 10 % len(styles)], color=f"C{i % 10}", marker="o", markersize=2.5,
-                linewidth=1.4, label=label)
+        ax.plot(
+            steps,
+            values,
+            linestyle=styles[i // 10 % len(styles)],
+            color=f"C{i % 10}",
+            marker="o",
+            markersize=2.5,
+            linewidth=1.4,
+            label=label,
+        )
         i += 1
     if panel.log:
         ax.set_yscale("log")
@@ -162,14 +170,22 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1400px;margin:1.5em auto;padding:0 1em;color:#222}"
-          "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 10px;text-align:left}"
-          "td.num{font-variant-numeric:tabular-nums}.na{color:#777}"
-          ".curves{display:flex;flex-wrap:wrap;gap:8px}img{max-width:100%}")
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1400px;margin:1.5em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 10px;text-align:left}"
+    "td.num{font-variant-numeric:tabular-nums}.na{color:#777}"
+    ".curves{display:flex;flex-wrap:wrap;gap:8px}img{max-width:100%}"
+)
 
 
-def write_report(out_dir: str, title: str, metrics: dict[str, float], scalars: dict[str, list[tuple[float, float]]],
-                 images: Sequence[str], notes: Sequence[str] = ()) -> tuple[str, str]:
+def write_report(
+    out_dir: str,
+    title: str,
+    metrics: dict[str, float],
+    scalars: dict[str, list[tuple[float, float]]],
+    images: Sequence[str],
+    notes: Sequence[str] = (),
+) -> tuple[str, str]:
     """Write ``report.md`` and the self-contained ``report.html`` into ``out_dir``.
 
     Args:
@@ -196,8 +212,10 @@ def write_report(out_dir: str, title: str, metrics: dict[str, float], scalars: d
     for k, v in sorted(metrics.items()):
         if isinstance(v, (int, float)):
             na = isinstance(v, float) and math.isnan(v)
-            body.append(f'<tr><td><code>{html.escape(k)}</code></td><td class="{"na" if na else "num"}">'
-                        f"{html.escape(format_metric(k, v))}</td></tr>")
+            body.append(
+                f'<tr><td><code>{html.escape(k)}</code></td><td class="{"na" if na else "num"}">'
+                f"{html.escape(format_metric(k, v))}</td></tr>"
+            )
     body.append("</table><h2>Training curves</h2>")
     panels = group_scalars(scalars)
     if not panels:
@@ -210,6 +228,9 @@ def write_report(out_dir: str, title: str, metrics: dict[str, float], scalars: d
             body.append(f'<p><img alt="{html.escape(os.path.basename(p))}" src="{_data_uri(f.read())}"></p>')
     html_path = os.path.join(out_dir, "report.html")
     with open(html_path, "w") as f:
-        f.write(f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{_STYLE}</style>\n"
-                + "\n".join(body) + "\n")
+        f.write(
+            f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{_STYLE}</style>\n"
+            + "\n".join(body)
+            + "\n"
+        )
     return md_path, html_path

@@ -115,9 +115,7 @@ def _parse(uri: str) -> tuple[str, str, str]:
     if not bucket:
         raise StorageError(f"{uri}: no bucket name (expected s3://bucket/prefix)")
     if not _BUCKET_NAME.match(bucket) or ".." in bucket:
-        raise StorageError(
-            f"{uri}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.' and '-')"
-        )
+        raise StorageError(f"{uri}: {bucket!r} is not a valid bucket name (3-63 lowercase letters, digits, '.' and '-')")
     key = key.rstrip("/")
     if key and any(part in ("", ".", "..") for part in key.split("/")):
         # An object store keeps "a//b" and "a/../b" as literal keys that no path-style
@@ -196,8 +194,7 @@ def s3_client(max_attempts: int | None = None):
 
 
 @functools.lru_cache(maxsize=16)
-def _s3_client(endpoint: str | None, key: str | None, secret: str | None, token: str | None, region: str,
-               max_attempts: int):
+def _s3_client(endpoint: str | None, key: str | None, secret: str | None, token: str | None, region: str, max_attempts: int):
     import boto3
     from botocore.config import Config as BotoConfig
 

@@ -62,8 +62,9 @@ JOBS: dict[str, JobSpec] = {
     "prepare": JobSpec("jobs/prepare_data.py", 0.0, "shard COCO into parquet shards + manifest at data.uri"),
     "train": JobSpec("jobs/train.py", 0.0, "distributed training (Ray Train)", command="train"),
     "tune": JobSpec("jobs/tune.py", 0.0, "task-weighting / architecture search (Ray Tune)", command="tune"),
-    "evaluate": JobSpec("jobs/evaluate.py", 0.0, "metrics of a checkpoint (Ray Data batch inference)",
-                        takes_config=False, command="evaluate"),
+    "evaluate": JobSpec(
+        "jobs/evaluate.py", 0.0, "metrics of a checkpoint (Ray Data batch inference)", takes_config=False, command="evaluate"
+    ),
     "predict": JobSpec("jobs/predict.py", 1.0, "predictions on image files", takes_config=False, command="predict"),
 }
 
@@ -102,8 +103,7 @@ class SubmitError(MtsegError, RuntimeError):
 # ---------------------------------------------------------------------------- address and token
 
 
-def resolve_address(address: str | None = None, *, environ: Mapping[str, str] | None = None,
-                    stack_dir: str | None = None) -> str:
+def resolve_address(address: str | None = None, *, environ: Mapping[str, str] | None = None, stack_dir: str | None = None) -> str:
     """The Ray Jobs API address to use: the head's dashboard URL.
 
     Args:
@@ -261,8 +261,7 @@ class JobsClient:
         if "Authentication required" in text or not self._token:
             return f"{head}: missing auth token (set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         return (
-            f"{head}: wrong auth token (from {self.token_source}); "
-            "set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token"
+            f"{head}: wrong auth token (from {self.token_source}); set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token"
         )
 
     def submit_job(self, *, agent_wait_s: float = 60.0, **kwargs: Any) -> str:
@@ -502,8 +501,10 @@ def submit(
     else:
         log("[submit] storage settings: the cluster's own (--no-storage-env)")
     if pass_storage_env and not forward_credentials:
-        log("[submit] storage credentials not sent: the cluster's own apply "
-            "(--forward-credentials sends this shell's, and Ray logs them in plain text)")
+        log(
+            "[submit] storage credentials not sent: the cluster's own apply "
+            "(--forward-credentials sends this shell's, and Ray logs them in plain text)"
+        )
     metadata = {"mtseg.job": name, "mtseg.config": config_rel or "", "mtseg.run_name": run_name}
     if run:
         metadata[RUN_METADATA_KEY] = run
@@ -546,4 +547,3 @@ def run_outcome(info) -> str | None:
         return "not started"
     status, reason = outcome.get("status", "unknown"), outcome.get("reason")
     return f"{status}: {reason}" if reason and status != "finished" else status
-

@@ -15,8 +15,21 @@ def test_cpu_smoke_trains_both_models_counts_their_flops_and_says_it_is_a_smoke(
     out = tmp_path / "gpu.json"
     threads = torch.get_num_threads()
     try:
-        figures = gpu.main(["--smoke", "--phases", "in_memory,anchor,flops", "--steps", "1", "--warmup", "1",
-                            "--resident-batches", "2", "--out", str(out)])
+        figures = gpu.main(
+            [
+                "--smoke",
+                "--phases",
+                "in_memory,anchor,flops",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--resident-batches",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert json.loads(out.read_text()) == figures

@@ -23,7 +23,8 @@ def test_replicate_split_lists_every_copy_in_a_manifest_the_stream_reads(tmp_pat
     assert sum(s["rows"] for s in ten["shards"]) == ten["counts"]["images"] == 15
     for entry in ten["shards"]:
         original = entry["path"].split("-", 1)[1]
-        assert (tmp_path / "shards" / "train2017-3x" / entry["path"]).read_bytes() == \
-            (tmp_path / "shards" / "train2017" / original).read_bytes()
+        assert (tmp_path / "shards" / "train2017-3x" / entry["path"]).read_bytes() == (
+            tmp_path / "shards" / "train2017" / original
+        ).read_bytes()
     shards = [(os.path.join(uri, "train2017-3x", s["path"]), s["rows"]) for s in ten["shards"]]
     assert sum(len(s.rows) for s in plan_epoch(shards, seed=0, epoch=0, world_size=1, rank=0)) == 15

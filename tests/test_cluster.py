@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cli(args: list[str], home: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """``mtseg ARGS`` with ``HOME`` replaced (so ~/.ray/auth_token is that home's) and no Ray/S3 settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "RAY_API_SERVER", "AWS_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "RAY_API_SERVER", "AWS_"))}
     env["HOME"] = home
-    return subprocess.run([sys.executable, "-m", "mtseg.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mtseg.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -79,7 +79,9 @@ def test_failed_up_stops_what_it_started(stack_dir, tmp_path):
     home.write_text("")
     up = _cli(["cluster", "up", "--dir", stack_dir], str(home))
     assert up.returncode == 2
-    assert up.stderr.startswith("mtseg: error: cluster up failed, stopped what it had started: could not create the Ray auth token")
+    assert up.stderr.startswith(
+        "mtseg: error: cluster up failed, stopped what it had started: could not create the Ray auth token"
+    )
     assert len(up.stderr.splitlines()) == 1 and "Traceback" not in up.stderr
     assert _pids_with_arg(stack_dir) == []
     assert not os.path.exists(os.path.join(stack_dir, "stack.json"))
@@ -98,7 +100,7 @@ def test_down_finds_a_store_the_state_file_does_not_record(stack_dir):
         store.stop()
 
 
-@pytest.mark.parametrize("content", ["{\"seaweedfs\": ", "[1, 2]", "{\"ray\": {\"temp_dir\": \"x\", \"colour\": 1}}", "\xff\xfe"])
+@pytest.mark.parametrize("content", ['{"seaweedfs": ', "[1, 2]", '{"ray": {"temp_dir": "x", "colour": 1}}', "\xff\xfe"])
 @pytest.mark.parametrize("action", ["status", "down"])
 def test_corrupt_state_file_is_one_line(stack_dir, capsys, action, content):
     from mtseg.cli import main
@@ -114,8 +116,13 @@ def test_corrupt_state_file_is_one_line(stack_dir, capsys, action, content):
 def test_vacuum_reclaims_deleted_objects(s3_env, seaweedfs):
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
-                      aws_access_key_id=seaweedfs.access_key, aws_secret_access_key=seaweedfs.secret_key)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=seaweedfs.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=seaweedfs.access_key,
+        aws_secret_access_key=seaweedfs.secret_key,
+    )
     prefix = f"vacuum-{uuid.uuid4().hex[:8]}"
     blob = os.urandom(8 << 20)
 

@@ -145,8 +145,11 @@ def test_kuberay_manifests():
         assert spec["authOptions"]["mode"] == "token"
         assert spec["enableInTreeAutoscaling"] is True
         assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-        gpu_groups = [g for g in spec["workerGroupSpecs"]
-                      if all("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+        gpu_groups = [
+            g
+            for g in spec["workerGroupSpecs"]
+            if all("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])
+        ]
         assert gpu_groups, "no worker group asks for nvidia.com/gpu"
         for g in gpu_groups:
             assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > 0
@@ -196,10 +199,12 @@ def _tf_name() -> str:
 def test_terraform_scopes_access_to_the_bucket():
     main = (REPO / "infra" / "terraform" / "main.tf").read_text()
     for profile in ("head", "worker"):
-        assert re.search(rf'resource "aws_iam_instance_profile" "{profile}"\s*\{{\s*name\s*=\s*"\$\{{var\.name\}}-ray-{profile}"', main)
+        assert re.search(
+            rf'resource "aws_iam_instance_profile" "{profile}"\s*\{{\s*name\s*=\s*"\$\{{var\.name\}}-ray-{profile}"', main
+        )
     block = re.search(r'data "aws_iam_policy_document" "bucket_access" \{(.*?)\n\}', main, re.S)[1]
     resources = re.findall(r"resources\s*=\s*\[([^\]]*)\]", block)
-    assert resources and all("aws_s3_bucket.data.arn" in r and "*\"" not in r.replace("/*", "") for r in resources)
+    assert resources and all("aws_s3_bucket.data.arn" in r and '*"' not in r.replace("/*", "") for r in resources)
     assert "s3:*" not in block
     outputs = (REPO / "infra" / "terraform" / "outputs.tf").read_text()
     for name in ("bucket", "data_uri", "storage_path", "head_instance_profile", "worker_instance_profile"):
@@ -208,6 +213,10 @@ def test_terraform_scopes_access_to_the_bucket():
 
 @pytest.mark.skipif(shutil.which("terraform") is None, reason="terraform not installed")
 def test_terraform_is_formatted():
-    proc = subprocess.run(["terraform", "fmt", "-check", "-diff", "-recursive", str(REPO / "infra" / "terraform")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["terraform", "fmt", "-check", "-diff", "-recursive", str(REPO / "infra" / "terraform")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -4,7 +4,9 @@ from mtseg.config import Config, ConfigError, coerce_value, load_config, save_co
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["train.lr=0.01", "model.backbone=resnet50", "tasks.names=[semantic, boundary]", "weighting.static.semantic=2"])
+    cfg = load_config(
+        None, ["train.lr=0.01", "model.backbone=resnet50", "tasks.names=[semantic, boundary]", "weighting.static.semantic=2"]
+    )
     assert isinstance(cfg, Config)
     assert cfg.train.lr == 0.01
     assert cfg.model.backbone == "resnet50"

@@ -24,10 +24,17 @@ from mtseg.train.loop import build_state
 def test_exported_model_segments_an_image_with_no_store(s3_bucket, tmp_path):
     info = synthesize(str(tmp_path / "coco"), train=0, val=2, size=32, seed=3)
     categories = CategoryIndex.from_categories(info["categories"])
-    cfg = load_config(str(DEMO_CONFIG), [
-        f"data.uri={s3_bucket}/shards", f"train.storage_path={s3_bucket}/runs",
-        "model.backbone=mobilenet_v3_large", "model.decoder_channels=16", "data.image_size=32", "tasks.patch_size=4",
-    ])
+    cfg = load_config(
+        str(DEMO_CONFIG),
+        [
+            f"data.uri={s3_bucket}/shards",
+            f"train.storage_path={s3_bucket}/runs",
+            "model.backbone=mobilenet_v3_large",
+            "model.decoder_channels=16",
+            "data.image_size=32",
+            "tasks.patch_size=4",
+        ],
+    )
     # A checkpoint as the trainer writes it (model, optimiser, schedule, ...), in the store.
     state = build_state(cfg, categories, 10, torch.device("cpu"))
     for group in state.optimizer.param_groups:  # one step, so that the optimiser has its state
@@ -36,8 +43,12 @@ def test_exported_model_segments_an_image_with_no_store(s3_bucket, tmp_path):
     state.optimizer.step()
     source = f"{s3_bucket}/runs/demo/checkpoint_000003"
     with tempfile.TemporaryDirectory() as d:
-        ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": {"val/miou": 0.5}, "categories": categories.to_categories()},
-                  to_yaml(cfg))
+        ckpt.save(
+            d,
+            state.state_dict(),
+            {**state.meta(), "metrics": {"val/miou": 0.5}, "categories": categories.to_categories()},
+            to_yaml(cfg),
+        )
         for name in os.listdir(d):
             with open(os.path.join(d, name), "rb") as f:
                 storage.write_bytes(storage.join(source, name), f.read())

@@ -30,10 +30,19 @@ def tiny_data(synthetic_dataset):
 
 
 def _cfg(data_uri: str):
-    return load_config(None, [
-        f"data.uri={data_uri}", "data.image_size=32", "data.batch_size=4", "model.decoder_channels=16",
-        "tasks.patch_size=4", "tasks.center_sigma=1.5", "train.warmup_steps=1", "train.lr=0.01",
-    ])
+    return load_config(
+        None,
+        [
+            f"data.uri={data_uri}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.decoder_channels=16",
+            "tasks.patch_size=4",
+            "tasks.center_sigma=1.5",
+            "train.warmup_steps=1",
+            "train.lr=0.01",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +56,9 @@ def trained_checkpoint(tiny_data, tmp_path_factory, seaweedfs):
     cfg = _cfg(tiny_data)
     categories = categories_of(read_manifest(tiny_data, cfg.data.train_split))
     state = build_state(cfg, categories, total_steps=3, device=torch.device("cpu"))
-    batches = iter_local_batches(tiny_data, cfg.data.train_split, categories, cfg, True,
-                                 tasks=build_tasks(cfg, categories), drop_last=True)
+    batches = iter_local_batches(
+        tiny_data, cfg.data.train_split, categories, cfg, True, tasks=build_tasks(cfg, categories), drop_last=True
+    )
     train_one_epoch(state, batches, steps=3)
     local = str(tmp_path_factory.mktemp("ckpt") / "checkpoint_000000")
     # Saved as the trainer does today: meta without categories (read from the dataset instead).
@@ -78,8 +88,7 @@ def _plain_loop_metrics(checkpoint_uri: str, cfg, categories) -> dict[str, float
         fs, path = storage.resolve(uri)
         rows += pq.read_table(path, filesystem=fs, columns=["image_id", "height", "width", "annotations"]).to_pylist()
     evaluator = Evaluator(categories, build_tasks(cfg, categories), coco_gt=coco_gt_from_rows(rows, manifest["categories"]))
-    batches = iter_local_batches(cfg.data.uri, cfg.data.val_split, categories, cfg, False,
-                                 tasks=build_tasks(cfg, categories))
+    batches = iter_local_batches(cfg.data.uri, cfg.data.val_split, categories, cfg, False, tasks=build_tasks(cfg, categories))
     evaluate(model, batches, build_tasks(cfg, categories), cfg, categories, evaluator, torch.device("cpu"))
     return evaluator.compute()
 
@@ -93,8 +102,7 @@ def test_evaluate_streams_from_seaweedfs_and_matches_the_plain_loop(ray_local, t
     # The run directory resolves to its newest complete checkpoint. By default the read + decode
     # tasks run the model; --concurrency asks for an actor pool. Both give the plain loop's numbers.
     for extra, mode, actors in (([], "tasks", 0), (["--concurrency", "2"], "actors", 2)):
-        code = main(["evaluate", "--checkpoint", run, "--data", tiny_data, "--split", "val2017", "--batch-size", "4",
-                     *extra])
+        code = main(["evaluate", "--checkpoint", run, "--data", tiny_data, "--split", "val2017", "--batch-size", "4", *extra])
         out = capsys.readouterr().out
         assert code == 0
         assert "| `val/miou` |" in out and "| `val/mask_ap` |" in out
@@ -120,8 +128,9 @@ def test_evaluate_limit_and_label_space_check(ray_local, trained_checkpoint, tin
     from mtseg.evaluate import evaluate_checkpoint
 
     run, checkpoint_uri, cfg, categories = trained_checkpoint
-    result = evaluate_checkpoint(checkpoint_uri, tiny_data, "val2017", out=str(tmp_path), limit=3,
-                                 batch_size=2, concurrency=1, log=lambda *a: None)
+    result = evaluate_checkpoint(
+        checkpoint_uri, tiny_data, "val2017", out=str(tmp_path), limit=3, batch_size=2, concurrency=1, log=lambda *a: None
+    )
     assert result.images == 3  # the ground truth holds the evaluated images only
     assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 3
     assert 0.0 <= result.metrics["val/miou"] <= 1.0

@@ -32,16 +32,28 @@ def dataset(tmp_path_factory):
 
 
 def _cfg(uri: str, *overrides: str):
-    return load_config(None, [f"data.uri={uri}", "data.image_size=64", "data.batch_size=4", "model.decoder_channels=16",
-                              "model.channels_last=true", "train.amp=true", "train.warmup_steps=0", *overrides])
+    return load_config(
+        None,
+        [
+            f"data.uri={uri}",
+            "data.image_size=64",
+            "data.batch_size=4",
+            "model.decoder_channels=16",
+            "model.channels_last=true",
+            "train.amp=true",
+            "train.warmup_steps=0",
+            *overrides,
+        ],
+    )
 
 
 def _batches(cfg, uri, categories):
     from mtseg.data.pipeline import iter_local_batches
     from mtseg.tasks import build_tasks
 
-    return list(iter_local_batches(uri, "train2017", categories, cfg, train=True, tasks=build_tasks(cfg, categories),
-                                   drop_last=True))
+    return list(
+        iter_local_batches(uri, "train2017", categories, cfg, train=True, tasks=build_tasks(cfg, categories), drop_last=True)
+    )
 
 
 def _train_steps(cfg, uri, categories, device, steps=2):
@@ -51,8 +63,9 @@ def _train_steps(cfg, uri, categories, device, steps=2):
     state = build_state(cfg, categories, total_steps=steps, device=device)
     before = [p.detach().clone() for p in state.module.parameters()]
     seen = []
-    train_one_epoch(state, iter(_batches(cfg, uri, categories) * steps), steps=steps,
-                    on_step=lambda st, metrics, ids: seen.append(metrics))
+    train_one_epoch(
+        state, iter(_batches(cfg, uri, categories) * steps), steps=steps, on_step=lambda st, metrics, ids: seen.append(metrics)
+    )
     return state, seen, before
 
 
@@ -81,8 +94,9 @@ def test_every_task_trains_in_bf16_channels_last_on_cuda(dataset, weighting):
 @needs_cuda
 def test_compiled_model_trains_on_cuda_and_checkpoints_like_the_eager_one(dataset):
     uri, categories = dataset
-    state, seen, before = _train_steps(_cfg(uri, "train.compile=true", "tasks.names=[semantic, boundary]"), uri,
-                                       categories, torch.device("cuda"))
+    state, seen, before = _train_steps(
+        _cfg(uri, "train.compile=true", "tasks.names=[semantic, boundary]"), uri, categories, torch.device("cuda")
+    )
     assert all(math.isfinite(m["train/loss"]) for m in seen)
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, state.module.parameters()))
     assert not any(k.startswith("_orig_mod") for k in state.state_dict()["model"])
@@ -110,12 +124,26 @@ def test_one_ray_train_step_on_a_gpu_worker(ray_local, tiny_dataset, s3_bucket, 
     from mtseg.train.trainer import build_trainer, run_training
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, [
-        f"data.uri={tiny_dataset}", f"train.storage_path={s3_bucket}", "train.run_name=gpu-step",
-        "data.image_size=32", "data.batch_size=48", "data.map_num_cpus=0.25", "model.decoder_channels=16",
-        "model.channels_last=true", "tasks.patch_size=4", "train.use_gpu=true", "train.num_workers=1",
-        "train.cpus_per_worker=1", "train.epochs=1", "train.warmup_steps=0", "train.checkpoint_every_steps=0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"data.uri={tiny_dataset}",
+            f"train.storage_path={s3_bucket}",
+            "train.run_name=gpu-step",
+            "data.image_size=32",
+            "data.batch_size=48",
+            "data.map_num_cpus=0.25",
+            "model.decoder_channels=16",
+            "model.channels_last=true",
+            "tasks.patch_size=4",
+            "train.use_gpu=true",
+            "train.num_workers=1",
+            "train.cpus_per_worker=1",
+            "train.epochs=1",
+            "train.warmup_steps=0",
+            "train.checkpoint_every_steps=0",
+        ],
+    )
     scaling = build_trainer(cfg).scaling_config
     assert scaling.use_gpu and scaling.resources_per_worker["GPU"] == 1
     result = run_training(cfg)

@@ -235,8 +235,12 @@ def test_panoptic_quality_perfect_empty_and_errors():
 
 def _rle_result(image_id, category_id, mask, score):
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"image_id": image_id, "category_id": category_id, "score": score,
-            "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()}}
+    return {
+        "image_id": image_id,
+        "category_id": category_id,
+        "score": score,
+        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+    }
 
 
 def test_segments_from_results_pastes_by_score():
@@ -260,9 +264,15 @@ def _tiny_rows():
 
     def ann(i, cat, m, crowd_flag=0):
         rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-        return {"id": i, "category_id": cat, "iscrowd": crowd_flag, "bbox": list(mask_utils.toBbox(rle)),
-                "area": float(mask_utils.area(rle)), "segmentation_size": list(m.shape),
-                "segmentation_counts": rle["counts"]}
+        return {
+            "id": i,
+            "category_id": cat,
+            "iscrowd": crowd_flag,
+            "bbox": list(mask_utils.toBbox(rle)),
+            "area": float(mask_utils.area(rle)),
+            "segmentation_size": list(m.shape),
+            "segmentation_counts": rle["counts"],
+        }
 
     rows = [
         {"image_id": 10, "height": h0, "width": w0, "annotations": [ann(1, 3, car)]},
@@ -298,8 +308,14 @@ def _perfect_batch(cats: CategoryIndex, seed: int = 0):
     supercat = torch.tensor(cats.class_to_super)[semantic.clamp(max=cats.num_classes - 1)]
     boundary = (semantic != semantic.roll(1, dims=2)).float()  # class edges along x
     image = torch.rand(b, 3, h, w, generator=g)
-    batch = {"image": image, "semantic": semantic, "supercategory": supercat, "boundary": boundary,
-             "image_id": torch.tensor([10, 11]), "orig_size": torch.tensor([[16, 16], [20, 24]])}
+    batch = {
+        "image": image,
+        "semantic": semantic,
+        "supercategory": supercat,
+        "boundary": boundary,
+        "image_id": torch.tensor([10, 11]),
+        "orig_size": torch.tensor([[16, 16], [20, 24]]),
+    }
 
     def onehot(t: torch.Tensor, n: int) -> torch.Tensor:  # confident logits for class map t
         return torch.nn.functional.one_hot(t.clamp(max=n - 1), n).permute(0, 3, 1, 2).float() * 10
@@ -332,9 +348,22 @@ def test_evaluator_perfect_predictions():
     ev.process(batch, outputs, fused_predictions(outputs["semantic"].argmax(1)), _perfect_instances(cats))
     m = ev.compute()
     assert set(m) == {
-        "val/miou", "val/pixel_acc", "val/supercategory_miou", "val/boundary_f1", "val/boundary_precision",
-        "val/boundary_recall", "val/psnr", "val/mask_ap", "val/mask_ap50", "val/mask_ap75", "val/mask_ap_s",
-        "val/mask_ap_m", "val/mask_ap_l", "val/pq", "val/sq", "val/rq",
+        "val/miou",
+        "val/pixel_acc",
+        "val/supercategory_miou",
+        "val/boundary_f1",
+        "val/boundary_precision",
+        "val/boundary_recall",
+        "val/psnr",
+        "val/mask_ap",
+        "val/mask_ap50",
+        "val/mask_ap75",
+        "val/mask_ap_s",
+        "val/mask_ap_m",
+        "val/mask_ap_l",
+        "val/pq",
+        "val/sq",
+        "val/rq",
     }
     for key in ("miou", "pixel_acc", "supercategory_miou", "boundary_f1", "mask_ap", "mask_ap50", "pq", "sq", "rq"):
         assert m[f"val/{key}"] == pytest.approx(1.0), key

@@ -65,18 +65,21 @@ def make_rows(seed: int = 0, n_images: int = 10) -> list[dict]:
             if not mask.any():
                 continue
             rle = _rle(mask)
-            anns.append({
-                "id": ann_id,
-                "category_id": int(rng.choice([c["id"] for c in CATEGORIES])),
-                "iscrowd": int(rng.random() < 0.15),
-                "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "area": float(mask_utils.area(rle)),
-                "segmentation_size": [h, w],
-                "segmentation_counts": rle["counts"],  # bytes, as in the parquet shards
-            })
+            anns.append(
+                {
+                    "id": ann_id,
+                    "category_id": int(rng.choice([c["id"] for c in CATEGORIES])),
+                    "iscrowd": int(rng.random() < 0.15),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "area": float(mask_utils.area(rle)),
+                    "segmentation_size": [h, w],
+                    "segmentation_counts": rle["counts"],  # bytes, as in the parquet shards
+                }
+            )
             ann_id += 1
-        rows.append({"image_id": 1000 + 7 * i, "file_name": f"{i:06d}.jpg", "height": h, "width": w,
-                     "image": b"", "annotations": anns})
+        rows.append(
+            {"image_id": 1000 + 7 * i, "file_name": f"{i:06d}.jpg", "height": h, "width": w, "image": b"", "annotations": anns}
+        )
     return rows
 
 
@@ -106,8 +109,12 @@ def make_results(rows: list[dict], seed: int = 1) -> list[dict]:
 
 def _result(image_id: int, category_id: int, mask: np.ndarray, score: float) -> dict:
     rle = _rle(mask)
-    return {"image_id": image_id, "category_id": category_id, "score": score,
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}}
+    return {
+        "image_id": image_id,
+        "category_id": category_id,
+        "score": score,
+        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+    }
 
 
 def write_gt_json(rows: list[dict], path: Path) -> Path:
@@ -220,9 +227,15 @@ def test_process_pool_executor_equals_single_run(data):
 def test_perfect_prediction_gives_ap_one(data):
     rows, _, gt_json, _ = data
     perfect = [
-        _result(row["image_id"], a["category_id"],
-                mask_utils.decode({"size": a["segmentation_size"], "counts": a["segmentation_counts"]}), 1.0)
-        for row in rows for a in row["annotations"] if not a["iscrowd"]
+        _result(
+            row["image_id"],
+            a["category_id"],
+            mask_utils.decode({"size": a["segmentation_size"], "counts": a["segmentation_counts"]}),
+            1.0,
+        )
+        for row in rows
+        for a in row["annotations"]
+        if not a["iscrowd"]
     ]
     ev = CocoMaskEvaluator(coco_gt_from_rows(rows, CATEGORIES))
     ev.update(perfect)
@@ -370,14 +383,18 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process(data, tmp_path):
     parts = _batches(rows, results, per_batch=2)
     # Uneven split: rank 0 gets one batch, rank 1 the rest; image ownership for matching differs.
     rank_parts = [parts[:1], parts[1:]]
-    (tmp_path / "inputs.pkl").write_bytes(pickle.dumps(
-        {"categories": CATEGORIES, "tasks": tasks, "gt": copy.deepcopy(gt.dataset), "parts": rank_parts}
-    ))
+    (tmp_path / "inputs.pkl").write_bytes(
+        pickle.dumps({"categories": CATEGORIES, "tasks": tasks, "gt": copy.deepcopy(gt.dataset), "parts": rank_parts})
+    )
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for r in range(2)
+    ]
     logs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
 

@@ -27,8 +27,14 @@ CATEGORIES = [
 
 
 def _cfg(**extra):
-    overrides = ["data.image_size=32", "data.batch_size=2", "model.decoder_channels=16", "tasks.patch_size=4",
-                 "data.uri=/nonexistent/shards", *[f"{k}={v}" for k, v in extra.items()]]
+    overrides = [
+        "data.image_size=32",
+        "data.batch_size=2",
+        "model.decoder_channels=16",
+        "tasks.patch_size=4",
+        "data.uri=/nonexistent/shards",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
     return load_config(None, overrides)
 
 
@@ -69,9 +75,23 @@ def test_predict_grayscale_rgba_and_corrupt_in_one_call(checkpoint, tmp_path, ca
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     out = tmp_path / "out"
 
-    code = main(["predict", "--checkpoint", checkpoint, str(images / "gray.png"), str(images / "rgba.png"),
-                 str(images / "broken.png"), str(images / "photo.jpg"), "--out", str(out), "--device", "cpu",
-                 "--batch-size", "2"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            checkpoint,
+            str(images / "gray.png"),
+            str(images / "rgba.png"),
+            str(images / "broken.png"),
+            str(images / "photo.jpg"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1  # something was skipped; the rest ran
     assert "broken.png" in captured.err and "4/4 images, 1 skipped" in captured.err
@@ -108,8 +128,9 @@ def test_16_bit_bmp_and_8_bit_png_of_the_same_pixels_give_the_same_prediction(ch
     Image.fromarray(gray.astype(np.uint8)).save(buf, format="BMP")
     (tmp_path / "bmp.jpg").write_bytes(buf.getvalue())  # a BMP under a .jpg name
     out = tmp_path / "out"
-    summary = predict_images(checkpoint, [str(tmp_path / n) for n in ("eight.png", "sixteen.png", "bmp.jpg")],
-                             str(out), device="cpu", progress=False)
+    summary = predict_images(
+        checkpoint, [str(tmp_path / n) for n in ("eight.png", "sixteen.png", "bmp.jpg")], str(out), device="cpu", progress=False
+    )
     assert summary.skipped == []
     with Image.open(out / "eight_overlay.png") as reference:
         for name in ("sixteen", "bmp"):
@@ -129,8 +150,24 @@ def test_a_huge_image_is_decoded_reduced_and_its_outputs_downscaled(checkpoint, 
     Image.fromarray(big).save(buf, format="JPEG", quality=90)
     (tmp_path / "huge.jpg").write_bytes(buf.getvalue())
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "huge.jpg"), "--out", str(out),
-                 "--device", "cpu", "--max-image-side", "400", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                checkpoint,
+                str(tmp_path / "huge.jpg"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--max-image-side",
+                "400",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "huge.jpg: 4000x3000 downscaled to 400x300 (max image side 400)" in capsys.readouterr().err
     (image,) = json.loads((out / "summary.json").read_text())["images"]
     assert (image["height"], image["width"]) == (300, 400)
@@ -162,8 +199,9 @@ def test_predictor_at_model_size_equals_the_validation_forward(checkpoint):
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     image = torch.randint(0, 255, (3, 32, 32), dtype=torch.uint8)
     (pred,) = predictor.predict([image], [1])
-    _, semantic, _ = predict_batch(predictor.model, {"image": image[None].float() / 255}, predictor.tasks,
-                                   predictor.cfg, predictor.categories)
+    _, semantic, _ = predict_batch(
+        predictor.model, {"image": image[None].float() / 255}, predictor.tasks, predictor.cfg, predictor.categories
+    )
     assert np.array_equal(pred.semantic, semantic[0].numpy())
 
 
@@ -174,8 +212,9 @@ def test_directories_are_expanded_and_repeated_names_kept_apart(checkpoint, tmp_
     (tmp_path / "a" / "notes.txt").write_text("not an image")
     sources = find_images([str(tmp_path / "a"), str(tmp_path / "b")])
     assert sources == [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]
-    summary = predict_images(checkpoint, [str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"),
-                             device="cpu", progress=False)
+    summary = predict_images(
+        checkpoint, [str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"), device="cpu", progress=False
+    )
     assert [im["name"] for im in summary.images] == ["x", "x-2"] and not summary.skipped
     assert (tmp_path / "out" / "x-2_overlay.png").exists()
 

@@ -66,8 +66,14 @@ def test_a_panel_has_labelled_axes_ticks_and_a_legend():
 def test_report_html_is_one_self_contained_file(tmp_path):
     overlay = tmp_path / "overlay.png"
     Image.fromarray(np.full((12, 20, 3), 200, np.uint8)).save(overlay)
-    md, page = write_report(str(tmp_path / "report"), "a <run>", {"val/miou": 0.7, "val/mask_ap_s": math.nan},
-                            SCALARS, [str(overlay)], notes=["two workers"])
+    md, page = write_report(
+        str(tmp_path / "report"),
+        "a <run>",
+        {"val/miou": 0.7, "val/mask_ap_s": math.nan},
+        SCALARS,
+        [str(overlay)],
+        notes=["two workers"],
+    )
     text = open(page).read()
     assert "<title>a &lt;run&gt;</title>" in text and "<p>two workers</p>" in text
     assert ">n/a (no ground-truth objects" in text and ">nan<" not in text

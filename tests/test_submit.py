@@ -34,10 +34,20 @@ from mtseg.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [  # the tiny training of tests/train/test_train_ray.py, one epoch
-    "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
-    "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5",
-    "train.num_workers=2", "train.cpus_per_worker=0.5", "train.epochs=1", "train.warmup_steps=1",
-    "train.checkpoint_every_steps=1", "train.log_every_steps=1", "train.max_failures=0",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.rows_per_read_task=8",
+    "data.map_num_cpus=0.25",
+    "model.decoder_channels=16",
+    "tasks.patch_size=4",
+    "tasks.center_sigma=1.5",
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.epochs=1",
+    "train.warmup_steps=1",
+    "train.checkpoint_every_steps=1",
+    "train.log_every_steps=1",
+    "train.max_failures=0",
 ]
 
 
@@ -74,11 +84,19 @@ def test_token_is_read_like_ray_reads_it(monkeypatch, tmp_path):
 
 
 def test_storage_env_is_taken_by_name_and_credentials_only_on_request():
-    env = {"AWS_ENDPOINT_URL_S3": "http://s3:8333", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
-           "AWS_SESSION_TOKEN": "tok", "AWS_REGION": "", "HOME": "/root"}
+    env = {
+        "AWS_ENDPOINT_URL_S3": "http://s3:8333",
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "tok",
+        "AWS_REGION": "",
+        "HOME": "/root",
+    }
     assert sub.storage_env(env) == {"AWS_ENDPOINT_URL_S3": "http://s3:8333"}
     assert sub.storage_env(env, credentials=True) == {
-        "AWS_ENDPOINT_URL_S3": "http://s3:8333", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_ENDPOINT_URL_S3": "http://s3:8333",
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
         "AWS_SESSION_TOKEN": "tok",
     }
 
@@ -120,8 +138,13 @@ def test_training_job_metadata_names_its_run_when_this_machine_can_read_it(monke
     monkeypatch.setattr(sub, "JobsClient", _RecordingClient)
     monkeypatch.setattr(_RecordingClient, "sent", [])
     for storage in ("s3://bucket/runs", str(tmp_path), "runs"):
-        sub.submit("train", "jobs/configs/demo.yaml", [f"train.storage_path={storage}", "train.run_name=r1"],
-                   address="http://127.0.0.1:9", log=lambda m: None)
+        sub.submit(
+            "train",
+            "jobs/configs/demo.yaml",
+            [f"train.storage_path={storage}", "train.run_name=r1"],
+            address="http://127.0.0.1:9",
+            log=lambda m: None,
+        )
     s3, local, relative = (s["metadata"] for s in _RecordingClient.sent)
     assert s3[sub.RUN_METADATA_KEY] == "s3://bucket/runs/r1"
     assert local[sub.RUN_METADATA_KEY] == str(tmp_path / "r1")
@@ -151,8 +174,10 @@ def test_submission_id_is_a_plain_name_checked_before_submission(monkeypatch, ca
     _no_cluster(monkeypatch)
     with pytest.raises(ConfigError, match="--submission-id"):
         sub.submit("train", "jobs/configs/demo.yaml", submission_id=bad, address="http://127.0.0.1:9")
-    assert main(["submit", "train", "--config", "jobs/configs/demo.yaml", "--address", "http://127.0.0.1:9",
-                 "--submission-id", bad]) == 2
+    assert (
+        main(["submit", "train", "--config", "jobs/configs/demo.yaml", "--address", "http://127.0.0.1:9", "--submission-id", bad])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mtseg: error: --submission-id")
 
@@ -190,7 +215,10 @@ def test_bad_config_is_refused_before_submission(monkeypatch, capsys):
     _no_cluster(monkeypatch)
     with pytest.raises(ConfigError, match="train.lr"):
         sub.submit("train", "jobs/configs/demo.yaml", ["train.lr=fast"], address="http://127.0.0.1:9")
-    assert main(["submit", "train", "--config", "jobs/configs/demo.yaml", "--address", "http://127.0.0.1:9", "model.backbone=vgg"]) == 2
+    assert (
+        main(["submit", "train", "--config", "jobs/configs/demo.yaml", "--address", "http://127.0.0.1:9", "model.backbone=vgg"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[-1]] and err[-1].startswith("mtseg: error: model.backbone")
     assert main(["submit", "train", "--config", "jobs/configs/nope.yaml", "--address", "http://127.0.0.1:9"]) == 2
@@ -220,8 +248,14 @@ def test_job_arguments_are_checked_before_submission(monkeypatch):
         raise sub.SubmitError(f"{name}: {argv} refused")
 
     with pytest.raises(sub.SubmitError, match="refused"):  # the CLI passes its parser's check (tests/cli)
-        sub.submit("evaluate", None, script_args=["--split", "val2017"], address="http://127.0.0.1:9", working_dir=REPO,
-                   check_args=refuse)
+        sub.submit(
+            "evaluate",
+            None,
+            script_args=["--split", "val2017"],
+            address="http://127.0.0.1:9",
+            working_dir=REPO,
+            check_args=refuse,
+        )
 
 
 def test_prepare_requires_coco_root(monkeypatch):
@@ -246,15 +280,33 @@ def test_prepare_data_script_shards_every_split_of_the_config(tmp_path):
     synthesize(str(tmp_path / "coco"), train=4, val=2, size=32, seed=3)
     out = tmp_path / "shards"
     proc = subprocess.run(
-        [sys.executable, "jobs/prepare_data.py", "--config", "jobs/configs/demo.yaml", "--coco-root", str(tmp_path / "coco"),
-         f"data.uri={out}", "data.images_per_shard=3"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "jobs/prepare_data.py",
+            "--config",
+            "jobs/configs/demo.yaml",
+            "--coco-root",
+            str(tmp_path / "coco"),
+            f"data.uri={out}",
+            "data.images_per_shard=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_manifest(str(out), "train2017")["counts"]["images"] == 4
     assert read_manifest(str(out), "val2017")["counts"]["images"] == 2
-    bad = subprocess.run([sys.executable, "jobs/prepare_data.py", "--coco-root", "x", "train.lr=fast"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    bad = subprocess.run(
+        [sys.executable, "jobs/prepare_data.py", "--coco-root", "x", "train.lr=fast"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert bad.returncode == 2 and "train.lr" in bad.stderr
 
 
@@ -284,18 +336,30 @@ def head(s3_env):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _cli(args: list[str], *, token: str | None, home: str | None = None, address: str | None = None,
-         timeout: float = 600) -> subprocess.CompletedProcess:
+def _cli(
+    args: list[str], *, token: str | None, home: str | None = None, address: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run ``mtseg ARGS`` in a subprocess with this token (None: no RAY_AUTH_TOKEN at all)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
     if home is not None:
         env["HOME"] = home  # hides ~/.ray/auth_token
     if address is not None:
         env["RAY_API_SERVER_ADDRESS"] = address
-    return subprocess.run([sys.executable, "-m", "mtseg.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "mtseg.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 TRIVIAL_JOB = textwrap.dedent('''
@@ -327,8 +391,9 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
     h, token = head
     monkeypatch.chdir(trivial_project)
     out = io.StringIO()
-    sid = sub.submit("train", "jobs/configs/t.yaml", ["train.lr=0.5"], address=h.dashboard_url, token=token,
-                     working_dir=trivial_project)
+    sid = sub.submit(
+        "train", "jobs/configs/t.yaml", ["train.lr=0.5"], address=h.dashboard_url, token=token, working_dir=trivial_project
+    )
     jobs = sub.JobsClient(h.dashboard_url, token=token)
     assert jobs.follow(sid, out) == "SUCCEEDED"
     log = out.getvalue()
@@ -348,11 +413,24 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
     for value in (s3_env["AWS_SECRET_ACCESS_KEY"], token):
         assert value not in printed.err + printed.out + log
     # A failing job: --wait exits with the job's outcome.
-    sid = sub.submit("train", "jobs/configs/t.yaml", ["train.run_name=fail"], address=h.dashboard_url, token=token,
-                     working_dir=trivial_project)
+    sid = sub.submit(
+        "train", "jobs/configs/t.yaml", ["train.run_name=fail"], address=h.dashboard_url, token=token, working_dir=trivial_project
+    )
     assert jobs.follow(sid, io.StringIO()) == "FAILED"
-    proc = _cli(["submit", "train", "--wait", "--working-dir", str(trivial_project), "--config", str(trivial_project / "jobs/configs/t.yaml"),
-                 "train.run_name=fail"], token=token, address=h.dashboard_url)
+    proc = _cli(
+        [
+            "submit",
+            "train",
+            "--wait",
+            "--working-dir",
+            str(trivial_project),
+            "--config",
+            str(trivial_project / "jobs/configs/t.yaml"),
+            "train.run_name=fail",
+        ],
+        token=token,
+        address=h.dashboard_url,
+    )
     assert proc.returncode == JOB_EXIT_CODES["FAILED"], proc.stderr[-2000:]
 
 
@@ -360,8 +438,15 @@ def test_plumbing_with_a_trivial_entrypoint(head, trivial_project, s3_env, capsy
 def test_jobs_stop_stops_a_running_job(head, trivial_project):
     h, token = head
     jobs = sub.JobsClient(h.dashboard_url, token=token)
-    sid = sub.submit("train", str(trivial_project / "jobs/configs/t.yaml"), ["train.run_name=sleep"], address=h.dashboard_url,
-                     token=token, working_dir=trivial_project, log=lambda *a: None)
+    sid = sub.submit(
+        "train",
+        str(trivial_project / "jobs/configs/t.yaml"),
+        ["train.run_name=sleep"],
+        address=h.dashboard_url,
+        token=token,
+        working_dir=trivial_project,
+        log=lambda *a: None,
+    )
     deadline = time.monotonic() + 120
     while "sleeping" not in jobs.logs(sid):
         assert time.monotonic() < deadline, f"job never started: {jobs.status(sid)}"
@@ -429,7 +514,9 @@ def test_submit_train_wait_runs_to_success_with_checkpoints_in_the_bucket(head, 
 
     h, token = head
     overrides = [f"data.uri={tiny_shards}", f"train.storage_path={s3_bucket}", "train.run_name=submitted", *TINY]
-    proc = _cli(["submit", "train", "--wait", "--config", "jobs/configs/demo.yaml", *overrides], token=token, address=h.dashboard_url)
+    proc = _cli(
+        ["submit", "train", "--wait", "--config", "jobs/configs/demo.yaml", *overrides], token=token, address=h.dashboard_url
+    )
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-2000:])
     sid = proc.stdout.splitlines()[0].strip()
     assert sid.startswith("mtseg-train-submitted-")
@@ -452,9 +539,14 @@ def test_submit_train_wait_runs_to_success_with_checkpoints_in_the_bucket(head, 
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     leaks = [str(p) for p in Path(h.temp_dir).rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaks
-    ray_list = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", h.dashboard_url],
-                              env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
-                              capture_output=True, text=True, timeout=120, check=False)
+    ray_list = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "list", "--address", h.dashboard_url],
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert ray_list.returncode == 0 and sid in ray_list.stdout, ray_list.stderr[-2000:]
     assert secret not in ray_list.stdout + ray_list.stderr + listed.stdout + listed.stderr + status.stdout
 

@@ -86,8 +86,17 @@ TINY = {
     "data": {"image_size": 32, "batch_size": 4, "rows_per_read_task": 8, "map_num_cpus": 0.25},
     "model": {"decoder_channels": 16},
     "tasks": {"names": SIX_TASKS, "patch_size": 4, "center_sigma": 1.5},
-    "train": {"num_workers": 1, "cpus_per_worker": 0.5, "epochs": 1, "warmup_steps": 2, "lr": 0.003,
-              "checkpoint_every_steps": 0, "log_every_steps": 4, "keep_checkpoints": 1, "max_failures": 0},
+    "train": {
+        "num_workers": 1,
+        "cpus_per_worker": 0.5,
+        "epochs": 1,
+        "warmup_steps": 2,
+        "lr": 0.003,
+        "checkpoint_every_steps": 0,
+        "log_every_steps": 4,
+        "keep_checkpoints": 1,
+        "max_failures": 0,
+    },
 }
 
 
@@ -131,8 +140,24 @@ def test_a_registered_task_trains_validates_and_is_drawn(ray_local, tiny_dataset
     assert "val/miou" in result.metrics and "val/mask_ap" in result.metrics  # beside the other five
 
     # mtseg evaluate's Ray Data actors score it too
-    assert main(["evaluate", "--checkpoint", run_uri(cfg), "--data", tiny_dataset, "--split", "val2017",
-                 "--batch-size", "4", "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                run_uri(cfg),
+                "--data",
+                tiny_dataset,
+                "--split",
+                "val2017",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["metrics"]["val/foreground_iou"] == pytest.approx(result.metrics["val/foreground_iou"], abs=1e-9)
 
@@ -148,10 +173,16 @@ def test_a_registered_task_trains_validates_and_is_drawn(ray_local, tiny_dataset
 def test_a_registered_task_counts_in_the_tune_objective(ray_local, tiny_dataset, s3_bucket, _in_tmp):
     from mtseg.tune import baseline_config, baseline_key, delta_m, run_tune, task_objective
 
-    cfg = _cfg(tiny_dataset, s3_bucket, tune={
-        "experiment_name": "six", "max_concurrent_trials": 2, "num_samples": 1,
-        "space": {"train.lr": "grid[0.003, 0.01]"},
-    })
+    cfg = _cfg(
+        tiny_dataset,
+        s3_bucket,
+        tune={
+            "experiment_name": "six",
+            "max_concurrent_trials": 2,
+            "num_samples": 1,
+            "space": {"train.lr": "grid[0.003, 0.01]"},
+        },
+    )
     # Cached single-task baselines (training six of them would dwarf the search): foreground's
     # and semantic's are usable, the others' metrics undefined (left out of Δm%).
     values = {"semantic": 0.2, "foreground": 0.3}

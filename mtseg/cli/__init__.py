@@ -63,4 +63,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mtseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-

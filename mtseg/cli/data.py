@@ -22,26 +22,43 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
         init_local_ray(env=storage_env(credentials=True), log_to_driver=False)
     manifest = shard_coco(
-        args.coco_root, args.split, args.out,
-        images_per_shard=args.images_per_shard, max_bad_fraction=args.max_bad_fraction,
-        executor="ray" if args.ray else "local", create_bucket=args.create_bucket,
+        args.coco_root,
+        args.split,
+        args.out,
+        images_per_shard=args.images_per_shard,
+        max_bad_fraction=args.max_bad_fraction,
+        executor="ray" if args.ray else "local",
+        create_bucket=args.create_bucket,
     )
-    print(json.dumps({"counts": manifest["counts"], "converted": manifest["converted"],
-                      "skipped": {k: v for k, v in manifest["skipped"].items() if k != "details"}}, indent=2))
+    print(
+        json.dumps(
+            {
+                "counts": manifest["counts"],
+                "converted": manifest["converted"],
+                "skipped": {k: v for k, v in manifest["skipped"].items() if k != "details"},
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mtseg data synth`` and ``mtseg data shard``."""
-    data = subparsers.add_parser("data", help="make and shard COCO-format data").add_subparsers(dest="data_command", required=True)
+    data = subparsers.add_parser("data", help="make and shard COCO-format data").add_subparsers(
+        dest="data_command", required=True
+    )
     synth = data.add_parser("synth", help="synthesise a COCO-format dataset")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=320)
     synth.add_argument("--val", type=int, default=80)
-    synth.add_argument("--size", type=int, default=None,
-                       help="default profile: image side (64); coco profile: long side (640)")
-    synth.add_argument("--profile", choices=("default", "coco"), default="default",
-                       help="default: the demo's small shapes; coco: 640x480 JPEGs with COCO's 80 categories and statistics")
+    synth.add_argument("--size", type=int, default=None, help="default profile: image side (64); coco profile: long side (640)")
+    synth.add_argument(
+        "--profile",
+        choices=("default", "coco"),
+        default="default",
+        help="default: the demo's small shapes; coco: 640x480 JPEGs with COCO's 80 categories and statistics",
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(fn=cmd_synth)
     shard = data.add_parser("shard", help="COCO images + instances json -> parquet shards + manifest")
@@ -51,6 +68,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     shard.add_argument("--images-per-shard", type=int, default=256)
     shard.add_argument("--max-bad-fraction", type=float, default=0.05)
     shard.add_argument("--create-bucket", action="store_true", help="create the --out bucket if it does not exist")
-    shard.add_argument("--ray", action="store_true",
-                       help="build the shards as Ray tasks on every CPU of the Ray cluster (RAY_ADDRESS, else a local Ray)")
+    shard.add_argument(
+        "--ray",
+        action="store_true",
+        help="build the shards as Ray tasks on every CPU of the Ray cluster (RAY_ADDRESS, else a local Ray)",
+    )
     shard.set_defaults(fn=cmd_shard)

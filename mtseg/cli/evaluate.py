@@ -13,15 +13,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mtseg.cluster import init_local_ray, storage_env
 
     # Everything that can fail on bad input fails before Ray starts.
-    loaded, data_uri, split = evaluate.load_for_evaluation(args.checkpoint, args.data, args.split,
-                                                           batch_size=args.batch_size, limit=args.limit, out=args.out)
+    loaded, data_uri, split = evaluate.load_for_evaluation(
+        args.checkpoint, args.data, args.split, batch_size=args.batch_size, limit=args.limit, out=args.out
+    )
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     init_local_ray(env=storage_env(credentials=True), log_to_driver=False)
-    result = evaluate.evaluate_loaded(loaded, data_uri, split, batch_size=args.batch_size, concurrency=args.concurrency,
-                                      actor_cpus=args.actor_cpus, use_gpu=args.use_gpu, limit=args.limit,
-                                      log=lambda line: print(line, file=sys.stderr))
+    result = evaluate.evaluate_loaded(
+        loaded,
+        data_uri,
+        split,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        actor_cpus=args.actor_cpus,
+        use_gpu=args.use_gpu,
+        limit=args.limit,
+        log=lambda line: print(line, file=sys.stderr),
+    )
     files = evaluate.write_results(result, args.out or loaded.uri)
     print(result.table())
     print(f"written: {', '.join(files)}")
@@ -36,12 +45,20 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split name (default: the run's data.val_split)")
     p.add_argument("--out", default=None, help="where metrics.json and metrics.md go (default: the checkpoint directory)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: data.batch_size)")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="inference actors (default: one per GPU; without GPUs the read + decode tasks run the model, "
-                        "and this asks for an actor pool instead)")
-    p.add_argument("--actor-cpus", type=float, default=None,
-                   help="CPUs each actor reserves (default: its share of the CPUs the read + decode tasks leave); "
-                        "without GPUs, asks for an actor pool")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="inference actors (default: one per GPU; without GPUs the read + decode tasks run the model, "
+        "and this asks for an actor pool instead)",
+    )
+    p.add_argument(
+        "--actor-cpus",
+        type=float,
+        default=None,
+        help="CPUs each actor reserves (default: its share of the CPUs the read + decode tasks leave); "
+        "without GPUs, asks for an actor pool",
+    )
     p.add_argument("--use-gpu", default="auto", choices=("auto", "true", "false"))
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")

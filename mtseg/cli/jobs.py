@@ -73,11 +73,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         config, overrides = None, []
         script_args += args.script_args
     sid = submit.submit(
-        args.job, config, overrides,
-        address=args.address, working_dir=args.working_dir, submission_id=args.submission_id,
-        script_args=script_args, entrypoint_num_cpus=args.num_cpus, entrypoint_num_gpus=args.num_gpus,
-        entrypoint_memory=args.memory, entrypoint_resources=dict(args.resource or []),
-        pass_storage_env=not args.no_storage_env, forward_credentials=args.forward_credentials,
+        args.job,
+        config,
+        overrides,
+        address=args.address,
+        working_dir=args.working_dir,
+        submission_id=args.submission_id,
+        script_args=script_args,
+        entrypoint_num_cpus=args.num_cpus,
+        entrypoint_num_gpus=args.num_gpus,
+        entrypoint_memory=args.memory,
+        entrypoint_resources=dict(args.resource or []),
+        pass_storage_env=not args.no_storage_env,
+        forward_credentials=args.forward_credentials,
         check_args=check_arguments,
     )
     print(sid, flush=True)
@@ -107,14 +115,24 @@ def _list_jobs(jobs: submit.JobsClient, *, drivers: bool) -> None:
         else:
             hidden += 1
             continue
-        rows.append((j.submission_id or j.job_id or "-", status, _fmt_time(j.start_time), _fmt_time(j.end_time),
-                     _shorten(j.entrypoint, 70)))
+        rows.append(
+            (
+                j.submission_id or j.job_id or "-",
+                status,
+                _fmt_time(j.start_time),
+                _fmt_time(j.end_time),
+                _shorten(j.entrypoint, 70),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
     if hidden:
-        print(f"# {hidden} driver connection(s) not listed (scripts that called ray.init here; Ray cannot "
-              "tell how they ended): mtseg jobs list --drivers", file=sys.stderr)
+        print(
+            f"# {hidden} driver connection(s) not listed (scripts that called ray.init here; Ray cannot "
+            "tell how they ended): mtseg jobs list --drivers",
+            file=sys.stderr,
+        )
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -153,38 +171,65 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``submit`` and ``jobs`` commands to mtseg's argparse ``subparsers``."""
-    address_help = ("Ray Jobs API address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
-                    "RAY_ADDRESS, then the head of `mtseg cluster up`)")
+    address_help = (
+        "Ray Jobs API address, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+        "RAY_ADDRESS, then the head of `mtseg cluster up`)"
+    )
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default=None, help=address_help)
-    common.add_argument("--wait", action="store_true", help="follow the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED, 3 STOPPED")
+    common.add_argument(
+        "--wait", action="store_true", help="follow the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED, 3 STOPPED"
+    )
     common.add_argument("--submission-id", default=None, help="default mtseg-<job>-<run_name>-<UTC time>-<hex>")
-    common.add_argument("--working-dir", default=None, help="directory uploaded as the job's working_dir (default: this checkout)")
-    common.add_argument("--no-storage-env", action="store_true",
-                        help="do not pass this shell's AWS endpoint and region settings; the cluster's own apply")
-    common.add_argument("--forward-credentials", action="store_true",
-                        help="also pass this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
-                             "(Ray writes them in plain text to its logs and `ray job list`; by default the "
-                             "cluster's own credentials apply)")
-    common.add_argument("--num-cpus", type=float, default=None, help="CPUs the driver reserves (default: per job; 0 = on the head)")
+    common.add_argument(
+        "--working-dir", default=None, help="directory uploaded as the job's working_dir (default: this checkout)"
+    )
+    common.add_argument(
+        "--no-storage-env",
+        action="store_true",
+        help="do not pass this shell's AWS endpoint and region settings; the cluster's own apply",
+    )
+    common.add_argument(
+        "--forward-credentials",
+        action="store_true",
+        help="also pass this shell's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN "
+        "(Ray writes them in plain text to its logs and `ray job list`; by default the "
+        "cluster's own credentials apply)",
+    )
+    common.add_argument(
+        "--num-cpus", type=float, default=None, help="CPUs the driver reserves (default: per job; 0 = on the head)"
+    )
     common.add_argument("--num-gpus", type=float, default=None, help="GPUs the driver reserves (default 0)")
     common.add_argument("--memory", type=int, default=None, help="bytes of memory the driver reserves")
-    common.add_argument("--resource", type=_resource, action="append", metavar="NAME=AMOUNT",
-                        help="custom resource the driver reserves (repeatable)")
+    common.add_argument(
+        "--resource",
+        type=_resource,
+        action="append",
+        metavar="NAME=AMOUNT",
+        help="custom resource the driver reserves (repeatable)",
+    )
 
     submit_p = subparsers.add_parser("submit", help="run a job on a Ray cluster through the Ray Jobs API")
     jobs_sub = submit_p.add_subparsers(dest="job", required=True, metavar="JOB")
     for name, spec in submit.JOBS.items():
         p = jobs_sub.add_parser(name, parents=[common], help=spec.help, description=f"{spec.help}: submits {spec.script}")
         if spec.takes_config:
-            p.add_argument("--config", default=None, help="YAML config inside the project (jobs/configs/*.yaml); validated before submission")
+            p.add_argument(
+                "--config", default=None, help="YAML config inside the project (jobs/configs/*.yaml); validated before submission"
+            )
             p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=0.01")
         else:
-            p.add_argument("script_args", nargs="*", metavar="-- ARG",
-                           help=f"arguments of `mtseg {spec.command}`, after --, e.g. -- --checkpoint s3://bucket/runs/demo")
+            p.add_argument(
+                "script_args",
+                nargs="*",
+                metavar="-- ARG",
+                help=f"arguments of `mtseg {spec.command}`, after --, e.g. -- --checkpoint s3://bucket/runs/demo",
+            )
         if name == "prepare":
-            p.add_argument("--coco-root", required=True, help="COCO root with images and annotations (a path on the cluster or s3://...)")
+            p.add_argument(
+                "--coco-root", required=True, help="COCO root with images and annotations (a path on the cluster or s3://...)"
+            )
         if name == "train":
             p.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
         p.set_defaults(fn=cmd_submit)
@@ -195,6 +240,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     jobs.add_argument("--address", default=None, help=address_help)
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit with its outcome")
     jobs.add_argument("--wait", action="store_true", help="stop: wait until the job has stopped")
-    jobs.add_argument("--drivers", action="store_true",
-                      help="list: also scripts that called ray.init on the cluster (Ray knows only whether they are connected)")
+    jobs.add_argument(
+        "--drivers",
+        action="store_true",
+        help="list: also scripts that called ray.init on the cluster (Ray knows only whether they are connected)",
+    )
     jobs.set_defaults(fn=cmd_jobs)

@@ -25,6 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 #: COCO 2017's categories: (id, name, supercategory).
+# fmt: off
 COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
     (1, "person", "person"), (2, "bicycle", "vehicle"), (3, "car", "vehicle"), (4, "motorcycle", "vehicle"),
     (5, "airplane", "vehicle"), (6, "bus", "vehicle"), (7, "train", "vehicle"), (8, "truck", "vehicle"),
@@ -51,6 +52,7 @@ COCO_CATEGORIES: tuple[tuple[int, str, str], ...] = (
     (85, "clock", "indoor"), (86, "vase", "indoor"), (87, "scissors", "indoor"),
     (88, "teddy bear", "indoor"), (89, "hair drier", "indoor"), (90, "toothbrush", "indoor"),
 )
+# fmt: on
 
 #: COCO's size mix of instances by area (small < 32^2, medium < 96^2, large), and the range
 #: of drawn areas in each, in pixels (log-uniform within a range).
@@ -149,8 +151,10 @@ def render(rng: np.random.Generator, side: int = DEFAULT_SIDE):
         cat = COCO_CATEGORIES[int(rng.integers(len(COCO_CATEGORIES)))]
         cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
         spread = rng.uniform(0.05, 0.15) * min(h, w)
-        polys = [_clean(_blob(rng, cx + ox, cy + oy, rng.uniform(80.0, 600.0)), h, w)
-                 for ox, oy in rng.normal(0.0, spread, (int(rng.integers(6, 16)), 2))]
+        polys = [
+            _clean(_blob(rng, cx + ox, cy + oy, rng.uniform(80.0, 600.0)), h, w)
+            for ox, oy in rng.normal(0.0, spread, (int(rng.integers(6, 16)), 2))
+        ]
         drawn.append((float(h * w), cat[0], 1, polys))  # behind everything
     # Large objects first, so smaller ones occlude them as nearer objects do in photographs.
     drawn.sort(key=lambda d: -d[0])

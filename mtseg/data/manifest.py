@@ -79,7 +79,9 @@ def read_manifest(root: str, split: str) -> dict:
     """
     uri = manifest_uri(root, split)
     if not storage.exists(uri):
-        raise ManifestError(f"{uri}: no manifest; run `mtseg data shard --split {split}` (a manifest is written only when every shard is complete)")
+        raise ManifestError(
+            f"{uri}: no manifest; run `mtseg data shard --split {split}` (a manifest is written only when every shard is complete)"
+        )
     try:
         manifest = json.loads(storage.read_bytes(uri))
     except json.JSONDecodeError as e:

@@ -134,8 +134,16 @@ class SampleTransform:
         object.__setattr__(self, "fields", batch_fields(self.image_size, self.tasks))
 
     @classmethod
-    def from_config(cls, categories: CategoryIndex, cfg: Config, tasks: Mapping[str, TargetBuilder], *, train: bool,
-                    epoch: int = 0, seed: int = 0) -> SampleTransform:
+    def from_config(
+        cls,
+        categories: CategoryIndex,
+        cfg: Config,
+        tasks: Mapping[str, TargetBuilder],
+        *,
+        train: bool,
+        epoch: int = 0,
+        seed: int = 0,
+    ) -> SampleTransform:
         """The transform ``cfg.data`` asks for, building the targets of ``tasks`` (:func:`mtseg.tasks.build_tasks`)."""
         return cls(
             categories=categories,
@@ -158,7 +166,9 @@ class SampleTransform:
         self.__dict__.update(state)
         self.__post_init__()
 
-    def sample(self, image: bytes, annotations: Sequence[dict] | None, image_id: int, height: int, width: int) -> dict[str, np.ndarray]:
+    def sample(
+        self, image: bytes, annotations: Sequence[dict] | None, image_id: int, height: int, width: int
+    ) -> dict[str, np.ndarray]:
         """One shard row's image in the wire layout (every key of :attr:`fields`, no batch dimension).
 
         Raises:

@@ -48,15 +48,22 @@ SHARD_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),
         pa.field("width", pa.int32()),
         pa.field("image", pa.binary()),
-        pa.field("annotations", pa.list_(pa.struct([
-            pa.field("id", pa.int64()),
-            pa.field("category_id", pa.int32()),
-            pa.field("iscrowd", pa.int8()),
-            pa.field("bbox", pa.list_(pa.float64())),
-            pa.field("area", pa.float64()),
-            pa.field("segmentation_size", pa.list_(pa.int32())),
-            pa.field("segmentation_counts", pa.binary()),
-        ]))),
+        pa.field(
+            "annotations",
+            pa.list_(
+                pa.struct(
+                    [
+                        pa.field("id", pa.int64()),
+                        pa.field("category_id", pa.int32()),
+                        pa.field("iscrowd", pa.int8()),
+                        pa.field("bbox", pa.list_(pa.float64())),
+                        pa.field("area", pa.float64()),
+                        pa.field("segmentation_size", pa.list_(pa.int32())),
+                        pa.field("segmentation_counts", pa.binary()),
+                    ]
+                )
+            ),
+        ),
     ],
     metadata={"mtseg.schema_version": str(SCHEMA_VERSION)},
 )
@@ -90,11 +97,27 @@ class _Tally:
 
     def image(self, reason: str, entry: Any, detail: str = "") -> None:
         self.images[reason] += 1
-        self._detail({"kind": "image", "reason": reason, "image_id": _get(entry, "id"), "file_name": _get(entry, "file_name"), "detail": detail})
+        self._detail(
+            {
+                "kind": "image",
+                "reason": reason,
+                "image_id": _get(entry, "id"),
+                "file_name": _get(entry, "file_name"),
+                "detail": detail,
+            }
+        )
 
     def annotation(self, reason: str, ann: Any, detail: str = "") -> None:
         self.annotations[reason] += 1
-        self._detail({"kind": "annotation", "reason": reason, "annotation_id": _get(ann, "id"), "image_id": _get(ann, "image_id"), "detail": detail})
+        self._detail(
+            {
+                "kind": "annotation",
+                "reason": reason,
+                "annotation_id": _get(ann, "id"),
+                "image_id": _get(ann, "image_id"),
+                "detail": detail,
+            }
+        )
 
     def _detail(self, item: dict) -> None:
         if len(self.details) < _DETAILS_PER_SHARD:
@@ -106,7 +129,11 @@ class _Tally:
         self.details.extend(other.get("details", []))
 
     def to_dict(self, limit: int = _DETAILS_PER_SHARD) -> dict:
-        return {"images": dict(sorted(self.images.items())), "annotations": dict(sorted(self.annotations.items())), "details": self.details[:limit]}
+        return {
+            "images": dict(sorted(self.images.items())),
+            "annotations": dict(sorted(self.annotations.items())),
+            "details": self.details[:limit],
+        }
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -284,7 +311,9 @@ def _annotation_rows(anns: list[dict], entry: dict, tally: _Tally) -> list[dict]
             tally.annotation("empty_mask", ann)
             continue
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
+        if not (
+            isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)
+        ):
             bbox = mask_utils.toBbox(rle).tolist()
         area = ann.get("area")
         # COCOeval buckets objects by the annotation's own area, so keep it when it is usable.
@@ -399,7 +428,9 @@ def _write_shard(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def _build_shard(entries: list[dict], anns: list[list[dict]], coco_root: str, split: str, workers: int) -> tuple[list[dict], _Tally]:
+def _build_shard(
+    entries: list[dict], anns: list[list[dict]], coco_root: str, split: str, workers: int
+) -> tuple[list[dict], _Tally]:
     tally = _Tally()
     uris = [storage.join(coco_root, split, *e["file_name"].split("/")) for e in entries]
     # Threads overlap the object-store round trips; a shard's worth of bytes is the memory bound.
@@ -425,8 +456,16 @@ def _build_shard(entries: list[dict], anns: list[list[dict]], coco_root: str, sp
     return rows, tally
 
 
-def _make_shard(split_uri: str, index: int, fingerprint: str, entries: list[dict], anns: list[list[dict]],
-                coco_root: str, split: str, workers: int) -> dict:
+def _make_shard(
+    split_uri: str,
+    index: int,
+    fingerprint: str,
+    entries: list[dict],
+    anns: list[list[dict]],
+    coco_root: str,
+    split: str,
+    workers: int,
+) -> dict:
     """Build, write and record one shard; returns its sidecar. Runs in the driver or as a Ray task.
 
     Takes only its own image entries and their annotations, so a Ray task is sent a shard's
@@ -606,8 +645,10 @@ def shard_coco(
         sidecars[index] = sidecar
         skipped = sum(sidecar["skipped"]["images"].values())
         converted = sum(sidecar["converted"].values())
-        log(f"{split}: {_shard_name(index)} written ({sidecar['rows']} rows, {skipped} image(s) skipped, "
-            f"{converted} converted to PNG, {sidecar['bytes'] / 1e6:.1f} MB)")
+        log(
+            f"{split}: {_shard_name(index)} written ({sidecar['rows']} rows, {skipped} image(s) skipped, "
+            f"{converted} converted to PNG, {sidecar['bytes'] / 1e6:.1f} MB)"
+        )
         skipped_so_far.update(sidecar["skipped"]["images"])
         _check_bad_share(split, skipped_so_far, listed, max_bad_fraction)
 

@@ -278,8 +278,9 @@ def _annotation(obj: _Object, visible: np.ndarray, ann_id: int, image_id: int) -
     return _make_annotation(obj.category.id, obj.iscrowd, polygons, visible, ann_id, image_id)
 
 
-def _make_annotation(category_id: int, iscrowd: int, polygons: Polygons | None, visible: np.ndarray, ann_id: int,
-                     image_id: int) -> dict:
+def _make_annotation(
+    category_id: int, iscrowd: int, polygons: Polygons | None, visible: np.ndarray, ann_id: int, image_id: int
+) -> dict:
     """COCO's annotation of a visible mask: uncompressed RLE for crowd, else the polygons when given, else RLE."""
     fortran = np.asfortranarray(visible.astype(np.uint8))
     rle = mask_utils.encode(fortran)
@@ -383,8 +384,9 @@ def categories(profile: str = "default") -> list[dict]:
 PROFILES = ("default", "coco")
 
 
-def synthesize(out_dir: str, *, train: int = 320, val: int = 80, size: int | None = None, seed: int = 0,
-               profile: str = "default") -> dict:
+def synthesize(
+    out_dir: str, *, train: int = 320, val: int = 80, size: int | None = None, seed: int = 0, profile: str = "default"
+) -> dict:
     """Write a synthetic COCO-format dataset (``train2017``, ``val2017``) under ``out_dir``.
 
     Args:

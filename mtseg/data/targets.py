@@ -114,9 +114,7 @@ def _read_annotations(annotations, height: int, width: int, categories: Category
             continue  # a category outside this dataset's label space
         size = [int(v) for v in ann["segmentation_size"]]
         if size != [height, width]:
-            raise ValueError(
-                f"annotation {ann.get('id')}: mask size {size} differs from the image size {[height, width]}"
-            )
+            raise ValueError(f"annotation {ann.get('id')}: mask size {size} differs from the image size {[height, width]}")
         counts = ann["segmentation_counts"]
         # bytes as stored in shards; str as in COCO JSON's compressed RLE
         counts = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
@@ -245,8 +243,7 @@ class Instances:
         self.masks, self.labels, self.iscrowd, self.categories = masks, labels, iscrowd, categories
 
     @classmethod
-    def from_layers(cls, layers: np.ndarray, labels: np.ndarray, iscrowd: np.ndarray,
-                    categories: CategoryIndex) -> Instances:
+    def from_layers(cls, layers: np.ndarray, labels: np.ndarray, iscrowd: np.ndarray, categories: CategoryIndex) -> Instances:
         """Instances from id layers (:func:`id_layers`, after augmentation), without N masks.
 
         Args:
@@ -392,4 +389,14 @@ def segment_map(masks: np.ndarray, iscrowd: np.ndarray) -> np.ndarray:
     return segments
 
 
-__all__ = ["Instances", "TargetBuilder", "WireField", "augment", "decode_annotations", "decode_layers", "id_layers", "label_field", "segment_map"]
+__all__ = [
+    "Instances",
+    "TargetBuilder",
+    "WireField",
+    "augment",
+    "decode_annotations",
+    "decode_layers",
+    "id_layers",
+    "label_field",
+    "segment_map",
+]

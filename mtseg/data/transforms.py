@@ -210,9 +210,7 @@ def build_transform(image_size: int, *, train: bool, scale_min: float = 0.5, hfl
         raise ValueError(f"scale_min: must lie in (0, 1], got {scale_min}")
     if not train:
         return v2.Resize((image_size, image_size), antialias=True)
-    steps: list[v2.Transform] = [
-        v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), ratio=CROP_RATIO, antialias=True)
-    ]
+    steps: list[v2.Transform] = [v2.RandomResizedCrop(image_size, scale=(scale_min, 1.0), ratio=CROP_RATIO, antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip(p=0.5))
     return v2.Compose(steps)

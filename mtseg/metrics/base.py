@@ -42,8 +42,7 @@ class SumMetric:
         """Add the sums of ``other`` (same class, same constructor arguments) to this metric."""
         if type(other) is not type(self) or other._config() != self._config():
             raise ValueError(
-                f"merge: cannot merge {type(other).__name__}{other._config()} into "
-                f"{type(self).__name__}{self._config()}"
+                f"merge: cannot merge {type(other).__name__}{other._config()} into {type(self).__name__}{self._config()}"
             )
         self._state += other._state.to(self._state.device)
 

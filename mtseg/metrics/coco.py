@@ -115,15 +115,17 @@ def coco_gt_from_rows(rows: Any, categories: Sequence[dict]) -> COCO:
             if size != [h, w]:
                 raise ValueError(f"rows: image {image_id} annotation {ann_id} mask size {size} != image size {[h, w]}")
             seen_anns.add(ann_id)
-            annotations.append({
-                "id": ann_id,
-                "image_id": image_id,
-                "category_id": cat,
-                "iscrowd": int(ann["iscrowd"]),
-                "bbox": [float(v) for v in ann["bbox"]],
-                "area": float(ann["area"]),
-                "segmentation": {"size": size, "counts": _counts_str(ann["segmentation_counts"])},
-            })
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat,
+                    "iscrowd": int(ann["iscrowd"]),
+                    "bbox": [float(v) for v in ann["bbox"]],
+                    "area": float(ann["area"]),
+                    "segmentation": {"size": size, "counts": _counts_str(ann["segmentation_counts"])},
+                }
+            )
     dataset = {"images": images, "annotations": annotations, "categories": [dict(c) for c in categories]}
     return _coco_from_dataset(dataset)
 
@@ -134,11 +136,13 @@ def _load_results(gt: COCO, results: list[dict]) -> COCO:
         with _quiet():
             return gt.loadRes([dict(r) for r in results])
     # loadRes indexes results[0]; an empty result set is simply a COCO with no annotations.
-    return _coco_from_dataset({
-        "images": list(gt.dataset.get("images", [])),
-        "categories": copy.deepcopy(gt.dataset.get("categories", [])),
-        "annotations": [],
-    })
+    return _coco_from_dataset(
+        {
+            "images": list(gt.dataset.get("images", [])),
+            "categories": copy.deepcopy(gt.dataset.get("categories", [])),
+            "annotations": [],
+        }
+    )
 
 
 def _subset_dataset(dataset: dict, img_ids: Iterable[int]) -> dict:
@@ -196,8 +200,9 @@ def _renumber_detections(eval_imgs: list, global_ids: list[int]) -> None:
         e["gtMatches"] = lut[gm.astype(np.int64)]  # 0 (unmatched) maps to 0
 
 
-def merge_eval_imgs(shard_img_ids: Sequence[Sequence[int]], shard_eval_imgs: Sequence[list],
-                    num_categories: int, num_area_ranges: int) -> tuple[list[int], list]:
+def merge_eval_imgs(
+    shard_img_ids: Sequence[Sequence[int]], shard_eval_imgs: Sequence[list], num_categories: int, num_area_ranges: int
+) -> tuple[list[int], list]:
     """Interleave per-shard ``evalImgs`` into the order of one ``evaluate()`` over all images.
 
     Args:
@@ -265,8 +270,9 @@ def ray_map() -> MapFn:
     return _map
 
 
-def masks_to_coco_results(image_id: int, masks: Any, labels: Any, scores: Any,
-                          categories: CategoryIndex, orig_size: Sequence[int] | None = None) -> list[dict]:
+def masks_to_coco_results(
+    image_id: int, masks: Any, labels: Any, scores: Any, categories: CategoryIndex, orig_size: Sequence[int] | None = None
+) -> list[dict]:
     """Instance masks of one image -> COCO result dicts, with COCO's own category ids.
 
     Args:
@@ -303,12 +309,14 @@ def masks_to_coco_results(image_id: int, masks: Any, labels: Any, scores: Any,
     rles = mask_utils.encode(arr)
     out = []
     for rle, label, score in zip(rles, labels.tolist(), scores.tolist()):
-        out.append({
-            "image_id": int(image_id),
-            "category_id": categories.coco_id_of(int(label)),
-            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": _counts_str(rle["counts"])},
-            "score": float(score),
-        })
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": categories.coco_id_of(int(label)),
+                "segmentation": {"size": [int(v) for v in rle["size"]], "counts": _counts_str(rle["counts"])},
+                "score": float(score),
+            }
+        )
     return out
 
 
@@ -363,9 +371,7 @@ class CocoMaskEvaluator:
             if not isinstance(seg, dict) or "size" not in seg or not isinstance(seg.get("counts"), (str, bytes)):
                 raise ValueError(f"results[{n}]: segmentation must be a compressed RLE dict with 'size' and 'counts'")
             if tuple(int(v) for v in seg["size"]) != self._sizes[img]:
-                raise ValueError(
-                    f"results[{n}]: mask size {list(seg['size'])} != image {img} size {list(self._sizes[img])}"
-                )
+                raise ValueError(f"results[{n}]: mask size {list(seg['size'])} != image {img} size {list(self._sizes[img])}")
             # loadRes picks its code path (bbox- or mask-derived area) from the first result;
             # mixed results would make shards disagree with a single run.
             has_bbox = "bbox" in r
@@ -400,8 +406,9 @@ class CocoMaskEvaluator:
         # The id loadRes would give each result in one run over the concatenated list.
         return [{**r, "id": offset + n + 1} for n, r in enumerate(self._results)]
 
-    def _evaluate(self, img_ids: Sequence[int], results: list[dict], num_shards: int,
-                  executor: MapFn | None) -> tuple[list[int], list]:
+    def _evaluate(
+        self, img_ids: Sequence[int], results: list[dict], num_shards: int, executor: MapFn | None
+    ) -> tuple[list[int], list]:
         """Per-image matching of ``img_ids`` in shards; returns (ids, merged evalImgs)."""
         if num_shards < 1:
             raise ValueError(f"num_shards: must be >= 1, got {num_shards}")

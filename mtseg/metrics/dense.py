@@ -129,16 +129,19 @@ class BoundaryF1(SumMetric):
             target: (B, H, W) ground-truth boundary, same convention.
         """
         if pred.shape != target.shape or pred.dim() != 3:
-            raise ValueError(
-                f"pred/target: expected equal (B, H, W) shapes, got {tuple(pred.shape)} and {tuple(target.shape)}"
-            )
+            raise ValueError(f"pred/target: expected equal (B, H, W) shapes, got {tuple(pred.shape)} and {tuple(target.shape)}")
         pred = pred.to(target.device) != 0
         target = target != 0
         near_target = _dilate(target, self.tolerance)
         near_pred = _dilate(pred, self.tolerance)
-        counts = torch.stack([
-            pred.sum(), (pred & near_target).sum(), target.sum(), (target & near_pred).sum(),
-        ]).long()
+        counts = torch.stack(
+            [
+                pred.sum(),
+                (pred & near_target).sum(),
+                target.sum(),
+                (target & near_pred).sum(),
+            ]
+        ).long()
         state = self._state_on(counts.device)
         state += counts
 

@@ -47,8 +47,7 @@ class Evaluator:
         prefix: namespace of the returned keys.
     """
 
-    def __init__(self, categories: CategoryIndex, tasks: Mapping[str, Task], coco_gt: COCO | None = None,
-                 prefix: str = "val"):
+    def __init__(self, categories: CategoryIndex, tasks: Mapping[str, Task], coco_gt: COCO | None = None, prefix: str = "val"):
         self.categories = categories
         self.tasks = dict(tasks)
         self.coco_gt = coco_gt
@@ -68,8 +67,13 @@ class Evaluator:
             m.reset()
 
     @torch.no_grad()
-    def process(self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor],
-                fused: Mapping[str, torch.Tensor] | None = None, instances: Sequence[dict] | None = None) -> None:
+    def process(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        outputs: Mapping[str, torch.Tensor],
+        fused: Mapping[str, torch.Tensor] | None = None,
+        instances: Sequence[dict] | None = None,
+    ) -> None:
         """Add one batch.
 
         Args:
@@ -105,8 +109,7 @@ class Evaluator:
             if image_id not in self.coco_gt.imgs:
                 raise ValueError(f"batch: image_id {image_id} is not in the COCO ground truth")
             info = self.coco_gt.imgs[image_id]
-            pred = segments_from_results(by_image.get(image_id, []), int(info["height"]), int(info["width"]),
-                                         class_of=class_of)
+            pred = segments_from_results(by_image.get(image_id, []), int(info["height"]), int(info["width"]), class_of=class_of)
             gt, void = gt_segments_from_coco(self.coco_gt, image_id, class_of=class_of)
             self.metrics[_PANOPTIC].update(pred, gt, void)
 

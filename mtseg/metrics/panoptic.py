@@ -135,9 +135,9 @@ class PanopticQuality(SumMetric):
 
     def compute(self) -> dict[str, Any]:
         """Returns:
-            ``{"pq", "sq", "rq"}`` averaged over evaluated classes (NaN when none), plus
-            ``"pq_per_class"`` (list over all class indices, NaN where not evaluated) and
-            ``"num_classes_evaluated"``.
+        ``{"pq", "sq", "rq"}`` averaged over evaluated classes (NaN when none), plus
+        ``"pq_per_class"`` (list over all class indices, NaN where not evaluated) and
+        ``"num_classes_evaluated"``.
         """
         tp, fp, fn, iou_sum = self._state.cpu().numpy()
         denom = tp + 0.5 * fp + 0.5 * fn
@@ -152,13 +152,15 @@ class PanopticQuality(SumMetric):
             return float(values[present].mean()) if n else math.nan
 
         return {
-            "pq": mean(pq), "sq": mean(sq), "rq": mean(rq),
-            "pq_per_class": [float(v) for v in pq], "num_classes_evaluated": n,
+            "pq": mean(pq),
+            "sq": mean(sq),
+            "rq": mean(rq),
+            "pq_per_class": [float(v) for v in pq],
+            "num_classes_evaluated": n,
         }
 
 
-def segments_from_results(results: Sequence[dict], height: int, width: int,
-                          class_of: Callable[[int], int]) -> list[Segment]:
+def segments_from_results(results: Sequence[dict], height: int, width: int, class_of: Callable[[int], int]) -> list[Segment]:
     """Overlapping scored instance masks (COCO results of one image) -> disjoint segments.
 
     As Panoptic FPN / detectron2 do: instances scoring at least 0.5 are pasted in decreasing
@@ -192,8 +194,7 @@ def segments_from_results(results: Sequence[dict], height: int, width: int,
     return segments
 
 
-def gt_segments_from_coco(coco_gt: COCO, image_id: int,
-                          class_of: Callable[[int], int]) -> tuple[list[Segment], np.ndarray]:
+def gt_segments_from_coco(coco_gt: COCO, image_id: int, class_of: Callable[[int], int]) -> tuple[list[Segment], np.ndarray]:
     """Ground-truth segments and void mask of one image from COCO instance annotations.
 
     A pixel covered by several instances goes to the first (file order); crowds become void.

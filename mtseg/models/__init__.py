@@ -1,7 +1,7 @@
 """Feature extraction: torchvision backbones, shared decoders, the multi-task model.
 
-    model = build_model(cfg, categories)
-    outputs = model(images)      # {task: output at input resolution}
+model = build_model(cfg, categories)
+outputs = model(images)      # {task: output at input resolution}
 """
 
 from __future__ import annotations

@@ -110,8 +110,9 @@ class Task(ABC):
         """A fresh validation accumulator (a class of :mod:`mtseg.metrics`), or None (default)."""
         return None
 
-    def update_metric(self, metric: SumMetric, output: torch.Tensor, batch: dict[str, torch.Tensor],
-                      prediction: torch.Tensor | None = None) -> None:
+    def update_metric(
+        self, metric: SumMetric, output: torch.Tensor, batch: dict[str, torch.Tensor], prediction: torch.Tensor | None = None
+    ) -> None:
         """Add one batch to ``metric`` (from :meth:`metric`).
 
         Args:

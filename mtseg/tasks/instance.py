@@ -70,8 +70,12 @@ def center_targets(instances: np.ndarray, n: int, sigma: float) -> tuple[np.ndar
     inside = ids > 0
     dy = np.where(inside, cy[ids] - ys, 0.0).astype(np.float32)
     offset[0] = np.repeat(dy, lengths).reshape(h, w)
-    np.subtract(np.repeat(cx.astype(np.float32)[ids], lengths).reshape(h, w), np.arange(w, dtype=np.float32),
-                out=offset[1], where=instances > 0)
+    np.subtract(
+        np.repeat(cx.astype(np.float32)[ids], lengths).reshape(h, w),
+        np.arange(w, dtype=np.float32),
+        out=offset[1],
+        where=instances > 0,
+    )
 
     radius = int(np.ceil(_GAUSSIAN_RADIUS_SIGMAS * sigma))
     g = np.arange(-radius, radius + 1, dtype=np.float64)
@@ -127,8 +131,7 @@ class InstanceTask(Task):
 
     def build_targets(self, instances: Instances) -> dict[str, np.ndarray]:
         things = instances.things
-        center, offset = center_targets(np.where(things, instances.segments, 0), len(instances.labels),
-                                        self.center_sigma)
+        center, offset = center_targets(np.where(things, instances.segments, 0), len(instances.labels), self.center_sigma)
         return {"center": center, "offset": offset, "thing_mask": things.astype(np.float32)}
 
     @property

@@ -51,8 +51,11 @@ def save(directory: str, state: dict[str, Any], meta: dict[str, Any], config_yam
     blob = buf.getvalue()
     full_meta = {**meta, "format": FORMAT_VERSION, "state_sha256": _sha256(blob), "state_bytes": len(blob)}
     # meta.json is written last locally; on upload its hash is what proves state.pt complete.
-    files = [(STATE_FILE, blob), *([(CONFIG_FILE, config_yaml.encode())] if config_yaml else []),
-             (META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode())]
+    files = [
+        (STATE_FILE, blob),
+        *([(CONFIG_FILE, config_yaml.encode())] if config_yaml else []),
+        (META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode()),
+    ]
     path = directory
     try:
         os.makedirs(directory, exist_ok=True)
@@ -214,8 +217,7 @@ def _categories(meta: dict[str, Any], cfg: Config, data_uri: str | None) -> Cate
     )
 
 
-def load_for_inference(uri: str, *, categories: CategoryIndex | None = None,
-                       data_uri: str | None = None) -> LoadedCheckpoint:
+def load_for_inference(uri: str, *, categories: CategoryIndex | None = None, data_uri: str | None = None) -> LoadedCheckpoint:
     """Verify and load a checkpoint's model for inference (the optimiser state is dropped).
 
     Args:
@@ -237,8 +239,9 @@ def load_for_inference(uri: str, *, categories: CategoryIndex | None = None,
     return LoadedCheckpoint(uri=uri, cfg=cfg, categories=categories, meta=meta, model_state=state["model"])
 
 
-def build_inference_model(cfg: Config, categories: CategoryIndex, model_state: dict[str, torch.Tensor],
-                          device: torch.device | str = "cpu") -> nn.Module:
+def build_inference_model(
+    cfg: Config, categories: CategoryIndex, model_state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> nn.Module:
     """The trained model described by ``cfg`` and ``categories``, ``eval()``, on ``device``.
 
     Raises:

@@ -141,8 +141,9 @@ def _put_conditional(uri: str, body: bytes, *, if_none_match: bool = False, if_m
 class RunLease:
     """The lease on ``run_uri`` (see the module docstring); take-overs and a lost lease go to ``log``."""
 
-    def __init__(self, run_uri: str, *, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self, run_uri: str, *, ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S, log: Callable[[str], None] = print
+    ):
         self.run_uri = run_uri
         self.uri = storage.join(run_uri, LEASE_FILE)
         self.ttl_s, self.heartbeat_s, self.log = ttl_s, heartbeat_s, log
@@ -249,7 +250,8 @@ def _refuse_live(run_uri: str, other: Holder | None) -> str:
         age = time.time() - other.heartbeat_at
         raise RunLockedError(
             f"run {run_uri} is in use by {other.owner} (heartbeat {age:.0f}s ago); "
-            f"stop that driver, or wait {other.ttl_s:.0f}s after it died, or pick another train.run_name")
+            f"stop that driver, or wait {other.ttl_s:.0f}s after it died, or pick another train.run_name"
+        )
     return reason
 
 
@@ -280,8 +282,13 @@ def write_outcome(run_uri: str, status: str, reason: str = "", *, owner: str = "
 
     Never raises: a run that failed because its disk is full must still end with its own error.
     """
-    record = {"status": status, "reason": reason, "owner": owner, "started_at": started_at,
-              "ended_at": None if status == "running" else time.time()}
+    record = {
+        "status": status,
+        "reason": reason,
+        "owner": owner,
+        "started_at": started_at,
+        "ended_at": None if status == "running" else time.time(),
+    }
     try:
         storage.write_bytes(storage.join(run_uri, OUTCOME_FILE), json.dumps(record, indent=2).encode())
     except storage.StorageError:

@@ -69,18 +69,30 @@ class DataPlan:
     def train_batches(self, epoch: int, start: int, world_size: int, rank: int):
         cfg = self.cfg
         segments = plan_epoch(self.train_shards, seed=cfg.train.seed, epoch=epoch, world_size=world_size, rank=rank, start=start)
-        transform = SampleTransform.from_config(self.categories, cfg, self.tasks, train=True, epoch=epoch,
-                                                seed=cfg.train.seed)
-        return worker_batches(segments, transform, batch_size=cfg.data.batch_size, drop_last=True,
-                              rows_per_task=cfg.data.rows_per_read_task, num_cpus=cfg.data.map_num_cpus)
+        transform = SampleTransform.from_config(self.categories, cfg, self.tasks, train=True, epoch=epoch, seed=cfg.train.seed)
+        return worker_batches(
+            segments,
+            transform,
+            batch_size=cfg.data.batch_size,
+            drop_last=True,
+            rows_per_task=cfg.data.rows_per_read_task,
+            num_cpus=cfg.data.map_num_cpus,
+        )
 
     def val_batches(self, world_size: int, rank: int):
         cfg = self.cfg
-        segments = plan_epoch(self.val_shards, seed=0, epoch=0, world_size=world_size, rank=rank,
-                              shuffle=False, drop_remainder=False)
+        segments = plan_epoch(
+            self.val_shards, seed=0, epoch=0, world_size=world_size, rank=rank, shuffle=False, drop_remainder=False
+        )
         transform = SampleTransform.from_config(self.categories, cfg, self.tasks, train=False)
-        return worker_batches(segments, transform, batch_size=cfg.data.batch_size, drop_last=False,
-                              rows_per_task=cfg.data.rows_per_read_task, num_cpus=cfg.data.map_num_cpus)
+        return worker_batches(
+            segments,
+            transform,
+            batch_size=cfg.data.batch_size,
+            drop_last=False,
+            rows_per_task=cfg.data.rows_per_read_task,
+            num_cpus=cfg.data.map_num_cpus,
+        )
 
     @functools.cached_property
     def coco_gt(self):
@@ -152,8 +164,18 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
 class _Reporter:
     """Ray Train reports (every rank; checkpoints from rank 0), TensorBoard (rank 0), image ids."""
 
-    def __init__(self, state: TrainState, cfg: Config, plan: DataPlan, *, rank: int, per_epoch: int, total_steps: int,
-                 local_dir: str, restored: bool):
+    def __init__(
+        self,
+        state: TrainState,
+        cfg: Config,
+        plan: DataPlan,
+        *,
+        rank: int,
+        per_epoch: int,
+        total_steps: int,
+        local_dir: str,
+        restored: bool,
+    ):
         self.state, self.cfg, self.rank = state, cfg, rank
         self.per_epoch, self.total_steps = per_epoch, total_steps
         self.config_yaml = to_yaml(cfg)
@@ -176,15 +198,21 @@ class _Reporter:
         from ray.train import Checkpoint
 
         state = self.state
-        metrics = {**metrics, "train/epoch": state.epoch, "train/step": state.step, "train/total_steps": self.total_steps,
-                   "train/epoch_rows": state.epoch_rows}
+        metrics = {
+            **metrics,
+            "train/epoch": state.epoch,
+            "train/step": state.step,
+            "train/total_steps": self.total_steps,
+            "train/epoch_rows": state.epoch_rows,
+        }
         metrics.setdefault(VAL_METRIC, state.last_val.get(VAL_METRIC, 0.0))
         if not with_checkpoint or self.rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            ckpt.save(d, state.state_dict(), {**state.meta(), "metrics": metrics, "categories": self.categories},
-                      self.config_yaml)
+            ckpt.save(
+                d, state.state_dict(), {**state.meta(), "metrics": metrics, "categories": self.categories}, self.config_yaml
+            )
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     def scalars(self, metrics: dict[str, float], step: int, *, flush: bool = False) -> None:
@@ -241,13 +269,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     plan = DataPlan(cfg)
     per_epoch = plan.steps_per_epoch(world)
     if per_epoch < 1:
-        raise ValueError(f"data.batch_size: {cfg.data.batch_size} x {world} workers exceeds the {plan.train_images} training images")
+        raise ValueError(
+            f"data.batch_size: {cfg.data.batch_size} x {world} workers exceeds the {plan.train_images} training images"
+        )
     total_steps = per_epoch * cfg.train.epochs
     state = build_state(cfg, plan.categories, total_steps, device, wrap_model=ray.train.torch.prepare_model)
     restored = _restore(state, run_uri(cfg), log, config.get("init_checkpoint", ""))
     # Chosen on the driver: a worker's working directory is Ray's, not the user's.
-    reporter = _Reporter(state, cfg, plan, rank=rank, per_epoch=per_epoch, total_steps=total_steps,
-                         local_dir=config.get("local_dir") or local_run_dir(cfg), restored=restored)
+    reporter = _Reporter(
+        state,
+        cfg,
+        plan,
+        rank=rank,
+        per_epoch=per_epoch,
+        total_steps=total_steps,
+        local_dir=config.get("local_dir") or local_run_dir(cfg),
+        restored=restored,
+    )
 
     def validate_epoch() -> dict[str, float]:
         # Every worker evaluates its part; the accumulators merge across workers.
@@ -256,8 +294,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         reporter.scalars(val, state.step, flush=True)
         return val
 
-    fit(state, steps_per_epoch=per_epoch, train_batches=lambda epoch, start: plan.train_batches(epoch, start, world, rank),
-        validate=validate_epoch, report=reporter.report, on_step=reporter.on_step, rank=rank, world_size=world, log=log)
+    fit(
+        state,
+        steps_per_epoch=per_epoch,
+        train_batches=lambda epoch, start: plan.train_batches(epoch, start, world, rank),
+        validate=validate_epoch,
+        report=reporter.report,
+        on_step=reporter.on_step,
+        rank=rank,
+        world_size=world,
+        log=log,
+    )
     reporter.close()
 
 
@@ -330,8 +377,12 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
         resources["GPU"] = 1
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "local_dir": local_run_dir(cfg), "init_checkpoint": init_checkpoint,
-                           "tasks": task_classes()},
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "local_dir": local_run_dir(cfg),
+            "init_checkpoint": init_checkpoint,
+            "tasks": task_classes(),
+        },
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.train.run_name,
@@ -350,8 +401,7 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
     )
 
 
-def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: list | None = None,
-                 init_checkpoint: str = ""):
+def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: list | None = None, init_checkpoint: str = ""):
     """Train ``cfg`` on the connected Ray cluster, holding the run's lease (:mod:`mtseg.train.runstate`).
 
     A run name with checkpoints in ``storage_path`` resumes; ``restart=True`` deletes them first.

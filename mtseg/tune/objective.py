@@ -33,8 +33,18 @@ def task_objective(task: str) -> tuple[str, bool, tuple[str, ...]]:
 # Fields that say where or how verbosely a run goes, not what it learns: left out of the
 # baseline cache key so a cached baseline serves every experiment with the same recipe.
 _NOT_RECIPE = {
-    "train": ("run_name", "storage_path", "checkpoint_every_steps", "keep_checkpoints", "log_every_steps",
-              "max_failures", "log_image_ids", "use_gpu", "cpus_per_worker", "ray_log_level"),
+    "train": (
+        "run_name",
+        "storage_path",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "log_every_steps",
+        "max_failures",
+        "log_image_ids",
+        "use_gpu",
+        "cpus_per_worker",
+        "ray_log_level",
+    ),
     "data": ("map_num_cpus", "rows_per_read_task", "max_bad_fraction", "images_per_shard"),
 }
 
@@ -129,8 +139,14 @@ def ensure_baselines(cfg: Config, *, log=print) -> dict[str, dict]:
             raise SearchError(f"baseline {task}: training failed: {result.error}")
         metric = task_objective(task)[0]
         value = (result.metrics or {}).get(metric)
-        record = {"task": task, "metric": metric, "value": float(value) if _finite(value) else None, "key": key,
-                  "tasks": list(bcfg.tasks.names), "run": storage.join(bcfg.train.storage_path, bcfg.train.run_name)}
+        record = {
+            "task": task,
+            "metric": metric,
+            "value": float(value) if _finite(value) else None,
+            "key": key,
+            "tasks": list(bcfg.tasks.names),
+            "run": storage.join(bcfg.train.storage_path, bcfg.train.run_name),
+        }
         storage.write_bytes(storage.join(root, f"{key}.json"), json.dumps(record, indent=2).encode())
         log(f"[tune] baseline {task}: {metric}={record['value']}")
         return record

@@ -87,8 +87,9 @@ def to_csv(rows: list[dict]) -> str:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else ("" if v is None else v)
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: json.dumps(v) if isinstance(v, (list, tuple, dict)) else ("" if v is None else v) for k, v in row.items()}
+            )
     return buf.getvalue()
 
 
@@ -114,8 +115,10 @@ def write_results(cfg: Config, rows: list[dict], params: dict[str, Param], basel
     if best is not None:
         best_cfg = best_train_config(cfg, best, params)
         paths["best_config"] = storage.join(root, "best.yaml")
-        header = (f"# Best trial {best['trial']} of experiment {cfg.tune.experiment_name}: "
-                  f"{cfg.tune.metric}={best[cfg.tune.metric]:.4f}\n# mtseg train --config best.yaml\n")
+        header = (
+            f"# Best trial {best['trial']} of experiment {cfg.tune.experiment_name}: "
+            f"{cfg.tune.metric}={best[cfg.tune.metric]:.4f}\n# mtseg train --config best.yaml\n"
+        )
         storage.write_bytes(paths["best_config"], (header + to_yaml(best_cfg)).encode())
     if baselines:
         storage.write_bytes(storage.join(root, "baselines.json"), json.dumps(baselines, indent=2).encode())

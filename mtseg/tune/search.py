@@ -44,11 +44,13 @@ def _scheduler(cfg: Config, params: dict[str, Param]):
 
     t = cfg.tune
     if t.scheduler == "asha":
-        return ASHAScheduler(time_attr="train/epoch", max_t=cfg.train.epochs, grace_period=t.grace_period,
-                             reduction_factor=t.reduction_factor)
+        return ASHAScheduler(
+            time_attr="train/epoch", max_t=cfg.train.epochs, grace_period=t.grace_period, reduction_factor=t.reduction_factor
+        )
     if t.scheduler == "pbt":
         return PopulationBasedTraining(
-            time_attr="train/epoch", perturbation_interval=t.perturbation_interval,
+            time_attr="train/epoch",
+            perturbation_interval=t.perturbation_interval,
             hyperparam_mutations={p.key: p.domain() for p in params.values() if p.kind != "grid"},
             synch=t.pbt_synch,
         )
@@ -101,17 +103,25 @@ def build_tuner(cfg: Config, params: dict[str, Param], spec: TrialSpec):
         _trainable(spec),
         param_space={p.key: p.domain() for p in params.values()},
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=t.mode, num_samples=t.num_samples, scheduler=_scheduler(cfg, params),
+            metric=t.metric,
+            mode=t.mode,
+            num_samples=t.num_samples,
+            scheduler=_scheduler(cfg, params),
             search_alg=_search_alg(cfg),
             # A stopped trial's actor must go: it holds the thread that runs its Train run.
-            reuse_actors=False, trial_dirname_creator=_trial_dirname,
+            reuse_actors=False,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=t.experiment_name, storage_path=path, storage_filesystem=fs, verbose=1,
+            name=t.experiment_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            verbose=1,
             failure_config=tune.FailureConfig(max_failures=0),
             # Tune checkpoints only when PBT asks (a copy of a Train checkpoint); none at the end.
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=PBT_CHECKPOINTS_TO_KEEP if t.scheduler == "pbt" else None, checkpoint_at_end=False),
+                num_to_keep=PBT_CHECKPOINTS_TO_KEEP if t.scheduler == "pbt" else None, checkpoint_at_end=False
+            ),
         ),
     )
 
@@ -171,16 +181,23 @@ def run_tune(cfg: Config, *, resume: bool = False, restart: bool = False, delta_
 
     baselines = ensure_baselines(cfg, log=log) if delta_m else {}
     run_cfg = _absolute(cfg)
-    spec = TrialSpec(base=run_cfg.to_dict(), runs_uri=storage.join(experiment_uri(run_cfg), RUNS_DIR),
-                     init_uri=storage.join(experiment_uri(run_cfg), PBT_INIT_DIR), baselines=baselines,
-                     tasks=task_classes())
+    spec = TrialSpec(
+        base=run_cfg.to_dict(),
+        runs_uri=storage.join(experiment_uri(run_cfg), RUNS_DIR),
+        init_uri=storage.join(experiment_uri(run_cfg), PBT_INIT_DIR),
+        baselines=baselines,
+        tasks=task_classes(),
+    )
     if resume:
         log(f"[tune] resuming {exp}")
-        tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            exp_path, trainable=_trainable(spec), resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
     else:
-        log(f"[tune] {cfg.tune.scheduler} search of {len(params)} keys, {cfg.tune.num_samples} sample(s), "
-            f"{cfg.tune.max_concurrent_trials} at once, into {exp}")
+        log(
+            f"[tune] {cfg.tune.scheduler} search of {len(params)} keys, {cfg.tune.num_samples} sample(s), "
+            f"{cfg.tune.max_concurrent_trials} at once, into {exp}"
+        )
         tuner = build_tuner(run_cfg, params, spec)
     grid = tuner.fit()
     rows = summarize(grid, cfg, params)

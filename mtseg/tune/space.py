@@ -30,9 +30,15 @@ CONFIG_FILE = "tune_config.yaml"
 # intact (model, task set and strategy stay as the donor's; a key in ``grid[...]`` only sets
 # the initial population).
 PBT_MUTABLE = (
-    "train.lr", "train.weight_decay", "train.momentum", "weighting.static.",
-    "weighting.dwa_temperature", "weighting.gradnorm_alpha", "weighting.gradnorm_lr",
-    "weighting.famo_lr", "weighting.famo_gamma",
+    "train.lr",
+    "train.weight_decay",
+    "train.momentum",
+    "weighting.static.",
+    "weighting.dwa_temperature",
+    "weighting.gradnorm_alpha",
+    "weighting.gradnorm_lr",
+    "weighting.famo_lr",
+    "weighting.famo_gamma",
 )
 
 _FORM = re.compile(r"^\s*(choice|grid|uniform|loguniform|randint)\s*\[(.*)\]\s*$", re.DOTALL)
@@ -177,7 +183,9 @@ def validate_search(cfg: Config) -> dict[str, Param]:
         tasks = {n for names in params["tasks.names"].values for n in names}
     for key in params:
         if key.startswith("weighting.static.") and key.split(".")[2] not in tasks:
-            raise ConfigError(f"tune.space.{key}: task {key.split('.')[2]!r} is not trained (tasks.names: {', '.join(cfg.tasks.names)})")
+            raise ConfigError(
+                f"tune.space.{key}: task {key.split('.')[2]!r} is not trained (tasks.names: {', '.join(cfg.tasks.names)})"
+            )
     has_grid = any(p.kind == "grid" for p in params.values())
     if t.search_alg == "optuna":
         if importlib.util.find_spec("optuna") is None:
@@ -196,10 +204,14 @@ def _validate_pbt(cfg: Config, params: dict[str, Param]) -> None:
     if t.search_alg != "random":
         raise ConfigError(f"tune.search_alg: PBT chooses configs itself; {t.search_alg} cannot be combined with it")
     if t.perturbation_interval >= cfg.train.epochs:
-        raise ConfigError(f"tune.perturbation_interval: {t.perturbation_interval} epochs leaves no perturbation within train.epochs {cfg.train.epochs}")
+        raise ConfigError(
+            f"tune.perturbation_interval: {t.perturbation_interval} epochs leaves no perturbation within train.epochs {cfg.train.epochs}"
+        )
     mutated = [p for p in params.values() if p.kind != "grid"]
     if not mutated:
-        raise ConfigError("tune.space: PBT needs at least one mutated key (choice/uniform/loguniform/randint); grid[...] only seeds the population")
+        raise ConfigError(
+            "tune.space: PBT needs at least one mutated key (choice/uniform/loguniform/randint); grid[...] only seeds the population"
+        )
     for p in mutated:
         if not any(p.key == k or (k.endswith(".") and p.key.startswith(k)) for k in PBT_MUTABLE):
             raise ConfigError(

@@ -139,7 +139,9 @@ def start_from_checkpoint(checkpoint_dir: str, cfg: Config, spec: TrialSpec, tri
     with tempfile.TemporaryDirectory() as dst:
         rebase_checkpoint(checkpoint_dir, dst, cfg)
         _upload_dir(dst, init)
-    print(f"[tune] trial {trial_id}: run {run_name} starts from a checkpoint at epoch {meta.get('epoch')}, step {meta.get('step')}")
+    print(
+        f"[tune] trial {trial_id}: run {run_name} starts from a checkpoint at epoch {meta.get('epoch')}, step {meta.get('step')}"
+    )
     return run_name, init
 
 

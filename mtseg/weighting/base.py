@@ -133,9 +133,7 @@ def stack_losses(losses: dict[str, torch.Tensor], task_names: list[str]) -> torc
     return torch.stack([loss.float() for loss in ordered_losses(losses, task_names)])
 
 
-def per_task_gradients(
-    losses: list[torch.Tensor], params: list[torch.Tensor], *, accumulate_others: bool
-) -> torch.Tensor:
+def per_task_gradients(losses: list[torch.Tensor], params: list[torch.Tensor], *, accumulate_others: bool) -> torch.Tensor:
     """Flattened gradient of each loss w.r.t. ``params``: a (T, P) tensor.
 
     Args:
@@ -168,9 +166,7 @@ def per_task_gradients(
     return torch.stack(rows)
 
 
-def representation_gradients(
-    losses: list[torch.Tensor], leaf: torch.Tensor, scales: torch.Tensor | None = None
-) -> torch.Tensor:
+def representation_gradients(losses: list[torch.Tensor], leaf: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """Each loss's gradient at the representation the heads read, by one backward per loss.
 
     The passes stop at ``leaf`` (the encoder is not reached), accumulate into the heads'
@@ -222,18 +218,20 @@ def encoder_gradients(
         # The first call keeps the graph, so that a failure can still fall back to the loop.
         first = not _batched["checked"]
         try:
-            grads = torch.autograd.grad(
-                features, params, rep_grads, retain_graph=first, is_grads_batched=True, allow_unused=True
-            )
+            grads = torch.autograd.grad(features, params, rep_grads, retain_graph=first, is_grads_batched=True, allow_unused=True)
             _batched["checked"] = True
-            return torch.cat([(torch.zeros(t, p.numel(), device=p.device, dtype=p.dtype) if g is None
-                               else g.reshape(t, -1)) for g, p in zip(grads, params)], dim=1)
+            return torch.cat(
+                [
+                    (torch.zeros(t, p.numel(), device=p.device, dtype=p.dtype) if g is None else g.reshape(t, -1))
+                    for g, p in zip(grads, params)
+                ],
+                dim=1,
+            )
         except RuntimeError as e:
             if not first:
                 raise
             _batched["unavailable"] = str(e).splitlines()[0]
-            log.warning("weighting: no batched backward through the encoder, one backward per task: %s",
-                        _batched["unavailable"])
+            log.warning("weighting: no batched backward through the encoder, one backward per task: %s", _batched["unavailable"])
     rows = []
     for i in range(t):
         grads = torch.autograd.grad(features, params, rep_grads[i], retain_graph=i < t - 1, allow_unused=True)

@@ -26,6 +26,18 @@ def test_predict_out_that_is_a_file_fails_before_the_model_loads(tmp_path, one_l
 )
 def test_zero_is_refused_not_replaced_by_the_default(tmp_path, one_line_error, args, needle):
     (tmp_path / "image").write_bytes(b"")
-    assert main(["predict", str(tmp_path / "image"), "--out", str(tmp_path / "out"), *args,
-                 "--checkpoint", str(tmp_path / "no-checkpoint")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "image"),
+                "--out",
+                str(tmp_path / "out"),
+                *args,
+                "--checkpoint",
+                str(tmp_path / "no-checkpoint"),
+            ]
+        )
+        == 2
+    )
     one_line_error(needle)

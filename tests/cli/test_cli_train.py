@@ -52,13 +52,14 @@ def test_values_accepted_until_now_are_refused(one_line_error, override, needle)
     one_line_error(needle)
 
 
-
 def test_train_prints_strict_json_with_null_for_undefined_metrics(monkeypatch, capsys):
     """No val/mask_ap without instances: the result said NaN, which is not JSON."""
     from mtseg import cluster
     from mtseg.train import trainer
 
-    result = types.SimpleNamespace(error=None, metrics={"val/miou": 0.5, "val/mask_ap": math.nan, "val/pq": math.inf, "train/loss": 1.0})
+    result = types.SimpleNamespace(
+        error=None, metrics={"val/miou": 0.5, "val/mask_ap": math.nan, "val/pq": math.inf, "train/loss": 1.0}
+    )
     # The cluster parts are beside the point here (the Ray Train tests run them): the printing is.
     monkeypatch.setattr(trainer, "preflight", lambda cfg: None)
     monkeypatch.setattr(trainer, "run_training", lambda cfg, restart=False: result)
@@ -72,14 +73,21 @@ def test_train_prints_strict_json_with_null_for_undefined_metrics(monkeypatch, c
     assert printed == {"val/miou": 0.5, "val/mask_ap": None, "val/pq": None}
 
 
-
-
 # One Ray Train worker on 32 px images, more epochs than the test waits for.
 TINY = [
-    "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
-    "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5",
-    "train.num_workers=1", "train.cpus_per_worker=0.5", "train.epochs=50", "train.warmup_steps=1",
-    "train.log_every_steps=1", "train.max_failures=0",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.rows_per_read_task=8",
+    "data.map_num_cpus=0.25",
+    "model.decoder_channels=16",
+    "tasks.patch_size=4",
+    "tasks.center_sigma=1.5",
+    "train.num_workers=1",
+    "train.cpus_per_worker=0.5",
+    "train.epochs=50",
+    "train.warmup_steps=1",
+    "train.log_every_steps=1",
+    "train.max_failures=0",
 ]
 
 
@@ -104,8 +112,14 @@ def test_ctrl_c_stops_training_with_exit_code_130(ray_local, tiny_dataset, s3_bu
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     args = [f"data.uri={tiny_dataset}", f"train.storage_path={s3_bucket}", "train.run_name=ctrlc", *TINY]
-    proc = subprocess.Popen([sys.executable, "-m", "mtseg.cli", "train", *args], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtseg.cli", "train", *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines, seen = _lines(proc), []
         deadline = time.monotonic() + 300

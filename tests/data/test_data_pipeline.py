@@ -34,16 +34,29 @@ N_IMAGES = 20
 SIZE = 32
 
 DTYPES = {
-    "image": torch.float32, "semantic": torch.int64, "supercategory": torch.int64, "boundary": torch.float32,
-    "center": torch.float32, "offset": torch.float32, "thing_mask": torch.float32, "image_id": torch.int64,
+    "image": torch.float32,
+    "semantic": torch.int64,
+    "supercategory": torch.int64,
+    "boundary": torch.float32,
+    "center": torch.float32,
+    "offset": torch.float32,
+    "thing_mask": torch.float32,
+    "image_id": torch.int64,
     "orig_size": torch.int64,
 }  # the batch contract, spelled out independently of the module under test
 
 
 def _shapes(b, s):
     return {
-        "image": (b, 3, s, s), "semantic": (b, s, s), "supercategory": (b, s, s), "boundary": (b, s, s),
-        "center": (b, 1, s, s), "offset": (b, 2, s, s), "thing_mask": (b, s, s), "image_id": (b,), "orig_size": (b, 2),
+        "image": (b, 3, s, s),
+        "semantic": (b, s, s),
+        "supercategory": (b, s, s),
+        "boundary": (b, s, s),
+        "center": (b, 1, s, s),
+        "offset": (b, 2, s, s),
+        "thing_mask": (b, s, s),
+        "image_id": (b,),
+        "orig_size": (b, 2),
     }
 
 
@@ -123,7 +136,9 @@ def test_limit_drop_last_and_shard_subset(shards, cfg, tasks):
     assert sizes == [8, 8]
     manifest = read_manifest(shards, SPLIT)
     first = manifest["shards"][0]
-    n = sum(len(b["image_id"]) for b in iter_local_batches(shards, SPLIT, None, cfg, tasks=tasks, train=False, shards=[first["path"]]))
+    n = sum(
+        len(b["image_id"]) for b in iter_local_batches(shards, SPLIT, None, cfg, tasks=tasks, train=False, shards=[first["path"]])
+    )
     assert n == first["rows"]
     with pytest.raises(ValueError, match="not listed in the manifest"):
         next(iter_local_batches(shards, SPLIT, None, cfg, tasks=tasks, train=False, shards=["shard-99999.parquet"]))
@@ -345,8 +360,14 @@ def test_ray_streams_match_the_local_path(ray_local, shards, cfg, tasks):
     got_t = _collect(
         b
         for rank in (0, 1)
-        for b in worker_batches(plan_epoch(plan, seed=1, epoch=3, world_size=2, rank=rank), train, batch_size=5,
-                                drop_last=False, rows_per_task=4, num_cpus=0.5)
+        for b in worker_batches(
+            plan_epoch(plan, seed=1, epoch=3, world_size=2, rank=rank),
+            train,
+            batch_size=5,
+            drop_last=False,
+            rows_per_task=4,
+            num_cpus=0.5,
+        )
     )
     want_t = _collect(iter_local_batches(shards, SPLIT, None, cfg, tasks=tasks, train=True, epoch=3, seed=1))
     for k in DTYPES:

@@ -92,7 +92,12 @@ def test_round_trip(coco_root, tmp_path):
             src = source.anns[ann["id"]]
             rle = {"size": ann["segmentation_size"], "counts": ann["segmentation_counts"]}
             np.testing.assert_array_equal(mask_utils.decode(rle), source.annToMask(src))
-            assert (ann["category_id"], ann["iscrowd"], ann["bbox"], ann["area"]) == (src["category_id"], src["iscrowd"], src["bbox"], src["area"])
+            assert (ann["category_id"], ann["iscrowd"], ann["bbox"], ann["area"]) == (
+                src["category_id"],
+                src["iscrowd"],
+                src["bbox"],
+                src["area"],
+            )
 
 
 def test_images_the_training_decoder_cannot_read_are_converted_once(coco_root, tmp_path):
@@ -186,7 +191,15 @@ def _break(coco_root) -> dict:
 
     def ann(seg, **kw):
         nonlocal next_id
-        a = {"id": next_id, "image_id": host["id"], "category_id": data["categories"][0]["id"], "segmentation": seg, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 1.0}
+        a = {
+            "id": next_id,
+            "image_id": host["id"],
+            "category_id": data["categories"][0]["id"],
+            "segmentation": seg,
+            "iscrowd": 0,
+            "bbox": [0, 0, 1, 1],
+            "area": 1.0,
+        }
         a.update(kw)
         next_id += 1
         data["annotations"].append(a)
@@ -413,7 +426,9 @@ def test_read_manifest_errors(tmp_path):
     path.write_text("[]")
     with pytest.raises(ManifestError, match="JSON object"):
         read_manifest(str(tmp_path), SPLIT)
-    path.write_text(json.dumps({"schema_version": 99, "split": SPLIT, "categories": [], "counts": {}, "shards": [], "skipped": {}}))
+    path.write_text(
+        json.dumps({"schema_version": 99, "split": SPLIT, "categories": [], "counts": {}, "shards": [], "skipped": {}})
+    )
     with pytest.raises(ManifestError, match="schema_version 99"):
         read_manifest(str(tmp_path), SPLIT)
 
@@ -464,8 +479,9 @@ def test_ray_tasks_write_the_same_shards_and_resume(coco_root, tmp_path, ray_loc
     expected = shard_coco(coco_root, SPLIT, local, images_per_shard=3, max_bad_fraction=0.25, log=_quiet)
     log: list[str] = []
     # Two in flight over seven shards: tasks finish out of order and are queued behind the bound.
-    manifest = shard_coco(coco_root, SPLIT, parallel, images_per_shard=3, max_bad_fraction=0.25,
-                          executor="ray", max_in_flight=2, log=log.append)
+    manifest = shard_coco(
+        coco_root, SPLIT, parallel, images_per_shard=3, max_bad_fraction=0.25, executor="ray", max_in_flight=2, log=log.append
+    )
     assert manifest == expected and manifest["counts"]["images_skipped"] == 4
     assert sorted(_written(log)) == [f"shard-{i:05d}.parquet" for i in range(7)]
     assert _split_files(parallel) == _split_files(local)  # byte for byte, sidecars and manifest included

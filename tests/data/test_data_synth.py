@@ -102,7 +102,12 @@ def test_annotations_decode_and_match_their_boxes(synth):
             assert mask.shape == (img["height"], img["width"])
             assert mask.sum() == ann["area"] > 0
             ys, xs = np.nonzero(mask)
-            assert ann["bbox"] == [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+            assert ann["bbox"] == [
+                float(xs.min()),
+                float(ys.min()),
+                float(xs.max() - xs.min() + 1),
+                float(ys.max() - ys.min() + 1),
+            ]
             union += mask
         # Occluded objects are annotated by their visible part: annotations never overlap.
         assert union.max() <= 1
@@ -214,7 +219,8 @@ def test_coco_profile_has_crowd_regions_and_is_deterministic(tmp_path):
     assert {(i["height"], i["width"]) for i in _coco(tmp_path / "a").dataset["images"]} <= {(96, 128), (128, 96)}
     crowd = sum(
         synthesize(str(tmp_path / f"s{s}"), train=12, val=0, seed=s, profile="coco", size=128)["splits"]["train2017"][
-            "crowd_annotations"]
+            "crowd_annotations"
+        ]
         for s in range(4)
     )
     assert crowd > 0

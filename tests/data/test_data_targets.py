@@ -128,8 +128,12 @@ def test_smaller_instance_is_painted_over_a_larger_one(cats):
 def test_no_instances_gives_all_background(cats):
     t = _targets(np.zeros((0, 8, 10)), [], [], cats)
     expected = {
-        "semantic": ((8, 10), np.int64), "supercategory": ((8, 10), np.int64), "boundary": ((8, 10), np.float32),
-        "center": ((1, 8, 10), np.float32), "offset": ((2, 8, 10), np.float32), "thing_mask": ((8, 10), np.float32),
+        "semantic": ((8, 10), np.int64),
+        "supercategory": ((8, 10), np.int64),
+        "boundary": ((8, 10), np.float32),
+        "center": ((1, 8, 10), np.float32),
+        "offset": ((2, 8, 10), np.float32),
+        "thing_mask": ((8, 10), np.float32),
     }
     assert set(t) == set(expected)
     for k, (shape, dtype) in expected.items():
@@ -146,8 +150,7 @@ def test_each_task_declares_the_keys_it_builds(cats):
             assert t[key].shape == field.shape, key
             # The wire dtype holds every target value: exactly, or to 1e-3 for float16 heatmaps.
             atol = 1e-3 if field.wire == np.float16 else 0.0
-            np.testing.assert_allclose(t[key].astype(field.wire).astype(t[key].dtype), t[key], atol=atol, rtol=0,
-                                       err_msg=key)
+            np.testing.assert_allclose(t[key].astype(field.wire).astype(t[key].dtype), t[key], atol=atol, rtol=0, err_msg=key)
 
 
 def test_bad_inputs_fail_with_a_clear_message(cats):

@@ -15,9 +15,7 @@ from mtseg.tasks.instance import InstanceTask
 from mtseg.tasks.reconstruction import MASK_FILL, ReconstructionTask, random_patch_mask
 from mtseg.tasks.semantic import SemanticTask
 
-CATEGORIES = CategoryIndex.from_categories(
-    [{"id": cid, "name": f"c{cid}", "supercategory": f"s{cid % 2}"} for cid in (1, 4, 6)]
-)
+CATEGORIES = CategoryIndex.from_categories([{"id": cid, "name": f"c{cid}", "supercategory": f"s{cid % 2}"} for cid in (1, 4, 6)])
 
 
 def test_registry_and_build_order():

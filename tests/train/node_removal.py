@@ -62,14 +62,18 @@ def main(overrides: list[str]) -> int:
     cluster.remove_node(victim, allow_graceful=False)
     thread.join(timeout=900)
     result = out.get("result")
-    print(json.dumps({
-        "error": None if result is None or result.error is None else str(result.error).splitlines()[-1],
-        "finished": result is not None,
-        "step": result.metrics.get("train/step") if result is not None and result.metrics else None,
-        "removed_node": victim.node_id,
-        "workers_on_removed_node": hosting[victim.node_id],
-        "step_at_removal": step_at_removal,
-    }))
+    print(
+        json.dumps(
+            {
+                "error": None if result is None or result.error is None else str(result.error).splitlines()[-1],
+                "finished": result is not None,
+                "step": result.metrics.get("train/step") if result is not None and result.metrics else None,
+                "removed_node": victim.node_id,
+                "workers_on_removed_node": hosting[victim.node_id],
+                "step_at_removal": step_at_removal,
+            }
+        )
+    )
     ray.shutdown()
     cluster.shutdown()
     return 0

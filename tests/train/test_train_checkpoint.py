@@ -58,8 +58,9 @@ def test_a_full_training_state_loads_with_weights_only(tmp_path):
     """Everything the trainer checkpoints (model, optimiser, schedule, strategy, RNG) is plain-typed."""
     from mtseg.train.loop import build_state
 
-    cats = CategoryIndex.from_categories([{"id": 1, "name": "a", "supercategory": "x"},
-                                          {"id": 3, "name": "b", "supercategory": "y"}])
+    cats = CategoryIndex.from_categories(
+        [{"id": 1, "name": "a", "supercategory": "x"}, {"id": 3, "name": "b", "supercategory": "y"}]
+    )
     for weighting in ("uncertainty", "famo", "gradnorm", "dwa"):
         cfg = load_config(None, [f"weighting.name={weighting}", "data.image_size=32"])
         state = build_state(cfg, cats, total_steps=4, device=torch.device("cpu"))
@@ -83,13 +84,15 @@ def test_latest_valid_walks_back_past_partial_uploads(tmp_path):
     newest = _save(run, "checkpoint_2026-01-01_00-00-03", 30)
     with open(os.path.join(newer, ckpt.STATE_FILE), "r+b") as f:  # upload cut short
         f.truncate(7)
-    os.unlink(os.path.join(newest, ckpt.META_FILE))                # meta never arrived
+    os.unlink(os.path.join(newest, ckpt.META_FILE))  # meta never arrived
     os.makedirs(os.path.join(run, "checkpoint_2026-01-01_00-00-04"))  # an emptied prefix: nothing written
     logged: list[str] = []
     uri, meta = ckpt.latest_valid(run, log=logged.append)
     assert meta["step"] == 10 and uri.endswith("00-00-01")
     assert [line.split()[2].rstrip(":").rsplit("/", 1)[-1] for line in logged] == [
-        "checkpoint_2026-01-01_00-00-03", "checkpoint_2026-01-01_00-00-02"]  # the empty one is not news
+        "checkpoint_2026-01-01_00-00-03",
+        "checkpoint_2026-01-01_00-00-02",
+    ]  # the empty one is not news
 
 
 def test_lr_schedule_warmup_then_decay():
@@ -132,8 +135,9 @@ def _model_checkpoint(directory, *, with_categories=True, step=1) -> str:
     """A tiny randomly initialised model saved as the trainer saves it (config.yaml beside)."""
     from mtseg.models import build_model
 
-    cfg = load_config(None, ["data.image_size=32", "model.decoder_channels=16", "tasks.patch_size=4",
-                             "data.uri=/nonexistent/shards"])
+    cfg = load_config(
+        None, ["data.image_size=32", "model.decoder_channels=16", "tasks.patch_size=4", "data.uri=/nonexistent/shards"]
+    )
     torch.manual_seed(0)
     model = build_model(cfg, CategoryIndex.from_categories(CATEGORIES))
     meta = {"epoch": 0, "step": step, "epoch_rows": 0, **({"categories": CATEGORIES} if with_categories else {})}

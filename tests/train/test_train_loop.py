@@ -26,9 +26,20 @@ def batches(tmp_path_factory):
     synthesize(str(root), train=12, val=2, size=32, seed=5)
     uri = str(root / "shards")
     shard_coco(str(root), "train2017", uri, images_per_shard=12, log=lambda *a: None)
-    cfg = load_config(None, [f"data.uri={uri}", "data.image_size=32", "data.batch_size=4", "model.decoder_channels=8",
-                             "tasks.names=[semantic, boundary]", "tasks.patch_size=4",
-                             "weighting.name=uncertainty", "train.warmup_steps=1", "train.epochs=2"])
+    cfg = load_config(
+        None,
+        [
+            f"data.uri={uri}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.decoder_channels=8",
+            "tasks.names=[semantic, boundary]",
+            "tasks.patch_size=4",
+            "weighting.name=uncertainty",
+            "train.warmup_steps=1",
+            "train.epochs=2",
+        ],
+    )
     categories = CategoryIndex.from_categories(read_manifest(uri, "train2017")["categories"])
     tasks = build_tasks(cfg, categories)
     return cfg, categories, list(iter_local_batches(uri, "train2017", categories, cfg, train=True, tasks=tasks, drop_last=True))
@@ -38,7 +49,7 @@ def _fit(state, data, reports, stop_at_step=None):
     """fit() as a worker runs it: batches from the recorded position, a fake validation per epoch."""
 
     def train_batches(epoch, start_rows):
-        return iter(data[start_rows // state.cfg.data.batch_size:])
+        return iter(data[start_rows // state.cfg.data.batch_size :])
 
     def on_step(st, metrics, ids):
         if st.step == stop_at_step:
@@ -47,8 +58,15 @@ def _fit(state, data, reports, stop_at_step=None):
     def validate():
         return {"val/miou": 0.1 * (state.epoch + 1), "val/step": float(state.step)}
 
-    fit(state, steps_per_epoch=STEPS_PER_EPOCH, train_batches=train_batches, validate=validate,
-        report=reports.append, on_step=on_step, log=lambda *a: None)
+    fit(
+        state,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        train_batches=train_batches,
+        validate=validate,
+        report=reports.append,
+        on_step=on_step,
+        log=lambda *a: None,
+    )
 
 
 def test_fit_runs_every_epoch_and_reports_its_validation(batches):
@@ -98,10 +116,21 @@ def test_last_val_is_where_checkpoints_have_always_kept_it(batches, tmp_path):
 
 def test_val_every_epochs_validates_and_reports_every_nth_epoch_and_the_last(batches):
     cfg, categories, data = batches
-    cfg = load_config(None, [f"data.uri={cfg.data.uri}", "data.image_size=32",
-                             "data.batch_size=4", "model.decoder_channels=8", "tasks.names=[semantic, boundary]",
-                             "tasks.patch_size=4", "weighting.name=uncertainty", "train.warmup_steps=1",
-                             "train.epochs=5", "train.val_every_epochs=2"])
+    cfg = load_config(
+        None,
+        [
+            f"data.uri={cfg.data.uri}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "model.decoder_channels=8",
+            "tasks.names=[semantic, boundary]",
+            "tasks.patch_size=4",
+            "weighting.name=uncertainty",
+            "train.warmup_steps=1",
+            "train.epochs=5",
+            "train.val_every_epochs=2",
+        ],
+    )
     state = build_state(cfg, categories, total_steps=5 * STEPS_PER_EPOCH, device=torch.device("cpu"))
     reports = []
     _fit(state, data, reports)

@@ -38,8 +38,9 @@ def test_resume_continues_exactly_where_it_stood(start):
 
 
 def test_validation_plan_covers_every_image_once_in_order():
-    slices = [_ids(plan_epoch(SHARDS, seed=0, epoch=0, world_size=3, rank=r, shuffle=False, drop_remainder=False))
-              for r in range(3)]
+    slices = [
+        _ids(plan_epoch(SHARDS, seed=0, epoch=0, world_size=3, rank=r, shuffle=False, drop_remainder=False)) for r in range(3)
+    ]
     flat = [x for s in slices for x in s]
     assert flat == [(p, i) for p, n in SHARDS for i in range(n)]
 

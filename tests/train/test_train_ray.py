@@ -33,10 +33,20 @@ def _run_dir_in_tmp(tmp_path, monkeypatch):
 
 # The tiny run every test here trains: 2 workers, 2 epochs of 6 steps, a checkpoint every 2 steps.
 TINY = [
-    "data.image_size=32", "data.batch_size=4", "data.rows_per_read_task=8", "data.map_num_cpus=0.25",
-    "model.decoder_channels=16", "tasks.patch_size=4", "tasks.center_sigma=1.5",
-    "train.num_workers=2", "train.cpus_per_worker=0.5", "train.epochs=2", "train.warmup_steps=2",
-    "train.checkpoint_every_steps=2", "train.log_every_steps=1", "train.max_failures=2",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.rows_per_read_task=8",
+    "data.map_num_cpus=0.25",
+    "model.decoder_channels=16",
+    "tasks.patch_size=4",
+    "tasks.center_sigma=1.5",
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "train.epochs=2",
+    "train.warmup_steps=2",
+    "train.checkpoint_every_steps=2",
+    "train.log_every_steps=1",
+    "train.max_failures=2",
 ]
 
 
@@ -230,8 +240,9 @@ def test_node_removed_mid_epoch_is_survived_with_the_same_step_count(tiny_datase
     script = os.path.join(os.path.dirname(__file__), "node_removal.py")
     overrides = _overrides(tiny_dataset, s3_bucket, "noderemoved")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, script, *overrides], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=840)
+    proc = subprocess.run(
+        [sys.executable, script, *overrides], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=840
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(lines[-1])

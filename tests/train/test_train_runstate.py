@@ -134,8 +134,13 @@ def _restart_keeps_everything_outside_the_run(root: str) -> None:
     from mtseg.train.trainer import clear_run
 
     cfg = load_config(None, [f"train.storage_path={root}/runs", "train.run_name=mine"])
-    for uri in (f"{root}/runs/mine/checkpoint_1/state.pt", f"{root}/runs/mine/config.yaml",
-                f"{root}/runs/other/config.yaml", f"{root}/runs/mine-2/config.yaml", f"{root}/unrelated.txt"):
+    for uri in (
+        f"{root}/runs/mine/checkpoint_1/state.pt",
+        f"{root}/runs/mine/config.yaml",
+        f"{root}/runs/other/config.yaml",
+        f"{root}/runs/mine-2/config.yaml",
+        f"{root}/unrelated.txt",
+    ):
         storage.write_bytes(uri, b"x")
     with RunLease(f"{root}/runs/mine"):
         clear_run(cfg, log=lambda *a: None)
@@ -163,8 +168,13 @@ def test_restart_deletes_only_inside_the_run_on_s3(s3_bucket):
 
 
 def test_a_ray_worker_error_becomes_its_root_cause_line():
-    text = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
-            '  File "x.py", line 1, in f\n    save()\n'
-            "mtseg.train.checkpoint.CheckpointError: /tmp/c/state.pt: no space left on the device\n")
-    assert runstate.error_line(RuntimeError(text)) == "mtseg.train.checkpoint.CheckpointError: /tmp/c/state.pt: no space left on the device"
+    text = (
+        "Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    save()\n'
+        "mtseg.train.checkpoint.CheckpointError: /tmp/c/state.pt: no space left on the device\n"
+    )
+    assert (
+        runstate.error_line(RuntimeError(text))
+        == "mtseg.train.checkpoint.CheckpointError: /tmp/c/state.pt: no space left on the device"
+    )
     assert runstate.error_line(ValueError("bad\nmore")) == "ValueError: bad"

@@ -23,8 +23,17 @@ BASE = {
     "model": {"decoder_channels": 16},
     "tasks": {"names": ["semantic", "boundary"], "patch_size": 4, "center_sigma": 1.5},
     "weighting": {"name": "static", "static": {"semantic": 1.0, "boundary": 0.0}},
-    "train": {"num_workers": 1, "cpus_per_worker": 0.5, "epochs": 2, "warmup_steps": 2, "lr": 0.003,
-              "checkpoint_every_steps": 0, "log_every_steps": 4, "keep_checkpoints": 2, "max_failures": 1},
+    "train": {
+        "num_workers": 1,
+        "cpus_per_worker": 0.5,
+        "epochs": 2,
+        "warmup_steps": 2,
+        "lr": 0.003,
+        "checkpoint_every_steps": 0,
+        "log_every_steps": 4,
+        "keep_checkpoints": 2,
+        "max_failures": 1,
+    },
 }
 
 

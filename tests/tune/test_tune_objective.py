@@ -35,27 +35,41 @@ def test_delta_m_leaves_out_tasks_without_a_usable_baseline():
 
 
 def test_baselines_train_each_task_on_its_own_recipe(make_cfg):
-    cfg = make_cfg({"weighting.name": "grid[equal, uncertainty]"}, tasks={"names": list(TASK_NAMES)},
-                   weighting={"name": "static", "static": {"semantic": 3.0}})
+    cfg = make_cfg(
+        {"weighting.name": "grid[equal, uncertainty]"},
+        tasks={"names": list(TASK_NAMES)},
+        weighting={"name": "static", "static": {"semantic": 3.0}},
+    )
     # supercategory, boundary and instance refine semantic: their baselines train it beside them.
-    expected = {"semantic": ("semantic",), "supercategory": ("semantic", "supercategory"),
-                "boundary": ("semantic", "boundary"), "instance": ("semantic", "instance"),
-                "reconstruction": ("reconstruction",)}
+    expected = {
+        "semantic": ("semantic",),
+        "supercategory": ("semantic", "supercategory"),
+        "boundary": ("semantic", "boundary"),
+        "instance": ("semantic", "instance"),
+        "reconstruction": ("reconstruction",),
+    }
     for task in TASK_NAMES:
         b = baseline_config(cfg, task)
         assert tuple(b.tasks.names) == expected[task] == task_objective(task)[2]
         assert b.weighting.name == "equal" and b.weighting.static == {}
     assert {t: task_objective(t)[:2] for t in TASK_NAMES} == {
-        "semantic": ("val/miou", True), "supercategory": ("val/supercategory_miou", True),
-        "boundary": ("val/boundary_f1", True), "instance": ("val/mask_ap", True), "reconstruction": ("val/psnr", True),
+        "semantic": ("val/miou", True),
+        "supercategory": ("val/supercategory_miou", True),
+        "boundary": ("val/boundary_f1", True),
+        "instance": ("val/mask_ap", True),
+        "reconstruction": ("val/psnr", True),
     }
 
 
 def test_baseline_key_follows_the_recipe_not_the_location(make_cfg):
     cfg = make_cfg({"weighting.name": "grid[equal, uncertainty]"})
     key = baseline_key(baseline_config(cfg, "semantic"))
-    moved = make_cfg({"train.lr": "loguniform[1e-3, 1e-2]"}, train={"storage_path": "s3://other/x", "run_name": "r"},
-                     tune={"experiment_name": "other"}, weighting={"name": "uncertainty"})
+    moved = make_cfg(
+        {"train.lr": "loguniform[1e-3, 1e-2]"},
+        train={"storage_path": "s3://other/x", "run_name": "r"},
+        tune={"experiment_name": "other"},
+        weighting={"name": "uncertainty"},
+    )
     assert baseline_key(baseline_config(moved, "semantic")) == key
     assert baseline_key(baseline_config(make_cfg({}, model={"backbone": "resnet34"}), "semantic")) != key
     assert baseline_key(baseline_config(make_cfg({}, train={"epochs": 3}), "semantic")) != key
@@ -71,5 +85,3 @@ def test_cached_baselines_are_reused_without_training(tmp_path, make_cfg):
     # No Ray here: a cache miss would try to train and fail.
     got = ensure_baselines(cfg, log=lambda *a: None)
     assert {t: b["value"] for t, b in got.items()} == {"semantic": 0.3, "boundary": 0.6}
-
-

@@ -23,11 +23,15 @@ def test_invalid_space_fails_in_the_cli_before_anything_starts(tmp_path, capsys)
     from mtseg.cli import main
 
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({
-        "train": {"storage_path": str(tmp_path / "store")},
-        "tasks": {"names": ["semantic", "boundary"]},
-        "tune": {"space": {"weighting.name": "choice[equal, nonsense]"}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "train": {"storage_path": str(tmp_path / "store")},
+                "tasks": {"names": ["semantic", "boundary"]},
+                "tune": {"space": {"weighting.name": "choice[equal, nonsense]"}},
+            }
+        )
+    )
     assert main(["tune", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mtseg: error: tune.space.weighting.name:") and err.count("\n") == 1
@@ -35,14 +39,18 @@ def test_invalid_space_fails_in_the_cli_before_anything_starts(tmp_path, capsys)
 
 
 def test_an_existing_experiment_is_not_overwritten_without_resume(tmp_path, make_cfg):
-    cfg = make_cfg({"weighting.name": "grid[equal, uncertainty]"}, train={"storage_path": str(tmp_path)},
-                   tune={"experiment_name": "exp"})
+    cfg = make_cfg(
+        {"weighting.name": "grid[equal, uncertainty]"}, train={"storage_path": str(tmp_path)}, tune={"experiment_name": "exp"}
+    )
     storage.write_bytes(str(tmp_path / "exp" / "tune_config.yaml"), b"{}\n")
     with pytest.raises(SearchError, match="pass --resume"):
         run_tune(cfg, delta_m=False)
     with pytest.raises(SearchError, match="no experiment to resume"):
-        run_tune(config_from_dict({**cfg.to_dict(), "tune": {**cfg.to_dict()["tune"], "experiment_name": "none"}}),
-                 resume=True, delta_m=False)
+        run_tune(
+            config_from_dict({**cfg.to_dict(), "tune": {**cfg.to_dict()["tune"], "experiment_name": "none"}}),
+            resume=True,
+            delta_m=False,
+        )
 
 
 def test_a_restored_generator_does_not_count_trials_as_running(tmp_path, make_cfg):
@@ -54,8 +62,14 @@ def test_a_restored_generator_does_not_count_trials_as_running(tmp_path, make_cf
 
     cfg = make_cfg({"weighting.name": "grid[equal, uncertainty]"}, tune={"max_concurrent_trials": 1})
     gen = _search_alg(cfg)
-    gen.add_configurations(Experiment("exp", lambda config: None, storage_path=str(tmp_path),
-                                      config={"weighting.name": {"grid_search": ["equal", "uncertainty"]}}))
+    gen.add_configurations(
+        Experiment(
+            "exp",
+            lambda config: None,
+            storage_path=str(tmp_path),
+            config={"weighting.name": {"grid_search": ["equal", "uncertainty"]}},
+        )
+    )
     first = gen.next_trial()
     assert first is not None and gen.next_trial() is None  # one running, limit reached
     restored = _search_alg(cfg)
@@ -81,19 +95,29 @@ def test_a_restored_optuna_search_does_not_count_trials_as_running(make_cfg):
 
 
 @pytest.mark.slow
-def test_asha_search_stops_weak_trials_and_its_best_config_trains(ray_local, tiny_dataset, s3_bucket, tmp_path, in_tmp, search_yaml, runs_of):
+def test_asha_search_stops_weak_trials_and_its_best_config_trains(
+    ray_local, tiny_dataset, s3_bucket, tmp_path, in_tmp, search_yaml, runs_of
+):
     import ray.util
 
     from mtseg.train.trainer import run_training
 
-    path = search_yaml(tiny_dataset, s3_bucket, {
-        "experiment_name": "asha", "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-        "max_concurrent_trials": 2, "num_samples": 1,
-        # Training is seeded, so each config's epoch-1 mIoU is fixed. In grid order the last
-        # trial is (static, semantic only), the slowest starter here: with two trials at once it
-        # reaches the epoch-1 rung after at least two others, below their median.
-        "space": {"weighting.name": "grid[uncertainty, static]", "weighting.static.semantic": "grid[0.0, 1.0]"},
-    })
+    path = search_yaml(
+        tiny_dataset,
+        s3_bucket,
+        {
+            "experiment_name": "asha",
+            "scheduler": "asha",
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "max_concurrent_trials": 2,
+            "num_samples": 1,
+            # Training is seeded, so each config's epoch-1 mIoU is fixed. In grid order the last
+            # trial is (static, semantic only), the slowest starter here: with two trials at once it
+            # reaches the epoch-1 rung after at least two others, below their median.
+            "space": {"weighting.name": "grid[uncertainty, static]", "weighting.static.semantic": "grid[0.0, 1.0]"},
+        },
+    )
     cfg = load_config(path)
     before = set(ray.util.placement_group_table())
     outcome = run_tune(cfg, delta_m=False)
@@ -101,8 +125,9 @@ def test_asha_search_stops_weak_trials_and_its_best_config_trains(ray_local, tin
     # Every trial's workers were released, the one ASHA stopped included (its Train controller
     # went with the trial; Ray Train's placement-group cleaner removed the reservation).
     deadline = time.monotonic() + 60
-    while left := [pg for pg_id, pg in ray.util.placement_group_table().items()
-                   if pg_id not in before and pg["state"] != "REMOVED"]:
+    while left := [
+        pg for pg_id, pg in ray.util.placement_group_table().items() if pg_id not in before and pg["state"] != "REMOVED"
+    ]:
         assert time.monotonic() < deadline, f"reservations still held after the search: {left}"
         time.sleep(0.5)
     rows = {(r["weighting.name"], r["weighting.static.semantic"]): r for r in outcome.rows}
@@ -132,11 +157,19 @@ def test_asha_search_stops_weak_trials_and_its_best_config_trains(ray_local, tin
 @pytest.mark.slow
 def test_optuna_samples_the_ranges_and_writes_the_table(ray_local, tiny_dataset, s3_bucket, tmp_path, in_tmp, search_yaml):
     pytest.importorskip("optuna")
-    path = search_yaml(tiny_dataset, s3_bucket, {
-        "experiment_name": "optuna", "scheduler": "fifo", "search_alg": "optuna", "num_samples": 3,
-        "max_concurrent_trials": 2,
-        "space": {"weighting.static.boundary": "loguniform[0.1, 10]", "train.lr": "loguniform[0.001, 0.01]"},
-    }, train={"epochs": 1})
+    path = search_yaml(
+        tiny_dataset,
+        s3_bucket,
+        {
+            "experiment_name": "optuna",
+            "scheduler": "fifo",
+            "search_alg": "optuna",
+            "num_samples": 3,
+            "max_concurrent_trials": 2,
+            "space": {"weighting.static.boundary": "loguniform[0.1, 10]", "train.lr": "loguniform[0.001, 0.01]"},
+        },
+        train={"epochs": 1},
+    )
     outcome = run_tune(load_config(path), delta_m=False)
 
     assert [(r["state"], r["epochs"]) for r in outcome.rows] == [("TERMINATED", 1)] * 3
@@ -159,15 +192,25 @@ def _checkpointed_runs(runs: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, tiny_dataset, s3_bucket, tmp_path, in_tmp, search_yaml, runs_of):
+def test_killed_search_resumes_without_rerunning_finished_trials(
+    ray_local, tiny_dataset, s3_bucket, tmp_path, in_tmp, search_yaml, runs_of
+):
     import ray
 
     from mtseg.tune import experiment_uri
 
-    path = search_yaml(tiny_dataset, s3_bucket, {
-        "experiment_name": "resume", "scheduler": "fifo", "max_concurrent_trials": 1, "num_samples": 1,
-        "space": {"weighting.name": "grid[equal, uncertainty]"},
-    }, train={"epochs": 1, "checkpoint_every_steps": 4})
+    path = search_yaml(
+        tiny_dataset,
+        s3_bucket,
+        {
+            "experiment_name": "resume",
+            "scheduler": "fifo",
+            "max_concurrent_trials": 1,
+            "num_samples": 1,
+            "space": {"weighting.name": "grid[equal, uncertainty]"},
+        },
+        train={"epochs": 1, "checkpoint_every_steps": 4},
+    )
     cfg = load_config(path)
     exp = experiment_uri(cfg)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
@@ -184,8 +227,11 @@ def test_killed_search_resumes_without_rerunning_finished_trials(ray_local, tiny
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    finished = {name: ckpt.list_checkpoints(uri) for name, uri in runs_of(cfg).items()
-                if (found := ckpt.latest_valid(uri, log=lambda *a: None)) and found[1]["epoch"] == 1}
+    finished = {
+        name: ckpt.list_checkpoints(uri)
+        for name, uri in runs_of(cfg).items()
+        if (found := ckpt.latest_valid(uri, log=lambda *a: None)) and found[1]["epoch"] == 1
+    }
     assert len(finished) == 1
 
     logged: list[str] = []

@@ -23,19 +23,22 @@ def test_randint_includes_its_upper_bound():
     assert {domain.sample() for _ in range(200)} == {2, 3}
 
 
-@pytest.mark.parametrize("key, text, message", [
-    ("weighting.name", "choice[equal, bogus]", "'bogus' is not one of"),
-    ("train.lr", "0.01", "is not one of choice["),
-    ("train.lr", "uniform[0.1]", "takes two bounds"),
-    ("train.lr", "loguniform[0, 1]", "bounds > 0"),
-    ("train.epochs", "uniform[1, 3]", "use randint"),
-    ("model.backbone", "loguniform[1, 2]", "needs a float key"),
-    ("train.lr", "randint[1, 3]", "needs an integer key"),
-    ("train.epochs", "randint[3, 1]", "lo < hi"),
-    ("data.scale_min", "uniform[0.01, 0.5]", "below the minimum"),
-    ("weighting.nmae", "choice[equal]", "unknown key"),
-    ("model.backbone", "choice[]", "at least one value"),
-])
+@pytest.mark.parametrize(
+    "key, text, message",
+    [
+        ("weighting.name", "choice[equal, bogus]", "'bogus' is not one of"),
+        ("train.lr", "0.01", "is not one of choice["),
+        ("train.lr", "uniform[0.1]", "takes two bounds"),
+        ("train.lr", "loguniform[0, 1]", "bounds > 0"),
+        ("train.epochs", "uniform[1, 3]", "use randint"),
+        ("model.backbone", "loguniform[1, 2]", "needs a float key"),
+        ("train.lr", "randint[1, 3]", "needs an integer key"),
+        ("train.epochs", "randint[3, 1]", "lo < hi"),
+        ("data.scale_min", "uniform[0.01, 0.5]", "below the minimum"),
+        ("weighting.nmae", "choice[equal]", "unknown key"),
+        ("model.backbone", "choice[]", "at least one value"),
+    ],
+)
 def test_a_bad_entry_is_one_line_naming_the_key(key, text, message):
     with pytest.raises(ConfigError, match="^tune.space") as e:
         parse_param(key, text)
@@ -76,8 +79,12 @@ def test_scheduler_and_search_rules(make_cfg):
         validate_search(make_cfg(space, tune=pbt, train={"epochs": 3}))
     with pytest.raises(ConfigError, match="perturbation_interval"):
         validate_search(make_cfg({"train.lr": "loguniform[1e-3, 1e-2]"}, tune=pbt, train={"epochs": 1}))
-    ok = make_cfg({"weighting.static.semantic": "uniform[0.5, 2]", "model.decoder_channels": "grid[16, 32]"},
-                  tune=pbt, train={"epochs": 3}, weighting={"name": "static"})
+    ok = make_cfg(
+        {"weighting.static.semantic": "uniform[0.5, 2]", "model.decoder_channels": "grid[16, 32]"},
+        tune=pbt,
+        train={"epochs": 3},
+        weighting={"name": "static"},
+    )
     assert list(validate_search(ok)) == ["weighting.static.semantic", "model.decoder_channels"]
 
 
@@ -86,5 +93,3 @@ def test_trial_config_sets_dotted_keys_including_dict_entries(make_cfg):
     cfg = trial_config(base, {"weighting.name": "static", "weighting.static.semantic": 0.3, "train.lr": 0.004})
     assert cfg.weighting.static == {"semantic": 0.3} and cfg.train.lr == 0.004
     assert base["weighting"]["static"] == {}  # the base is not modified
-
-

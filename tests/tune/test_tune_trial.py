@@ -25,9 +25,22 @@ def test_rebase_checkpoint_swaps_lr_and_static_weights_and_keeps_the_rest(tmp_pa
     from mtseg.data.categories import CategoryIndex
     from mtseg.train.loop import build_state
 
-    cats = CategoryIndex.from_categories([{"id": 1, "name": "a", "supercategory": "s"}, {"id": 5, "name": "b", "supercategory": "s"}])
-    donor = load_config(None, ["tasks.names=[semantic, boundary]", "weighting.name=static", "weighting.static={semantic: 1.0, boundary: 2.0}",
-                               "train.lr=0.004", "train.warmup_steps=0", "model.decoder_channels=8", "data.image_size=32", "tasks.patch_size=4"])
+    cats = CategoryIndex.from_categories(
+        [{"id": 1, "name": "a", "supercategory": "s"}, {"id": 5, "name": "b", "supercategory": "s"}]
+    )
+    donor = load_config(
+        None,
+        [
+            "tasks.names=[semantic, boundary]",
+            "weighting.name=static",
+            "weighting.static={semantic: 1.0, boundary: 2.0}",
+            "train.lr=0.004",
+            "train.warmup_steps=0",
+            "model.decoder_channels=8",
+            "data.image_size=32",
+            "tasks.patch_size=4",
+        ],
+    )
     state = build_state(donor, cats, total_steps=10, device=torch.device("cpu"))
     for _ in range(3):
         state.optimizer.step()
@@ -36,8 +49,19 @@ def test_rebase_checkpoint_swaps_lr_and_static_weights_and_keeps_the_rest(tmp_pa
     lr_now = state.optimizer.param_groups[0]["lr"]
     ckpt.save(str(tmp_path / "src"), state.state_dict(), state.meta())
 
-    mutated = load_config(None, ["tasks.names=[semantic, boundary]", "weighting.name=static", "weighting.static={semantic: 1.0, boundary: 0.5}",
-                                 "train.lr=0.002", "train.warmup_steps=0", "model.decoder_channels=8", "data.image_size=32", "tasks.patch_size=4"])
+    mutated = load_config(
+        None,
+        [
+            "tasks.names=[semantic, boundary]",
+            "weighting.name=static",
+            "weighting.static={semantic: 1.0, boundary: 0.5}",
+            "train.lr=0.002",
+            "train.warmup_steps=0",
+            "model.decoder_channels=8",
+            "data.image_size=32",
+            "tasks.patch_size=4",
+        ],
+    )
     meta = rebase_checkpoint(str(tmp_path / "src"), str(tmp_path / "dst"), mutated)
     assert meta["step"] == 3 and meta["epoch"] == 1
     loaded, _ = ckpt.load(str(tmp_path / "dst"))
@@ -62,7 +86,7 @@ STEPS_PER_EPOCH = 48 // 4  # one worker, batch 4, the tiny dataset's 48 training
 
 
 def _epoch_checkpoint(run: str, epoch: int, load) -> dict:
-    """"The state of a run's end-of-``epoch`` checkpoint (``load``: the checkpoint_state fixture)."""
+    """ "The state of a run's end-of-``epoch`` checkpoint (``load``: the checkpoint_state fixture)."""
     for uri in ckpt.list_checkpoints(run):
         meta = json.loads(storage.read_bytes(storage.join(uri, ckpt.META_FILE)))
         if meta["epoch"] == epoch and meta["epoch_rows"] == 0:
@@ -77,20 +101,29 @@ def _same_model(a: dict, b: dict) -> bool:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Consider boosting PBT performance")  # actors are not reused on purpose
 def test_pbt_mutates_task_weights_and_restarts_trials_from_the_donors_checkpoint(
-        ray_local, tiny_dataset, s3_bucket, tmp_path, in_tmp, search_yaml, runs_of, checkpoint_state):
+    ray_local, tiny_dataset, s3_bucket, tmp_path, in_tmp, search_yaml, runs_of, checkpoint_state
+):
     from mtseg.tune import experiment_uri
 
     # Synchronous PBT: at the epoch-1 perturbation the weaker member exploits the stronger,
     # whatever order they report in.
-    path = search_yaml(tiny_dataset, s3_bucket, {
-        "experiment_name": "pbt", "scheduler": "pbt", "perturbation_interval": 1, "max_concurrent_trials": 2,
-        "num_samples": 1, "pbt_synch": True,
-        "space": {
-            "weighting.static.semantic": "grid[0.0, 1.0]",  # two different members
-            "weighting.static.boundary": "uniform[0.5, 2.0]",
-            "train.lr": "loguniform[0.002, 0.005]",
+    path = search_yaml(
+        tiny_dataset,
+        s3_bucket,
+        {
+            "experiment_name": "pbt",
+            "scheduler": "pbt",
+            "perturbation_interval": 1,
+            "max_concurrent_trials": 2,
+            "num_samples": 1,
+            "pbt_synch": True,
+            "space": {
+                "weighting.static.semantic": "grid[0.0, 1.0]",  # two different members
+                "weighting.static.boundary": "uniform[0.5, 2.0]",
+                "train.lr": "loguniform[0.002, 0.005]",
+            },
         },
-    })
+    )
     cfg = load_config(path)
     outcome = run_tune(cfg, delta_m=False)
 
@@ -109,7 +142,8 @@ def test_pbt_mutates_task_weights_and_restarts_trials_from_the_donors_checkpoint
         source = next(r for r in rows if _same_model(init_state, _epoch_checkpoint(runs[r["trial"]], 1, checkpoint_state)))
         # Whatever the source, the start carries this trial's (possibly mutated) weights and LR.
         assert init_state["weighting"]["weights"].tolist() == pytest.approx(
-            [trial["weighting.static.semantic"], trial["weighting.static.boundary"]])
+            [trial["weighting.static.semantic"], trial["weighting.static.boundary"]]
+        )
         assert init_state["scheduler"]["base_lrs"] == pytest.approx([trial["train.lr"]])
         # The new run went on from that checkpoint to the end.
         _, meta = ckpt.latest_valid(runs[name], log=lambda *a: None)
@@ -120,5 +154,3 @@ def test_pbt_mutates_task_weights_and_restarts_trials_from_the_donors_checkpoint
     trial, donor = exploited[0]
     assert trial["weighting.static.semantic"] == donor["weighting.static.semantic"]  # copied from the donor
     assert trial["weighting.static.boundary"] != donor["weighting.static.boundary"]  # then mutated
-
-

@@ -101,8 +101,7 @@ def test_distributed_helpers_are_no_ops_without_a_process_group():
 
 def test_rep_grad_only_for_the_strategies_that_have_it():
     for name in REP_GRAD:
-        assert build_weighting(load_config(None, [f"weighting.name={name}", "weighting.rep_grad=true"]).weighting,
-                               NAMES).rep_grad
+        assert build_weighting(load_config(None, [f"weighting.name={name}", "weighting.rep_grad=true"]).weighting, NAMES).rep_grad
     with pytest.raises(ConfigError, match="^weighting.rep_grad: only gradnorm and pcgrad have it, not equal$"):
         load_config(None, ["weighting.name=equal", "weighting.rep_grad=true"])
     cfg = load_config(None, ["weighting.name=dwa"])

@@ -13,9 +13,7 @@ from mtseg.weighting import DWAWeighting
 def _epoch(strategy, per_step_losses):
     weights = None
     for la, lb in per_step_losses:
-        weights = strategy.backward(
-            {"a": torch.tensor(la, requires_grad=True), "b": torch.tensor(lb, requires_grad=True)}, []
-        )
+        weights = strategy.backward({"a": torch.tensor(la, requires_grad=True), "b": torch.tensor(lb, requires_grad=True)}, [])
     strategy.on_epoch_end()
     return weights
 

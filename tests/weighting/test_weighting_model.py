@@ -13,9 +13,7 @@ from mtseg.weighting import REP_GRAD, build_weighting
 from mtseg.weighting.base import encoder_gradients, per_task_gradients, representation_gradients
 from mtseg.weighting.gradnorm import last_shared_layer
 
-CATEGORIES = CategoryIndex.from_categories(
-    [{"id": cid, "name": f"c{cid}", "supercategory": f"s{cid % 2}"} for cid in (1, 3, 8)]
-)
+CATEGORIES = CategoryIndex.from_categories([{"id": cid, "name": f"c{cid}", "supercategory": f"s{cid % 2}"} for cid in (1, 3, 8)])
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -104,8 +102,9 @@ def test_exact_pcgrad_writes_the_same_gradients_with_or_without_the_representati
 
 @pytest.mark.parametrize("name", REP_GRAD)
 def test_rep_grad_strategy_steps_the_multitask_model(name):
-    cfg = load_config(None, [f"weighting.name={name}", "weighting.rep_grad=true", "model.decoder_channels=16",
-                             "data.image_size=32"])
+    cfg = load_config(
+        None, [f"weighting.name={name}", "weighting.rep_grad=true", "model.decoder_channels=16", "data.image_size=32"]
+    )
     model, losses, rep = _model_and_losses(cfg, representation=True)
     strategy = build_weighting(cfg.weighting, list(losses))
     assert strategy.uses_representation
