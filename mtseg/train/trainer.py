@@ -70,14 +70,7 @@ class DataPlan:
         cfg = self.cfg
         segments = plan_epoch(self.train_shards, seed=cfg.train.seed, epoch=epoch, world_size=world_size, rank=rank, start=start)
         transform = SampleTransform.from_config(self.categories, cfg, self.tasks, train=True, epoch=epoch, seed=cfg.train.seed)
-        return worker_batches(
-            segments,
-            transform,
-            batch_size=cfg.data.batch_size,
-            drop_last=True,
-            rows_per_task=cfg.data.rows_per_read_task,
-            num_cpus=cfg.data.map_num_cpus,
-        )
+        return self._batches(segments, transform, drop_last=True)
 
     def val_batches(self, world_size: int, rank: int):
         cfg = self.cfg
@@ -85,13 +78,17 @@ class DataPlan:
             self.val_shards, seed=0, epoch=0, world_size=world_size, rank=rank, shuffle=False, drop_remainder=False
         )
         transform = SampleTransform.from_config(self.categories, cfg, self.tasks, train=False)
+        return self._batches(segments, transform, drop_last=False)
+
+    def _batches(self, segments, transform, *, drop_last: bool):
+        data = self.cfg.data
         return worker_batches(
             segments,
             transform,
-            batch_size=cfg.data.batch_size,
-            drop_last=False,
-            rows_per_task=cfg.data.rows_per_read_task,
-            num_cpus=cfg.data.map_num_cpus,
+            batch_size=data.batch_size,
+            drop_last=drop_last,
+            rows_per_task=data.rows_per_read_task,
+            num_cpus=data.map_num_cpus,
         )
 
     @functools.cached_property
