@@ -388,7 +388,7 @@ def test_all_reduce_over_two_gloo_ranks_equals_one_process(data, tmp_path):
     )
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(r), "2", str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT

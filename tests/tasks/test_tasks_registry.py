@@ -7,6 +7,9 @@ beside the five built-in tasks, validation and ``mtseg evaluate`` report its met
 predict`` draws it, and a 2-trial Tune search reports a Δm% that counts it. Tiny sizes, as the
 other Ray tests (32 px, 48 images, one epoch); they share the session's Ray and SeaweedFS
 (tests/conftest.py).
+
+After them, unit tests of the registry's own functions on the built-in tasks: ``build_tasks``
+and ``compute_losses``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import torch
 from PIL import Image
 
 from mtseg import storage
+from mtseg.config import TASK_NAMES, load_config
 from mtseg.data.categories import IGNORE_INDEX
 from mtseg.data.targets import WireField
 from mtseg.metrics import ConfusionMatrix
 from mtseg.render import blend
-from mtseg.tasks import TASKS, register
+from mtseg.tasks import TASKS, build_tasks, compute_losses, register
 from mtseg.tasks.base import Task, image_weights, masked_cross_entropy, resize_map
 
 
@@ -199,3 +203,29 @@ def test_a_registered_task_counts_in_the_tune_objective(ray_local, tiny_dataset,
         assert metrics["val/delta_m"] == pytest.approx(100 * sum(gains) / 2)
         assert metrics["val/delta_m"] == pytest.approx(delta_m(metrics, outcome.baselines, SIX_TASKS))
         assert metrics["val/delta_m"] != pytest.approx(delta_m(metrics, outcome.baselines, SIX_TASKS[:-1]))
+
+
+# ------------------------------------------------------- build_tasks and compute_losses
+
+
+def test_registry_and_build_order(categories):
+    assert tuple(TASKS)[: len(TASK_NAMES)] == TASK_NAMES  # the built-in ones first (tests may register more)
+    cfg = load_config(None, ["tasks.names=[semantic,reconstruction,boundary]"])
+    tasks = build_tasks(cfg, categories)
+    assert list(tasks) == ["semantic", "reconstruction", "boundary"]
+    assert tasks["semantic"].out_channels == categories.num_classes
+    cfg.tasks.names = ["semantic", "depth"]
+    with pytest.raises(ValueError, match="unknown task 'depth'"):
+        build_tasks(cfg, categories)
+
+
+def test_compute_losses_errors_name_what_is_missing(categories):
+    cfg = load_config(None, ["tasks.names=[semantic,boundary]"])
+    tasks = build_tasks(cfg, categories)
+    out = {"semantic": torch.randn(1, 4, 8, 8), "boundary": torch.randn(1, 1, 8, 8)}
+    with pytest.raises(KeyError, match="task boundary: the batch has no 'boundary'"):
+        compute_losses(tasks, out, {"semantic": torch.zeros(1, 8, 8, dtype=torch.long)})
+    with pytest.raises(KeyError, match="no 'boundary' output"):
+        compute_losses(tasks, {"semantic": out["semantic"]}, {})
+    with pytest.raises(ValueError, match="spatial sizes differ"):
+        compute_losses(tasks, out, {"semantic": torch.zeros(1, 4, 4, dtype=torch.long), "boundary": torch.zeros(1, 8, 8)})
