@@ -10,14 +10,15 @@ exceeds ``data.max_image_side``)::
     <out>/<name>_instances.json     the image's instances as COCO results (compressed RLE)
 
 plus ``coco_results.json`` (all instances) and ``summary.json`` (images, and every skipped
-file with the reason). Images go through the validation transform, the model and the fusion
-(:func:`mtseg.train.loop.predict_batch`, the code validation uses); every output is resized
-back to the image's own size.
+file or image-less input with the reason). Images go through the validation transform, the model
+and the fusion (:func:`mtseg.train.loop.predict_batch`, the code validation uses); every output
+is resized back to the image's own size.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import os
 import posixpath
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
     from PIL import Image
     from torch import nn
 
-#: File name endings a directory or prefix listing picks up (named files are always tried).
+#: File name endings a directory or prefix listing picks up (named files are always tried); their
+#: formats are what the message for a file that is no image names (tests read one file of each).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 #: Instances drawn in the overlay (the COCO results keep every instance, as COCOeval wants).
@@ -208,25 +210,69 @@ def render(
 def find_images(inputs: Sequence[str]) -> list[str]:
     """Expand files (tried whatever their name), directories and ``s3://`` prefixes (their
     :data:`IMAGE_EXTENSIONS` files, recursively, sorted) into image sources, in order, each once;
-    PredictError for no inputs or a missing one."""
+    PredictError for no inputs or a missing one. An input holding no image file adds nothing."""
+    return _find_images(inputs)[0]
+
+
+def _find_images(inputs: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """:func:`find_images`, plus a ``{"source", "error"}`` for each input holding no image file."""
     if not inputs:
         raise PredictError("no images given: name image files, directories or s3:// prefixes")
-    sources: list[str] = []
+    sources: dict[object, str] = {}  # the file itself -> the first path naming it
+    empty: list[dict] = []
     for item in inputs:
         item = str(item)
         fs, path = storage.resolve(item)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            sources.append(item)
+            sources.setdefault(_file_identity(item), item)
             continue
-        listed = storage.list_files(item, recursive=True)  # an S3 prefix is no object of its own
+        if info.type == pafs.FileType.Directory and not storage.is_s3(item):
+            listed = _walk(path)
+        else:
+            listed = storage.list_files(item, recursive=True)  # an S3 prefix is no object of its own
         if info.type != pafs.FileType.Directory and not listed:
             raise PredictError(f"{item}: no such file or directory")
-        found = [f for f in listed if f.lower().endswith(IMAGE_EXTENSIONS)]
+        found = sorted(f for f in listed if f.lower().endswith(IMAGE_EXTENSIONS))
         if not found:
-            print(f"[predict] {item}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found", file=sys.stderr)
-        sources.extend(found)
-    return list(dict.fromkeys(sources))
+            empty.append({"source": item, "error": f"{item}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found"})
+        for f in found:
+            sources.setdefault(_file_identity(f), f)
+    return list(sources.values()), empty
+
+
+def _file_identity(source: str) -> object:
+    """What makes two sources one file: for a local one (device, inode), whatever path or link reaches it."""
+    if storage.is_s3(source):
+        return source
+    st = os.stat(storage.resolve(source)[1])
+    return (st.st_dev, st.st_ino)
+
+
+def _walk(directory: str) -> list[str]:
+    """The regular files below a local ``directory``, following links into each real directory once.
+
+    A listing that follows links blindly loops through a link to an ancestor (``sub/up -> ..``)
+    until the OS refuses: 7 images became 287 predictions, 40 levels deep.
+    """
+    seen = {_file_identity(directory)}
+
+    def first_visit(path: str) -> bool:
+        key = _file_identity(path)
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    def fail(e: OSError):
+        raise PredictError(f"{e.filename}: cannot list ({e.strerror})")
+
+    files = []
+    for parent, dirs, names in os.walk(directory, onerror=fail, followlinks=True):
+        # Sorted, so that of two paths to one directory the same one is walked on every machine.
+        dirs[:] = [d for d in sorted(dirs) if first_visit(os.path.join(parent, d))]
+        files.extend(p for p in (os.path.join(parent, n) for n in names) if os.path.isfile(p))  # not a broken link
+    return files
 
 
 def read_image(source: str, *, max_side: int | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -238,9 +284,38 @@ def read_image(source: str, *, max_side: int | None = None) -> tuple[torch.Tenso
     from mtseg.data.transforms import load_image
 
     try:
-        return load_image(storage.read_bytes(source), max_side=max_side)
-    except (ValueError, storage.StorageError, OSError) as e:
+        data = storage.read_bytes(source)
+    except (storage.StorageError, OSError) as e:
         raise ValueError(f"{source}: {e}") from None
+    try:
+        return load_image(data, max_side=max_side)
+    except (ValueError, OSError) as e:
+        if data and not _known_image_format(data):
+            # The decoder's own reason would name only the formats torchvision reads, not the ones mtseg converts.
+            raise ValueError(f"{source}: not an image mtseg reads ({_image_formats()} or another format Pillow opens)") from None
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _known_image_format(data: bytes) -> bool:
+    """Whether Pillow recognises the format of ``data`` (it knows every format the decoder reads, and more)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):  # reads the header only
+            pass
+    except UnidentifiedImageError:
+        return False
+    except Exception:  # noqa: BLE001 - a format Pillow knows, in a file it refuses (too large, broken header)
+        return True
+    return True
+
+
+def _image_formats() -> str:
+    """The formats of :data:`IMAGE_EXTENSIONS` as Pillow names them: ``JPEG, PNG, ...``."""
+    from PIL import Image
+
+    names = Image.registered_extensions()
+    return ", ".join(dict.fromkeys(names[ext] for ext in IMAGE_EXTENSIONS))
 
 
 def _output_names(sources: Sequence[str]) -> list[str]:
@@ -273,8 +348,6 @@ class PredictSummary:
 
 
 def _png(picture) -> bytes:
-    import io
-
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     return buf.getvalue()
@@ -323,7 +396,9 @@ def predict_images(
         storage.check_access(out)
     except storage.StorageError as e:
         raise PredictError(f"--out {e}") from None
-    sources = find_images(inputs)
+    sources, skipped = _find_images(inputs)
+    for entry in skipped:  # inputs holding no image file: skipped as an unreadable file is, so the exit code says so
+        print(f"[predict] skipping {storage.redact(entry['error'])}", file=sys.stderr)
     if predictor is None:
         predictor = Predictor.from_checkpoint(checkpoint, device=device, data_uri=data_uri)
     batch_size = batch_size if batch_size is not None else predictor.cfg.data.batch_size
@@ -333,7 +408,6 @@ def predict_images(
     bar = tqdm(total=len(sources), desc="[predict]", unit="img", disable=not progress or in_log)
     log_every, t_images = max(1, len(sources) // 10), time.monotonic()
     images: list[dict] = []
-    skipped: list[dict] = []
     all_results: list[dict] = []
     chunks = [list(range(i, min(i + batch_size, len(sources)))) for i in range(0, len(sources), batch_size)]
 

@@ -219,6 +219,81 @@ def test_directories_are_expanded_and_repeated_names_kept_apart(checkpoint, tmp_
     assert (tmp_path / "out" / "x-2_overlay.png").exists()
 
 
+def test_directory_links_lead_to_each_real_directory_and_file_once(tmp_path):
+    """``sub/up -> ..`` made 7 images 287 predictions, 40 levels deep; links elsewhere still count."""
+    image = _png(np.zeros((32, 32, 3), np.uint8), "RGB")
+    root, other = tmp_path / "in", tmp_path / "other"
+    (root / "sub").mkdir(parents=True)
+    other.mkdir()
+    for path in (root / "a.png", root / "sub" / "b.png", other / "c.png", tmp_path / "outside.png"):
+        path.write_bytes(image)
+    (root / "sub" / "up").symlink_to("..")  # a cycle
+    (root / "alias.png").symlink_to("a.png")  # a second path to a.png
+    (root / "linked").symlink_to(other)  # a directory elsewhere
+    (root / "ext.png").symlink_to(tmp_path / "outside.png")  # a file elsewhere
+    # other/c.png named again by its own path: the same file as linked/c.png.
+    assert find_images([str(root), str(other / "c.png"), str(root / "sub" / "up" / "a.png")]) == [
+        str(root / "a.png"),
+        str(root / "ext.png"),
+        str(root / "linked" / "c.png"),
+        str(root / "sub" / "b.png"),
+    ]
+
+
+def test_an_empty_folder_is_skipped_with_one_line_and_exit_1(checkpoint, tmp_path, capsys):
+    """It exited 0, having done nothing."""
+    from mtseg.cli import main
+
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", checkpoint, str(tmp_path / "empty"), "--out", str(out), "--device", "cpu"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert (
+        line
+        == f"[predict] skipping {tmp_path / 'empty'}: no image files (.jpg, .jpeg, .png, .webp, .gif, .bmp, .tif, .tiff) found"
+    )
+    assert [s["source"] for s in json.loads((out / "summary.json").read_text())["skipped"]] == [str(tmp_path / "empty")]
+
+
+def test_a_named_file_that_is_no_image_says_which_formats_mtseg_reads(checkpoint, tmp_path, capsys):
+    """The message was torchvision's "Only jpeg, png, webp and gif ...", though mtseg converts BMP and TIFF.
+
+    One file of every format the message names is read, so the message cannot promise more than mtseg reads.
+    """
+    from mtseg.cli import main
+    from mtseg.predict import IMAGE_EXTENSIONS
+
+    pixels = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    named = []
+    for ext in IMAGE_EXTENSIONS:
+        named.append(tmp_path / f"{ext[1:]}{ext}")
+        Image.fromarray(pixels).save(named[-1])  # in the format Pillow gives the ending
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "out"
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            checkpoint,
+            *map(str, named),
+            str(tmp_path / "notes.txt"),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    message = (
+        f"{tmp_path / 'notes.txt'}: not an image mtseg reads (JPEG, PNG, WEBP, GIF, BMP, TIFF or another format Pillow opens)"
+    )
+    assert f"[predict] skipping {message}\n" in err and "Only jpeg" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == [{"source": str(tmp_path / "notes.txt"), "error": message}]
+    assert [im["source"] for im in summary["images"]] == list(map(str, named))
+
+
 def _images(directory, count):
     directory.mkdir()
     for n in range(count):

@@ -8,7 +8,7 @@ from mtseg.cli import EXIT_FAILED
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """``mtseg predict``: exit 0 when every image ran, 1 when some were skipped."""
+    """``mtseg predict``: exit 0 when every image ran, 1 when some file or image-less input was skipped."""
     import warnings
 
     from PIL import Image
