@@ -35,7 +35,9 @@ class ConfigError(MtsegError, ValueError):
     """A config key or value is wrong; the message is one line naming the key."""
 
 
-_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+#: The keys :func:`validate` checks with :func:`validate_name`.
+NAME_KEYS = ("train.run_name", "tune.experiment_name")
 
 
 def validate_name(key: str, value: str) -> str:
@@ -44,7 +46,8 @@ def validate_name(key: str, value: str) -> str:
     Names become storage prefixes that ``--restart`` deletes, so ``..``, ``.`` or a ``/`` would
     point a delete outside the run.
     """
-    if not isinstance(value, str) or not _PLAIN_NAME.match(value) or value in (".", ".."):
+    # fullmatch: `$` would also match before a trailing newline.
+    if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or value in (".", ".."):
         raise ConfigError(f"{key}: {value!r} is not a plain name (letters, digits and -_. only, not '.' or '..')")
     return value
 
@@ -318,6 +321,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     field_spec(key)  # unknown keys fail here with the list of known ones
+    if key in NAME_KEYS and isinstance(value, str) and raw != raw.strip():
+        # YAML drops the spaces around `x `: a name is checked as typed, so `x ` is refused, not renamed.
+        value = raw
     return key, value
 
 

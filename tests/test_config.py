@@ -1,6 +1,6 @@
 import pytest
 
-from mtseg.config import Config, ConfigError, coerce_value, load_config, save_config
+from mtseg.config import Config, ConfigError, coerce_value, config_from_dict, load_config, save_config
 
 
 def test_defaults_and_overrides():
@@ -113,3 +113,19 @@ def test_unreadable_config_files_are_one_line_naming_the_file(tmp_path, content,
 def test_config_path_that_is_a_directory(tmp_path):
     with pytest.raises(ConfigError, match=r": is a directory, not a config file$"):
         load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("override", ["train.run_name=x ", "train.run_name= x", "tune.experiment_name=e "])
+def test_a_name_with_spaces_around_it_is_refused_not_stripped(override):
+    """YAML reads `x ` as `x`: a run named other than typed would resume or start the wrong run."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert msg.startswith(f"{key}: ") and "not a plain name" in msg and "\n" not in msg
+
+
+def test_a_name_ending_in_a_newline_is_refused():
+    """A regex `$` matches before a final newline; a YAML file can spell one ("x\\n")."""
+    with pytest.raises(ConfigError, match=r"^train.run_name: 'x\\n' is not a plain name"):
+        config_from_dict({"train": {"run_name": "x\n"}})

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
 import os
 import signal
 import sys
@@ -16,9 +14,10 @@ from mtseg.cli import EXIT_FAILED
 
 
 def json_metrics(metrics: dict) -> str:
-    """Metrics as strict JSON: an undefined value (NaN, infinite) is ``null``, as in metrics.json."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-    return json.dumps(clean, indent=2, allow_nan=False)
+    """Metrics as strict JSON: an undefined value (NaN, infinite) is ``null``, as in metrics.json and meta.json."""
+    from mtseg.train.checkpoint import strict_json  # loaded already: this prints a training's result
+
+    return strict_json(metrics, indent=2)
 
 
 @contextlib.contextmanager
@@ -60,9 +59,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before anything starts
     from mtseg.cluster import init_local_ray, storage_env
-    from mtseg.train.trainer import preflight, run_training
+    from mtseg.train.runstate import check_is_run
+    from mtseg.train.trainer import preflight, run_training, run_uri
 
     preflight(cfg)  # fail on bad storage/data before any cluster resource is used
+    check_is_run(run_uri(cfg))  # a folder of someone's files is not resumed over (preflight also serves tune)
     if cfg.cluster.address:
         os.environ["RAY_ADDRESS"] = cfg.cluster.address
     init_local_ray(env=storage_env(credentials=True), dashboard=True, log_to_driver=True)

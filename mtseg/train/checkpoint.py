@@ -9,9 +9,12 @@ serve ``mtseg evaluate``, ``mtseg predict`` and the demo.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import itertools
 import json
+import math
 import os
 import pickle
 import posixpath
@@ -37,6 +40,25 @@ class CheckpointError(MtsegError, RuntimeError):
     """A checkpoint is missing, incomplete or corrupt, or does not fit its model; the message names the file."""
 
 
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``value`` with every undefined number (NaN, infinite), at any depth, as ``null``.
+
+    ``json.dumps`` writes ``NaN``, which is not JSON (strict parsers, ``jq``, browsers refuse the
+    file); a metric with nothing to measure (mask AP without instances) is undefined, not 0.
+    """
+    return json.dumps(_finite_or_none(value), allow_nan=False, **kwargs)
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -54,7 +76,7 @@ def save(directory: str, state: dict[str, Any], meta: dict[str, Any], config_yam
     files = [
         (STATE_FILE, blob),
         *([(CONFIG_FILE, config_yaml.encode())] if config_yaml else []),
-        (META_FILE, json.dumps(full_meta, indent=2, sort_keys=True).encode()),
+        (META_FILE, strict_json(full_meta, indent=2, sort_keys=True).encode()),
     ]
     path = directory
     try:
@@ -140,6 +162,60 @@ def latest_valid(run_uri: str, log=print) -> tuple[str, dict[str, Any]] | None:
         except (CheckpointError, storage.StorageError, ValueError) as e:
             log(f"[checkpoint] skipping {uri}: {e}")
     return None
+
+
+def _score(meta: dict[str, Any], metric: str) -> float:
+    value = (meta.get("metrics") or {}).get(metric)
+    # null (a metric with nothing to measure) or an old file's NaN ranks below every real score.
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+
+
+def prune(run_uri: str, keep: int, *, metric: str, tracked: set[str] | frozenset[str] = frozenset(), log=print) -> list[str]:
+    """Delete every checkpoint of a run but the best ``keep`` by ``metric`` and the latest (by step).
+
+    Ray Train applies the same rule while it runs, but only to the checkpoints it registered: one
+    uploaded just before the driver was killed is complete, never registered, and would stay for
+    good. Incomplete checkpoints go too (a resume skips them).
+
+    Args:
+        metric: the meta's ``metrics`` key to rank by (higher is better).
+        tracked: names of the checkpoint directories Ray Train kept; on a tie they win, so that
+            the ``Result`` of the run that just ended never points at a deleted checkpoint.
+
+    Returns:
+        The URIs deleted.
+    """
+    checkpoints = list_checkpoints(run_uri)
+    metas: dict[str, dict[str, Any]] = {}
+    for uri in checkpoints:
+        try:
+            metas[uri] = json.loads(storage.read_bytes(storage.join(uri, META_FILE)))
+        except (storage.StorageError, ValueError):
+            continue  # incomplete: not kept
+
+    def name(uri: str) -> str:
+        return posixpath.basename(uri.rstrip("/"))
+
+    @functools.cache
+    def complete(uri: str) -> bool:
+        try:
+            verify(uri)
+            return True
+        except (CheckpointError, storage.StorageError, ValueError):
+            return False
+
+    # Ray's names are timestamps: on a tie a later one was reported later, as Ray Train ranks them.
+    by_step = sorted(metas, key=lambda u: (int(metas[u].get("step", -1)), name(u) in tracked, name(u)), reverse=True)
+    by_score = sorted(metas, key=lambda u: (_score(metas[u], metric), name(u) in tracked, name(u)), reverse=True)
+    # Only candidates are hashed (a state.pt may be large), in rank order, until enough pass.
+    kept = set(itertools.islice(filter(complete, by_step), 1))
+    kept.update(itertools.islice(filter(complete, by_score), keep))
+    deleted = [uri for uri in checkpoints if uri not in kept]
+    for uri in deleted:
+        storage.delete(uri, recursive=True, within=run_uri)
+    if deleted:
+        log(f"[checkpoint] deleted {len(deleted)} checkpoint(s) outside the best {keep} by {metric} and the latest")
+    return deleted
 
 
 def download(uri: str, local_dir: str) -> str:

@@ -41,6 +41,10 @@ class RunLockedError(MtsegError, RuntimeError):
     """Another live driver holds the run's lease."""
 
 
+class NotARunError(MtsegError, ValueError):
+    """``train.run_name`` names an existing folder that holds no mtseg run."""
+
+
 def _process_start(pid: int) -> float | None:
     """When process ``pid`` started (seconds since boot), 0.0 where the OS does not say, None when it is gone."""
     try:
@@ -265,6 +269,28 @@ def check_free(run_uri: str) -> None:
     current, _ = _read_json(storage.join(run_uri, LEASE_FILE))
     if current is not None:
         _refuse_live(run_uri, _holder(current))
+
+
+def check_is_run(run_uri: str) -> None:
+    """Refuse a run directory that holds files but no mtseg run (no lease, no outcome, no complete
+    checkpoint), e.g. a folder of someone's files: "resuming" it would train from step 0 over
+    its ``config.yaml``, and ``--restart`` would delete its files. A missing or empty directory
+    is a new run.
+
+    Raises:
+        NotARunError: one line naming the directory; nothing was written.
+    """
+    if not storage.list_files(run_uri, recursive=True):
+        return
+    if any(storage.exists(storage.join(run_uri, name)) for name in (LEASE_FILE, OUTCOME_FILE)):
+        return
+    from mtseg.train import checkpoint as ckpt  # torch: only for a folder with neither file
+
+    if ckpt.latest_valid(run_uri, log=lambda *a: None) is None:
+        raise NotARunError(
+            f"train.run_name: {run_uri} exists and is not an mtseg run (no {LEASE_FILE}, {OUTCOME_FILE} or complete "
+            "checkpoint); pick another train.run_name or empty that folder"
+        )
 
 
 def _holder(data: dict) -> Holder | None:

@@ -30,7 +30,7 @@ from mtseg.tasks import build_tasks, task_classes
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.data import plan_epoch, steps_per_epoch
 from mtseg.train.loop import TrainState, build_state, fit, validate
-from mtseg.train.runstate import LEASE_FILE, OUTCOME_FILE, check_free, describe_exit, guard_run
+from mtseg.train.runstate import LEASE_FILE, OUTCOME_FILE, check_free, check_is_run, describe_exit, guard_run
 
 VAL_METRIC = "val/miou"
 
@@ -158,6 +158,32 @@ def _restore(state: TrainState, run: str, log, init_checkpoint: str = "") -> boo
     return bool(uri) and resume(uri, uri)
 
 
+def _supersede_id_log(path: str, step: int, restarts_path: str) -> None:
+    """On a resume from ``step``: the steps logged after it were rolled back, and are redone.
+
+    They leave ``path`` (so the log holds each image once per completed epoch) and go, with
+    the step resumed from, as one line to ``restarts_path``: a restart is never silent.
+    """
+    kept, superseded = [], []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # the line a killed process was writing
+                    continue
+                if record["step"] <= step:
+                    kept.append(line)
+                else:
+                    superseded.append(record)
+    with open(restarts_path, "a") as f:
+        f.write(json.dumps({"resumed_from_step": step, "superseded": superseded}) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class _Reporter:
     """Ray Train reports (every rank; checkpoints from rank 0), TensorBoard (rank 0), image ids."""
 
@@ -185,9 +211,13 @@ class _Reporter:
             self.writer = SummaryWriter(os.path.join(local_dir, "tensorboard"), purge_step=state.step + 1 if restored else None)
         self.id_log = None
         if cfg.train.log_image_ids:
-            os.makedirs(os.path.join(local_dir, "image_ids"), exist_ok=True)
+            log_dir = os.path.join(local_dir, "image_ids")
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, f"rank{rank}.jsonl")
+            if restored:
+                _supersede_id_log(path, state.step, os.path.join(log_dir, f"restarts-rank{rank}.jsonl"))
             # A run that starts from step 0 starts its audit log afresh; a resumed one appends.
-            self.id_log = open(os.path.join(local_dir, "image_ids", f"rank{rank}.jsonl"), "a" if restored else "w")
+            self.id_log = open(path, "a" if restored else "w")
 
     def report(self, metrics: dict[str, float], with_checkpoint: bool = True) -> None:
         """``ray.train.report`` the metrics with the counters (and, from rank 0, a checkpoint)."""
@@ -402,6 +432,7 @@ def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: li
     """Train ``cfg`` on the connected Ray cluster, holding the run's lease (:mod:`mtseg.train.runstate`).
 
     A run name with checkpoints in ``storage_path`` resumes; ``restart=True`` deletes them first.
+    A run that ends well keeps only the checkpoints ``train.keep_checkpoints`` says.
 
     Args:
         callbacks, init_checkpoint: passed to :func:`build_trainer`.
@@ -411,9 +442,11 @@ def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: li
 
     Raises:
         RunLockedError: another live driver holds the run.
+        NotARunError: the run name names a folder that holds no mtseg run.
     """
     preflight(cfg)
     run = run_uri(cfg)
+    check_is_run(run)
     with guard_run(run, log=log) as lease:
         if restart:
             clear_run(cfg, log=log)
@@ -423,7 +456,24 @@ def run_training(cfg: Config, *, restart: bool = False, log=print, callbacks: li
         result = build_trainer(cfg, callbacks=callbacks, init_checkpoint=init_checkpoint).fit()
         if result.error:
             lease.fail(describe_exit(result.error)[1])
+        else:  # a failed run keeps everything for its resume; the resume's end prunes
+            prune_checkpoints(cfg, result, log=log)
         return result
+
+
+def prune_checkpoints(cfg: Config, result, *, log=print) -> list[str]:
+    """Delete the run's checkpoints outside the best ``train.keep_checkpoints`` by ``val/miou`` and the latest.
+
+    Ray Train deletes only those it registered: a driver killed after a checkpoint's upload but
+    before Ray registered it leaves one nobody tracks. Returns the URIs deleted.
+    """
+    ray_kept = [result.checkpoint, *(c for c, _ in result.best_checkpoints or [])]
+    tracked = {os.path.basename(c.path.rstrip("/")) for c in ray_kept if c is not None}
+    try:
+        return ckpt.prune(run_uri(cfg), cfg.train.keep_checkpoints, metric=VAL_METRIC, tracked=tracked, log=log)
+    except storage.StorageError as e:  # the training itself succeeded; what is left is only disk space
+        log(f"[train] WARNING: could not delete the checkpoints outside train.keep_checkpoints: {e}")
+        return []
 
 
 def clear_run(cfg: Config, *, log=print) -> None:

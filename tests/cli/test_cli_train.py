@@ -73,6 +73,62 @@ def test_train_prints_strict_json_with_null_for_undefined_metrics(monkeypatch, c
     assert printed == {"val/miou": 0.5, "val/mask_ap": None, "val/pq": None}
 
 
+def _without_a_cluster(monkeypatch, result) -> list:
+    """``mtseg train`` with Ray Train's ``fit()`` answering ``result``: what the driver does around it
+    (lease, config, refusals, pruning) runs for real. Returns the list ``init_local_ray`` calls land in."""
+    from mtseg import cluster
+    from mtseg.train import trainer
+
+    started: list = []
+    monkeypatch.setattr(trainer, "preflight", lambda cfg: None)  # the dataset is beside the point here
+    monkeypatch.setattr(cluster, "init_local_ray", lambda **kw: started.append(kw))
+    monkeypatch.setattr(trainer, "build_trainer", lambda cfg, **kw: types.SimpleNamespace(fit=lambda: result))
+    return started
+
+
+def test_a_run_name_naming_a_folder_that_is_no_run_is_refused_before_ray_and_left_alone(tmp_path, monkeypatch, one_line_error):
+    """It said "has checkpoints ... resuming it", trained from step 0 and overwrote the folder's config.yaml."""
+    folder = tmp_path / "runs" / "photos"
+    (folder / "checkpoint_album").mkdir(parents=True)
+    (folder / "checkpoint_album" / "cat.jpg").write_bytes(b"\xff\xd8")
+    (folder / "config.yaml").write_text("their: settings\n")
+    before = sorted((str(p), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+    started = _without_a_cluster(monkeypatch, types.SimpleNamespace(error=None, metrics={}, checkpoint=None, best_checkpoints=[]))
+    assert main(["train", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=photos"]) == 2
+    one_line_error("train.run_name", str(folder), "not an mtseg run")
+    assert sorted((str(p), p.read_bytes()) for p in folder.rglob("*") if p.is_file()) == before
+    assert not started
+    # An empty folder is a new run.
+    (tmp_path / "runs" / "fresh").mkdir()
+    assert main(["train", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=fresh"]) == 0
+    assert started and (tmp_path / "runs" / "fresh" / "config.yaml").exists()
+
+
+def test_a_finished_run_keeps_only_the_best_and_the_latest_checkpoints(tmp_path, monkeypatch):
+    """A driver killed by kill -9 at a checkpoint boundary left one Ray never registered: the resume's end deletes it."""
+    import torch
+
+    from mtseg.train import checkpoint as ckpt
+
+    run = tmp_path / "runs" / "killed"
+
+    def scored(stamp: int, step: int, miou: float) -> types.SimpleNamespace:
+        path = str(run / f"checkpoint_2026-01-01_00-00-{stamp:02d}.000000")
+        meta = {"epoch": 0, "step": step, "epoch_rows": 0, "metrics": {"val/miou": miou}}
+        ckpt.save(path, {"w": torch.zeros(1)}, meta)
+        return types.SimpleNamespace(path=path)
+
+    best, untracked, latest = scored(1, 10, 0.5), scored(2, 20, 0.4), scored(3, 30, 0.3)
+    result = types.SimpleNamespace(
+        error=None, metrics={"val/miou": 0.3}, checkpoint=latest, best_checkpoints=[(best, {"val/miou": 0.5})]
+    )
+    _without_a_cluster(monkeypatch, result)
+    args = ["train", f"train.storage_path={run.parent}", "train.run_name=killed", "train.keep_checkpoints=1"]
+    assert main(args) == 0
+    assert sorted(ckpt.list_checkpoints(str(run))) == [best.path, latest.path]
+    assert not os.path.exists(untracked.path)
+
+
 # One Ray Train worker on 32 px images, more epochs than the test waits for.
 TINY = [
     "data.image_size=32",

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from mtseg import storage
 from mtseg.config import load_config, to_yaml
 from mtseg.data.categories import CategoryIndex
 from mtseg.train import checkpoint as ckpt
@@ -120,6 +121,95 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file(tmp_path, m
         _save(str(tmp_path), "checkpoint_full", 1)
     message = str(err.value)
     assert "\n" not in message and ckpt.STATE_FILE in message and "no space left" in message
+
+
+def _refuse_constant(constant):
+    raise ValueError(f"not JSON: {constant}")
+
+
+def test_meta_json_is_strict_json_with_null_for_undefined_metrics(tmp_path):
+    """No mask AP without instances: json.dumps wrote NaN, which strict JSON readers refuse."""
+    d = str(tmp_path / "checkpoint_a")
+    metrics = {"val/miou": 0.5, "val/mask_ap": float("nan"), "val/pq": float("inf"), "per_class": [float("-inf"), 1.0]}
+    ckpt.save(d, {"w": torch.zeros(1)}, {"epoch": 0, "step": 1, "epoch_rows": 4, "metrics": metrics})
+    with open(os.path.join(d, ckpt.META_FILE)) as f:
+        written = json.loads(f.read(), parse_constant=_refuse_constant)
+    assert written["metrics"] == {"val/miou": 0.5, "val/mask_ap": None, "val/pq": None, "per_class": [None, 1.0]}
+    assert ckpt.load(d)[1]["metrics"]["val/mask_ap"] is None
+
+
+def test_a_meta_json_with_nan_written_before_still_loads(tmp_path):
+    d = _save(str(tmp_path), "checkpoint_a", 5)
+    path = os.path.join(d, ckpt.META_FILE)
+    with open(path) as f:
+        meta = json.load(f)
+    with open(path, "w") as f:  # as the old writer did
+        json.dump({**meta, "metrics": {"val/mask_ap": float("nan")}}, f)
+    state, meta = ckpt.load(d)
+    assert meta["step"] == 5 and meta["metrics"]["val/mask_ap"] != meta["metrics"]["val/mask_ap"]
+
+
+def _scored(run, stamp, step, miou, tmp_path):
+    """A real checkpoint as the trainer reports it (step and val/miou in its meta, a Ray-style
+    timestamp name), saved locally and uploaded file by file as Ray Train does."""
+    name = f"checkpoint_2026-01-01_00-00-{stamp:02d}.000000"
+    local = str(tmp_path / "saved" / name)
+    ckpt.save(
+        local, {"w": torch.full((3,), float(step))}, {"epoch": 0, "step": step, "epoch_rows": 0, "metrics": {"val/miou": miou}}
+    )
+    for file in sorted(os.listdir(local)):
+        with open(os.path.join(local, file), "rb") as f:
+            storage.write_bytes(storage.join(run, name, file), f.read())
+    return storage.join(run, name)
+
+
+def _names(uris):
+    return sorted(u.rstrip("/").rsplit("/", 1)[-1] for u in uris)
+
+
+def _prune_cases(run, tmp_path):
+    worst = _scored(run, 1, 10, 0.3, tmp_path)
+    best = _scored(run, 2, 20, 0.5, tmp_path)
+    untracked = _scored(run, 3, 30, 0.4, tmp_path)
+    unscored = _scored(run, 4, 35, None, tmp_path)  # no val/miou to rank by (null): never among the best
+    latest = _scored(run, 5, 40, 0.2, tmp_path)
+    partial = _scored(run, 6, 50, 0.9, tmp_path)  # newest and best on paper, but its upload was cut short
+    storage.write_bytes(storage.join(partial, ckpt.STATE_FILE), b"cut short")
+    no_meta = storage.join(run, "checkpoint_2026-01-01_00-00-07.000000")
+    storage.write_bytes(storage.join(no_meta, ckpt.STATE_FILE), b"meta.json never arrived")
+    for name in ("config.yaml", "outcome.json"):
+        storage.write_bytes(storage.join(run, name), b"{}")
+
+    deleted = ckpt.prune(run, 2, metric="val/miou", log=lambda *a: None)
+    assert _names(deleted) == _names([worst, unscored, partial, no_meta])
+    assert _names(ckpt.list_checkpoints(run)) == _names([best, untracked, latest])
+    assert ckpt.prune(run, 2, metric="val/miou", log=lambda *a: None) == []
+    ckpt.prune(run, 1, metric="val/miou", log=lambda *a: None)
+    assert _names(ckpt.list_checkpoints(run)) == _names([best, latest])
+    left = storage.list_files(run, recursive=True)
+    assert _names(u for u in left if "/checkpoint_" not in u) == ["config.yaml", "outcome.json"]
+    assert all(ckpt.verify(u) for u in ckpt.list_checkpoints(run))
+
+
+def test_prune_keeps_the_best_by_the_metric_and_the_latest_and_deletes_every_other(tmp_path):
+    """A driver killed between a checkpoint's upload and Ray registering it left one nobody tracks."""
+    _prune_cases(str(tmp_path / "run"), tmp_path)
+
+
+@pytest.mark.slow
+def test_prune_on_s3(s3_bucket, tmp_path):
+    _prune_cases(f"{s3_bucket}/run", tmp_path)
+
+
+def test_prune_breaks_a_tie_for_the_checkpoints_ray_train_kept(tmp_path):
+    """The untracked one scores as the checkpoint it followed: the run's Result must still point at a kept one."""
+    run = str(tmp_path / "run")
+    tracked_best = _scored(run, 1, 10, 0.5, tmp_path)
+    _scored(run, 2, 15, 0.5, tmp_path)  # mid-epoch after it, the same val/miou, never registered
+    latest = _scored(run, 3, 20, 0.1, tmp_path)
+    tracked = {os.path.basename(tracked_best), os.path.basename(latest)}
+    ckpt.prune(run, 1, metric="val/miou", tracked=tracked, log=lambda *a: None)
+    assert _names(ckpt.list_checkpoints(run)) == _names([tracked_best, latest])
 
 
 # ---------------------------------------------------------------------------- loading for inference

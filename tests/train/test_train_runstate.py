@@ -178,3 +178,31 @@ def test_a_ray_worker_error_becomes_its_root_cause_line():
         == "mtseg.train.checkpoint.CheckpointError: /tmp/c/state.pt: no space left on the device"
     )
     assert runstate.error_line(ValueError("bad\nmore")) == "ValueError: bad"
+
+
+def test_a_folder_that_holds_no_mtseg_run_is_refused_in_one_line(tmp_path):
+    """No lease, no outcome, no complete checkpoint: someone's folder, not a run to resume."""
+    import torch
+
+    from mtseg.train import checkpoint as ckpt
+
+    runstate.check_is_run(str(tmp_path / "missing"))  # a new run
+    (tmp_path / "empty").mkdir()
+    runstate.check_is_run(str(tmp_path / "empty"))
+    theirs = tmp_path / "theirs"
+    (theirs / "checkpoint_old").mkdir(parents=True)
+    (theirs / "checkpoint_old" / "state.pt").write_bytes(b"half an upload")  # no meta.json
+    (theirs / "config.yaml").write_text("their: config\n")
+    with pytest.raises(runstate.NotARunError) as err:
+        runstate.check_is_run(str(theirs))
+    message = str(err.value)
+    assert message.startswith(f"train.run_name: {theirs} ") and "not an mtseg run" in message and "\n" not in message
+    assert err.value.exit_code == 2
+    # Any one sign of a run makes it one: a complete checkpoint, an outcome, a lease.
+    ckpt.save(str(theirs / "checkpoint_new"), {"w": torch.zeros(1)}, {"epoch": 0, "step": 1, "epoch_rows": 4})
+    runstate.check_is_run(str(theirs))
+    for name in (runstate.OUTCOME_FILE, runstate.LEASE_FILE):
+        run = tmp_path / name
+        run.mkdir()
+        (run / name).write_text("{}")
+        runstate.check_is_run(str(run))
