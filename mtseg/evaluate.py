@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,15 @@ IMAGES_PER_COCO_SHARD = 64
 
 METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
+
+#: Where a local copy of a checkpoint's data sits, beside the model directory: ``mtseg demo``
+#: exports the val split to ``runs/demo/shards`` next to ``runs/demo/model``.
+LOCAL_DATA_DIR = "shards"
+
+# The first read of an s3:// dataset retries for about half a minute (mtseg.storage), which rides
+# out a store restarting mid-run; whether a checkpoint's store is there at all is asked once, briefly.
+PROBE_CONNECT_TIMEOUT_S = 2
+PROBE_READ_TIMEOUT_S = 5
 
 
 class EvalActor:
@@ -429,7 +439,7 @@ def evaluate_checkpoint(
     Returns:
         The :class:`EvaluationResult`, with ``files`` set.
     """
-    loaded, data_uri, split = load_for_evaluation(checkpoint, data_uri, split, out=out)
+    loaded, data_uri, split = load_for_evaluation(checkpoint, data_uri, split, out=out, log=log)
     result = evaluate_loaded(loaded, data_uri, split, log=log, **options)
     write_results(result, out or loaded.uri)
     return result
@@ -443,16 +453,20 @@ def load_for_evaluation(
     batch_size: int | None = None,
     limit: int | None = None,
     out: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[LoadedCheckpoint, str, str]:
     """Load a checkpoint and check everything :func:`evaluate_loaded` would refuse, before Ray starts.
 
     ``batch_size``, ``limit`` and ``out`` are only checked; the rest are :func:`evaluate_checkpoint`'s.
+    Without ``data_uri``, when the run's data is in an object store that cannot be reached, its local
+    copy beside the model (``<model>/../shards``, as ``mtseg demo`` exports it) is used instead.
 
     Returns:
         ``(loaded, data_uri, split)`` with the defaults filled in.
 
     Raises:
-        PredictError: a count below 1, or a label space that differs from the checkpoint's.
+        PredictError: a count below 1, a label space that differs from the checkpoint's, or data in
+            an object store that cannot be reached (and no local copy to use instead).
         mtseg.storage.StorageError: ``out`` is not a writable directory.
         mtseg.train.checkpoint.CheckpointError: not a usable checkpoint.
     """
@@ -462,8 +476,69 @@ def load_for_evaluation(
     _check_counts(batch_size=batch_size, limit=limit)
     if out:
         storage.check_access(out)  # not found to be a file only after the inference
+    # The data's store is asked about before the weights are read: when it is gone, that is all there is to say.
+    checkpoint = ckpt.resolve(checkpoint)
+    cfg = ckpt.read_config(checkpoint)
+    split = split or cfg.data.val_split
+    data_uri = _reachable_data(checkpoint, data_uri or cfg.data.uri, split, typed=data_uri is not None, log=log)
     loaded = ckpt.load_for_inference(checkpoint, data_uri=data_uri)
-    data_uri = data_uri or loaded.cfg.data.uri
-    split = split or loaded.cfg.data.val_split
     _check_label_space(loaded, read_manifest(data_uri, split), storage.join(data_uri, split))
     return loaded, data_uri, split
+
+
+def _reachable_data(checkpoint: str, uri: str, split: str, *, typed: bool, log: Callable[[str], None]) -> str:
+    """``uri``, or when it is in an object store that cannot be reached and was not ``typed`` by the user
+    (it is the run's ``data.uri``), the local copy beside the model (:data:`LOCAL_DATA_DIR`) if it has ``split``.
+
+    Raises:
+        PredictError: the store cannot be reached and there is no local copy to use instead.
+    """
+    reason = _unreachable(uri)
+    if reason is None:
+        return uri
+    local = "DIR"
+    if not storage.is_s3(checkpoint):
+        local = os.path.join(os.path.dirname(checkpoint.rstrip("/")), LOCAL_DATA_DIR)
+        # A --data the user typed is never swapped for another.
+        if not typed and storage.exists(storage.join(local, split, "manifest.json")):
+            log(f"[evaluate] the checkpoint's data {uri} cannot be reached ({reason}); using its local copy {local}")
+            return local
+    whose = "" if typed else "the checkpoint's data "
+    raise PredictError(
+        f"{whose}{uri} is in an object store that cannot be reached ({reason}); "
+        f"start that store, or evaluate on a local copy of split {split}: --data {local}"
+    )
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why the object store holding ``uri`` cannot be reached, known within seconds; None if it answers or ``uri`` is local."""
+    if not storage.is_s3(uri):
+        return None
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    endpoint = storage.s3_endpoint()
+    # Unsigned: any answer, "access denied" included, shows the store is there, and no credential
+    # is looked up (botocore's search for one ends at the EC2 metadata service).
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=BotoConfig(
+            signature_version=UNSIGNED,
+            retries={"total_max_attempts": 1},
+            connect_timeout=PROBE_CONNECT_TIMEOUT_S,
+            read_timeout=PROBE_READ_TIMEOUT_S,
+            s3={"addressing_style": "path"},
+        ),
+    )
+    try:
+        client.head_bucket(Bucket=storage.split_s3(uri)[0])
+    except (BotoConnectionError, HTTPClientError):  # refused, timed out, no such host
+        return f"cannot reach the S3 endpoint {endpoint or '(AWS default)'}"
+    except Exception:  # noqa: BLE001 - an answer (403, 404...): the reads that follow say what is wrong
+        return None
+    return None

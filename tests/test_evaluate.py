@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
 
 from mtseg import storage
 from mtseg.config import load_config, to_yaml
+from mtseg.data.categories import CategoryIndex
 from mtseg.evaluate import plan_inference
 from mtseg.predict import PredictError
 from mtseg.train import checkpoint as ckpt
@@ -175,3 +177,64 @@ def test_bad_checkpoint_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(mtseg.cluster, "init_local_ray", no_ray)
     assert main(["evaluate", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+
+
+def _model_with_data_in_the_store(out_dir) -> str:
+    """``out_dir/model``: a tiny checkpoint, with the synthetic label space, whose run read s3://mtseg/demo/shards."""
+    from mtseg.data.synth import categories
+    from mtseg.models import build_model
+
+    cfg = load_config(None, ["data.uri=s3://mtseg/demo/shards", "data.image_size=32", "model.decoder_channels=16"])
+    model = build_model(cfg, CategoryIndex.from_categories(categories()))
+    model_dir = str(out_dir / "model")
+    ckpt.save(model_dir, {"model": model.state_dict()}, {"epoch": 0, "step": 1, "categories": categories()}, to_yaml(cfg))
+    return model_dir
+
+
+@pytest.fixture
+def store_down(monkeypatch):
+    """The S3 endpoint is a closed loopback port, as when the demo's SeaweedFS has been stopped."""
+    from mtseg.cluster import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    # Credentials set, so that no SDK goes looking for some off this machine (EC2 metadata).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_data_in_a_store_that_cannot_be_reached_fails_fast_in_one_line(tmp_path, store_down, capsys):
+    from mtseg.cli import main
+
+    model_dir = _model_with_data_in_the_store(tmp_path)
+    t0 = time.monotonic()
+    code = main(["evaluate", "--checkpoint", model_dir])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and elapsed < 10, (code, elapsed, err)
+    assert err.startswith("mtseg: error: ") and "\n" not in err, err
+    assert "s3://mtseg/demo/shards" in err and "cannot be reached" in err, err
+    assert f"--data {tmp_path / 'shards'}" in err, err  # where a local copy of the split would be
+
+
+def test_the_local_copy_beside_the_model_is_used_when_the_store_cannot_be_reached(tmp_path, store_down, capsys):
+    from mtseg.data.shard import shard_coco
+    from mtseg.data.synth import synthesize
+    from mtseg.evaluate import load_for_evaluation
+
+    model_dir = _model_with_data_in_the_store(tmp_path)
+    synthesize(str(tmp_path / "coco"), train=0, val=2, size=32, seed=0)
+    # As `mtseg demo` leaves it: runs/demo/model and the val split in runs/demo/shards.
+    shard_coco(str(tmp_path / "coco"), "val2017", str(tmp_path / "shards"), log=lambda *a: None)
+    capsys.readouterr()
+
+    t0 = time.monotonic()
+    _, data_uri, split = load_for_evaluation(model_dir)
+    elapsed = time.monotonic() - t0
+    out = capsys.readouterr().out.strip()
+    assert (data_uri, split) == (str(tmp_path / "shards"), "val2017") and elapsed < 10, (data_uri, elapsed)
+    assert "\n" not in out and "s3://mtseg/demo/shards cannot be reached" in out and f"local copy {data_uri}" in out, out
+
+    # A --data the user typed is not swapped for the copy.
+    with pytest.raises(PredictError, match="cannot be reached"):
+        load_for_evaluation(model_dir, "s3://mtseg/demo/shards")

@@ -12,9 +12,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from mtseg import evaluate
     from mtseg.cluster import init_local_ray, storage_env
 
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
     # Everything that can fail on bad input fails before Ray starts.
     loaded, data_uri, split = evaluate.load_for_evaluation(
-        args.checkpoint, args.data, args.split, batch_size=args.batch_size, limit=args.limit, out=args.out
+        args.checkpoint, args.data, args.split, batch_size=args.batch_size, limit=args.limit, out=args.out, log=log
     )
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
@@ -29,7 +32,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         actor_cpus=args.actor_cpus,
         use_gpu=args.use_gpu,
         limit=args.limit,
-        log=lambda line: print(line, file=sys.stderr),
+        log=log,
     )
     files = evaluate.write_results(result, args.out or loaded.uri)
     print(result.table())
@@ -41,7 +44,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add ``mtseg evaluate``."""
     p = subparsers.add_parser("evaluate", help="metrics of a checkpoint on a split (Ray Data batch inference)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or run directory (local or s3://)")
-    p.add_argument("--data", default=None, help="dataset root (default: the run's data.uri)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="dataset root (default: the run's data.uri, or its local copy beside the checkpoint when that store is down)",
+    )
     p.add_argument("--split", default=None, help="split name (default: the run's data.val_split)")
     p.add_argument("--out", default=None, help="where metrics.json and metrics.md go (default: the checkpoint directory)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: data.batch_size)")
