@@ -30,6 +30,9 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 DEFAULT_BUCKET = "mtseg"
 DEFAULT_STACK_DIR = os.path.join("runs", "stack")
 VACUUM_INTERVAL_S = 60
+# The runtime_env key that runs mtseg.compat.pin_ray_address in every Ray worker process of a
+# driver or job: Ray's helpers in those workers must find this Ray, not another on the machine.
+PIN_RAY_ADDRESS_HOOK = {"worker_process_setup_hook": "mtseg.compat.pin_ray_address"}
 
 
 class ClusterError(MtsegError, RuntimeError):
@@ -237,6 +240,18 @@ class SeaweedFS:
         return bool(self.pid) and _pid_alive(self.pid) and _port_open(self.s3_port)
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent pid, ...); [] once it is gone.
+
+    The name, in parentheses, may hold spaces and parentheses itself: the fields follow its last ")".
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -245,11 +260,8 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie child still answers kill(0); ask /proc whether it is gone in all but name.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
+    state = _stat(pid)[:1]
+    return bool(state) and state != ["Z"]
 
 
 def _pids_with_arg(text: str, *, exact: bool = False) -> list[int]:
@@ -268,6 +280,49 @@ def _pids_with_arg(text: str, *, exact: bool = False) -> list[int]:
     return pids
 
 
+def _program(pid: int) -> str:
+    """The file name of the program ``pid`` runs, from its command line ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.basename(f.read().split(b"\0", 1)[0].decode(errors="replace"))
+    except OSError:
+        return ""
+
+
+def _pids_with_env(name: str, value: str) -> list[int]:
+    """Pids of other processes started with ``name=value`` in their environment (inherited from whoever started them)."""
+    entry_wanted = f"{name}={value}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:  # gone, or another user's
+            continue
+        if entry_wanted in environ.split(b"\0"):
+            pids.append(int(entry))
+    return pids
+
+
+def _process_tree(roots: list[int]) -> list[int]:
+    """``roots`` and every process descended from them, by the parent pids in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        fields = _stat(entry) if entry.isdigit() else []
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: dict[int, None] = {}
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found and pid != os.getpid():
+            found[pid] = None
+            todo.extend(children.get(pid, []))
+    return list(found)
+
+
 def _signal(pid: int, sig: int, group: bool) -> None:
     if group:
         try:
@@ -279,8 +334,9 @@ def _signal(pid: int, sig: int, group: bool) -> None:
         os.kill(pid, sig)
 
 
-def _terminate(pids: list[int], timeout: float, *, group: bool = False) -> None:
-    """SIGTERM ``pids`` (with ``group``, their process groups), then SIGKILL those alive after ``timeout``."""
+def _terminate(pids: list[int], timeout: float, *, group: bool = False, kill_timeout: float = 5.0) -> None:
+    """SIGTERM ``pids`` (with ``group``, their process groups), SIGKILL those alive after ``timeout``, and wait
+    (up to ``kill_timeout`` more) until they are gone: a caller that returns then leaves no port taken."""
     for pid in pids:
         _signal(pid, signal.SIGTERM, group)
     deadline = time.monotonic() + timeout
@@ -289,6 +345,9 @@ def _terminate(pids: list[int], timeout: float, *, group: bool = False) -> None:
     for pid in pids:
         if _pid_alive(pid):
             _signal(pid, signal.SIGKILL, group)
+    deadline = time.monotonic() + kill_timeout
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------- Ray
@@ -310,6 +369,10 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     # Ray Train's print patch logs every worker print twice and defeats stdout redirection
     # (pycocotools' chatter is silenced that way); plain prints reach the driver anyway.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train gives a worker group 60 s to start, then restarts it. On a busy node two workers
+    # importing torch (4.5 CPU-s each) at a load of 10 on 2 cores take longer than that: a run
+    # that would only start late is restarted, again and again. A dead node still fails fast.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         enable_token_auth_for_client()  # before Ray is imported: it reads the mode once
@@ -322,13 +385,22 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     env = dict(env or {})
     credentials = {k: env.pop(k) for k in CREDENTIAL_ENV_VARS if k in env}
-    runtime_env = {"env_vars": env} if env and not in_job else None
+    from mtseg.compat import worker_pool_config
+
+    # A job's runtime_env carries the hook itself (mtseg.submit.build_runtime_env).
+    runtime_env = None if in_job else {**PIN_RAY_ADDRESS_HOOK, **({"env_vars": env} if env else {})}
     if address:
         return ray.init(address=address, runtime_env=runtime_env, **kwargs)
     os.environ.update(credentials)  # the local raylet, and so every worker, starts with them
-    from mtseg.compat import worker_pool_config
+    if not dashboard:
+        # Ray records its State API at 127.0.0.1:8265 even with no dashboard; there another Ray's
+        # dashboard may answer, and Ray Train's placement-group cleaner would ask it whether this
+        # Ray's controller lives (mtseg.compat.pin_ray_address). A free port answers nobody.
+        kwargs.setdefault("dashboard_port", free_port())
 
     return ray.init(
+        # "local": never attach to the Ray that ``ray start`` last recorded in /tmp/ray.
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=dashboard,
         _node_ip_address=LOOPBACK,
@@ -374,6 +446,11 @@ def ensure_auth_token(env: dict[str, str] | None = None) -> None:
         raise ClusterError(f"could not create the Ray auth token {path}: {tail[0]}")
     if os.path.exists(path):
         os.chmod(path, 0o600)  # Ray writes it world-readable; it grants control of the cluster
+
+
+# Set to the head's temp dir in the environment of `ray start`, so of every process it starts: Ray's
+# client proxy neither carries that dir on its command line nor stays below a process that does.
+RAY_HEAD_ENV_VAR = "MTSEG_RAY_HEAD"
 
 
 @dataclass
@@ -454,6 +531,7 @@ class RayHead:
             "RAY_AUTH_MODE": "token",
             # A job's `python jobs/train.py` must run this environment's Python.
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            RAY_HEAD_ENV_VAR: os.path.abspath(self.temp_dir),
             **(env or {}),
         }
         out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -468,12 +546,30 @@ class RayHead:
         raise ClusterError(f"Ray dashboard did not answer on {self.dashboard_url} within {timeout:.0f}s")
 
     def processes(self) -> list[int]:
-        """Pids of this head's processes: all of them carry its temp dir on their command line."""
-        return _pids_with_arg(os.path.abspath(self.temp_dir))
+        """Pids of this head's processes and of all their descendants.
+
+        The GCS, raylet and dashboard carry the temp dir on their command line. The Ray client
+        proxy does not, and its parent, ``ray start``, has exited: it is found by
+        :data:`RAY_HEAD_ENV_VAR` in its environment. The raylet's agents and workers are its
+        descendants (they rename themselves, ``ray::DashboardAgent``, which can overwrite their
+        environment too).
+        """
+        temp_dir = os.path.abspath(self.temp_dir)
+        return _process_tree([*_pids_with_arg(temp_dir), *_pids_with_env(RAY_HEAD_ENV_VAR, temp_dir)])
 
     def stop(self, timeout: float = 15.0) -> None:
-        # `ray stop` would stop every Ray on the machine (a test session's too).
-        _terminate(self.processes(), timeout)
+        """Stop every process of this head and wait until they are gone (SIGKILL after ``timeout``)."""
+        # `ray stop` would stop every Ray on the machine (a test session's too). Its order is kept:
+        # the raylet, then the rest, the GCS last; stopped together, the raylet takes 10 s and the
+        # GCS ignores SIGTERM. All are listed first: once the raylet is gone, nothing finds its
+        # agents and workers (renamed, their environment overwritten by the new name).
+        pids = self.processes()
+        first = [p for p in pids if _program(p) == "raylet"]
+        last = [p for p in pids if _program(p) == "gcs_server"]
+        _terminate(first, timeout)
+        _terminate([p for p in pids if p not in first and p not in last], timeout)
+        _terminate(last, timeout)
+        _terminate(self.processes(), timeout)  # whatever started meanwhile
 
     def alive(self) -> bool:
         return bool(self.port) and _port_open(self.port)

@@ -31,6 +31,24 @@ def excluded_by_ray(path: str, patterns: Iterable[str]) -> bool:
     return PathSpec.from_lines("gitwildmatch", list(patterns)).match_file(path)
 
 
+def pin_ray_address() -> None:
+    """Point this Ray worker's own address lookups at the Ray it belongs to (``mtseg.cluster.PIN_RAY_ADDRESS_HOOK``).
+
+    Ray 2.60: Ray Train's detached ``PlacementGroupCleaner`` asks the State API whether its
+    controller is alive through ``ray.util.state.get_actor()`` with no address. Without
+    ``RAY_ADDRESS`` that resolves to the Ray last recorded in ``/tmp/ray/ray_current_cluster``
+    (written by ``ray start`` and ``ray.cluster_utils.Cluster``), else to the only GCS running
+    on the machine. With a second Ray on the machine it either raises ``Found multiple active
+    Ray instances`` (a 30-line traceback per run) or asks the other Ray, which does not know
+    the controller: ``is_actor_alive`` takes that as dead and the cleaner removes the live
+    run's placement group, killing its workers ("Destroying worker since its placement group
+    was removed"). ray-project/ray#65447's review notes the missing-means-dead reading.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def quiet_train_report_log(level: str | int) -> None:
     """Set the level of Ray Train's per-report log line on this worker (``train.ray_log_level``).
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mtseg.cluster import storage_env
+from mtseg.cluster import PIN_RAY_ADDRESS_HOOK, storage_env
 from mtseg.errors import MtsegError
 
 
@@ -387,7 +387,7 @@ def build_runtime_env(working_dir: str | os.PathLike, env_vars: Mapping[str, str
     # job's runtime_env, and Ray refuses the duplicate (printing both values) unless told to
     # let the driver's identical values win.
     env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
-    return {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
+    return {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env, **PIN_RAY_ADDRESS_HOOK}
 
 
 def make_submission_id(name: str, run_name: str) -> str:

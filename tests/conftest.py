@@ -16,6 +16,11 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Data's progress bars flood the test log.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Some 30 tiny Train runs: each controller notices its workers' end at its next poll (every 2 s by
+# default) and starts a spot-preemption watcher actor (one more process importing Ray Train) that
+# a loopback test never needs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +55,14 @@ def s3_bucket(s3_env, seaweedfs):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_env):
-    """One local Ray (2 CPUs, loopback) for the whole session, with the store's env shipped to workers."""
+    """One local Ray (2 CPUs, loopback) for the whole session, with the store's env shipped to workers.
+
+    With its dashboard, as ``mtseg train`` and ``tune`` start one: Ray Train's placement-group
+    cleaner asks its State API whether a run's controller still lives.
+    """
     import ray
 
-    init_local_ray(num_cpus=2, env=s3_env, log_to_driver=False)
+    init_local_ray(num_cpus=2, dashboard=True, env=s3_env, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -7,6 +7,7 @@ at the end; nothing else on the machine is touched.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mtseg.cluster import LocalStack, SeaweedFS, _pids_with_arg
+from mtseg.cluster import LocalStack, SeaweedFS, _pid_alive, _pids_with_arg, _port_open
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +28,55 @@ def _cli(args: list[str], home: str, timeout: float = 240) -> subprocess.Complet
     """``mtseg ARGS`` with ``HOME`` replaced (so ~/.ray/auth_token is that home's) and no Ray/S3 settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_ADDRESS", "RAY_API_SERVER", "AWS_"))}
     env["HOME"] = home
+    # -P: the mtseg this test imported (PYTHONPATH's, the installed one), not the one in its working directory.
     return subprocess.run(
-        [sys.executable, "-m", "mtseg.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-P", "-m", "mtseg.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _started_with(var: str, value: str) -> list[int]:
+    """Pids of the processes whose environment holds ``var=value``, and of all their descendants.
+
+    The descendants are looked up by parent pid: a process that renames itself (Ray's ``ray::...``)
+    may overwrite its environment with the name. Read here, not with mtseg.cluster's helpers under test.
+    """
+    roots, children = [], {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError):
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+            if f"{var}={value}".encode() in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                roots.append(int(entry))
+    found = set()
+    while roots:
+        pid = roots.pop()
+        if pid not in found:
+            found.add(pid)
+            roots.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def _argv0(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+    return ""
+
+
+def _listening_ports(pids: list[int]) -> set[int]:
+    """The TCP ports ``pids`` listen on, from their socket fds and /proc/net/tcp{,6}."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}").removeprefix("socket:[").removesuffix("]"))
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 @pytest.fixture
@@ -64,9 +111,24 @@ def test_up_without_a_token_makes_one_and_down_stops_everything(stack_dir, tmp_p
     status = _cli(["cluster", "status", "--dir", stack_dir], home)
     assert status.stdout.startswith("seaweedfs: up http://127.0.0.1:") and "\nray: up 127.0.0.1:" in status.stdout
 
+    # Everything `up` started got that HOME, and their children are theirs; some of them (Ray's client
+    # proxy, the dashboard and runtime-env agents) have no trace of the stack directory on their command
+    # line. The raylet starts the agents after `up` returns: a stack in use has them.
+    agents = {"ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+    deadline = time.monotonic() + 60
+    while not agents <= {_argv0(p) for p in _started_with("HOME", home)} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    started = _started_with("HOME", home)
+    assert agents <= {_argv0(p) for p in started}
+    ports = _listening_ports(started)
+    assert int(settings["RAY_ADDRESS"].rsplit(":", 1)[1]) in ports and len(ports) >= 5, (started, ports)
+
     down = _cli(["cluster", "down", "--dir", stack_dir], home)
     assert down.returncode == 0, down.stderr
     assert "ray: stopped" in down.stdout and "seaweedfs: stopped" in down.stdout
+    # Gone right when down returns, not a minute later.
+    assert [p for p in started if _pid_alive(p)] == []
+    assert sorted(p for p in ports if _port_open(p)) == []
     assert _pids_with_arg(stack_dir) == []
     assert _cli(["cluster", "status", "--dir", stack_dir], home).stdout == "seaweedfs: not started\nray: not started\n"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import pytest
 
@@ -79,3 +80,25 @@ def test_idle_backoff_sleeps_longer_while_idle_and_resets_when_a_task_runs(monke
     next(iter(executor._topology)).active = 0
     backoff.on_execution_step(executor)
     assert slept[-1] == 0.001 and len(slept) == 9
+
+
+def test_ray_trains_cleaner_finds_its_ray_by_address_lookup_which_pin_ray_address_pins(monkeypatch):
+    """Ray Train's placement-group cleaner asks ``is_actor_alive``, which calls the State API with
+    no address: RAY_ADDRESS decides which Ray answers. ``pin_ray_address`` sets it to the worker's own."""
+    import inspect
+
+    import ray
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+    from ray.train.v2._internal.state import util
+
+    assert placement_group_cleaner.is_actor_alive is util.is_actor_alive
+    assert "address" not in inspect.signature(util.is_actor_alive).parameters
+    assert "get_actor(actor_id, timeout=timeout)" in inspect.getsource(util.is_actor_alive)
+
+    class Context:
+        gcs_address = "127.0.0.1:6380"
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Context())
+    monkeypatch.setenv("RAY_ADDRESS", "another Ray's")  # and restored (or removed) after the test
+    compat.pin_ray_address()
+    assert os.environ["RAY_ADDRESS"] == "127.0.0.1:6380"

@@ -188,6 +188,8 @@ def test_runtime_env_uploads_code_not_data():
     renv = sub.build_runtime_env(REPO, {"AWS_ACCESS_KEY_ID": "id"})
     assert renv["working_dir"] == str(REPO)
     assert renv["env_vars"]["AWS_ACCESS_KEY_ID"] == "id"
+    # Every worker of the job looks up its own Ray, not another one on the head's machine.
+    assert renv["worker_process_setup_hook"] == "mtseg.compat.pin_ray_address"
     for kept in ("mtseg/data/shard.py", "jobs/train.py", "jobs/configs/demo.yaml", "pyproject.toml"):
         assert not excluded_by_ray(kept, renv["excludes"]), kept
     for dropped in ("data/coco/x.jpg", "runs/demo/ckpt.pt", ".venv/bin/python", ".git/HEAD", "mtseg/__pycache__/x.pyc"):
