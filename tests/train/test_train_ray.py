@@ -135,7 +135,7 @@ def run_uri_of(overrides: list[str]) -> str:
 def test_two_workers_stream_from_s3_and_checkpoint_into_the_bucket(ray_local, tiny_dataset, s3_bucket, tmp_path, other_ray):
     """A 2-worker run, on a busy machine shared with a second Ray that trains (``other_ray``).
 
-    Load: the second Ray (4 CPUs in Ray's books: a 2-worker run with 0.25-CPU map tasks that
+    Load: the second Ray (3 CPUs in Ray's books: a 2-worker run with 0.25-CPU map tasks that
     loses a node mid-epoch and restarts its workers) and this session's Ray (2 CPUs: this run's
     two half-CPU workers and their data tasks; then two 1-worker trials at once in the next
     test) share the machine's 2 cores: 4 to 5 runnable training processes plus their data
