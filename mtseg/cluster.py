@@ -264,20 +264,25 @@ def _pid_alive(pid: int) -> bool:
     return bool(state) and state != ["Z"]
 
 
-def _pids_with_arg(text: str, *, exact: bool = False) -> list[int]:
-    """Pids of other processes whose command line contains ``text`` (``exact``: as one whole argument)."""
+def _other_pids_where(proc_file: str, match) -> list[int]:
+    """Pids of other processes whose ``/proc/<pid>/<proc_file>`` (raw bytes) satisfies ``match``."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
+            with open(f"/proc/{entry}/{proc_file}", "rb") as f:
+                data = f.read()
+        except OSError:  # gone, or another user's
             continue
-        if text.encode() in (cmdline.split(b"\0") if exact else cmdline):
+        if match(data):
             pids.append(int(entry))
     return pids
+
+
+def _pids_with_arg(text: str, *, exact: bool = False) -> list[int]:
+    """Pids of other processes whose command line contains ``text`` (``exact``: as one whole argument)."""
+    return _other_pids_where("cmdline", lambda cmdline: text.encode() in (cmdline.split(b"\0") if exact else cmdline))
 
 
 def _program(pid: int) -> str:
@@ -291,19 +296,7 @@ def _program(pid: int) -> str:
 
 def _pids_with_env(name: str, value: str) -> list[int]:
     """Pids of other processes started with ``name=value`` in their environment (inherited from whoever started them)."""
-    entry_wanted = f"{name}={value}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:  # gone, or another user's
-            continue
-        if entry_wanted in environ.split(b"\0"):
-            pids.append(int(entry))
-    return pids
+    return _other_pids_where("environ", lambda environ: f"{name}={value}".encode() in environ.split(b"\0"))
 
 
 def _process_tree(roots: list[int]) -> list[int]:
