@@ -345,6 +345,9 @@ _WORKER = textwrap.dedent(
     metrics = ev.compute()
     with open(f"{tmp}/out{rank}.pkl", "wb") as f:
         pickle.dump({"metrics": metrics, "stats": ev.metrics["mask"].stats}, f)
+    # gloo aborts the process ("terminate called without an active exception") when a peer
+    # tears its connections down first; agree that both are done before either does.
+    dist.barrier()
     dist.destroy_process_group()
     """
 )

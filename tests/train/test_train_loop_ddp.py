@@ -72,6 +72,9 @@ WORKER = textwrap.dedent(
             "running_stats": sum(k.endswith("running_mean") for k in state.module.state_dict()),
             "differ": differ,
         }
+    # gloo aborts the process ("terminate called without an active exception") when a peer
+    # tears its connections down first; agree that both are done before either does.
+    dist.barrier()
     dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

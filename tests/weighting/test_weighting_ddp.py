@@ -86,6 +86,9 @@ WORKER = textwrap.dedent(
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     out = {name: run(name, rank) for name in sys.argv[2].split(",")}
+    # gloo aborts the process ("terminate called without an active exception") when a peer
+    # tears its connections down first; agree that both are done before either does.
+    dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
         out = {"distributed": out, "single": {name: run(name) for name in sys.argv[2].split(",")}}
