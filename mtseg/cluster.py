@@ -377,6 +377,10 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
     # makes Ray refuse to merge the two (and print both, secrets included).
     in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
     env = dict(env or {})
+    if os.environ.get("TORCH_HOME"):
+        # Workers build the model too: model.weights=imagenet must read the cache the driver
+        # checked (absolute: a worker's working directory is Ray's).
+        env.setdefault("TORCH_HOME", os.path.abspath(os.path.expanduser(os.environ["TORCH_HOME"])))
     credentials = {k: env.pop(k) for k in CREDENTIAL_ENV_VARS if k in env}
     from mtseg.compat import worker_pool_config
 
@@ -401,6 +405,45 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False, env:
         _system_config=worker_pool_config(num_cpus),
         **kwargs,
     )
+
+
+def quiet_progress_bars_unless_tty(stdout=None, stderr=None) -> bool:
+    """Turn Ray's terminal drawing off when this process writes to a file (a job's log, ``> train.log``).
+
+    Ray Data redraws a progress bar per operator with carriage returns and ANSI escapes many
+    times a second; in a file that is hundreds of frames per epoch. mtseg's own progress line
+    (one per ``train.log_every_steps``) says what a log needs. On a terminal nothing changes.
+
+    Call it in the driver before a trainer or dataset is built: a Dataset keeps a copy of the
+    context it was made with, and Ray Train copies the driver's context into its workers when the
+    ``TorchTrainer`` is constructed (``DatasetsCallback``), which is where the training data streams.
+
+    Args:
+        stdout, stderr: the streams to check (default ``sys.stdout`` / ``sys.stderr``).
+
+    Returns:
+        Whether anything was turned off.
+    """
+    import ray.data
+
+    stdout = sys.stdout if stdout is None else stdout
+    stderr = sys.stderr if stderr is None else stderr
+
+    def tty(stream) -> bool:
+        return bool(getattr(stream, "isatty", lambda: False)())
+
+    quiet = False
+    if not tty(stderr):  # the bars are drawn on the driver's stderr, wherever the dataset runs
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        quiet = True
+    if not (tty(stdout) and tty(stderr)) and "RAY_COLOR_PREFIX" not in os.environ:
+        # The driver colours the "(RayTrainWorker pid=...)" prefix of every forwarded worker line;
+        # read at each print, so setting it now is in time. An explicit setting is kept.
+        os.environ["RAY_COLOR_PREFIX"] = "0"
+        quiet = True
+    return quiet
 
 
 def enable_token_auth_for_client() -> None:

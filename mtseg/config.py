@@ -29,6 +29,8 @@ TASK_NAMES = ("semantic", "supercategory", "boundary", "instance", "reconstructi
 KNOWN_TASK_NAMES: list[str] = list(TASK_NAMES)
 WEIGHTING_NAMES = ("equal", "static", "uncertainty", "dwa", "gradnorm", "pcgrad", "famo")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+#: ``model.weights`` naming the backbone's default ImageNet weights (torchvision's weights API).
+IMAGENET_WEIGHTS = "imagenet"
 
 
 class ConfigError(MtsegError, ValueError):
@@ -49,6 +51,37 @@ def validate_name(key: str, value: str) -> str:
     # fullmatch: `$` would also match before a trailing newline.
     if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or value in (".", ".."):
         raise ConfigError(f"{key}: {value!r} is not a plain name (letters, digits and -_. only, not '.' or '..')")
+    return value
+
+
+# What someone who knows torchvision may write for pretrained weights: an enum member name
+# (DEFAULT, IMAGENET1K_V2, ResNet50_Weights.DEFAULT) or `imagenet` in another case.
+_WEIGHTS_ENUM_NAME = re.compile(r"(?:\w+_Weights\.)?(?:DEFAULT|IMAGENET1K_\w+)|imagenet", re.IGNORECASE)
+
+
+def check_weights_value(value: str) -> str:
+    """Return ``model.weights`` if it is ``""``, ``imagenet`` or a local file path, else raise ConfigError.
+
+    A torchvision weights name or a URL is refused with one line pointing at ``imagenet``: the
+    backbone's default ImageNet weights come only through torch's cache (see
+    :func:`mtseg.models.backbones.ensure_weights`), never from an arbitrary URL.
+
+    Args:
+        value: the ``model.weights`` value.
+
+    Returns:
+        ``value``, unchanged.
+    """
+    if value == IMAGENET_WEIGHTS:
+        return value
+    use = (
+        f"use model.weights={IMAGENET_WEIGHTS} for the backbone's default ImageNet weights, "
+        "a local state_dict file, or empty for random init"
+    )
+    if "://" in value:
+        raise ConfigError(f"model.weights: {value!r} is a URL, which mtseg does not download from; {use}")
+    if _WEIGHTS_ENUM_NAME.fullmatch(value):
+        raise ConfigError(f"model.weights: {value!r} is not a weights name mtseg takes; {use}")
     return value
 
 
@@ -79,7 +112,12 @@ class ModelConfig:
     backbone: str = _f("resnet18", choices=BACKBONES)
     decoder: str = _f("fpn", choices=("fpn", "aspp"))
     decoder_channels: int = _f(64, min=8)
-    weights: str = _f("", help="local backbone weights file; empty = random init (nothing is downloaded)")
+    weights: str = _f(
+        "",
+        help="backbone weights: 'imagenet' = torchvision's default ImageNet weights, read from "
+        "$TORCH_HOME/hub/checkpoints/ (the driver downloads a missing file once, when it can); "
+        "a local state_dict file; empty = random init",
+    )
     channels_last: bool = _f(False)
     sync_batchnorm: bool = _f(
         False,
@@ -96,6 +134,12 @@ class TasksConfig:
     center_sigma: float = _f(2.0, min=0.1, help="instance center heatmap Gaussian sigma, pixels")
     mask_ratio: float = _f(0.5, min=0.0, max=1.0, help="reconstruction: share of patches masked")
     patch_size: int = _f(8, min=1, help="reconstruction: masked patch side, pixels")
+    panoptic_min_area: float = _f(
+        0.001,
+        min=0.0,
+        max=1.0,
+        help="panoptic fusion: thing and stuff segments smaller than this share of the image become void",
+    )
 
 
 @dataclass
@@ -409,6 +453,7 @@ def validate(cfg: Config) -> None:
                 storage.check_uri(uri)
             except storage.StorageError as e:
                 raise ConfigError(f"{key}: {e}") from None
+    check_weights_value(cfg.model.weights)
     validate_name("train.run_name", cfg.train.run_name)
     validate_name("tune.experiment_name", cfg.tune.experiment_name)
 

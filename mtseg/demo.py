@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from mtseg import storage
 from mtseg.cluster import ClusterError, SeaweedFS, init_local_ray
 from mtseg.config import load_config
@@ -265,18 +263,14 @@ def _best_checkpoint(result):
 
 
 def _write_overlays(model_dir: str, cfg, data_uri: str, out_dir: str, count: int) -> list[str]:
-    """image | ground truth | prediction, one row per task (as the task draws it), for ``count`` validation images."""
-    from PIL import Image
-
+    """image | ground truth | prediction, one row per task (as the task draws it, one legend per
+    row of what either shows), for ``count`` validation images."""
     from mtseg.data.pipeline import iter_local_batches
     from mtseg.fusion import fused_predictions
     from mtseg.render import colorize, instance_map, panel, to_uint8_image
     from mtseg.tasks import build_tasks
     from mtseg.train import checkpoint as ckpt
     from mtseg.train.loop import predict_batch
-
-    def tile(picture) -> np.ndarray:
-        return np.asarray(picture.convert("RGB")) if isinstance(picture, Image.Image) else picture
 
     loaded = ckpt.load_for_inference(model_dir, data_uri=data_uri)
     categories = loaded.categories
@@ -299,8 +293,8 @@ def _write_overlays(model_dir: str, cfg, data_uri: str, out_dir: str, count: int
             tiles = [("image", image)]
             target = task.target_map(batch, i)
             if target is not None:
-                tiles.append(("ground truth", tile(task.draw(image, target, categories))))
-            tiles.append(("prediction (fused)" if name in fused else "prediction", tile(task.draw(image, pred, categories))))
+                tiles.append(("ground truth", task.draw(image, target, categories)))
+            tiles.append(("prediction (fused)" if name in fused else "prediction", task.draw(image, pred, categories)))
             rows.append((name, tiles))
         if instances is not None:
             inst = instance_map(instances[i], size)

@@ -45,6 +45,8 @@ PREPROCESS_TASK_CPUS = 1.0
 IMAGES_PER_COCO_SHARD = 64
 
 METRICS_JSON = "metrics.json"
+#: ``--export-panoptic DIR`` writes ``DIR/panoptic.json`` and the PNGs in ``DIR/panoptic/`` (COCO's layout)
+PANOPTIC_JSON, PANOPTIC_DIR = "panoptic.json", "panoptic"
 METRICS_MD = "metrics.md"
 
 #: Where a local copy of a checkpoint's data sits, beside the model directory: ``mtseg demo``
@@ -67,7 +69,14 @@ class EvalActor:
     """
 
     def __init__(
-        self, cfg: dict, categories: list[dict], model_state: Any, device: str = "cpu", num_threads: int = 1, tasks: tuple = ()
+        self,
+        cfg: dict,
+        categories: list[dict],
+        model_state: Any,
+        device: str = "cpu",
+        num_threads: int = 1,
+        tasks: tuple = (),
+        export_dir: str | None = None,
     ):
         import ray
         import torch
@@ -90,6 +99,7 @@ class EvalActor:
         self.model = ckpt.build_inference_model(self.cfg, self.categories, model_state, self.device)
         self.tasks = build_tasks(self.cfg, self.categories)
         self.with_instances = has_instances(self.cfg.tasks.names)
+        self.export_dir = export_dir
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mtseg.data.pipeline import batch_fields, to_torch
@@ -103,12 +113,68 @@ class EvalActor:
         if self.with_instances:
             coco_gt = coco_gt_from_rows([json.loads(s) for s in gt_json], self.coco_categories)
         evaluator = Evaluator(self.categories, self.tasks, coco_gt=coco_gt)
-        evaluate(self.model, [tensors], self.tasks, self.cfg, self.categories, evaluator, self.device)
+        exported: list[dict] = []
+        on_panoptic = None
+        if self.export_dir:
+            names = {g["image_id"]: g.get("file_name") or f"{g['image_id']}" for g in map(json.loads, gt_json)}
+
+            def on_panoptic(image_id: int, id_map: np.ndarray, segments: list[dict]) -> None:
+                exported.append(export_panoptic_png(self.export_dir, image_id, names[image_id], id_map, segments))
+
+        evaluate(self.model, [tensors], self.tasks, self.cfg, self.categories, evaluator, self.device, on_panoptic)
         return {
             "state": np.array([pickle.dumps(evaluator.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)], dtype=object),
             "gt": np.array(["[" + ",".join(gt_json) + "]"], dtype=object),
             "images": np.array([len(gt_json)], dtype=np.int64),
+            "panoptic": np.array([json.dumps(exported)], dtype=object),
         }
+
+
+def export_panoptic_png(export_dir: str, image_id: int, file_name: str, id_map: np.ndarray, segments: list[dict]) -> dict:
+    """Write one image's panoptic PNG into ``<export_dir>/panoptic/`` and return its COCO annotation entry."""
+    from mtseg.data.coco_panoptic import write_png
+
+    png_name = file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png"
+    storage.write_bytes(storage.join(export_dir, PANOPTIC_DIR, png_name), write_png(id_map))
+    info = [{k: s[k] for k in ("id", "category_id", "iscrowd", "bbox", "area")} for s in segments]
+    return {"image_id": int(image_id), "file_name": png_name, "segments_info": info}
+
+
+def check_export_panoptic(loaded: LoadedCheckpoint, export_dir: str | None) -> None:
+    """Refuse ``--export-panoptic`` for a model that makes no panoptic segmentation, in one line."""
+    from mtseg.fusion import has_instances
+
+    if not export_dir:
+        return
+    if not loaded.categories.panoptic:
+        raise PredictError(
+            f"--export-panoptic: {loaded.uri} was trained on an instances dataset (no stuff); "
+            "shard a panoptic one with `mtseg data shard --annotations panoptic`"
+        )
+    if not has_instances(loaded.cfg.tasks.names):
+        raise PredictError(f"--export-panoptic: {loaded.uri} has no instance task, so it cannot separate things")
+    storage.check_access(export_dir)
+
+
+def write_panoptic_json(export_dir: str, entries: list[dict], gt_rows: list[dict], categories: CategoryIndex) -> str:
+    """Write ``<export_dir>/panoptic.json`` (COCO's panoptic predictions format); returns its URI.
+
+    With the PNGs in ``<export_dir>/panoptic/``, panopticapi scores it:
+    ``pq_compute(gt_json, "<export_dir>/panoptic.json", gt_folder, "<export_dir>/panoptic")``.
+    """
+    images = [
+        {"id": int(g["image_id"]), "file_name": g.get("file_name"), "height": int(g["height"]), "width": int(g["width"])}
+        for g in gt_rows
+    ]
+    doc = {
+        "info": {"description": "mtseg panoptic predictions"},
+        "images": sorted(images, key=lambda i: i["id"]),
+        "annotations": sorted(entries, key=lambda e: e["image_id"]),
+        "categories": categories.to_categories(),
+    }
+    uri = storage.join(export_dir, PANOPTIC_JSON)
+    storage.write_bytes(uri, json.dumps(doc).encode())  # last: its presence means the export is complete
+    return uri
 
 
 #: The model of the evaluation running in this worker process: ``{model key: EvalActor}``.
@@ -150,6 +216,7 @@ class EvaluationResult:
         timing: ``inference_s``, ``images_per_s``, ``metrics_s`` (merge + COCO matching), ``total_s``.
         setup: how the pipeline ran (actors, device, batch size, COCO shards).
         files: URIs of the written ``metrics.json`` and ``metrics.md`` (empty if not written).
+        per_class: ``{"iou": {class name: value}, "pq": ..., "sq": ..., "rq": ...}`` where measured.
     """
 
     metrics: dict[str, float]
@@ -160,11 +227,17 @@ class EvaluationResult:
     timing: dict[str, float] = field(default_factory=dict)
     setup: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-able dict; undefined metrics (NaN) become null."""
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.metrics.items()}
+
+        def clean_dict(d: dict) -> dict:
+            return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+        clean = clean_dict(self.metrics)
         return {
+            "per_class": {k: clean_dict(v) for k, v in self.per_class.items()},
             "checkpoint": self.checkpoint,
             "data": self.data,
             "split": self.split,
@@ -193,6 +266,13 @@ class EvaluationResult:
             "",
             metrics_table(self.metrics),
         ]
+        if self.per_class:
+            kinds = list(self.per_class)
+            names = list(dict.fromkeys(n for values in self.per_class.values() for n in values))
+            lines += ["", "| class | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+            for n in names:
+                cells = [self.per_class[k].get(n, math.nan) for k in kinds]
+                lines.append(f"| {n} | " + " | ".join("–" if math.isnan(v) else f"{v:.3f}" for v in cells) + " |")
         return "\n".join(lines) + "\n"
 
 
@@ -254,7 +334,14 @@ def plan_inference(
 
 
 def build_eval_dataset(
-    loaded: LoadedCheckpoint, data_uri: str, split: str, *, batch_size: int, plan: dict[str, Any], limit: int | None = None
+    loaded: LoadedCheckpoint,
+    data_uri: str,
+    split: str,
+    *,
+    batch_size: int,
+    plan: dict[str, Any],
+    limit: int | None = None,
+    export_panoptic: str | None = None,
 ):
     """The lazy Ray Dataset of per-batch evaluator states (see the module docstring).
 
@@ -262,9 +349,10 @@ def build_eval_dataset(
         batch_size: images per model forward.
         plan: from :func:`plan_inference`.
         limit: evaluate the first ``limit`` images only.
+        export_panoptic: a directory the workers write each image's panoptic PNG into.
 
     Returns:
-        (dataset with rows ``{"state", "gt", "images"}``, the split's manifest).
+        (dataset with rows ``{"state", "gt", "images", "panoptic"}``, the split's manifest).
     """
     import ray
     import ray.data
@@ -287,6 +375,7 @@ def build_eval_dataset(
         "device": plan["device"],
         "num_threads": plan["threads"],
         "tasks": task_classes(),
+        "export_dir": export_panoptic,
     }
     if plan["mode"] == "tasks":
         return ds.map_batches(EvalTask(state_ref.hex(), kwargs, batch_size), batch_size=None, batch_format="numpy"), manifest
@@ -329,6 +418,7 @@ def evaluate_loaded(
     use_gpu: str = "auto",
     limit: int | None = None,
     coco_shards: int | None = None,
+    export_panoptic: str | None = None,
     log: Callable[[str], None] = print,
 ) -> EvaluationResult:
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
@@ -339,6 +429,9 @@ def evaluate_loaded(
         concurrency, actor_cpus, use_gpu: see :func:`plan_inference`.
         limit: only the first ``limit`` images.
         coco_shards: Ray tasks for the COCO per-image matching; default by image count and CPUs.
+        export_panoptic: write the panoptic predictions in COCO's format into this directory
+            (local or ``s3://``): ``panoptic.json`` and ``panoptic/<image stem>.png``, for
+            panopticapi's ``pq_compute``. Needs a panoptic dataset and an instance head.
 
     Returns:
         An :class:`EvaluationResult` (nothing written).
@@ -353,10 +446,13 @@ def evaluate_loaded(
     from mtseg.tasks import build_tasks
 
     batch_size = batch_size if batch_size is not None else loaded.cfg.data.batch_size
+    check_export_panoptic(loaded, export_panoptic)
     resources = dict(ray.cluster_resources())
     plan = plan_inference(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
     try:
-        ds, manifest = build_eval_dataset(loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit)
+        ds, manifest = build_eval_dataset(
+            loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit, export_panoptic=export_panoptic
+        )
     except ValueError as e:  # e.g. a split whose manifest lists no shards
         raise PredictError(str(e)) from None
     where = f"{plan['actors']} {plan['device']} actor(s)" if plan["actors"] else "the read + decode tasks"
@@ -365,10 +461,12 @@ def evaluate_loaded(
     t0 = time.monotonic()
     states: list[bytes] = []
     gt_rows: list[dict] = []
+    exported: list[dict] = []
     images = 0
     for row in ds.iter_rows():
         states.append(row["state"])
         gt_rows.extend(json.loads(row["gt"]))
+        exported.extend(json.loads(row["panoptic"]))
         images += int(row["images"])
     inference_s = time.monotonic() - t0
     if images == 0:
@@ -386,9 +484,14 @@ def evaluate_loaded(
     shards = coco_shards or max(1, min(math.ceil(images / IMAGES_PER_COCO_SHARD), 2 * int(resources.get("CPU", 1))))
     metrics = evaluator.compute(num_shards=shards, executor=ray_map())
     metrics_s = time.monotonic() - t1
+    if export_panoptic:
+        log(
+            f"[evaluate] panoptic predictions of {len(exported)} images -> {write_panoptic_json(export_panoptic, exported, gt_rows, loaded.categories)}"
+        )
     return EvaluationResult(
         metrics=metrics,
         images=images,
+        per_class=evaluator.per_class(),
         checkpoint=loaded.uri,
         data=data_uri,
         split=split,

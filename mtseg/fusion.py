@@ -3,8 +3,11 @@
 * :func:`fuse_semantic`: the category argmax, kept inside each pixel's supercategory, with
   low-confidence pixels on predicted boundaries snapped to a more confident neighbour.
 * :func:`fuse_instances`: Panoptic-DeepLab grouping (Cheng et al. 2020) of the thing
-  pixels (every non-background pixel: COCO instances are all things).
+  pixels (those of thing classes; in an instances-only label space every non-background class).
 * :func:`instances_to_coco`: instances -> COCO result dicts for ``COCOeval``.
+* :func:`fuse_panoptic`: Panoptic-DeepLab's merge into one panoptic map: each grouped
+  instance is a thing segment, each stuff class of the semantic map one stuff segment, and
+  segments smaller than a share of the image become void.
 
 This is the one module that names specific tasks; the evaluator scores
 :func:`fused_predictions` instead of a head's own argmax.
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mtseg.data.categories import IGNORE_INDEX, CategoryIndex
+from mtseg.data.coco_panoptic import segment_bbox
 
 # Pixels per chunk when measuring pixel-to-center distances: bounds memory at
 # chunk x top_k floats for large images.
@@ -58,18 +62,25 @@ def fuse_semantic(outputs: dict[str, torch.Tensor], categories: CategoryIndex, h
             two maps always agree.
 
     Returns:
-        (B, H, W) int64 category indices, 0 = background.
+        (B, H, W) int64 category indices, 0 = background (never in a panoptic label space,
+        where 0 is void).
     """
     if "semantic" not in outputs:
         raise KeyError("fuse_semantic: outputs have no 'semantic'")
     logits = outputs["semantic"].float()
     _check_classes(logits, categories)
+    if categories.panoptic:  # index 0 is void there: never a target, never a prediction
+        logits = logits.clone()
+        logits[:, 0] = float("-inf")
     if hierarchical and "supercategory" in outputs:
-        sup = outputs["supercategory"]
+        sup = outputs["supercategory"].float()
         if sup.shape[1] != categories.num_supercategories:
             raise ValueError(
                 f"fusion: supercategory output must have {categories.num_supercategories} channels, got {sup.shape[1]}"
             )
+        if categories.panoptic:
+            sup = sup.clone()
+            sup[:, 0] = float("-inf")
         class_to_super = torch.tensor(categories.class_to_super, device=logits.device)
         allowed = class_to_super.view(1, -1, 1, 1) == sup.argmax(1, keepdim=True)
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -155,10 +166,12 @@ def fuse_instances(
         _check_classes(outputs["semantic"], categories)
         probs = torch.softmax(outputs["semantic"].float(), dim=1)
     results = []
+    thing_class = torch.zeros(max(categories.num_classes, IGNORE_INDEX + 1), dtype=torch.bool, device=semantic_map.device)
+    thing_class[: categories.num_classes] = torch.tensor(categories.thing_classes, device=semantic_map.device)
     for b in range(inst.shape[0]):
         centers, center_scores = find_centers(inst[b, 0], threshold=threshold, nms_kernel=nms_kernel, top_k=top_k)
         sem = semantic_map[b]
-        owner = _assign_pixels(inst[b, 1:3], (sem > 0) & (sem != IGNORE_INDEX), centers)
+        owner = _assign_pixels(inst[b, 1:3], thing_class[sem], centers)
         image_probs = None if probs is None else probs[b]
         results.append(_label_instances(owner, sem, center_scores, image_probs, categories.num_classes))
     return results
@@ -213,6 +226,73 @@ def _assign_pixels(offset: torch.Tensor, things: torch.Tensor, centers: torch.Te
     )
     owner[ys, xs] = nearest
     return owner
+
+
+def fuse_panoptic(
+    semantic_map: torch.Tensor,
+    instances: list[dict],
+    categories: CategoryIndex,
+    *,
+    min_area: float = 0.001,
+    orig_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, list[dict]]:
+    """One image's panoptic segmentation (Panoptic-DeepLab's merge).
+
+    Things are :func:`fuse_instances`' groups (every thing pixel belongs to the instance
+    whose center its offset points nearest to); stuff is the semantic map's stuff classes,
+    one segment per class; a segment smaller than ``min_area`` of the image becomes void, as
+    Panoptic-DeepLab's ``stuff_area`` (and, here, for things too, so specks never count as
+    false positives).
+
+    Args:
+        semantic_map: (H, W) fused category map (:func:`fuse_semantic`) of one image.
+        instances: that image's list from :func:`fuse_instances` (masks (H, W)).
+        categories: the dataset's label spaces (``isthing`` tells stuff from things).
+        min_area: smallest segment, as a share of the image's pixels, in [0, 1].
+        orig_size: (height, width) to resize the result to (nearest), else the map's size.
+
+    Returns:
+        (id map (H, W) int64, 0 = void; segments ``[{"id", "category_id" (COCO id), "iscrowd": 0,
+        "isthing", "area", "bbox" [x, y, w, h]}]``, COCO's ``segments_info``, ids 1..N).
+    """
+    sem = semantic_map.detach().cpu()
+    if sem.ndim != 2:
+        raise ValueError(f"fuse_panoptic: semantic_map must be (H, W), got {tuple(sem.shape)}")
+    if not 0.0 <= min_area <= 1.0:
+        raise ValueError(f"fuse_panoptic: min_area must be in [0, 1], got {min_area}")
+    ids = torch.zeros(sem.shape, dtype=torch.int64)
+    classes: list[int] = []
+    for inst in instances:
+        mask = torch.as_tensor(np.asarray(inst["mask"]), dtype=torch.bool) & (ids == 0)
+        classes.append(int(inst["category"]))
+        ids[mask] = len(classes)
+    for c in sem.unique().tolist():
+        if 0 < c < categories.num_classes and not categories.thing_classes[c]:
+            classes.append(int(c))
+            ids[(sem == c) & (ids == 0)] = len(classes)
+    if orig_size is not None and tuple(orig_size) != tuple(ids.shape):
+        ids = F.interpolate(ids[None, None].double(), size=tuple(orig_size), mode="nearest")[0, 0].long()
+    ids_np = ids.numpy()
+    area = np.bincount(ids_np.ravel(), minlength=len(classes) + 1)
+    smallest = min_area * ids_np.size
+    out = np.zeros_like(ids_np)
+    segments = []
+    for k, c in enumerate(classes, start=1):
+        if area[k] == 0 or area[k] < smallest:
+            continue  # void
+        mask = ids_np == k
+        out[mask] = len(segments) + 1
+        segments.append(
+            {
+                "id": len(segments) + 1,
+                "category_id": categories.coco_id_of(c),
+                "iscrowd": 0,
+                "isthing": int(categories.thing_classes[c]),
+                "area": int(area[k]),
+                "bbox": segment_bbox(mask),
+            }
+        )
+    return out, segments
 
 
 def instances_to_coco(

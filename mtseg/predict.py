@@ -5,14 +5,23 @@
 For every readable image (decoded as training decodes it, downscaled first when a side
 exceeds ``data.max_image_side``)::
 
-    <out>/<name>_overlay.png        fused segmentation, instance outlines and a legend
-    <out>/<name>_<task>.png         each other task's picture, as its task draws it
-    <out>/<name>_instances.json     the image's instances as COCO results (compressed RLE)
+    <out>/<name>_overlay.png        for a person: fused segmentation, instance outlines, a legend of the classes present
+    <out>/<name>_<task>.png         for a person: each other task's picture, as its task draws it
+    <out>/<name>_semantic.png       for a program: the fused class of every pixel (below)
+    <out>/<name>_instances.json     for a program: the image's instances as COCO results (compressed RLE)
 
 plus ``coco_results.json`` (all instances) and ``summary.json`` (images, and every skipped
 file or image-less input with the reason). Images go through the validation transform, the model
 and the fusion (:func:`mtseg.train.loop.predict_batch`, the code validation uses); every output
-is resized back to the image's own size.
+is resized back to the image's own size (nearest neighbour for labels).
+
+``<name>_semantic.png`` is a single-channel 8-bit PNG (PIL mode ``P``) holding the dataset's own
+label ids: the COCO ``category_id`` of each pixel's class (for data from ``mtseg data import-masks``,
+the mask value it read). Pixels of no class hold :func:`void_label`: 0 (background; COCO has no
+category 0) in an instances label space, 255 (void) in a panoptic one. Its palette is the
+dataset's colours (those the overlay uses), so viewers show it in colour while ``np.asarray(Image.open(f))``
+gives the ids. A label space whose ids do not fit (an id above 255, or one equal to the void
+value) is refused before any image is read.
 """
 
 from __future__ import annotations
@@ -186,22 +195,107 @@ def render(
 ) -> dict[str, Image.Image]:
     """The pictures of one prediction on its (H, W, 3) uint8 image: ``{"overlay": ..., task: ...}`` (PIL).
 
-    Each of ``tasks`` (:attr:`Predictor.tasks`) draws its own map; the overlay outlines
-    instances scoring at least ``score_threshold``.
+    Args:
+        image: the image the prediction is of.
+        pred: its prediction (maps at the image's size).
+        categories: the label space (class names and colours).
+        tasks: :attr:`Predictor.tasks`; each draws its own map.
+        score_threshold: the overlay outlines instances scoring at least this.
+
+    Returns:
+        ``{"overlay": fused classes in the dataset's colours + instance outlines + a legend of
+        the classes present, task: that task's picture}``.
     """
     from PIL import Image
 
-    from mtseg.render import beside, blend, legend, outlines
+    from mtseg.render import Picture, class_picture, outlines
 
-    h = image.shape[0]
-    present = [int(c) for c in np.unique(pred.semantic) if 0 < c < categories.num_classes]
-    overlay = outlines(blend(image, pred.semantic), pred.instances, score_threshold)
-    names = [(0, "background")] + [(c, categories.names[c - 1]) for c in present]
-    pictures = {"overlay": beside(overlay, legend(names, h))}
+    fused = class_picture(image, pred.semantic, categories)
+    overlay = Picture(outlines(fused.pixels, pred.instances, score_threshold), fused.entries, fused.colours)
+    pictures = {"overlay": overlay.image()}
     for name, values in pred.maps.items():
         picture = tasks[name].draw(image, values, categories)
+        if isinstance(picture, Picture):
+            picture = picture.image()
         pictures[name] = picture if isinstance(picture, Image.Image) else Image.fromarray(picture)
     return pictures
+
+
+# ---------------------------------------------------------------------------- outputs a program reads
+
+
+def void_label(categories: CategoryIndex) -> int:
+    """The value of a pixel of no class in ``<name>_semantic.png``: 255 (void) for a panoptic label
+    space, whose class index 0 is void; 0 (background) otherwise, as COCO has no category 0."""
+    return 255 if categories.panoptic else 0
+
+
+def label_id_table(categories: CategoryIndex) -> np.ndarray:
+    """Class index -> dataset label id, as ``<name>_semantic.png`` stores them.
+
+    Returns:
+        (num_classes,) uint8: :func:`void_label` at 0, ``categories.coco_id_of(i)`` at ``i >= 1``.
+
+    Raises:
+        PredictError: an id does not fit in 8 bits, or equals the void value.
+    """
+    void = void_label(categories)
+    ids = [void, *categories.coco_ids]
+    clash = [i for i in categories.coco_ids if i == void or not 0 <= i <= 255]
+    if clash:
+        kind = "panoptic (void = 255)" if categories.panoptic else "instances (background = 0)"
+        raise PredictError(
+            f"the dataset's category ids {clash} do not fit the 8-bit class-index PNG of a {kind} label space: "
+            f"ids must be 0..255 and differ from {void}"
+        )
+    return np.array(ids, np.uint8)
+
+
+def semantic_png(semantic: np.ndarray, categories: CategoryIndex) -> Image.Image:
+    """The fused class map as label ids (:func:`label_id_table`), a palette PNG image (mode ``P``).
+
+    Args:
+        semantic: (H, W) class indices (:attr:`ImagePrediction.semantic`).
+        categories: the label space.
+
+    Returns:
+        A single-channel image of the same size whose palette gives each label id its class's
+        colour (the overlay's; black for void/background and unused ids).
+    """
+    from PIL import Image
+
+    from mtseg.render import class_colours
+
+    table = label_id_table(categories)
+    if semantic.size and (semantic.min() < 0 or semantic.max() >= len(table)):
+        raise ValueError(f"semantic_png: class indices {semantic.min()}..{semantic.max()} outside 0..{len(table) - 1}")
+    ids = np.ascontiguousarray(table[semantic.astype(np.int64)])
+    image = Image.frombytes("P", (ids.shape[1], ids.shape[0]), ids.tobytes())
+    colours = np.zeros((256, 3), np.uint8)
+    colours[table[1:]] = class_colours(categories)[1 : len(table)]
+    image.putpalette(colours.tobytes())
+    return image
+
+
+def prediction_files(name: str, pred: ImagePrediction, categories: CategoryIndex) -> dict[str, bytes]:
+    """The files a program reads for one image.
+
+    Args:
+        name: the image's output stem.
+        pred: its prediction.
+        categories: the label space.
+
+    Returns:
+        ``{file name: content}``: ``<name>_semantic.png`` (:func:`semantic_png`) and
+        ``<name>_instances.json`` (COCO results).
+    """
+    # The place for a panoptic model's outputs, not written yet: COCO's panoptic PNG
+    # (<name>_panoptic.png, segment ids as panopticapi's id2rgb) and the image's segments_info for
+    # the segments JSON. Each entry returned here is written beside the pictures and listed in summary.json.
+    return {
+        f"{name}_semantic.png": _png(semantic_png(pred.semantic, categories)),
+        f"{name}_instances.json": json.dumps(pred.instances).encode(),
+    }
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -366,7 +460,7 @@ def predict_images(
     progress: bool = True,
     predictor: Predictor | None = None,
 ) -> PredictSummary:
-    """Predict every image of ``inputs`` and write the pictures and COCO results into ``out``.
+    """Predict every image of ``inputs`` and write the pictures, class-index PNGs and COCO results into ``out``.
 
     Args:
         checkpoint: checkpoint or run directory, local or ``s3://``.
@@ -401,6 +495,7 @@ def predict_images(
         print(f"[predict] skipping {storage.redact(entry['error'])}", file=sys.stderr)
     if predictor is None:
         predictor = Predictor.from_checkpoint(checkpoint, device=device, data_uri=data_uri)
+    label_id_table(predictor.categories)  # ids that cannot go into the class-index PNG fail before any image
     batch_size = batch_size if batch_size is not None else predictor.cfg.data.batch_size
     max_side = max_image_side if max_image_side is not None else predictor.cfg.data.max_image_side
     names = _output_names(sources)
@@ -442,12 +537,14 @@ def predict_images(
             preds = predictor.predict([im for _, im in ok], [i + 1 for i, _ in ok])
             for (i, image), pred in zip(ok, preds):
                 pictures = render(image.permute(1, 2, 0).numpy(), pred, predictor.categories, predictor.tasks, score_threshold)
-                files = []
-                for kind, picture in pictures.items():
-                    files.append(f"{names[i]}_{kind}.png")
-                    storage.write_bytes(storage.join(out, files[-1]), _png(picture))
-                files.append(f"{names[i]}_instances.json")
-                storage.write_bytes(storage.join(out, files[-1]), json.dumps(pred.instances).encode())
+                written = {f"{names[i]}_{kind}.png": _png(picture) for kind, picture in pictures.items()}
+                data = prediction_files(names[i], pred, predictor.categories)
+                if set(data) & set(written):  # a task named like an output (semantic is fused, so never drawn)
+                    raise PredictError(f"a task's picture would overwrite {sorted(set(data) & set(written))}")
+                written.update(data)
+                files = list(written)
+                for file, content in written.items():
+                    storage.write_bytes(storage.join(out, file), content)
                 all_results.extend(pred.instances)
                 images.append(
                     {

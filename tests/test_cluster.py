@@ -234,3 +234,35 @@ def test_local_ray_reuses_an_idle_worker_while_the_cpus_are_held(ray_local):
         assert len(set(pids)) == 1, f"a new worker process per task: {pids}"
     finally:
         ray.kill(holder)
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_bars_go_off_when_the_driver_writes_to_a_file_and_stay_on_a_terminal(monkeypatch):
+    """`mtseg train > train.log 2>&1` carried hundreds of Ray Data bar frames (ANSI escapes, \\r) per epoch."""
+    import ray.data
+
+    from mtseg.cluster import quiet_progress_bars_unless_tty
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setattr(ctx, "enable_operator_progress_bars", True)
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    assert not quiet_progress_bars_unless_tty(_Stream(True), _Stream(True))
+    assert ctx.enable_progress_bars and ctx.enable_operator_progress_bars and "RAY_COLOR_PREFIX" not in os.environ
+
+    assert quiet_progress_bars_unless_tty(_Stream(True), _Stream(False))
+    assert not ctx.enable_progress_bars and not ctx.enable_operator_progress_bars
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"  # no colour codes around the forwarded lines' prefixes
+
+    # stdout to a file, stderr on a terminal: the bars stay there; a user's own colour setting is kept.
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    assert not quiet_progress_bars_unless_tty(_Stream(False), _Stream(True))
+    assert ctx.enable_progress_bars and os.environ["RAY_COLOR_PREFIX"] == "1"

@@ -129,3 +129,23 @@ def test_a_name_ending_in_a_newline_is_refused():
     """A regex `$` matches before a final newline; a YAML file can spell one ("x\\n")."""
     with pytest.raises(ConfigError, match=r"^train.run_name: 'x\\n' is not a plain name"):
         config_from_dict({"train": {"run_name": "x\n"}})
+
+
+@pytest.mark.parametrize("weights", ["", "imagenet", "/data/backbones/resnet50.pth", "weights/r18.pt"])
+def test_model_weights_takes_imagenet_or_a_local_file(weights, tmp_path, monkeypatch):
+    # Validation only reads the value: workers and checkpoint loads re-validate configs on
+    # machines that need no cache, so an empty TORCH_HOME and a missing local file pass here.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    assert load_config(None, [f"model.weights={weights}"]).model.weights == weights
+    assert config_from_dict({"model": {"weights": weights}}).model.weights == weights
+
+
+@pytest.mark.parametrize(
+    "weights",
+    ["DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2", "ResNet50_Weights.DEFAULT", "ImageNet", "https://x.org/resnet50.pth"],
+)
+def test_model_weights_hub_names_and_urls_point_at_imagenet(weights):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"model.weights={weights}"])
+    msg = str(info.value)
+    assert msg.startswith(f"model.weights: {weights!r} ") and "use model.weights=imagenet" in msg and "\n" not in msg

@@ -209,3 +209,40 @@ def test_fuse_instances_without_centers_or_things():
         fuse_instances(outputs, sem[:, :10], CATEGORIES)
     with pytest.raises(ValueError, match="semantic output"):
         fuse_semantic({"semantic": torch.zeros(1, 3, 4, 4)}, CATEGORIES)
+
+
+def test_fuse_panoptic_merges_things_and_stuff_and_voids_specks():
+    from mtseg.fusion import fuse_panoptic
+
+    cats = CategoryIndex.from_categories(
+        [
+            {"id": 1, "name": "person", "supercategory": "person", "isthing": 1},
+            {"id": 100, "name": "sky", "supercategory": "sky", "isthing": 0},
+            {"id": 120, "name": "ground", "supercategory": "ground", "isthing": 0},
+        ]
+    )
+    person, sky, ground = (cats.class_of(i) for i in (1, 100, 120))
+    sem = torch.full((H, W), ground)
+    sem[: H // 2] = sky
+    sem[0, 0] = person  # a thing-class pixel no instance claims
+    sem[20:30, 10:20] = person
+    sem[40:50, 30:40] = person
+    one, two = _rect(20, 30, 10, 20), _rect(40, 50, 30, 40)
+    instances = [{"mask": one, "category": person, "score": 0.9}, {"mask": two, "category": person, "score": 0.8}]
+    logits = 10.0 * F.one_hot(sem, cats.num_classes).permute(2, 0, 1)[None].float()
+    logits[0, 0] = 100.0  # void would win the argmax: fusion never predicts it in a panoptic space
+    assert fuse_semantic({"semantic": logits}, cats).min() > 0
+    ids, segments = fuse_panoptic(sem, instances, cats, min_area=0.01)
+    by_cat = {}
+    for s in segments:
+        by_cat.setdefault(s["category_id"], []).append(s)
+        assert s["area"] == int((ids == s["id"]).sum()) and s["area"] >= 0.01 * H * W
+    assert [s["isthing"] for s in by_cat[1]] == [1, 1] and len(by_cat[100]) == len(by_cat[120]) == 1
+    assert {s["id"] for s in segments} == set(np.unique(ids)) - {0}
+    assert ids[0, 0] == 0  # the thing-class pixel no instance claimed is void
+    np.testing.assert_array_equal(ids == by_cat[1][0]["id"], one)
+    assert by_cat[1][0]["bbox"] == [10, 20, 10, 10]
+    big, _ = fuse_panoptic(sem, instances, cats, min_area=0.05)  # 100 px < 5% of the image: things become void
+    assert not (big[one] > 0).any() and (big > 0).any()
+    small, _ = fuse_panoptic(sem, instances, cats, min_area=0.01, orig_size=(2 * H, 2 * W))
+    assert small.shape == (2 * H, 2 * W)

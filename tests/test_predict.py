@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,19 @@ from pycocotools import mask as mask_utils
 
 from mtseg.config import load_config, to_yaml
 from mtseg.data.categories import CategoryIndex
-from mtseg.predict import PredictError, Predictor, find_images, pick_device, predict_images
+from mtseg.predict import (
+    ImagePrediction,
+    PredictError,
+    Predictor,
+    find_images,
+    label_id_table,
+    pick_device,
+    predict_images,
+    render,
+    semantic_png,
+    void_label,
+)
+from mtseg.render import class_colours
 from mtseg.train import checkpoint as ckpt
 
 CATEGORIES = [
@@ -98,6 +111,7 @@ def test_predict_grayscale_rgba_and_corrupt_in_one_call(checkpoint, tmp_path, ca
 
     summary = json.loads((out / "summary.json").read_text())
     assert [s["source"] for s in summary["skipped"]] == [str(images / "broken.png")]
+    categories = CategoryIndex.from_categories(CATEGORIES)
     sizes = {"gray": (40, 52), "rgba": (29, 37), "photo": (70, 45)}
     assert {im["name"]: (im["height"], im["width"]) for im in summary["images"]} == sizes
     # Ids follow input order, the skipped file included.
@@ -110,12 +124,72 @@ def test_predict_grayscale_rgba_and_corrupt_in_one_call(checkpoint, tmp_path, ca
         for picture in ("overlay", "supercategory"):  # the image plus a legend beside it
             with Image.open(out / f"{name}_{picture}.png") as im:
                 assert im.width > w and im.height >= h
+        # For a program: the class of every pixel as the dataset's ids, at the image's size, palette embedded.
+        with Image.open(out / f"{name}_semantic.png") as im:
+            assert im.mode == "P" and im.size == (w, h)
+            ids = np.asarray(im)
+            assert set(np.unique(ids).tolist()) <= {0, 1, 3, 7}  # 0: background, COCO has no category 0
+            assert im.getpalette()[3 * 7 : 3 * 8] == [int(c) for c in class_colours(categories)[3]]
+        image_entry = next(e for e in summary["images"] if e["name"] == name)
+        assert f"{name}_semantic.png" in image_entry["files"]
         results = json.loads((out / f"{name}_instances.json").read_text())
         for r in results:
             assert r["category_id"] in {c["id"] for c in CATEGORIES}
             assert mask_utils.decode(r["segmentation"]).shape == (h, w)
         assert all(r in all_results for r in results)
     assert not list(out.glob("broken*"))
+
+
+def _space(*ids: int, panoptic: bool) -> CategoryIndex:
+    colours = [[10 * i % 256, 0, 200] for i in range(len(ids))]
+    return CategoryIndex.from_categories(
+        [
+            {"id": cid, "name": f"c{cid}", "supercategory": "s", **({"isthing": 1} if panoptic else {}), "color": colour}
+            for cid, colour in zip(ids, colours)
+        ]
+    )
+
+
+def test_the_class_index_png_holds_label_ids_with_void_by_the_label_space():
+    semantic = np.array([[0, 1, 2], [2, 2, 0]])
+    # instances (COCO): no category 0, so 0 is background
+    coco = _space(1, 90, panoptic=False)
+    assert void_label(coco) == 0
+    # panoptic (import-masks: a mask value may be 0): class index 0 is void, written 255
+    masks = _space(0, 8, panoptic=True)
+    assert void_label(masks) == 255
+    for space, expected in ((coco, [[0, 1, 90], [90, 90, 0]]), (masks, [[255, 0, 8], [8, 8, 255]])):
+        buf = io.BytesIO()
+        semantic_png(semantic, space).save(buf, format="PNG")
+        with Image.open(buf) as im:
+            assert im.mode == "P" and im.size == (3, 2)
+            assert np.asarray(im).tolist() == expected
+            palette = np.array(im.getpalette()[: 256 * 3]).reshape(-1, 3)
+            for c, cid in enumerate(space.coco_ids, start=1):
+                assert tuple(palette[cid]) == space.colors[c - 1]
+
+
+@pytest.mark.parametrize(
+    "ids, panoptic, needle",
+    [((1, 255), True, "[255]"), ((1, 300), False, "[300]"), ((0, 5), False, "[0]")],
+)
+def test_label_ids_the_png_cannot_hold_fail_clearly(ids, panoptic, needle):
+    with pytest.raises(PredictError, match=re.escape(needle)):
+        label_id_table(_space(*ids, panoptic=panoptic))
+
+
+def test_the_overlay_draws_and_names_the_classes_present_in_the_datasets_colours():
+    space = _space(1, 90, 7, panoptic=False)
+    image = np.full((48, 64, 3), 128, np.uint8)
+    semantic = np.zeros((48, 64), np.int64)
+    semantic[10:20, 10:30] = 2
+    overlay = np.asarray(render(image, ImagePrediction(image_id=1, semantic=semantic), space, {})["overlay"])
+    assert overlay.shape[0] >= 48 and overlay.shape[1] > 64
+
+    def has(colour) -> bool:
+        return bool((overlay == np.array(colour, np.uint8)).all(-1).any())
+
+    assert has(space.colors[1]) and not has(space.colors[0]) and not has(space.colors[2])  # only the class present
 
 
 def test_16_bit_bmp_and_8_bit_png_of_the_same_pixels_give_the_same_prediction(checkpoint, tmp_path):

@@ -9,7 +9,15 @@ import json
 def cmd_synth(args: argparse.Namespace) -> int:
     from mtseg.data.synth import synthesize
 
-    info = synthesize(args.out, train=args.train, val=args.val, size=args.size, seed=args.seed, profile=args.profile)
+    info = synthesize(
+        args.out,
+        train=args.train,
+        val=args.val,
+        size=args.size,
+        seed=args.seed,
+        profile=args.profile,
+        annotations=args.annotations,
+    )
     print(json.dumps(info, indent=2, default=str))
     return 0
 
@@ -29,6 +37,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction,
         executor="ray" if args.ray else "local",
         create_bucket=args.create_bucket,
+        annotations=args.annotations,
     )
     print(
         json.dumps(
@@ -40,6 +49,14 @@ def cmd_shard(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_import_masks(args: argparse.Namespace) -> int:
+    from mtseg.data.import_masks import import_masks
+
+    summary = import_masks(args.images, args.masks, args.classes, args.out, args.split, max_bad_fraction=args.max_bad_fraction)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -60,11 +77,23 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="default: the demo's small shapes; coco: 640x480 JPEGs with COCO's 80 categories and statistics",
     )
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--annotations",
+        choices=("instances", "panoptic"),
+        default="instances",
+        help="instances: things only; panoptic: stuff bands (sky, wall, ground) under the things, COCO's panoptic PNGs + JSON",
+    )
     synth.set_defaults(fn=cmd_synth)
-    shard = data.add_parser("shard", help="COCO images + instances json -> parquet shards + manifest")
+    shard = data.add_parser("shard", help="COCO images + instances or panoptic annotations -> parquet shards + manifest")
     shard.add_argument("--coco-root", required=True)
     shard.add_argument("--split", required=True)
     shard.add_argument("--out", required=True)
+    shard.add_argument(
+        "--annotations",
+        choices=("instances", "panoptic"),
+        default="instances",
+        help="instances: annotations/instances_<split>.json; panoptic: annotations/panoptic_<split>.json and its PNGs (things and stuff)",
+    )
     shard.add_argument("--images-per-shard", type=int, default=256)
     shard.add_argument("--max-bad-fraction", type=float, default=0.05)
     shard.add_argument("--create-bucket", action="store_true", help="create the --out bucket if it does not exist")
@@ -74,3 +103,15 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="build the shards as Ray tasks on every CPU of the Ray cluster (RAY_ADDRESS, else a local Ray)",
     )
     shard.set_defaults(fn=cmd_shard)
+    masks = data.add_parser(
+        "import-masks", help="images + label-mask PNGs -> COCO panoptic (then: data shard --annotations panoptic)"
+    )
+    masks.add_argument("--images", required=True, help="directory of .jpg/.jpeg/.png images (local or s3://)")
+    masks.add_argument("--masks", required=True, help="directory of single-channel .png label masks, same stems")
+    masks.add_argument(
+        "--classes", required=True, help="classes.yaml: name, supercategory, isthing, color per label value; ignore"
+    )
+    masks.add_argument("--out", required=True, help="COCO root to write (local or s3://)")
+    masks.add_argument("--split", required=True)
+    masks.add_argument("--max-bad-fraction", type=float, default=0.05)
+    masks.set_defaults(fn=cmd_import_masks)

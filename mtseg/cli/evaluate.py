@@ -19,6 +19,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loaded, data_uri, split = evaluate.load_for_evaluation(
         args.checkpoint, args.data, args.split, batch_size=args.batch_size, limit=args.limit, out=args.out, log=log
     )
+    evaluate.check_export_panoptic(loaded, args.export_panoptic)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -32,6 +33,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         actor_cpus=args.actor_cpus,
         use_gpu=args.use_gpu,
         limit=args.limit,
+        export_panoptic=args.export_panoptic,
         log=log,
     )
     files = evaluate.write_results(result, args.out or loaded.uri)
@@ -68,5 +70,11 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--use-gpu", default="auto", choices=("auto", "true", "false"))
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument(
+        "--export-panoptic",
+        default=None,
+        metavar="DIR",
+        help="also write the panoptic predictions in COCO's format (DIR/panoptic.json + DIR/panoptic/*.png) for panopticapi",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.set_defaults(fn=cmd_evaluate)

@@ -221,7 +221,13 @@ def ground_truth(row: Mapping[str, Any]) -> dict:
         if isinstance(counts, (bytes, bytearray)):
             a["segmentation_counts"] = counts.decode("ascii")
         anns.append(a)
-    return {"image_id": int(row["image_id"]), "height": int(row["height"]), "width": int(row["width"]), "annotations": anns}
+    return {
+        "image_id": int(row["image_id"]),
+        "file_name": row.get("file_name"),
+        "height": int(row["height"]),
+        "width": int(row["width"]),
+        "annotations": anns,
+    }
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,15 @@
-"""COCO (images + instances JSON, local or ``s3://``) → parquet shards + ``manifest.json``.
+"""COCO (images + instances or panoptic annotations, local or ``s3://``) → parquet shards + ``manifest.json``.
 
 One row per image (:data:`SHARD_SCHEMA`): the image file's bytes and its annotations with
 every segmentation as compressed RLE, so readers decode every mask the same way.
+
+* **Two annotation formats.** ``instances`` reads ``annotations/instances_<split>.json``
+  (things only; unannotated pixels are background). ``panoptic`` reads
+  ``annotations/panoptic_<split>.json`` and its PNGs (:mod:`mtseg.data.coco_panoptic`):
+  every segment, thing or stuff, becomes one annotation row, and the manifest's categories
+  keep ``isthing`` (so the label space is panoptic: unlabelled pixels are void). An image
+  whose PNG is missing, unreadable, of another size, or disagrees with its ``segments_info``
+  (a listed segment absent from the PNG or the reverse, an unknown category) is skipped whole.
 
 * **Atomic.** Every object is written whole (:func:`mtseg.storage.write_bytes`); the manifest
   (:mod:`mtseg.data.manifest`) goes last, so its presence means the split is complete.
@@ -31,12 +39,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from mtseg import storage
+from mtseg.data import coco_panoptic
+from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import SCHEMA_VERSION, write_manifest
 from mtseg.data.transforms import prepare_image
 from mtseg.errors import MtsegError
@@ -79,6 +90,9 @@ IMAGE_RULES_VERSION = 2
 MAX_DETAILS = 200
 _DETAILS_PER_SHARD = 50
 EXECUTORS = ("local", "ray")
+ANNOTATION_FORMATS = ("instances", "panoptic")
+# A panoptic segment's annotation id is image_id x this + its rank in the image (1-based).
+PANOPTIC_IDS_PER_IMAGE = 1 << 16
 
 
 class ShardError(MtsegError, ValueError):
@@ -144,10 +158,13 @@ def _get(obj: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------- annotation file
 
 
-def _load_coco(raw: bytes, where: str, tally: _Tally) -> tuple[COCO, list[dict], list[int]]:
+def _load_coco(raw: bytes, where: str, tally: _Tally, panoptic: bool = False) -> tuple[COCO, list[dict], list[int]]:
     """Parse, clean and index the instances JSON: (coco, categories by id, valid image ids sorted).
 
-    Malformed or duplicate entries are counted in ``tally`` and left out of the index.
+    With ``panoptic``, the file is a panoptic one: categories must say ``isthing`` and each
+    image's one ``annotations`` entry (PNG ``file_name`` and ``segments_info``) is indexed as
+    its only annotation. Malformed or duplicate entries are counted in ``tally`` and left out
+    of the index.
     """
     try:
         data = json.loads(raw)
@@ -166,8 +183,21 @@ def _load_coco(raw: bytes, where: str, tally: _Tally) -> tuple[COCO, list[dict],
         if cat["id"] in cat_ids:
             raise ShardError(f"{where}: duplicate category id {cat['id']}")
         cat_ids.add(cat["id"])
-        clean_cats.append({"id": cat["id"], "name": cat["name"], "supercategory": str(cat.get("supercategory") or cat["name"])})
+        clean = {"id": cat["id"], "name": cat["name"], "supercategory": str(cat.get("supercategory") or cat["name"])}
+        if panoptic:
+            if cat.get("isthing") not in (0, 1):
+                raise ShardError(
+                    f"{where}: category {cat['id']} needs 'isthing' 0 or 1 (a panoptic file says it for every category)"
+                )
+            clean["isthing"] = int(cat["isthing"])
+        if "color" in cat:
+            clean["color"] = cat["color"]
+        clean_cats.append(clean)
     clean_cats.sort(key=lambda c: c["id"])
+    try:  # the same checks as every reader of the manifest: fail here, not in training
+        CategoryIndex.from_categories(clean_cats)
+    except ValueError as e:
+        raise ShardError(f"{where}: {e}") from None
 
     images: dict[int, dict] = {}
     for entry in data["images"]:
@@ -183,6 +213,8 @@ def _load_coco(raw: bytes, where: str, tally: _Tally) -> tuple[COCO, list[dict],
     raw_anns = data.get("annotations", [])  # image_info files (COCO test) have none
     if not isinstance(raw_anns, list):
         raise ShardError(f"{where}: 'annotations' must be a list")
+    if panoptic:
+        return _index_panoptic(raw_anns, images, clean_cats, tally)
     for ann in raw_anns:
         if not isinstance(ann, dict) or not _is_int(ann.get("image_id")) or not _is_int(ann.get("id")):
             tally.annotation("malformed_annotation", ann, "needs integer 'id' and 'image_id'")
@@ -198,6 +230,90 @@ def _load_coco(raw: bytes, where: str, tally: _Tally) -> tuple[COCO, list[dict],
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     return coco, clean_cats, sorted(images)
+
+
+def _index_panoptic(raw_anns: list, images: dict[int, dict], categories: list[dict], tally: _Tally):
+    """The panoptic file's per-image entries indexed as each image's one annotation.
+
+    The segments are checked against the PNG when the image's shard is built; here only the
+    entry's shape. An image without a (valid) entry is skipped.
+    """
+    coco = COCO()
+    by_image: dict[int, dict] = {}
+    for n, ann in enumerate(raw_anns):
+        name = ann.get("file_name") if isinstance(ann, dict) else None
+        if not isinstance(ann, dict) or not _is_int(ann.get("image_id")) or not isinstance(ann.get("segments_info"), list):
+            tally.annotation("malformed_annotation", ann, "needs an integer 'image_id' and a 'segments_info' list")
+        elif not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
+            tally.annotation("malformed_annotation", ann, f"bad PNG file_name {name!r}")
+        elif ann["image_id"] not in images:
+            tally.annotation("unknown_image", ann)
+        elif ann["image_id"] in by_image:
+            tally.annotation("duplicate_annotation", ann, "a second panoptic entry for this image")
+        else:
+            by_image[ann["image_id"]] = {**ann, "id": n}
+    for image_id in [i for i in images if i not in by_image]:
+        tally.image("missing_panoptic_annotation", images.pop(image_id), "no entry in the panoptic JSON's 'annotations'")
+    coco.dataset = {"images": list(images.values()), "annotations": [], "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    for image_id, ann in by_image.items():
+        coco.imgToAnns[image_id] = [ann]
+    coco.dataset["annotations"] = list(by_image.values())
+    return coco, categories, sorted(images)
+
+
+def _panoptic_rows(png: bytes | None, entry: dict, ann: dict, categories: dict[int, dict]) -> tuple[list[dict] | None, str, str]:
+    """An image's segments from its panoptic PNG and ``segments_info``: (rows, "", "") or (None, reason, detail)."""
+    if png is None:
+        return None, "missing_panoptic_png", ann["file_name"]
+    try:
+        ids = coco_panoptic.read_png(png)
+    except ValueError as e:
+        return None, "unreadable_panoptic_png", f"{ann['file_name']}: {e}"
+    if ids.shape != (entry["height"], entry["width"]):
+        return (
+            None,
+            "panoptic_size_mismatch",
+            f"PNG is {ids.shape[1]}x{ids.shape[0]}, image is {entry['width']}x{entry['height']}",
+        )
+    listed: dict[int, dict] = {}
+    for seg in ann["segments_info"]:
+        if not isinstance(seg, dict) or not _is_int(seg.get("id")) or seg["id"] == coco_panoptic.VOID or seg["id"] in listed:
+            return None, "malformed_segment", f"segment {seg!r}: needs a unique nonzero integer 'id'"
+        if seg.get("category_id") not in categories:
+            return None, "unknown_category", f"segment {seg['id']}: category_id {seg.get('category_id')!r}"
+        if seg.get("iscrowd", 0) not in (0, 1):
+            return None, "malformed_segment", f"segment {seg['id']}: iscrowd {seg.get('iscrowd')!r}"
+        listed[seg["id"]] = seg
+    present, counts = np.unique(ids, return_counts=True)
+    area = dict(zip(present.tolist(), counts.tolist()))
+    area.pop(coco_panoptic.VOID, None)
+    if set(listed) - set(area):
+        return None, "segment_not_in_png", f"segments {sorted(set(listed) - set(area))[:5]} are listed but absent from the PNG"
+    if set(area) - set(listed):
+        return None, "png_segment_not_listed", f"PNG ids {sorted(set(area) - set(listed))[:5]} are not in segments_info"
+    if len(listed) >= PANOPTIC_IDS_PER_IMAGE:
+        return None, "malformed_segment", f"{len(listed)} segments, more than {PANOPTIC_IDS_PER_IMAGE - 1}"
+    rows = []
+    for k, seg_id in enumerate(sorted(listed)):
+        seg, mask = listed[seg_id], ids == seg_id
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rows.append(
+            {
+                # A PNG's segment ids are unique only within its image; an annotation id must be
+                # unique in the split (COCOeval keys matches by it), and the PNG's work is done.
+                "id": entry["id"] * PANOPTIC_IDS_PER_IMAGE + k + 1,
+                "category_id": seg["category_id"],
+                "iscrowd": int(seg.get("iscrowd", 0)),
+                # The PNG is the truth: the JSON's bbox and area are derived, and may be stale.
+                "bbox": [float(v) for v in coco_panoptic.segment_bbox(mask)],
+                "area": float(area[seg_id]),
+                "segmentation_size": [entry["height"], entry["width"]],
+                "segmentation_counts": bytes(rle["counts"]),
+            }
+        )
+    return rows, "", ""
 
 
 def _is_int(value: Any) -> bool:
@@ -428,19 +544,45 @@ def _write_shard(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
+def _read_optional(uri: str) -> bytes | None:
+    try:
+        return storage.read_bytes(uri)
+    except storage.NotFoundError:
+        return None
+
+
 def _build_shard(
-    entries: list[dict], anns: list[list[dict]], coco_root: str, split: str, workers: int
+    entries: list[dict],
+    anns: list[list[dict]],
+    coco_root: str,
+    split: str,
+    workers: int,
+    categories: list[dict] | None = None,
 ) -> tuple[list[dict], _Tally]:
+    """The rows of one shard; ``categories`` (the manifest's) means the annotations are panoptic entries."""
     tally = _Tally()
     uris = [storage.join(coco_root, split, *e["file_name"].split("/")) for e in entries]
     # Threads overlap the object-store round trips; a shard's worth of bytes is the memory bound.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(_read_image, uris, entries))
+        pngs = [None] * len(entries)
+        if categories is not None:
+            png_dir = storage.join(coco_root, "annotations", f"panoptic_{split}")
+            png_uris = [storage.join(png_dir, *a[0]["file_name"].split("/")) for a in anns]
+            pngs = list(pool.map(_read_optional, png_uris))
+    cats = {c["id"]: c for c in categories or []}
     rows = []
-    for entry, image_anns, (data, reason, note) in zip(entries, anns, results):
+    for entry, image_anns, (data, reason, note), png in zip(entries, anns, results, pngs):
         if data is None:
             tally.image(reason, entry, note)
             continue
+        if categories is not None:
+            ann_rows, reason, detail = _panoptic_rows(png, entry, image_anns[0], cats)
+            if ann_rows is None:
+                tally.image(reason, entry, detail)
+                continue
+        else:
+            ann_rows = _annotation_rows(image_anns, entry, tally)
         if note:
             tally.converted[note] += 1
         rows.append(
@@ -450,7 +592,7 @@ def _build_shard(
                 "height": entry["height"],
                 "width": entry["width"],
                 "image": data,
-                "annotations": _annotation_rows(image_anns, entry, tally),
+                "annotations": ann_rows,
             }
         )
     return rows, tally
@@ -465,13 +607,14 @@ def _make_shard(
     coco_root: str,
     split: str,
     workers: int,
+    categories: list[dict] | None = None,
 ) -> dict:
     """Build, write and record one shard; returns its sidecar. Runs in the driver or as a Ray task.
 
     Takes only its own image entries and their annotations, so a Ray task is sent a shard's
-    worth of the annotation file, never the whole of it.
+    worth of the annotation file, never the whole of it. ``categories`` is given for a panoptic split.
     """
-    rows, tally = _build_shard(entries, anns, coco_root, split, workers)
+    rows, tally = _build_shard(entries, anns, coco_root, split, workers, categories)
     sidecar = {
         "fingerprint": fingerprint,
         "path": _shard_name(index) if rows else None,
@@ -560,12 +703,14 @@ def shard_coco(
     executor: str = "local",
     max_in_flight: int | None = None,
     create_bucket: bool = False,
+    annotations: str = "instances",
     log: Callable[[str], None] = print,
 ) -> dict:
     """Shard one COCO split into ``<out_uri>/<split>/shard-NNNNN.parquet`` plus, last, its ``manifest.json``.
 
-    Reads ``<coco_root>/annotations/instances_<split>.json`` and the images under
-    ``<coco_root>/<split>/``. Shards already complete for this input are not written again.
+    Reads ``<coco_root>/annotations/instances_<split>.json`` (or, for ``annotations="panoptic"``,
+    ``panoptic_<split>.json`` and the PNGs in ``annotations/panoptic_<split>/``) and the images
+    under ``<coco_root>/<split>/``. Shards already complete for this input are not written again.
 
     Args:
         coco_root, out_uri: a local directory or ``s3://bucket/prefix``.
@@ -576,6 +721,7 @@ def shard_coco(
             with the same shards, sidecars and manifest byte for byte.
         max_in_flight: Ray tasks submitted and not yet finished (default twice the cluster's CPUs).
         create_bucket: create the bucket of an ``s3://`` ``out_uri`` when it does not exist.
+        annotations: ``"instances"`` or ``"panoptic"`` (things and stuff, see the module docstring).
         log: receives one progress line per shard.
 
     Returns:
@@ -598,21 +744,26 @@ def shard_coco(
         raise ShardError(f"executor: must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if max_in_flight is not None and (not _is_int(max_in_flight) or max_in_flight < 1):
         raise ShardError(f"max_in_flight: must be an integer >= 1, got {max_in_flight!r}")
+    if annotations not in ANNOTATION_FORMATS:
+        raise ShardError(f"annotations: must be one of {', '.join(ANNOTATION_FORMATS)}, got {annotations!r}")
+    panoptic = annotations == "panoptic"
     # Both URIs are checked, and the output proven writable, before anything is read or written.
     coco_root, out_uri = storage.check_uri(coco_root), storage.check_uri(out_uri)
     if create_bucket and storage.is_s3(out_uri):
         storage.ensure_bucket(storage.split_s3(out_uri)[0])
     storage.check_access(out_uri)
 
-    ann_uri = storage.join(coco_root, "annotations", f"instances_{split}.json")
+    ann_uri = storage.join(coco_root, "annotations", f"{annotations}_{split}.json")
     if not storage.exists(ann_uri):
         raise ShardError(f"split {split}: annotation file {ann_uri} not found")
     raw = storage.read_bytes(ann_uri)
     annotations_sha256 = hashlib.sha256(raw).hexdigest()
     file_tally = _Tally()
-    coco, categories, image_ids = _load_coco(raw, ann_uri, file_tally)
+    coco, categories, image_ids = _load_coco(raw, ann_uri, file_tally, panoptic=panoptic)
     listed = len(coco.dataset["images"]) + sum(file_tally.images.values())
-    annotations_listed = len(coco.dataset["annotations"]) + sum(file_tally.annotations.values())
+    annotations_listed = sum(file_tally.annotations.values()) + (
+        sum(len(a["segments_info"]) for a in coco.dataset["annotations"]) if panoptic else len(coco.dataset["annotations"])
+    )
     del raw
     if listed == 0:
         raise ShardError(f"split {split}: {ann_uri} lists no images")
@@ -633,7 +784,9 @@ def shard_coco(
         else:
             entries = [coco.imgs[i] for i in chunk]
             anns = [coco.imgToAnns.get(i, []) for i in chunk]
-            jobs.append((split_uri, index, fingerprint, entries, anns, coco_root, split, workers))
+            jobs.append(
+                (split_uri, index, fingerprint, entries, anns, coco_root, split, workers, categories if panoptic else None)
+            )
     del coco
     skipped_so_far = Counter(file_tally.images)
     for sidecar in sidecars.values():
@@ -669,6 +822,7 @@ def shard_coco(
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "split": split,
+        "annotation_format": annotations,
         "categories": categories,
         "counts": {
             "images_listed": listed,

@@ -23,6 +23,14 @@ Output layout (COCO's)::
     <out>/val2017/...
     <out>/annotations/instances_train2017.json, instances_val2017.json
 
+**Panoptic** (``annotations="panoptic"``, default profile): the background becomes two or
+three horizontal bands of stuff (``sky`` on top, ``wall``, ``ground`` at the bottom), each its
+own low-saturation texture, with wavy borders whose pixels are void, as COCO's panoptic
+annotators leave thin unlabelled seams. The same objects are drawn on top. Written as COCO's
+panoptic format (:mod:`mtseg.data.coco_panoptic`)::
+
+    <out>/annotations/panoptic_train2017.json, panoptic_train2017/000000000001.png, ...
+
 The same arguments give the same bytes: every image draws from its own random generator
 seeded by ``(seed, split, index)``.
 """
@@ -41,7 +49,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from mtseg import storage
-from mtseg.data import coco_profile
+from mtseg.data import coco_panoptic, coco_profile
 from mtseg.errors import MtsegError
 
 
@@ -65,6 +73,13 @@ CATEGORIES: tuple[SynthCategory, ...] = (
     SynthCategory(62, "pair", "compound", 180.0),
 )
 _BY_NAME = {c.name: c for c in CATEGORIES}
+# Stuff of the panoptic variant, top to bottom; hue only tints the low-saturation texture.
+STUFF: tuple[SynthCategory, ...] = (
+    SynthCategory(100, "sky", "sky", 205.0),
+    SynthCategory(110, "wall", "wall", 30.0),
+    SynthCategory(120, "ground", "ground", 90.0),
+)
+ANNOTATION_FORMATS = ("instances", "panoptic")
 # Shapes that still look like themselves when drawn tiny inside a crowd region.
 _CROWD_SHAPES = ("disc", "box", "triangle")
 
@@ -205,6 +220,38 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(value[..., None] * tint[None, None, :], 0.0, 1.0)
 
 
+def _stuff_background(
+    rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, list[tuple[SynthCategory, np.ndarray]], np.ndarray]:
+    """Bands of stuff: (pixels HxWx3 in [0, 1], [(category, mask)] top to bottom, void seam mask)."""
+    names = [STUFF[0], STUFF[2]] if rng.random() < 0.4 else list(STUFF)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    # Wavy borders between bands, each at a random height within its third of the image.
+    cuts = []
+    for k in range(len(names) - 1):
+        lo, hi = (k + 1) / len(names) - 0.12, (k + 1) / len(names) + 0.12
+        phase, period, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0.6, 1.5) * size, rng.uniform(0.02, 0.06) * size
+        cuts.append(rng.uniform(lo, hi) * size + amp * np.sin(2 * np.pi * xx[0] / period + phase))
+    band = np.zeros((size, size), np.int64)
+    for cut in cuts:
+        band += yy >= cut[None, :]
+    pixels = np.zeros((size, size, 3), np.float32)
+    for k, cat in enumerate(names):
+        value = rng.uniform(0.3, 0.75) + rng.uniform(0.1, 0.25) * (_smooth_noise(rng, size, int(rng.integers(3, 9))) - 0.5)
+        if cat.name == "wall":  # a brick-like grid: texture, not colour, tells wall from sky
+            value = value - 0.12 * ((yy % 6 < 1) | ((xx + 3 * (yy // 6 % 2)) % 8 < 1))
+        elif cat.name == "ground":
+            value = value + 0.08 * np.sin(2 * np.pi * xx / rng.uniform(3.0, 6.0))
+        rgb = np.array(colorsys.hsv_to_rgb(cat.hue / 360.0, rng.uniform(0.1, 0.25), 1.0), np.float32)
+        inside = band == k
+        pixels[inside] = np.clip(value[inside][:, None] * rgb[None, :], 0.0, 1.0)
+    pixels = np.clip(pixels + rng.normal(0.0, 0.03, (size, size, 1)), 0.0, 1.0)
+    seam = np.zeros((size, size), bool)
+    seam[1:] |= band[1:] != band[:-1]
+    seam[:-1] |= band[1:] != band[:-1]
+    return pixels, [(cat, (band == k) & ~seam) for k, cat in enumerate(names)], seam
+
+
 def _object_colour(rng: np.random.Generator, cat: SynthCategory) -> np.ndarray:
     hue = ((cat.hue + rng.uniform(-8.0, 8.0)) % 360.0) / 360.0
     return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.6, 1.0)), dtype=np.float32)
@@ -224,8 +271,14 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- images
 
 
-def _render(rng: np.random.Generator, index: int, size: int) -> tuple[Image.Image, list[tuple[_Object, np.ndarray]]]:
-    """One image and its visible objects [(object, visible mask)], bottom to top."""
+def _render(
+    rng: np.random.Generator, index: int, size: int, stuff: list | None = None
+) -> tuple[Image.Image, list[tuple[_Object, np.ndarray]]]:
+    """One image and its visible objects [(object, visible mask)], bottom to top.
+
+    With ``stuff`` (a list), the background is :func:`_stuff_background`'s bands, and the list
+    receives its ``[(category, mask)]`` and void seam; the instances variant's draws are unchanged.
+    """
     scale = size / 64.0
     objects: list[_Object] = []
     if index % _EMPTY_EVERY != _EMPTY_AT:
@@ -253,7 +306,11 @@ def _render(rng: np.random.Generator, index: int, size: int) -> tuple[Image.Imag
     keep = [o for o, v in zip(objects, visible) if v.sum() >= min_visible]
     visible = _visible_masks(keep)
 
-    pixels = _background(rng, size)
+    if stuff is None:
+        pixels = _background(rng, size)
+    else:
+        pixels, bands, seam = _stuff_background(rng, size)
+        stuff.extend([bands, seam])
     shade = 1.0 + 0.25 * (_smooth_noise(rng, size, 3) - 0.5) + rng.normal(0.0, 0.025, (size, size))
     for obj, vis in zip(keep, visible):
         colour = _object_colour(rng, obj.category)
@@ -315,14 +372,46 @@ def _write(path: str, data: bytes) -> None:
         raise storage.StorageError(storage.describe_error(path, e)) from None
 
 
-def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int, profile: str = "default") -> dict:
+def _panoptic_entry(objects: list, stuff: list, image_id: int, file_name: str, size: int) -> tuple[dict, np.ndarray]:
+    """COCO's panoptic annotation of one image and its segment-id map: stuff under the objects, seams void."""
+    bands, seam = stuff
+    ids = np.zeros((size, size), np.int64)
+    segments = []
+    things = np.zeros((size, size), bool)
+    for obj, visible in objects:
+        things |= visible
+    layers = [(cat, mask & ~things, 0) for cat, mask in bands] + [(o.category, v, o.iscrowd) for o, v in objects]
+    for cat, mask, crowd in layers:
+        if not mask.any():
+            continue
+        seg_id = len(segments) + 1
+        ids[mask] = seg_id
+        segments.append(
+            {
+                "id": seg_id,
+                "category_id": cat.id,
+                "iscrowd": int(crowd),
+                "bbox": coco_panoptic.segment_bbox(mask),
+                "area": int(mask.sum()),
+            }
+        )
+    del seam  # void: owned by no segment
+    return {"image_id": image_id, "file_name": file_name.rsplit(".", 1)[0] + ".png", "segments_info": segments}, ids
+
+
+def _synthesize_split(
+    out_dir: str, split: str, count: int, size: int, seed: int, profile: str = "default", annotation_format: str = "instances"
+) -> dict:
+    panoptic = annotation_format == "panoptic"
+    png_dir = os.path.join(out_dir, "annotations", f"panoptic_{split}")
     image_dir = os.path.join(out_dir, split)
-    try:
-        os.makedirs(image_dir, exist_ok=True)
-    except OSError as e:
-        raise storage.StorageError(storage.describe_error(image_dir, e)) from None
+    for folder in [image_dir, png_dir] if panoptic else [image_dir]:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise storage.StorageError(storage.describe_error(folder, e)) from None
     split_code = SPLITS.index(split)
-    images, annotations = [], []
+    images, annotations, entries = [], [], []
     stats = {"empty_images": 0, "grayscale_images": 0, "crowd_annotations": 0, "polygon_annotations": 0, "rle_annotations": 0}
     for index in range(count):
         rng = np.random.default_rng([seed, split_code, index])
@@ -332,9 +421,14 @@ def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int
             quality = coco_profile.JPEG_QUALITY
             objects = [((cid, crowd, polys), visible) for cid, crowd, polys, visible in drawn]
         else:
-            image, objects = _render(rng, index, size)
+            stuff = [] if panoptic else None
+            image, objects = _render(rng, index, size, stuff)
             quality = _JPEG_QUALITY
         file_name = f"{image_id:012d}.jpg"
+        if panoptic:
+            entry, ids = _panoptic_entry(objects, stuff, image_id, file_name, size)
+            _write(os.path.join(png_dir, entry["file_name"]), coco_panoptic.write_png(ids))
+            entries.append(entry)
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=quality)
         _write(os.path.join(image_dir, file_name), buf.getvalue())
@@ -355,10 +449,10 @@ def _synthesize_split(out_dir: str, split: str, count: int, size: int, seed: int
         "info": {"description": _description(split, seed, size, profile), "version": "1.0"},
         "licenses": [],
         "images": images,
-        "annotations": annotations,
-        "categories": categories(profile),
+        "annotations": entries if panoptic else annotations,
+        "categories": categories(profile, annotation_format),
     }
-    ann_file = os.path.join(out_dir, "annotations", f"instances_{split}.json")
+    ann_file = os.path.join(out_dir, "annotations", f"{annotation_format}_{split}.json")
     # Atomic, and written after every image: its presence means the split is complete.
     storage.write_bytes(ann_file, json.dumps(coco, separators=(",", ":")).encode())
     return {"images": len(images), "annotations": len(annotations), "image_dir": image_dir, "annotation_file": ann_file, **stats}
@@ -370,14 +464,19 @@ def _description(split: str, seed: int, size: int, profile: str) -> str:
     return f"mtseg synthetic COCO ({split}, seed {seed}, {size}px)"
 
 
-def categories(profile: str = "default") -> list[dict]:
+def categories(profile: str = "default", annotations: str = "instances") -> list[dict]:
     """The synthetic dataset's COCO ``categories`` entries (``id``, ``name``, ``supercategory``).
 
     Args:
         profile: ``"default"`` (six shapes) or ``"coco"`` (COCO's 80 categories).
+        annotations: ``"panoptic"`` adds the stuff categories and ``isthing`` to every entry.
     """
     if profile == "coco":
         return coco_profile.categories()
+    if annotations == "panoptic":
+        return [{"id": c.id, "name": c.name, "supercategory": c.supercategory, "isthing": 1} for c in CATEGORIES] + [
+            {"id": c.id, "name": c.name, "supercategory": c.supercategory, "isthing": 0} for c in STUFF
+        ]
     return [{"id": c.id, "name": c.name, "supercategory": c.supercategory} for c in CATEGORIES]
 
 
@@ -385,7 +484,14 @@ PROFILES = ("default", "coco")
 
 
 def synthesize(
-    out_dir: str, *, train: int = 320, val: int = 80, size: int | None = None, seed: int = 0, profile: str = "default"
+    out_dir: str,
+    *,
+    train: int = 320,
+    val: int = 80,
+    size: int | None = None,
+    seed: int = 0,
+    profile: str = "default",
+    annotations: str = "instances",
 ) -> dict:
     """Write a synthetic COCO-format dataset (``train2017``, ``val2017``) under ``out_dir``.
 
@@ -399,6 +505,8 @@ def synthesize(
         seed: random seed; the same arguments give byte-identical output.
         profile: ``"default"``: the demo's small learnable shapes (see the module docstring);
             ``"coco"``: images that cost what COCO's do (:mod:`mtseg.data.coco_profile`).
+        annotations: ``"instances"`` (things only) or ``"panoptic"`` (stuff bands under the
+            things, COCO's panoptic PNGs and JSON; default profile only).
 
     Returns:
         ``{"root": out_dir, "profile": profile, "categories": [...], "splits": {split: {"images",
@@ -416,6 +524,10 @@ def synthesize(
         raise SynthError(f"out_dir: {out_dir!r} must be a local directory (shard it to object storage afterwards)")
     if profile not in PROFILES:
         raise SynthError(f"profile: must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if annotations not in ANNOTATION_FORMATS:
+        raise SynthError(f"annotations: must be one of {', '.join(ANNOTATION_FORMATS)}, got {annotations!r}")
+    if annotations == "panoptic" and profile != "default":
+        raise SynthError(f"annotations: 'panoptic' is made for the default profile only, not {profile!r}")
     for name, value in (("train", train), ("val", val)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SynthError(f"{name}: image count must be an integer >= 0, got {value!r}")
@@ -428,8 +540,10 @@ def synthesize(
         raise SynthError(f"seed: must be an integer >= 0, got {seed!r}")
     storage.check_access(out_dir)
     out_dir = storage.resolve(out_dir)[1]  # absolute, without file://
-    splits = {split: _synthesize_split(out_dir, split, n, size, seed, profile) for split, n in zip(SPLITS, (train, val))}
-    return {"root": out_dir, "profile": profile, "categories": categories(profile), "splits": splits}
+    splits = {
+        split: _synthesize_split(out_dir, split, n, size, seed, profile, annotations) for split, n in zip(SPLITS, (train, val))
+    }
+    return {"root": out_dir, "profile": profile, "categories": categories(profile, annotations), "splits": splits}
 
 
 __all__ = ["CATEGORIES", "PROFILES", "SPLITS", "SynthCategory", "SynthError", "categories", "synthesize"]

@@ -287,15 +287,21 @@ class Instances:
 
     @functools.cached_property
     def semantic(self) -> np.ndarray:
-        """(H, W) int64: 0 background, 1..K class, :data:`IGNORE_INDEX` crowd not covered by an instance."""
-        semantic = np.concatenate([[0], self.labels])[self.segments]
+        """(H, W) int64: 0 background, 1..K class, :data:`IGNORE_INDEX` crowd not covered by an instance.
+
+        In a panoptic label space (``categories.panoptic``) no pixel is background: those no
+        segment owns are void, and :data:`IGNORE_INDEX` like crowd, as panopticapi scores them.
+        """
+        unowned = IGNORE_INDEX if self.categories.panoptic else 0
+        semantic = np.concatenate([[unowned], self.labels])[self.segments]
         semantic[self.crowd] = IGNORE_INDEX
         return semantic
 
     @functools.cached_property
     def things(self) -> np.ndarray:
-        """(H, W) bool: pixels of non-crowd instances."""
-        return (self.segments > 0) & ~self.crowd
+        """(H, W) bool: pixels of non-crowd instances of thing classes (stuff has no instances)."""
+        thing_class = np.asarray(self.categories.thing_classes, bool)
+        return np.concatenate([[False], thing_class[self.labels] & ~self.iscrowd])[self.segments]
 
 
 def augment(

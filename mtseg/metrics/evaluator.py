@@ -18,11 +18,13 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 
 from mtseg.data.categories import CategoryIndex
 from mtseg.metrics.coco import CocoMaskEvaluator, MapFn
+from mtseg.metrics.dense import ConfusionMatrix
 from mtseg.metrics.panoptic import PanopticQuality, gt_segments_from_coco, segments_from_results
 
 if TYPE_CHECKING:
@@ -58,8 +60,9 @@ class Evaluator:
             if metric is not None:
                 self.metrics[name] = metric
         if coco_gt is not None:
-            self.metrics[_MASK] = CocoMaskEvaluator(coco_gt)
-            self.metrics[_PANOPTIC] = PanopticQuality(categories.num_classes)
+            # Mask AP is a things metric: in a panoptic space the stuff segments leave its ground truth.
+            self.metrics[_MASK] = CocoMaskEvaluator(_things_only(coco_gt, categories) if categories.panoptic else coco_gt)
+            self.metrics[_PANOPTIC] = PanopticQuality(categories.num_classes, isthing=categories.thing_classes)
 
     def reset(self) -> None:
         """Forget everything processed so far."""
@@ -73,6 +76,7 @@ class Evaluator:
         outputs: Mapping[str, torch.Tensor],
         fused: Mapping[str, torch.Tensor] | None = None,
         instances: Sequence[dict] | None = None,
+        panoptic: Sequence[tuple[np.ndarray, list[dict]]] | None = None,
     ) -> None:
         """Add one batch.
 
@@ -82,7 +86,11 @@ class Evaluator:
             fused: fused predictions that replace a task's own decision from its output,
                 ``{task: tensor}`` (:func:`mtseg.fusion.fused_predictions`).
             instances: COCO result dicts of this batch's images (masks at the original image
-                size, e.g. from :func:`mtseg.fusion.instances_to_coco`), for mask AP and PQ.
+                size, e.g. from :func:`mtseg.fusion.instances_to_coco`), for mask AP and (without
+                ``panoptic``) PQ.
+            panoptic: per image of the batch, its panoptic segmentation at the original size
+                (:func:`mtseg.fusion.fuse_panoptic`: id map and COCO ``segments_info``); PQ over
+                things and stuff is scored on these against the ground truth's segments.
         """
         fused = fused or {}
         for name, task in self.tasks.items():
@@ -98,7 +106,10 @@ class Evaluator:
             if "image_id" not in batch:
                 raise ValueError("batch: missing 'image_id' (needed by the mask AP metric)")
             self.metrics[_MASK].update(instances)
-            self._update_panoptic(instances, batch["image_id"])
+            if panoptic is not None:
+                self._update_panoptic_maps(panoptic, batch["image_id"])
+            else:
+                self._update_panoptic(instances, batch["image_id"])
 
     def _update_panoptic(self, results: Sequence[dict], image_ids: torch.Tensor) -> None:
         by_image: dict[int, list[dict]] = defaultdict(list)
@@ -112,6 +123,16 @@ class Evaluator:
             pred = segments_from_results(by_image.get(image_id, []), int(info["height"]), int(info["width"]), class_of=class_of)
             gt, void = gt_segments_from_coco(self.coco_gt, image_id, class_of=class_of)
             self.metrics[_PANOPTIC].update(pred, gt, void)
+
+    def _update_panoptic_maps(self, panoptic: Sequence[tuple[np.ndarray, list[dict]]], image_ids: torch.Tensor) -> None:
+        ids = [int(i) for i in image_ids.reshape(-1).tolist()]
+        if len(panoptic) != len(ids):
+            raise ValueError(f"panoptic: {len(panoptic)} segmentations for a batch of {len(ids)} images")
+        for image_id, (pred_map, pred_segments) in zip(ids, panoptic):
+            if image_id not in self.coco_gt.imgs:
+                raise ValueError(f"batch: image_id {image_id} is not in the COCO ground truth")
+            gt_map, gt_segments = panoptic_gt(self.coco_gt, image_id)
+            self.metrics[_PANOPTIC].update_from_coco(pred_map, pred_segments, gt_map, gt_segments, self.categories)
 
     def all_reduce(self, num_shards: int = 1, executor: MapFn | None = None) -> None:
         """Combine all torch.distributed ranks (call on every rank; no-op without a process group).
@@ -161,5 +182,68 @@ class Evaluator:
         if _MASK in self.metrics:
             values.update(self.metrics[_MASK].compute(num_shards, executor))
             r = self.metrics[_PANOPTIC].compute()
-            values.update({"pq": r["pq"], "sq": r["sq"], "rq": r["rq"]})
+            keys = ["pq", "sq", "rq"]
+            if self.categories.panoptic:
+                keys += [f"{m}_{part}" for part in ("things", "stuff") for m in ("pq", "sq", "rq")]
+            values.update({k: r[k] for k in keys})
         return {f"{self.prefix}/{k}": v for k, v in values.items()}
+
+    def per_class(self) -> dict[str, dict[str, float]]:
+        """Per-class values by class name, for reports: ``{"iou": {...}, "pq": {...}, "sq": ..., "rq": ...}``.
+
+        ``iou`` comes from a task's confusion matrix over the categories (the semantic task's),
+        the others from panoptic quality (with the ground truth); NaN where a class was never
+        seen. Call after :meth:`all_reduce` under DDP, like :meth:`compute`.
+        """
+        names = ("background", *self.categories.names)
+        out: dict[str, dict[str, float]] = {}
+        for metric in self.metrics.values():
+            if isinstance(metric, ConfusionMatrix) and metric.num_classes == self.categories.num_classes:
+                ious = metric.compute()["iou_per_class"]
+                out["iou"] = {names[c]: float(v) for c, v in enumerate(ious) if c > 0 or not self.categories.panoptic}
+                break
+        if _PANOPTIC in self.metrics:
+            r = self.metrics[_PANOPTIC].compute()
+            for key in ("pq", "sq", "rq"):
+                values = r.get(f"{key}_per_class")
+                if values is not None:
+                    out[key] = {names[c]: float(v) for c, v in enumerate(values) if c > 0}
+        return out
+
+
+def _things_only(coco_gt: COCO, categories: CategoryIndex) -> COCO:
+    """The ground truth without its stuff categories and segments (mask AP scores things)."""
+    from mtseg.metrics.coco import _coco_from_dataset
+
+    things = {categories.coco_id_of(c) for c in range(1, categories.num_classes) if categories.thing_classes[c]}
+    dataset = coco_gt.dataset
+    return _coco_from_dataset(
+        {
+            "images": dataset["images"],
+            "annotations": [a for a in dataset["annotations"] if a["category_id"] in things],
+            "categories": [c for c in dataset["categories"] if c["id"] in things],
+        }
+    )
+
+
+def panoptic_gt(coco_gt: COCO, image_id: int) -> tuple[np.ndarray, list[dict]]:
+    """One image's ground truth as COCO's panoptic format: (segment-id map, ``segments_info``).
+
+    The ground truth holds a panoptic split's segments as annotations (``mtseg data shard
+    --annotations panoptic``); they are disjoint, and pixels none owns are void (0).
+    """
+    info = coco_gt.imgs[int(image_id)]
+    ids = np.zeros((int(info["height"]), int(info["width"])), np.int64)
+    segments = []
+    for k, ann in enumerate(coco_gt.imgToAnns.get(int(image_id), []), start=1):
+        ids[coco_gt.annToMask(ann).astype(bool)] = k  # PNG ids are per image; annotation ids are split-wide
+        segments.append(
+            {
+                "id": k,
+                "category_id": int(ann["category_id"]),
+                "iscrowd": int(ann.get("iscrowd", 0)),
+                "bbox": list(ann["bbox"]),
+                "area": float(ann["area"]),
+            }
+        )
+    return ids, segments

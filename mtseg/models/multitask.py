@@ -1,6 +1,7 @@
 """The multi-task model: one shared encoder-decoder, one head per task (hard parameter sharing).
 
-``model(images)`` takes (B, 3, H, W) images in [0, 1], normalises them internally, runs
+``model(images)`` takes (B, 3, H, W) images in [0, 1], normalises them internally (with the
+backbone's own statistics when its weights name them, else ImageNet's), runs
 backbone -> decoder (stride 4) -> every task head, lets the tasks refine the raw outputs
 (the hierarchical tie), and returns ``{task: output}`` bilinearly upsampled to H x W.
 """
@@ -21,7 +22,8 @@ class MultiTaskModel(nn.Module):
     """Shared backbone and decoder feeding one head per task.
 
     Args:
-        backbone: returns the multi-scale feature list (see :mod:`mtseg.models.backbones`).
+        backbone: returns the multi-scale feature list (see :mod:`mtseg.models.backbones`);
+            its ``input_mean`` / ``input_std``, when set, normalise the input images.
         decoder: merges it into one stride-4 map (see :mod:`mtseg.models.decoders`).
         tasks: ``{name: Task}``; each builds its head and may refine outputs.
         channels_last: feed the network NHWC tensors (faster convolutions on GPUs with
@@ -37,8 +39,12 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict({name: task.build_head(decoder.out_channels) for name, task in tasks.items()})
         self.tasks = dict(tasks)  # plain objects, not modules: they hold no parameters
         self.channels_last = channels_last
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Pretrained weights expect the normalisation they were trained with (torchvision's
+        # weights.transforms()); random init and local files keep ImageNet's, as always.
+        mean = getattr(backbone, "input_mean", None) or IMAGENET_MEAN
+        std = getattr(backbone, "input_std", None) or IMAGENET_STD
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, *, representation: bool = False):
         """Run every head.

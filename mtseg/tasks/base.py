@@ -147,7 +147,8 @@ class Task(ABC):
             categories: label names for legends.
 
         Returns:
-            (H, W, 3) uint8 RGB, or a PIL image (e.g. with a legend beside).
+            (H, W, 3) uint8 RGB, a PIL image, or a :class:`mtseg.render.Picture` (a map of
+            labels with the key to its colours, drawn beside it or merged into a row's legend).
         """
         raise NotImplementedError(f"task {self.name}: output_map without draw")
 

@@ -16,7 +16,7 @@ import torch
 
 from mtseg.data.targets import Instances, WireField, label_field
 from mtseg.metrics.dense import ConfusionMatrix
-from mtseg.render import blend
+from mtseg.render import class_picture
 from mtseg.tasks.base import Task, image_weights, masked_cross_entropy, resize_map
 
 
@@ -69,4 +69,4 @@ class SemanticTask(Task):
         return batch["semantic"][index].cpu().numpy()
 
     def draw(self, image, values, categories):
-        return blend(image, values)
+        return class_picture(image, values, categories)

@@ -23,7 +23,7 @@ import torch
 from mtseg.data.categories import IGNORE_INDEX
 from mtseg.data.targets import Instances, WireField, label_field
 from mtseg.metrics.dense import ConfusionMatrix
-from mtseg.render import beside, blend, legend
+from mtseg.render import labelled
 from mtseg.tasks.base import Task, image_weights, masked_cross_entropy, resize_map
 
 
@@ -134,6 +134,4 @@ class SupercategoryTask(Task):
         return batch["supercategory"][index].cpu().numpy()
 
     def draw(self, image, values, categories):
-        present = [int(s) for s in np.unique(values) if 0 < s < categories.num_supercategories]
-        names = [(0, "background")] + [(s, categories.supercategories[s - 1]) for s in present]
-        return beside(blend(image, values), legend(names, image.shape[0]))
+        return labelled(image, values, categories.supercategories)

@@ -12,13 +12,21 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from mtseg.config import Config
 from mtseg.data.categories import CategoryIndex
-from mtseg.fusion import fuse_instances, fuse_semantic, fused_predictions, has_instances, instances_to_coco
+from mtseg.fusion import (
+    fuse_instances,
+    fuse_panoptic,
+    fuse_semantic,
+    fused_predictions,
+    has_instances,
+    instances_to_coco,
+)
 from mtseg.models import build_model
 from mtseg.tasks import build_tasks, compute_losses, model_inputs
 from mtseg.train.optim import build_optimizer, build_scheduler
@@ -244,21 +252,32 @@ def evaluate(
     categories: CategoryIndex,
     evaluator,
     device: torch.device,
+    on_panoptic: Callable[[int, np.ndarray, list[dict]], None] | None = None,
 ) -> None:
     """Feed this worker's validation batches to ``evaluator`` (a metrics.Evaluator); training
-    validation and ``mtseg evaluate`` share it."""
+    validation and ``mtseg evaluate`` share it.
+
+    ``on_panoptic(image_id, id_map, segments_info)`` receives each image's panoptic
+    segmentation (a panoptic label space and an instance head), e.g. to export it.
+    """
     model.eval()
     for batch in batches:
         batch = to_device(batch, device, cfg.model.channels_last)
         with _autocast(device, cfg.train.amp):
             outputs, semantic, instances = predict_batch(model, batch, tasks, cfg, categories)
-        results = None
+        results = panoptic = None
         if instances is not None:
-            results = []
+            results, panoptic = [], [] if categories.panoptic else None
             for i, inst in enumerate(instances):
                 h, w = (int(x) for x in batch["orig_size"][i].tolist())
                 results.extend(instances_to_coco(inst, int(batch["image_id"][i]), categories, orig_size=(h, w)))
-        evaluator.process(batch, outputs, fused_predictions(semantic), results)
+                if panoptic is not None:
+                    panoptic.append(
+                        fuse_panoptic(semantic[i], inst, categories, min_area=cfg.tasks.panoptic_min_area, orig_size=(h, w))
+                    )
+                    if on_panoptic is not None:
+                        on_panoptic(int(batch["image_id"][i]), *panoptic[-1])
+        evaluator.process(batch, outputs, fused_predictions(semantic), results, panoptic=panoptic)
 
 
 def validate(state: TrainState, batches: Iterable[dict[str, torch.Tensor]], evaluator) -> dict[str, float]:

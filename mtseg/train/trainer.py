@@ -26,6 +26,7 @@ from mtseg.config import Config, ConfigError, config_from_dict, save_config, to_
 from mtseg.data.categories import CategoryIndex
 from mtseg.data.manifest import read_manifest, shard_uris
 from mtseg.data.pipeline import SampleTransform, worker_batches
+from mtseg.models.backbones import ensure_weights
 from mtseg.tasks import build_tasks, task_classes
 from mtseg.train import checkpoint as ckpt
 from mtseg.train.data import plan_epoch, steps_per_epoch
@@ -372,6 +373,9 @@ def preflight(cfg: Config) -> DataPlan:
     """Everything that can fail before a worker starts: storage reachable, dataset readable, run not in use."""
     storage.check_access(cfg.train.storage_path)
     storage.check_access(cfg.data.uri)
+    # ImageNet weights: found in (or, with internet, fetched into) torch's cache here, once, so
+    # that a missing file is one line now and not a worker failure after Ray has started.
+    ensure_weights(cfg.model.backbone, cfg.model.weights, download=True)
     check_free(run_uri(cfg))
     plan = DataPlan(cfg)
     if plan.steps_per_epoch(cfg.train.num_workers) < 1:
@@ -393,6 +397,10 @@ def build_trainer(cfg: Config, *, callbacks: list | None = None, init_checkpoint
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mtseg.cluster import quiet_progress_bars_unless_tty
+
+    # Before the TorchTrainer exists: it hands this process's DataContext to its workers.
+    quiet_progress_bars_unless_tty()
     fs, path = storage.ray_storage(cfg.train.storage_path)
     use_gpu = cfg.train.use_gpu == "true" or (cfg.train.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     if cfg.model.sync_batchnorm and not use_gpu and cfg.train.num_workers > 1:

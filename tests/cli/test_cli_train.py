@@ -196,3 +196,23 @@ def test_ctrl_c_stops_training_with_exit_code_130(ray_local, tiny_dataset, s3_bu
     assert seen[-1].strip() == "mtseg: interrupted"
     outcome = read_outcome(f"{s3_bucket}/ctrlc")
     assert outcome["status"] == "interrupted", outcome
+
+
+def test_imagenet_weights_missing_from_the_cache_fail_before_ray_in_one_line(tmp_path, monkeypatch, one_line_error):
+    import torch.hub
+
+    def offline(url, dst, *args, **kwargs):
+        raise OSError("no network here")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    from mtseg import cluster
+
+    started: list = []
+    monkeypatch.setattr(cluster, "init_local_ray", lambda **kw: started.append(kw))
+    args = ["train", f"train.storage_path={tmp_path / 'runs'}", f"data.uri={tmp_path / 'shards'}", "model.weights=imagenet"]
+    assert main([*args, "model.backbone=resnet18"]) == 2
+    one_line_error(
+        "model.weights=imagenet", str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-"), "download.pytorch.org"
+    )
+    assert not started

@@ -517,3 +517,91 @@ def test_ray_task_storage_failure_is_one_line(coco_root, tmp_path, ray_local):
         shard_coco(coco_root, SPLIT, str(out), images_per_shard=5, executor="ray", log=_quiet)
     assert "shard-00001.parquet" in str(raised.value) and "\n" not in str(raised.value)
     assert not os.path.exists(out / SPLIT / "manifest.json")
+
+
+# ----------------------------------------------------------------------------- panoptic
+
+from mtseg.data import coco_panoptic  # noqa: E402
+
+
+@pytest.fixture
+def panoptic_root(tmp_path):
+    """12 synthetic 32-px panoptic images: stuff bands with void seams, things, crowd, empty images."""
+    root = tmp_path / "panoptic"
+    synthesize(str(root), train=12, val=0, size=32, seed=2, annotations="panoptic")
+    return str(root)
+
+
+def _panoptic_json(root) -> tuple[str, dict]:
+    path = os.path.join(root, "annotations", f"panoptic_{SPLIT}.json")
+    with open(path) as f:
+        return path, json.load(f)
+
+
+def test_panoptic_round_trip_keeps_every_segment_and_isthing(panoptic_root, tmp_path):
+    out = str(tmp_path / "shards")
+    manifest = shard_coco(panoptic_root, SPLIT, out, images_per_shard=5, annotations="panoptic", log=_quiet)
+    _, data = _panoptic_json(panoptic_root)
+    assert manifest["annotation_format"] == "panoptic"
+    assert {c["name"]: c["isthing"] for c in manifest["categories"]} == {c["name"]: c["isthing"] for c in data["categories"]}
+    assert manifest["counts"]["images"] == 12 and manifest["counts"]["images_skipped"] == 0
+    segments = sum(len(a["segments_info"]) for a in data["annotations"])
+    assert manifest["counts"]["annotations"] == manifest["counts"]["annotations_listed"] == segments
+    rows = {r["image_id"]: r for r in _rows(out)}
+    for entry in data["annotations"]:
+        png = open(os.path.join(panoptic_root, "annotations", f"panoptic_{SPLIT}", entry["file_name"]), "rb").read()
+        ids = coco_panoptic.read_png(png)
+        stored = rows[entry["image_id"]]["annotations"]  # in segment-id order, ids unique in the split
+        assert [a["id"] for a in stored] == [entry["image_id"] * 65536 + k for k in range(1, len(stored) + 1)]
+        for seg, a in zip(sorted(entry["segments_info"], key=lambda s: s["id"]), stored, strict=True):
+            mask = mask_utils.decode({"size": a["segmentation_size"], "counts": a["segmentation_counts"]}).astype(bool)
+            np.testing.assert_array_equal(mask, ids == seg["id"])
+            assert a["category_id"] == seg["category_id"] and a["iscrowd"] == seg["iscrowd"]
+            assert a["area"] == seg["area"] and a["bbox"] == seg["bbox"]
+    # Stuff and void both occur: the bands and their seams.
+    stuff = {c["id"] for c in data["categories"] if not c["isthing"]}
+    assert any(a["category_id"] in stuff for r in rows.values() for a in r["annotations"])
+
+
+def test_panoptic_bad_input_is_skipped_counted_and_named(panoptic_root, tmp_path):
+    path, data = _panoptic_json(panoptic_root)
+    png_dir = os.path.join(panoptic_root, "annotations", f"panoptic_{SPLIT}")
+    entries = data["annotations"]
+    png = lambda e: os.path.join(png_dir, e["file_name"])  # noqa: E731
+    os.remove(png(entries[0]))  # missing PNG
+    open(png(entries[1]), "wb").write(b"not a png")  # unreadable
+    Image.new("RGB", (7, 5)).save(png(entries[2]))  # another size
+    entries[3]["segments_info"].append({"id": 9999, "category_id": entries[3]["segments_info"][0]["category_id"]})
+    entries[4]["segments_info"] = entries[4]["segments_info"][1:]  # a PNG segment no longer listed
+    entries[5]["segments_info"][0]["category_id"] = 999  # unknown category
+    missing_entry = entries.pop(6)  # an image without its panoptic entry
+    with open(path, "w") as f:
+        json.dump(data, f)
+    out = str(tmp_path / "shards")
+    manifest = shard_coco(panoptic_root, SPLIT, out, annotations="panoptic", max_bad_fraction=0.75, log=_quiet)
+    assert manifest["skipped"]["images"] == {
+        "missing_panoptic_png": 1,
+        "unreadable_panoptic_png": 1,
+        "panoptic_size_mismatch": 1,
+        "segment_not_in_png": 1,
+        "png_segment_not_listed": 1,
+        "unknown_category": 1,
+        "missing_panoptic_annotation": 1,
+    }
+    named = {d["reason"]: d["image_id"] for d in manifest["skipped"]["details"]}
+    assert named["missing_panoptic_png"] == entries[0]["image_id"]
+    assert named["missing_panoptic_annotation"] == missing_entry["image_id"]
+    assert manifest["counts"]["images"] == 5
+    with pytest.raises(ShardError, match="of 12 images are bad"):
+        shard_coco(panoptic_root, SPLIT, str(tmp_path / "again"), annotations="panoptic", log=_quiet)
+
+
+def test_panoptic_categories_must_say_isthing(panoptic_root, tmp_path):
+    path, data = _panoptic_json(panoptic_root)
+    del data["categories"][0]["isthing"]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(ShardError, match="needs 'isthing'"):
+        shard_coco(panoptic_root, SPLIT, str(tmp_path / "shards"), annotations="panoptic", log=_quiet)
+    with pytest.raises(ShardError, match="annotations: must be one of"):
+        shard_coco(panoptic_root, SPLIT, str(tmp_path / "shards"), annotations="semantic", log=_quiet)

@@ -368,3 +368,22 @@ def test_decode_layers_empty_many_and_bad_rle(cats):
     for counts in (b"", b"0", bad["segmentation_counts"][:-1], b"00000"):
         with pytest.raises(ValueError, match="cannot decode RLE"):
             decode_layers([dict(bad, segmentation_counts=counts)], 4, 5, cats)
+
+
+def test_panoptic_targets_void_is_ignored_and_stuff_has_no_instances():
+    cats = CategoryIndex.from_categories(
+        [
+            {"id": 1, "name": "person", "supercategory": "person", "isthing": 1},
+            {"id": 100, "name": "sky", "supercategory": "sky", "isthing": 0},
+        ]
+    )
+    sky = np.zeros((16, 16), np.uint8)
+    sky[:8] = 1
+    sky[7] = 0  # a void seam
+    person = _square(16, 16, 10, 4, 4)
+    t = _targets([sky, person], [2, 1], [False, False], cats)
+    assert t["semantic"][0, 0] == 2 and t["semantic"][11, 5] == 1
+    assert t["semantic"][7, 0] == IGNORE_INDEX and t["semantic"][15, 15] == IGNORE_INDEX  # unlabelled: void, not background
+    assert t["supercategory"][15, 15] == IGNORE_INDEX
+    np.testing.assert_array_equal(t["thing_mask"].astype(bool), person.astype(bool))  # the sky is no thing
+    assert np.unravel_index(t["center"][0].argmax(), (16, 16)) == (12, 6) and t["offset"][:, 2, 2].tolist() == [0, 0]
