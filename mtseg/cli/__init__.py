@@ -3,7 +3,8 @@
     mtseg demo                                   # the main job, end to end, on the embedded default
     mtseg cluster up|down|status                 # local SeaweedFS + Ray head on 127.0.0.1
     mtseg data synth --out DIR [--train N --val N --size PX --seed S]
-    mtseg data shard --coco-root DIR|URI --split NAME --out URI [--images-per-shard N] [--create-bucket]
+    mtseg data shard --coco-root DIR|URI --split NAME --out URI [--annotations instances|panoptic] [--images-per-shard N] [--create-bucket]
+    mtseg data import-masks --images DIR|URI --masks DIR|URI --classes classes.yaml --out DIR|URI --split NAME
     mtseg train --config FILE [key=value ...] [--restart]
     mtseg evaluate --checkpoint URI [--data URI] [--split NAME]
     mtseg predict --checkpoint URI IMAGE_OR_DIR_OR_URI... --out DIR

@@ -1,4 +1,4 @@
-"""``mtseg data synth|shard``: synthetic COCO-format data, and COCO into parquet shards."""
+"""``mtseg data synth|shard|import-masks``: synthetic COCO-format data, COCO into parquet shards, label masks into COCO panoptic."""
 
 from __future__ import annotations
 
