@@ -392,3 +392,35 @@ def test_cli_prints_the_summary(dataset, capsys):
         err
         == f"mtseg: error: {root / 'classes.yaml'}: classes[0]: missing 'isthing' (true for countable objects, false for stuff)"
     )
+
+
+CAMVID = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "camvid")
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(CAMVID, "valannot")),
+    reason="the real CamVid frames (../shared/data/camvid) exist on this team's machines only",
+)
+def test_real_camvid_frames_import_and_shard_with_the_recipes_classes(tmp_path):
+    """Four real val frames through import-masks (jobs/configs/camvid-classes.yaml) and the panoptic shard."""
+    from mtseg.data.categories import CategoryIndex
+    from mtseg.data.shard import shard_coco
+
+    stems = sorted(f[:-4] for f in os.listdir(os.path.join(CAMVID, "valannot")) if f.endswith(".png"))[:4]
+    images, masks = tmp_path / "frames", tmp_path / "labels"
+    images.mkdir()
+    masks.mkdir()
+    for stem in stems:
+        (images / f"{stem}.jpg").write_bytes(open(os.path.join(CAMVID, "val", f"{stem}.jpg"), "rb").read())
+        (masks / f"{stem}.png").write_bytes(open(os.path.join(CAMVID, "valannot", f"{stem}.png"), "rb").read())
+    classes = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "camvid-classes.yaml")
+    out = str(tmp_path / "coco")
+    summary = import_masks(str(images), str(masks), classes, out, "val", log=lambda *a: None)
+    assert summary["counts"]["images"] == 4 and summary["counts"]["skipped"] == 0
+    data = json.loads(storage.read_bytes(summary["annotation_file"]))
+    assert {(c["name"], c["isthing"]) for c in data["categories"]} >= {("road", 0), ("car", 1), ("sky", 0)}
+    assert all((e["height"], e["width"]) == (360, 480) for e in data["images"])
+    manifest = shard_coco(out, "val", str(tmp_path / "shards"), annotations="panoptic", log=lambda *a: None)
+    assert manifest["counts"]["images"] == 4 and manifest["counts"]["annotations"] == summary["counts"]["segments"]
+    cats = CategoryIndex.from_categories(manifest["categories"])
+    assert cats.panoptic and cats.num_classes == 12 and sum(cats.isthing) == 3
