@@ -37,7 +37,20 @@ one false positive per image), scored by plain single-process pycocotools (``eva
 ``accumulate`` + ``summarize``) and by ``CocoMaskEvaluator.compute`` with the per-image
 matching in Ray tasks (the two must agree exactly); time per 1,000 detected instances.
 
-One JSON line goes to stdout and to ``benchmarks/results/evaluate.json``.
+Robustness (``--robustness``, or ``--robustness-only`` for this part alone): a clean
+:func:`mtseg.evaluate.evaluate_loaded` pass and the whole corruption suite
+(:func:`mtseg.evaluate.evaluate_robustness`: clean + 15 corruptions x 5 severities) on the same
+first ``--robustness-images`` images, the suite timed between two clean passes (after a warm-up
+one); ``corruption_suite_over_clean`` is the suite's wall time over the mean clean pass (the goal
+is at most 100: 76 evaluations plus the corruptions' own cost). Beside it, what each corruption
+costs on its own, in this process: seconds per image at the benchmark's image size and at
+COCO's (``--coco-px``, the same images upscaled), over the severities, and the first call's cost
+(the library's import; numba compiling glass blur's pixel shuffle, once per process)::
+
+    .venv/bin/python benchmarks/evaluate.py --robustness-only --robustness-images 32   # ~5 min on 2 CPUs
+
+One JSON line goes to stdout and to ``benchmarks/results/evaluate.json`` (``--robustness-only``:
+``benchmarks/results/evaluate_robustness.json``).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import platform
 import statistics
@@ -237,6 +251,88 @@ def coco_timing(gt, shards: int, copies: int) -> dict:
     }
 
 
+def _timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def corruption_costs(data_uri: str, images: int, corruptions, severities, coco_px: tuple[int, int]) -> dict:
+    """Seconds per image of each corruption alone, in this process, at the images' size and upscaled to COCO's.
+
+    Each corruption's first call (imports; numba compiling glass blur) is timed apart and left out
+    of its rate; the rates are means over the images and ``severities``.
+    """
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from mtseg import storage
+    from mtseg.data.corruptions import corrupt
+    from mtseg.data.manifest import read_manifest, shard_uris
+    from mtseg.data.transforms import decode_image
+
+    rows: list[dict] = []
+    for uri in shard_uris(data_uri, SPLIT, read_manifest(data_uri, SPLIT)):
+        fs, path = storage.resolve(uri)
+        rows += pq.read_table(path, filesystem=fs, columns=["image_id", "image"]).to_pylist()
+        if len(rows) >= images:
+            break
+    rows = rows[:images]
+    small = [(r["image_id"], decode_image(r["image"]).permute(1, 2, 0).numpy()) for r in rows]
+    # COCO-sized images: a few of the same, upscaled (a corruption's cost grows with the pixels).
+    big = [(k, np.asarray(Image.fromarray(p).resize(coco_px, Image.Resampling.BILINEAR))) for k, p in small[:2]]
+    first_call, small_rate, big_rate = {}, {}, {}
+    for name in corruptions:
+        first_call[name] = round(_timed(corrupt, small[0][1], name, severities[0], key=-1)[0], 4)
+        for rates, sample in ((small_rate, small), (big_rate, big)):
+            seconds = sum(_timed(corrupt, p, name, s, key=k)[0] for s in severities for k, p in sample)
+            rates[name] = round(seconds / (len(sample) * len(severities)), 5)
+    ranked = sorted(big_rate, key=big_rate.get, reverse=True)
+    total = sum(big_rate.values())
+    return {
+        "s_per_image": small_rate,
+        "s_per_image_coco_px": big_rate,
+        "coco_px": f"{coco_px[0]}x{coco_px[1]}",
+        "first_call_s": first_call,
+        "dominant_coco_px": [
+            {"corruption": n, "s_per_image": big_rate[n], "share": round(big_rate[n] / total, 3)} for n in ranked[:3]
+        ],
+    }
+
+
+def robustness_timing(loaded, data_uri: str, *, images: int, batch_size: int, corruptions, severities, coco_px) -> dict:
+    """The corruption suite against a clean evaluation of the same images, side by side (see the module docstring)."""
+    from mtseg.evaluate import evaluate_loaded, evaluate_robustness
+
+    quiet = {"log": lambda _: None, "limit": images, "batch_size": batch_size}
+    evaluate_loaded(loaded, data_uri, SPLIT, **quiet)  # warm-up: Ray's workers import torch and mtseg
+    before, _ = _timed(evaluate_loaded, loaded, data_uri, SPLIT, **quiet)
+    suite_s, suite = _timed(evaluate_robustness, loaded, data_uri, SPLIT, corruptions=corruptions, severities=severities, **quiet)
+    after, clean = _timed(evaluate_loaded, loaded, data_uri, SPLIT, **quiet)
+    clean_s = (before + after) / 2
+    passes = {name: round(sum(by.values()), 2) for name, by in suite.seconds.items()}
+    clean_pass = suite.clean.timing["total_s"]
+    costs = corruption_costs(data_uri, images, corruptions, severities, coco_px)
+    return {
+        "images": clean.images,
+        "corruptions": len(corruptions),
+        "severities": list(severities),
+        "evaluations": 1 + len(corruptions) * len(severities),
+        "clean_pass_s": [round(before, 2), round(after, 2)],
+        "suite_s": round(suite_s, 1),
+        "corruption_suite_over_clean": round(suite_s / clean_s, 1),
+        "target_over_clean": 100,
+        # Each corruption's passes in the suite (inference + metrics, as evaluate_loaded times them),
+        # and what they cost beyond as many clean passes, per image.
+        "suite_passes_s": passes,
+        "suite_extra_s_per_image": {
+            name: round((t - clean_pass * len(severities)) / (clean.images * len(severities)), 4) for name, t in passes.items()
+        },
+        "corruption_cost": costs,
+        "summary": {k: {n: None if math.isnan(v) else round(v, 4) for n, v in row.items()} for k, row in suite.summary.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1200, help="synthetic validation images")
@@ -252,17 +348,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--coco-shards", type=int, default=4, help="Ray tasks for the COCO per-image matching")
     parser.add_argument("--detections-per-object", type=int, default=8, help="detections made from each object")
     parser.add_argument("--out", help="results JSON file (default benchmarks/results/evaluate.json)")
+    parser.add_argument("--robustness", action="store_true", help="also time the corruption suite against a clean pass")
+    parser.add_argument("--robustness-only", action="store_true", help="only the corruption suite against a clean pass")
+    parser.add_argument("--robustness-images", type=int, default=32, help="images the robustness section evaluates")
+    parser.add_argument("--corruptions", default="all", help="the suite's corruptions (as mtseg evaluate --corruptions)")
+    parser.add_argument("--severities", default="1-5", help="the suite's severities (as mtseg evaluate --severities)")
+    parser.add_argument("--coco-px", default="640x480", help="WIDTHxHEIGHT at which each corruption alone is timed too")
     args = parser.parse_args(argv)
+    robustness = args.robustness or args.robustness_only
+    if args.robustness_only:
+        args.images = args.robustness_images
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
     from mtseg.cluster import init_local_ray
+    from mtseg.data.corruptions import parse_corruptions, parse_severities
     from mtseg.data.shard import shard_coco
     from mtseg.data.synth import synthesize
     from mtseg.train.checkpoint import load_for_inference
 
+    corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
+    coco_px = tuple(int(v) for v in args.coco_px.lower().split("x"))
     t_start = time.perf_counter()
+    robust: dict = {}
     with tempfile.TemporaryDirectory(prefix="mtseg-bench-eval-") as tmp:
         coco_root, data_uri = os.path.join(tmp, "coco"), os.path.join(tmp, "shards")
         synthesize(coco_root, train=0, val=args.images, size=args.size, seed=0)
@@ -271,6 +380,18 @@ def main(argv: list[str] | None = None) -> dict:
         gt = ground_truth(data_uri)  # built once, outside the timings, as training validation does
         init_local_ray(num_cpus=2, log_to_driver=False)
         try:
+            if robustness:
+                robust = robustness_timing(
+                    loaded,
+                    data_uri,
+                    images=min(args.robustness_images, args.images),
+                    batch_size=args.batch_size,
+                    corruptions=corruptions,
+                    severities=severities,
+                    coco_px=coco_px,
+                )
+            if args.robustness_only:
+                return write_results(_robustness_figures(robust, args, loaded, t_start), out=args.out)
             # Warm-up on a few images: imports, Ray's worker pool, the page cache.
             plain_pass(loaded, data_uri, args.batch_size, gt, limit=2 * args.batch_size)
             cold, _ = ray_pass(loaded, data_uri, args.batch_size, limit=2 * args.batch_size)
@@ -325,12 +446,31 @@ def main(argv: list[str] | None = None) -> dict:
         "plain_passes_steady_images_per_s": [round(r.steady_images_per_s, 2) for r in plain_runs],
         "cocoeval": coco,
         "cocoeval_s_per_1000_instances": coco["single_process_s_per_1000_instances"],
+        **({"corruption_suite_over_clean": robust["corruption_suite_over_clean"], "robustness": robust} if robust else {}),
         "seconds": round(time.perf_counter() - t_start, 1),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
     return write_results(result, out=args.out)
+
+
+def _robustness_figures(robust: dict, args: argparse.Namespace, loaded, t_start: float) -> dict:
+    """The JSON of ``--robustness-only``."""
+    return {
+        "benchmark": "evaluate_robustness",
+        "image_px": args.size,
+        "model_px": loaded.cfg.data.image_size,
+        "model": f"{loaded.cfg.model.backbone}+{loaded.cfg.model.decoder}, tasks {','.join(loaded.cfg.tasks.names)}",
+        "batch_size": args.batch_size,
+        "cpus": os.cpu_count(),
+        "corruption_suite_over_clean": robust["corruption_suite_over_clean"],
+        "robustness": robust,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 if __name__ == "__main__":

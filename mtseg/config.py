@@ -39,7 +39,7 @@ class ConfigError(MtsegError, ValueError):
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 #: The keys :func:`validate` checks with :func:`validate_name`.
-NAME_KEYS = ("train.run_name", "tune.experiment_name")
+NAME_KEYS = ("train.run_name", "tune.experiment_name", "study.name")
 
 
 def validate_name(key: str, value: str) -> str:
@@ -210,6 +210,38 @@ class TuneConfig:
     experiment_name: str = _f("tune")
 
 
+#: Arm override keys a study sets itself: the seed per run, and where the runs go.
+STUDY_OWNED_KEYS = ("train.seed", "train.run_name", "train.storage_path")
+#: Prefixes of a study's per-run metric keys (``train/miou``, ``gap/miou``, ``mpc/miou``...): an
+#: extra split cannot take one as its name, or its metrics would be mistaken for them.
+STUDY_RESERVED_SPLITS = ("train", "val", "gap", "mpc", "rpc")
+#: Corruption severities, as Hendrycks & Dietterich number them.
+SEVERITY_RANGE = (1, 5)
+
+
+@dataclass
+class StudyConfig:
+    name: str = _f("study", help="the study's directory under train.storage_path: Tune's state, runs/, results/")
+    seeds: int = _f(3, min=1, help="runs per arm, with train.seed, train.seed+1, ...; 3 or more for a useful interval")
+    reference: str = _f("", help="the arm every other arm is compared with (paired differences, Δm%)")
+    arms: dict[str, dict[str, Any]] = _f(
+        default_factory=dict,
+        help="arm name -> dotted overrides of `mtseg train` (a string value is read as a command-line override)",
+    )
+    metrics: list[str] = _f(
+        default_factory=lambda: ["val/miou", "val/pq", "val/boundary_f1"],
+        help="validation metrics summarised per arm and averaged into Δm%",
+    )
+    corruptions: str = _f(
+        "", help="corruptions of the val split, as evaluate's --corruptions: 'all' or comma-separated names; empty = none"
+    )
+    severities: str = _f("1-5", help="corruption severities: '1-5', '1,3,5' or '3'")
+    extra_splits: list[str] = _f(
+        default_factory=list, help="more splits of data.uri each model is evaluated on (a held-out domain)"
+    )
+    train_split_limit: int = _f(0, min=0, help="images of the train split evaluated for the train-val gap; 0 = skip")
+
+
 @dataclass
 class ClusterConfig:
     address: str = _f("", help="Ray address; empty = RAY_ADDRESS or a local head")
@@ -224,6 +256,7 @@ class Config:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
@@ -238,6 +271,8 @@ def _coerce(key: str, tp, value: Any, meta: dict) -> Any:
 
     A mapping field's ``choices``/``min``/``max`` apply to each of its values.
     """
+    if tp is Any:  # a study arm's override value: checked against its own key by validate_study
+        return value
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
         (item_tp,) = typing.get_args(tp)[:1]
@@ -456,6 +491,122 @@ def validate(cfg: Config) -> None:
     check_weights_value(cfg.model.weights)
     validate_name("train.run_name", cfg.train.run_name)
     validate_name("tune.experiment_name", cfg.tune.experiment_name)
+    validate_study(cfg)
+
+
+# ---------------------------------------------------------------------------- studies
+
+
+def parse_severities(text: str) -> list[int]:
+    """``"1-5"`` -> [1, 2, 3, 4, 5]; ``"1,3,5"`` -> [1, 3, 5]; each within :data:`SEVERITY_RANGE`.
+
+    The syntax of ``mtseg evaluate --severities``, checked here so that a study fails on it before
+    submission; the corruption suite's own parser reads it again where the corruptions run.
+
+    Raises:
+        ConfigError: one line naming ``study.severities``.
+    """
+    lo, hi = SEVERITY_RANGE
+    out: list[int] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        a, sep, b = part.partition("-")
+        try:
+            first, last = (int(a), int(b)) if sep else (int(part), int(part))
+        except ValueError:
+            raise ConfigError(f"study.severities: {text!r} is not a severity list like '1-5' or '1,3,5'") from None
+        if not lo <= first <= last <= hi:
+            raise ConfigError(f"study.severities: {part!r} is outside {lo}-{hi}")
+        out += [s for s in range(first, last + 1) if s not in out]
+    return out
+
+
+def arm_overrides(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Each arm's overrides with every value in its key's type, in the order written.
+
+    A string value is read as a command-line override is (``"[semantic, boundary]"`` is a list).
+
+    Raises:
+        ConfigError: one line naming ``study.arms.<arm>.<key>``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for arm, overrides in cfg.study.arms.items():
+        validate_name(f"study.arms.{arm}", arm)
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"study.arms.{arm}: expected a mapping of dotted overrides, got {overrides!r}")
+        values: dict[str, Any] = {}
+        for key, value in (overrides or {}).items():
+            where = f"study.arms.{arm}.{key}"
+            if key in STUDY_OWNED_KEYS or key.split(".")[0] in ("study", "tune"):
+                raise ConfigError(
+                    f"{where}: the study sets it (seeds: study.seeds; runs: under study.name); drop it from the arm"
+                )
+            try:
+                if isinstance(value, str):
+                    key, value = parse_override(f"{key}={value}")
+                values[key] = coerce_value(key, value)
+            except ConfigError as e:
+                raise ConfigError(f"study.arms.{arm}: {e}") from None
+        out[str(arm)] = values
+    return out
+
+
+def arm_configs(cfg: Config) -> dict[str, Config]:
+    """The config each arm trains, before its seed: ``cfg`` with the arm's overrides, no tune or study section.
+
+    Raises:
+        ConfigError: one line naming the arm and what is wrong with the config it makes.
+    """
+    base = cfg.to_dict()
+    base["tune"] = dataclasses.asdict(TuneConfig())
+    base["study"] = dataclasses.asdict(StudyConfig())
+    out = {}
+    for arm, values in arm_overrides(cfg).items():
+        tree = _deep_copy(base)
+        for key, value in values.items():
+            set_dotted(tree, key, value)
+        try:
+            out[arm] = config_from_dict(tree)
+        except ConfigError as e:
+            raise ConfigError(f"study.arms.{arm}: {e}") from None
+    return out
+
+
+def validate_study(cfg: Config) -> None:
+    """Check the study section: names, reference, metrics, splits, severities, and that every arm
+    builds a valid config. A config without arms is no study and passes.
+
+    Raises:
+        ConfigError: one line naming the key.
+    """
+    st = cfg.study
+    validate_name("study.name", st.name)
+    parse_severities(st.severities)
+    for arm in st.arms:
+        validate_name(f"study.arms.{arm}", arm)
+    if not st.arms:
+        if st.reference:
+            raise ConfigError(f"study.reference: names arm {st.reference!r} but study.arms is empty")
+        return
+    if not st.reference:
+        raise ConfigError(f"study.reference: name the arm the others are compared with, one of {', '.join(st.arms)}")
+    if st.reference not in st.arms:
+        raise ConfigError(f"study.reference: {st.reference!r} is not an arm; arms are {', '.join(st.arms)}")
+    if not st.metrics:
+        raise ConfigError("study.metrics: at least one metric, e.g. val/miou")
+    for metric in st.metrics:
+        if not metric.startswith("val/") or metric == "val/":
+            raise ConfigError(f"study.metrics: {metric!r} is not a validation metric (val/<name>, e.g. val/miou)")
+    if len(set(st.metrics)) != len(st.metrics):
+        raise ConfigError(f"study.metrics: duplicate metric in {st.metrics}")
+    for split in st.extra_splits:
+        validate_name("study.extra_splits", split)
+        if split in STUDY_RESERVED_SPLITS:
+            raise ConfigError(
+                f"study.extra_splits: {split!r} is reserved for the study's own metrics ({', '.join(STUDY_RESERVED_SPLITS)})"
+            )
+    if len(set(st.extra_splits)) != len(st.extra_splits):
+        raise ConfigError(f"study.extra_splits: duplicate split in {st.extra_splits}")
+    arm_configs(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -13,6 +13,13 @@ The pipeline streams; only per-batch metric states and ground-truth rows reach t
     driver: states merged into one Evaluator, COCO matching in parallel Ray tasks
 
 The per-batch work is the code training validation runs, so both report the same numbers.
+
+**Robustness** (:func:`evaluate_robustness`, ``mtseg evaluate --corruptions``): the same pipeline
+once clean and once per (corruption, severity), the corruption applied in the read + decode tasks
+to each decoded image at its original size (:mod:`mtseg.data.corruptions`), so that it scales out
+as the clean evaluation does; every pass shares one copy of the weights in the object store, and a
+worker builds the model once for all of them. Reported as Michaelis et al. (2019) do for COCO-C:
+each headline metric's mPC (mean over corruptions and severities) and rPC = mPC / clean.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +37,7 @@ import numpy as np
 
 from mtseg import storage
 from mtseg.data.categories import CategoryIndex
+from mtseg.data.corruptions import CORRUPTIONS, FAMILIES, check_corruptions, check_severities
 from mtseg.predict import PredictError
 
 # torch, Ray and the data pipeline are imported where used, so that building the CLI parser
@@ -48,6 +56,11 @@ METRICS_JSON = "metrics.json"
 #: ``--export-panoptic DIR`` writes ``DIR/panoptic.json`` and the PNGs in ``DIR/panoptic/`` (COCO's layout)
 PANOPTIC_JSON, PANOPTIC_DIR = "panoptic.json", "panoptic"
 METRICS_MD = "metrics.md"
+#: ``mtseg evaluate --corruptions``: metric vs severity per corruption family, beside metrics.json
+ROBUSTNESS_PNG = "robustness.png"
+
+#: The metrics mPC and rPC are reported for, those of them the model has.
+HEADLINE_METRICS = ("val/miou", "val/pq", "val/mask_ap")
 
 #: Where a local copy of a checkpoint's data sits, beside the model directory: ``mtseg demo``
 #: exports the val split to ``runs/demo/shards`` next to ``runs/demo/model``.
@@ -203,6 +216,9 @@ class EvalTask:
             _WORKER_MODEL.clear()
             _WORKER_MODEL[self.key] = EvalActor(**self.kwargs)
         actor = _WORKER_MODEL[self.key]
+        # Evaluations of one model share the worker's model (robustness: clean, then corrupted
+        # passes), each with its own export directory (the clean pass's only).
+        actor.export_dir = self.kwargs.get("export_dir")
         for start in range(0, len(batch["gt"]), self.batch_size):
             yield actor({k: v[start : start + self.batch_size] for k, v in batch.items()})
 
@@ -342,6 +358,8 @@ def build_eval_dataset(
     plan: dict[str, Any],
     limit: int | None = None,
     export_panoptic: str | None = None,
+    corruption: tuple[str, int] | None = None,
+    model_ref: Any = None,
 ):
     """The lazy Ray Dataset of per-batch evaluator states (see the module docstring).
 
@@ -350,6 +368,10 @@ def build_eval_dataset(
         plan: from :func:`plan_inference`.
         limit: evaluate the first ``limit`` images only.
         export_panoptic: a directory the workers write each image's panoptic PNG into.
+        corruption: ``(name, severity)``: corrupt each decoded image in the read + decode tasks
+            (:class:`~mtseg.data.pipeline.SampleTransform`); None or severity 0: clean.
+        model_ref: ``ray.put(loaded.model_state)`` done by the caller; evaluations sharing it
+            share each worker's built model. Default: put here, for this evaluation.
 
     Returns:
         (dataset with rows ``{"state", "gt", "images", "panoptic"}``, the split's manifest).
@@ -364,10 +386,12 @@ def build_eval_dataset(
     ds, manifest = read_split(data_uri, split)
     if limit:
         ds = ds.limit(int(limit))
-    transform = SampleTransform.from_config(loaded.categories, cfg, build_tasks(cfg, loaded.categories), train=False)
+    transform = SampleTransform.from_config(
+        loaded.categories, cfg, build_tasks(cfg, loaded.categories), train=False, corruption=corruption
+    )
     # Each image's ground truth travels beside it: an actor scores a batch against its own images.
     ds = ds.map_batches(ChunkedTransform(transform, with_gt=True), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-    state_ref = ray.put(loaded.model_state)
+    state_ref = model_ref if model_ref is not None else ray.put(loaded.model_state)
     kwargs = {
         "cfg": cfg.to_dict(),
         "categories": loaded.categories.to_categories(),
@@ -419,6 +443,8 @@ def evaluate_loaded(
     limit: int | None = None,
     coco_shards: int | None = None,
     export_panoptic: str | None = None,
+    corruption: tuple[str, int] | None = None,
+    model_ref: Any = None,
     log: Callable[[str], None] = print,
 ) -> EvaluationResult:
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
@@ -432,6 +458,11 @@ def evaluate_loaded(
         export_panoptic: write the panoptic predictions in COCO's format into this directory
             (local or ``s3://``): ``panoptic.json`` and ``panoptic/<image stem>.png``, for
             panopticapi's ``pq_compute``. Needs a panoptic dataset and an instance head.
+        corruption: ``(name, severity)`` of :mod:`mtseg.data.corruptions`: evaluate on the images
+            corrupted so (at their original size, before the resize); None or severity 0: clean,
+            the very same pass.
+        model_ref: the ObjectRef of ``loaded.model_state`` when the caller put it for several
+            evaluations (:func:`evaluate_robustness`); default put for this one.
 
     Returns:
         An :class:`EvaluationResult` (nothing written).
@@ -447,16 +478,30 @@ def evaluate_loaded(
 
     batch_size = batch_size if batch_size is not None else loaded.cfg.data.batch_size
     check_export_panoptic(loaded, export_panoptic)
+    if corruption is not None:
+        name, severity = corruption
+        check_corruptions([name])
+        if severity != 0:
+            check_severities([severity])
     resources = dict(ray.cluster_resources())
     plan = plan_inference(resources, use_gpu=use_gpu, concurrency=concurrency, actor_cpus=actor_cpus)
     try:
         ds, manifest = build_eval_dataset(
-            loaded, data_uri, split, batch_size=batch_size, plan=plan, limit=limit, export_panoptic=export_panoptic
+            loaded,
+            data_uri,
+            split,
+            batch_size=batch_size,
+            plan=plan,
+            limit=limit,
+            export_panoptic=export_panoptic,
+            corruption=corruption,
+            model_ref=model_ref,
         )
     except ValueError as e:  # e.g. a split whose manifest lists no shards
         raise PredictError(str(e)) from None
     where = f"{plan['actors']} {plan['device']} actor(s)" if plan["actors"] else "the read + decode tasks"
-    log(f"[evaluate] {storage.join(data_uri, split)}: inference in {where}, batch {batch_size}")
+    corrupted = f", corrupted by {corruption[0]} at severity {corruption[1]}" if corruption and corruption[1] else ""
+    log(f"[evaluate] {storage.join(data_uri, split)}{corrupted}: inference in {where}, batch {batch_size}")
 
     t0 = time.monotonic()
     states: list[bytes] = []
@@ -509,16 +554,242 @@ def evaluate_loaded(
             "batch_size": batch_size,
             "coco_shards": shards,
             "limit": limit,
+            **({"corruption": [corruption[0], int(corruption[1])]} if corruption and corruption[1] else {}),
         },
     )
 
 
-def write_results(result: EvaluationResult, out: str) -> list[str]:
-    """Write ``metrics.json`` and ``metrics.md`` into ``out`` (local or ``s3://``); returns their URIs."""
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+@dataclass
+class RobustnessResult:
+    """A checkpoint's metrics on a split clean and under common corruptions (:func:`evaluate_robustness`).
+
+    Attributes:
+        clean: the clean evaluation, as :func:`evaluate_loaded` gives it.
+        by_corruption: corruption -> severity -> metrics (``{"val/miou": ...}``), every metric of
+            each pass, corruptions in the order evaluated.
+        summary: headline metric (:data:`HEADLINE_METRICS`, those the model has) ->
+            ``{"clean", "mPC", "rPC"}`` (:func:`summarize_robustness`).
+        seconds: corruption -> severity -> seconds of that pass (inference + metrics).
+    """
+
+    clean: EvaluationResult
+    by_corruption: dict[str, dict[int, dict[str, float]]]
+    summary: dict[str, dict[str, float]]
+    seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    @property
+    def severities(self) -> list[int]:
+        """Every severity evaluated, ascending."""
+        return sorted({s for by in self.by_corruption.values() for s in by})
+
+    def _shown(self) -> list[str]:
+        # A metric undefined on the clean split (no ground truth of its kind) has nothing to draw.
+        return [k for k, row in self.summary.items() if math.isfinite(row["clean"])] or list(self.summary)
+
+    def to_json(self) -> dict[str, Any]:
+        """``metrics.json``: the clean evaluation's document with a ``robustness`` section; NaN becomes null.
+
+        Returns:
+            ``clean.to_json()`` plus ``robustness``: ``corruptions``, ``severities``, ``families``,
+            ``by_corruption`` (corruption -> severity as a string -> metrics), ``summary``
+            (metric -> clean / mPC / rPC), ``seconds`` (as ``by_corruption``) and ``definition``.
+        """
+        doc = self.clean.to_json()
+        doc["robustness"] = {
+            "corruptions": list(self.by_corruption),
+            "severities": self.severities,
+            "families": {name: CORRUPTIONS[name] for name in self.by_corruption},
+            "by_corruption": {
+                name: {str(s): {k: _json_value(v) for k, v in m.items()} for s, m in by.items()}
+                for name, by in self.by_corruption.items()
+            },
+            "summary": {k: {n: _json_value(v) for n, v in row.items()} for k, row in self.summary.items()},
+            "seconds": {name: {str(s): t for s, t in by.items()} for name, by in self.seconds.items()},
+            "definition": "Michaelis et al. (2019): mPC = mean over corruptions of the mean over severities; rPC = mPC / clean",
+        }
+        return doc
+
+    def table(self) -> str:
+        """The markdown report: the clean evaluation's, then clean / mPC / rPC and one table per headline metric."""
+        from mtseg.report import format_metric
+
+        severities = self.severities
+        lines = [
+            self.clean.table().rstrip("\n"),
+            "",
+            "## Robustness to common corruptions",
+            "",
+            f"{len(self.by_corruption)} corruptions (Hendrycks & Dietterich) at severities "
+            f"{', '.join(map(str, severities))}, applied to each image at its original size. mPC is the mean "
+            "over corruptions and severities, rPC = mPC / clean (Michaelis et al., 2019).",
+            "",
+            "| metric | clean | mPC | rPC |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, row in self.summary.items():
+            lines.append(f"| `{key}` | " + " | ".join(format_metric(key, row[n]) for n in ("clean", "mPC", "rPC")) + " |")
+        for key in self._shown():
+            lines += [
+                "",
+                f"### `{key}` by corruption and severity",
+                "",
+                "| corruption | family | " + " | ".join(map(str, severities)) + " | mean |",
+                "|---|---|" + "---:|" * (len(severities) + 1),
+            ]
+            for name, by in self.by_corruption.items():
+                values = [by[s].get(key, math.nan) if s in by else math.nan for s in severities]
+                cells = [f"{v:.4f}" if math.isfinite(v) else "–" for v in [*values, float(np.mean(values))]]
+                lines.append(f"| {name} | {CORRUPTIONS[name]} | " + " | ".join(cells) + " |")
+        lines += ["", f"![metric vs severity per corruption family]({ROBUSTNESS_PNG})"]
+        return "\n".join(lines) + "\n"
+
+    def figure(self):
+        """Metric vs severity, one panel per corruption family (noise, blur, weather, digital) and row per
+        headline metric, one line per corruption, the clean value dashed: a matplotlib Figure on Agg."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        from mtseg.report import DPI
+
+        keys = self._shown()
+        fig = Figure(figsize=(13.0, 2.9 * max(1, len(keys)) + 0.3), dpi=DPI, layout="constrained")
+        FigureCanvasAgg(fig)  # no pyplot: no global state, no display
+        axes = fig.subplots(max(1, len(keys)), len(FAMILIES), squeeze=False, sharey="row")
+        for r, key in enumerate(keys):
+            for c, family in enumerate(FAMILIES):
+                ax = axes[r][c]
+                names = [n for n in self.by_corruption if CORRUPTIONS[n] == family]
+                for i, name in enumerate(names):
+                    by = self.by_corruption[name]
+                    severities = sorted(by)
+                    values = [by[s].get(key, math.nan) for s in severities]
+                    ax.plot(severities, values, marker="o", markersize=3.5, linewidth=1.5, color=f"C{i}", label=name)
+                ax.axhline(self.summary[key]["clean"], color="black", linestyle="--", linewidth=1.2, label="clean")
+                if not names:
+                    ax.text(0.5, 0.5, "not evaluated", transform=ax.transAxes, ha="center", va="center", color="gray")
+                ax.set_title(family)
+                ax.set_xticks(list(range(1, 6)))
+                ax.set_xlim(0.7, 5.3)
+                ax.set_xlabel("severity")
+                if c == 0:
+                    ax.set_ylabel(key)
+                ax.grid(True, alpha=0.35)
+                ax.legend(fontsize="x-small", loc="lower left", frameon=False)
+        return fig
+
+
+def summarize_robustness(
+    clean: dict[str, float], by_corruption: dict[str, dict[int, dict[str, float]]], metrics: Sequence[str] = HEADLINE_METRICS
+) -> dict[str, dict[str, float]]:
+    """mPC and rPC of each headline metric, as Michaelis et al. (2019) define them for COCO-C.
+
+    mPC = (1/N_c) sum over corruptions of (1/N_s) sum over severities of the metric; with the same
+    severities for every corruption, the mean of all the (corruption, severity) values. rPC = mPC / clean.
+
+    Args:
+        clean: the clean evaluation's metrics.
+        by_corruption: corruption -> severity -> metrics.
+        metrics: the metrics to summarise, those of them ``clean`` has; when it has none of them, its
+            first metric by name.
+
+    Returns:
+        metric -> ``{"clean", "mPC", "rPC"}``; NaN where undefined (an undefined value among the
+        passes, a clean value of 0).
+    """
+    keys = [k for k in metrics if k in clean] or sorted(clean)[:1]
+    summary = {}
+    for key in keys:
+        per_corruption = [np.mean([by[s].get(key, math.nan) for s in by]) for by in by_corruption.values() if by]
+        mpc = float(np.mean(per_corruption)) if per_corruption else math.nan
+        base = float(clean[key])
+        rpc = mpc / base if math.isfinite(base) and base != 0 else math.nan
+        summary[key] = {"clean": base, "mPC": mpc, "rPC": rpc}
+    return summary
+
+
+def evaluate_robustness(
+    loaded: LoadedCheckpoint,
+    data_uri: str,
+    split: str,
+    *,
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    log: Callable[[str], None] = print,
+    **options: Any,
+) -> RobustnessResult:
+    """Evaluate a loaded checkpoint clean and under each corruption at each severity (``ray.init`` first).
+
+    One :func:`evaluate_loaded` pass clean, then one per (corruption, severity), each corrupting the
+    images in the read + decode tasks (deterministic per image, corruption and severity). The weights
+    go to the object store once for all the passes.
+
+    Args:
+        loaded: from :func:`load_for_evaluation`.
+        corruptions: names from :data:`mtseg.data.corruptions.CORRUPTIONS` (see
+            :func:`~mtseg.data.corruptions.parse_corruptions`); duplicates dropped.
+        severities: from 1 to 5 (:func:`~mtseg.data.corruptions.parse_severities`).
+        log: one line per pass and the summary.
+        **options: :func:`evaluate_loaded`'s (``batch_size``, ``concurrency``, ``limit``,
+            ``use_gpu``...); ``export_panoptic`` exports the clean pass only.
+
+    Returns:
+        A :class:`RobustnessResult` (nothing written; :func:`write_results` writes it).
+
+    Raises:
+        mtseg.data.corruptions.CorruptionError: an unknown corruption or a severity outside 1-5.
+        PredictError: bad options (as :func:`evaluate_loaded`), or ``corruption`` among them.
+    """
+    import ray
+
+    corruptions = check_corruptions(corruptions)
+    severities = check_severities(severities)
+    if "corruption" in options:
+        raise PredictError("evaluate_robustness: give corruptions and severities, not corruption")
+    export_panoptic = options.pop("export_panoptic", None)
+    if options.get("model_ref") is None:
+        options["model_ref"] = ray.put(loaded.model_state)
+    passes = len(corruptions) * len(severities)
+    log(f"[robustness] clean, then {len(corruptions)} corruption(s) x {len(severities)} severities: {passes} passes")
+    clean = evaluate_loaded(loaded, data_uri, split, export_panoptic=export_panoptic, log=log, **options)
+    headline = [k for k in HEADLINE_METRICS if k in clean.metrics]
+    by_corruption: dict[str, dict[int, dict[str, float]]] = {}
+    seconds: dict[str, dict[int, float]] = {}
+    for name in corruptions:
+        for severity in severities:
+            result = evaluate_loaded(loaded, data_uri, split, corruption=(name, severity), log=lambda _: None, **options)
+            by_corruption.setdefault(name, {})[severity] = result.metrics
+            seconds.setdefault(name, {})[severity] = result.timing["total_s"]
+            shown = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline)
+            log(
+                f"[robustness] {sum(map(len, by_corruption.values()))}/{passes} {name} severity {severity}: "
+                f"{shown} ({result.timing['total_s']:.1f}s)"
+            )
+    summary = summarize_robustness(clean.metrics, by_corruption)
+    for key, row in summary.items():
+        log(f"[robustness] {key}: clean {row['clean']:.4f}, mPC {row['mPC']:.4f}, rPC {row['rPC']:.3f}")
+    return RobustnessResult(clean=clean, by_corruption=by_corruption, summary=summary, seconds=seconds)
+
+
+def write_results(result: EvaluationResult | RobustnessResult, out: str) -> list[str]:
+    """Write ``metrics.json`` and ``metrics.md`` into ``out`` (local or ``s3://``), and for a
+    :class:`RobustnessResult` ``robustness.png`` too; returns their URIs (also set as ``files``
+    of the clean :class:`EvaluationResult`)."""
     json_uri, md_uri = storage.join(out, METRICS_JSON), storage.join(out, METRICS_MD)
     storage.write_bytes(json_uri, (json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n").encode())
     storage.write_bytes(md_uri, result.table().encode())
-    result.files = [json_uri, md_uri]
+    files = [json_uri, md_uri]
+    if isinstance(result, RobustnessResult):
+        from mtseg.report import png_bytes
+
+        png_uri = storage.join(out, ROBUSTNESS_PNG)
+        storage.write_bytes(png_uri, png_bytes(result.figure()))
+        files.append(png_uri)
+        result = result.clean
+    result.files = files
     return result.files
 
 

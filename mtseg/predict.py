@@ -9,6 +9,8 @@ exceeds ``data.max_image_side``)::
     <out>/<name>_<task>.png         for a person: each other task's picture, as its task draws it
     <out>/<name>_semantic.png       for a program: the fused class of every pixel (below)
     <out>/<name>_instances.json     for a program: the image's instances as COCO results (compressed RLE)
+    <out>/<name>_panoptic.png       for a program, panoptic models: COCO's panoptic PNG (segment id = R + 256 G + 256^2 B)
+    <out>/<name>_panoptic.json      ... and its COCO annotation entry (file_name, segments_info with category ids)
 
 plus ``coco_results.json`` (all instances) and ``summary.json`` (images, and every skipped
 file or image-less input with the reason). Images go through the validation transform, the model
@@ -97,12 +99,15 @@ class ImagePrediction:
         semantic: (H, W) int64 fused class map (0 = background).
         maps: ``{task: task.output_map(...)}`` of every task fusion does not replace.
         instances: COCO result dicts (``segmentation`` compressed RLE at (H, W)).
+        panoptic: for a panoptic label space with an instance head, the (H, W) segment-id map
+            and its COCO ``segments_info`` (:func:`mtseg.fusion.fuse_panoptic`); else None.
     """
 
     image_id: int
     semantic: np.ndarray
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     instances: list[dict] = field(default_factory=list)
+    panoptic: tuple[np.ndarray, list[dict]] | None = None
 
 
 class Predictor:
@@ -150,7 +155,7 @@ class Predictor:
         import torch
 
         from mtseg.data.pipeline import to_torch
-        from mtseg.fusion import fused_predictions, instances_to_coco
+        from mtseg.fusion import fuse_panoptic, fused_predictions, instances_to_coco
         from mtseg.tasks.base import resize_map
         from mtseg.train.loop import _autocast, predict_batch
 
@@ -179,6 +184,10 @@ class Predictor:
                     pred.maps[name] = values
             if instances is not None:
                 pred.instances = instances_to_coco(instances[i], int(image_id), self.categories, orig_size=size)
+                if self.categories.panoptic:
+                    pred.panoptic = fuse_panoptic(
+                        semantic[i], instances[i], self.categories, min_area=self.cfg.tasks.panoptic_min_area, orig_size=size
+                    )
             preds.append(pred)
         return preds
 
@@ -286,16 +295,24 @@ def prediction_files(name: str, pred: ImagePrediction, categories: CategoryIndex
         categories: the label space.
 
     Returns:
-        ``{file name: content}``: ``<name>_semantic.png`` (:func:`semantic_png`) and
-        ``<name>_instances.json`` (COCO results).
+        ``{file name: content}``: ``<name>_semantic.png`` (:func:`semantic_png`),
+        ``<name>_instances.json`` (COCO results) and, for a panoptic prediction, COCO's
+        ``<name>_panoptic.png`` with ``<name>_panoptic.json`` (its annotation entry:
+        ``file_name`` and ``segments_info``, as in a ``panoptic_<split>.json``).
     """
-    # The place for a panoptic model's outputs, not written yet: COCO's panoptic PNG
-    # (<name>_panoptic.png, segment ids as panopticapi's id2rgb) and the image's segments_info for
-    # the segments JSON. Each entry returned here is written beside the pictures and listed in summary.json.
-    return {
+    from mtseg.data.coco_panoptic import write_png
+
+    files = {
         f"{name}_semantic.png": _png(semantic_png(pred.semantic, categories)),
         f"{name}_instances.json": json.dumps(pred.instances).encode(),
     }
+    if pred.panoptic is not None:
+        ids, segments = pred.panoptic
+        info = [{k: s[k] for k in ("id", "category_id", "iscrowd", "bbox", "area")} for s in segments]
+        entry = {"image_id": pred.image_id, "file_name": f"{name}_panoptic.png", "segments_info": info}
+        files[f"{name}_panoptic.png"] = write_png(ids)
+        files[f"{name}_panoptic.json"] = json.dumps(entry).encode()
+    return files
 
 
 # ---------------------------------------------------------------------------- inputs

@@ -62,6 +62,7 @@ JOBS: dict[str, JobSpec] = {
     "prepare": JobSpec("jobs/prepare_data.py", 0.0, "shard COCO into parquet shards + manifest at data.uri"),
     "train": JobSpec("jobs/train.py", 0.0, "distributed training (Ray Train)", command="train"),
     "tune": JobSpec("jobs/tune.py", 0.0, "task-weighting / architecture search (Ray Tune)", command="tune"),
+    "study": JobSpec("jobs/study.py", 0.0, "arms x seeds study with intervals (Ray Tune)", command="study"),
     "evaluate": JobSpec(
         "jobs/evaluate.py", 0.0, "metrics of a checkpoint (Ray Data batch inference)", takes_config=False, command="evaluate"
     ),
@@ -435,7 +436,7 @@ def submit(
     """Validate the job locally, then submit ``jobs/<script>.py`` through the Ray Jobs API.
 
     Args:
-        name: a key of :data:`JOBS` (``prepare``, ``train``, ``tune``, ``evaluate``, ``predict``).
+        name: a key of :data:`JOBS` (``prepare``, ``train``, ``tune``, ``study``, ``evaluate``, ``predict``).
         config_path: the YAML config, inside the project (the cluster sees only the project);
             None runs on the built-in defaults.
         overrides: dotted ``key=value`` overrides, validated here and passed to the script.
@@ -480,7 +481,7 @@ def submit(
         cfg = load_config(config_path, list(overrides))
         config_rel = _relative_to_root(config_path, root, "config") if config_path else None
         _warn_local_paths(name, cfg, log)
-        run_name = cfg.train.run_name
+        run_name = cfg.study.name if name == "study" else cfg.train.run_name
         storage_path = cfg.train.storage_path
         run = join(storage_path, run_name) if name == "train" and not _relative_local(storage_path) else None
     else:

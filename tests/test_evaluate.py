@@ -146,6 +146,66 @@ def test_evaluate_limit_and_label_space_check(ray_local, trained_checkpoint, tin
         evaluate_checkpoint(checkpoint_uri, other, "val2017", out=str(tmp_path), log=lambda *a: None)
 
 
+@pytest.mark.slow
+def test_robustness_of_a_named_subset_and_severity_zero_is_the_clean_pass(
+    ray_local, trained_checkpoint, tiny_data, tmp_path, capsys
+):
+    from mtseg.cli import main
+    from mtseg.evaluate import HEADLINE_METRICS, evaluate_loaded, load_for_evaluation
+
+    run, checkpoint_uri, cfg, categories = trained_checkpoint
+    out = tmp_path / "robustness"
+    args = ["--limit", "4", "--batch-size", "4", "--corruptions", "gaussian_noise,jpeg_compression", "--severities", "1,3"]
+    code = main(["evaluate", "--checkpoint", checkpoint_uri, "--data", tiny_data, "--split", "val2017", "--out", str(out), *args])
+    printed = capsys.readouterr().out
+    assert code == 0
+
+    doc = json.loads((out / "metrics.json").read_text())
+    clean, section = doc["metrics"], doc["robustness"]
+    assert doc["images"] == 4
+    assert section["corruptions"] == ["gaussian_noise", "jpeg_compression"] and section["severities"] == [1, 3]
+    assert {name: sorted(by) for name, by in section["by_corruption"].items()} == {
+        "gaussian_noise": ["1", "3"],
+        "jpeg_compression": ["1", "3"],
+    }
+    assert set(section["summary"]) == {k for k in HEADLINE_METRICS if k in clean} and "val/miou" in section["summary"]
+    for key, row in section["summary"].items():
+        values = [section["by_corruption"][name][s][key] for name in section["corruptions"] for s in ("1", "3")]
+        assert row["clean"] == clean[key]
+        if None in values or clean[key] is None:
+            continue
+        assert row["mPC"] == pytest.approx(sum(values) / 4, rel=1e-12), key
+        if clean[key] == 0:
+            assert row["rPC"] is None, key  # undefined, written as null
+        else:
+            assert row["rPC"] == pytest.approx(row["mPC"] / clean[key], rel=1e-12), key
+    assert section["by_corruption"]["gaussian_noise"]["3"] != clean  # the noise reached the model
+
+    table = (out / "metrics.md").read_text()
+    assert (
+        "## Robustness to common corruptions" in table and "| `val/miou` |" in table and "| jpeg_compression | digital |" in table
+    )
+    assert "## Robustness to common corruptions" in printed
+    assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")
+
+    # Severity 0 is no corruption call at all: the clean pass, bit for bit.
+    loaded, data_uri, split = load_for_evaluation(checkpoint_uri, tiny_data, "val2017")
+    zero = evaluate_loaded(loaded, data_uri, split, limit=4, batch_size=4, corruption=("gaussian_noise", 0), log=lambda *a: None)
+    assert {k: (None if math.isnan(v) else v) for k, v in zero.metrics.items()} == clean
+
+
+def test_robustness_summary_is_michaelis_mpc_and_rpc():
+    from mtseg.evaluate import summarize_robustness
+
+    by = {"fog": {1: {"val/miou": 0.5}, 3: {"val/miou": 0.3}}, "snow": {1: {"val/miou": 0.4}, 3: {"val/miou": 0.2}}}
+    summary = summarize_robustness({"val/miou": 0.6, "val/pixel_acc": 0.9}, by)
+    assert list(summary) == ["val/miou"]  # the headline metrics the model has
+    assert summary["val/miou"]["clean"] == 0.6
+    assert summary["val/miou"]["mPC"] == pytest.approx(0.35)
+    assert summary["val/miou"]["rPC"] == pytest.approx(0.35 / 0.6)
+    assert math.isnan(summarize_robustness({"val/miou": 0.0}, by)["val/miou"]["rPC"])
+
+
 def test_inference_plan_runs_in_the_read_tasks_on_cpus_and_uses_every_gpu():
     cpu = plan_inference({"CPU": 8.0})
     assert cpu == {"mode": "tasks", "actors": 0, "device": "cpu", "num_cpus": 1.0, "num_gpus": 0.0, "threads": 1}

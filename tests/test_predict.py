@@ -428,3 +428,35 @@ def test_images_from_and_results_to_the_object_store(checkpoint, s3_bucket):
         assert im.size == (30, 24)
     assert storage.exists(storage.join(out, "a_overlay.png")) and storage.exists(storage.join(out, "coco_results.json"))
     assert json.loads(storage.read_bytes(storage.join(out, "summary.json")))["images"][0]["width"] == 30
+
+
+def test_a_panoptic_model_writes_cocos_panoptic_png_and_segments_beside_the_overlay(tmp_path):
+    from mtseg.data.coco_panoptic import read_png
+    from mtseg.models import build_model
+
+    categories = [
+        {"id": 1, "name": "disc", "supercategory": "round", "isthing": 1},
+        {"id": 100, "name": "sky", "supercategory": "sky", "isthing": 0},
+        {"id": 120, "name": "ground", "supercategory": "ground", "isthing": 0},
+    ]
+    cfg = _cfg(**{"tasks.panoptic_min_area": 0.0})
+    torch.manual_seed(0)
+    model = build_model(cfg, CategoryIndex.from_categories(categories))
+    directory = str(tmp_path / "run" / "checkpoint_000001")
+    ckpt.save(
+        directory, {"model": model.state_dict()}, {"epoch": 0, "step": 1, "epoch_rows": 0, "categories": categories}, to_yaml(cfg)
+    )
+    image = tmp_path / "street.png"
+    image.write_bytes(_png(np.random.default_rng(1).integers(0, 255, (30, 44, 3), dtype=np.uint8), "RGB"))
+    predict_images(directory, [str(image)], str(tmp_path / "out"), device="cpu", progress=False)
+    ids = read_png((tmp_path / "out" / "street_panoptic.png").read_bytes())
+    entry = json.loads((tmp_path / "out" / "street_panoptic.json").read_text())
+    assert ids.shape == (30, 44) and entry["file_name"] == "street_panoptic.png"
+    segments = entry["segments_info"]
+    assert segments and {s["id"] for s in segments} == set(np.unique(ids)) - {0}
+    for s in segments:
+        assert s["category_id"] in {1, 100, 120} and s["area"] == int((ids == s["id"]).sum())
+    # Every pixel of the panoptic PNG agrees with the class-index PNG (min_area 0: no segment made void).
+    label = np.asarray(Image.open(tmp_path / "out" / "street_semantic.png"))
+    by_id = {s["id"]: s["category_id"] for s in segments}
+    np.testing.assert_array_equal(np.vectorize(lambda i: by_id.get(int(i), 255))(ids)[ids > 0], label[ids > 0])

@@ -9,7 +9,8 @@
     mtseg evaluate --checkpoint URI [--data URI] [--split NAME]
     mtseg predict --checkpoint URI IMAGE_OR_DIR_OR_URI... --out DIR
     mtseg tune --config FILE [key=value ...] [--resume]
-    mtseg submit prepare|train|tune|evaluate|predict [--address URL] [--wait] ...
+    mtseg study --config FILE [key=value ...] [--resume | --restart]
+    mtseg submit prepare|train|tune|study|evaluate|predict [--address URL] [--wait] ...
     mtseg jobs list|status ID|logs ID [--follow]|stop ID
 
 Every command fails with one line (``mtseg: error: ...``) and one of the exit codes below. The
@@ -40,11 +41,11 @@ JOB_EXIT_CODES = {"SUCCEEDED": EXIT_OK, "FAILED": EXIT_FAILED, "STOPPED": EXIT_S
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mtseg`` parser; each parsed command carries its function as ``args.fn``."""
-    from mtseg.cli import cluster, data, demo, evaluate, jobs, predict, train, tune
+    from mtseg.cli import cluster, data, demo, evaluate, jobs, predict, study, train, tune
 
     p = argparse.ArgumentParser(prog="mtseg", description="Multi-task segmentation on COCO with Ray.")
     sub = p.add_subparsers(dest="command", required=True)
-    for group in (demo, cluster, data, train, jobs, evaluate, predict, tune):
+    for group in (demo, cluster, data, train, jobs, evaluate, predict, tune, study):
         group.add_parsers(sub)
     return p
 

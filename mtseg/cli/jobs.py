@@ -65,8 +65,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     script_args: list[str] = []
     if args.job == "prepare":
         script_args += ["--coco-root", args.coco_root]
-    if getattr(args, "restart", False):  # only `submit train` has --restart
+    if getattr(args, "restart", False):  # only `submit train` and `submit study` have --restart
         script_args.append("--restart")
+    if getattr(args, "resume", False):  # only `submit study` has --resume
+        script_args.append("--resume")
     if spec.takes_config:
         config, overrides = args.config, args.overrides
     else:
@@ -232,6 +234,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
             )
         if name == "train":
             p.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
+        if name == "study":
+            p.add_argument("--resume", action="store_true", help="continue the interrupted study (finished runs are kept)")
+            p.add_argument("--restart", action="store_true", help="delete the study and start over")
         p.set_defaults(fn=cmd_submit)
 
     jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")

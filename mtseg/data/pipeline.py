@@ -29,6 +29,7 @@ import torch
 
 from mtseg import storage
 from mtseg.data.categories import CategoryIndex
+from mtseg.data.corruptions import check_corruptions, check_severities, corrupt
 from mtseg.data.manifest import read_manifest, shard_uris
 from mtseg.data.targets import TargetBuilder, WireField, augment, decode_layers
 from mtseg.data.transforms import build_transform, decode_image, sample_seed
@@ -111,6 +112,9 @@ class SampleTransform:
     Attributes:
         train: random crop (``scale_min``) + flip (``hflip``) when True, a plain resize when False.
         seed: base seed; each image's draws come from (seed, epoch, image_id).
+        corruption: ``(name, severity)`` of :mod:`mtseg.data.corruptions`, applied to the decoded
+            image at its original size, before any resize (as COCO-C corrupts COCO's own
+            images), seeded by the image id; severity 0 or None: no corruption call at all.
     """
 
     categories: CategoryIndex
@@ -121,6 +125,7 @@ class SampleTransform:
     hflip: bool = True
     epoch: int = 0
     seed: int = 0
+    corruption: tuple[str, int] | None = None
     _transform: Any = field(default=None, init=False, repr=False, compare=False)
     fields: dict[str, WireField] = field(default=None, init=False, repr=False, compare=False)
 
@@ -128,6 +133,13 @@ class SampleTransform:
         if self.image_size < 1:
             raise ValueError(f"image_size: must be >= 1, got {self.image_size}")
         object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.corruption is not None:
+            name, severity = self.corruption
+            check_corruptions([name])
+            if severity != 0:
+                check_severities([severity])
+            # Severity 0 is the clean image: no corruption call, so the clean pass bit for bit.
+            object.__setattr__(self, "corruption", (str(name), int(severity)) if severity else None)
         # Built once per process (and again after unpickling on a Ray worker, see __setstate__).
         transform = build_transform(self.image_size, train=self.train, scale_min=self.scale_min, hflip=self.hflip)
         object.__setattr__(self, "_transform", transform)
@@ -143,6 +155,7 @@ class SampleTransform:
         train: bool,
         epoch: int = 0,
         seed: int = 0,
+        corruption: tuple[str, int] | None = None,
     ) -> SampleTransform:
         """The transform ``cfg.data`` asks for, building the targets of ``tasks`` (:func:`mtseg.tasks.build_tasks`)."""
         return cls(
@@ -154,6 +167,7 @@ class SampleTransform:
             hflip=cfg.data.hflip,
             epoch=epoch,
             seed=seed,
+            corruption=corruption,
         )
 
     def __getstate__(self) -> dict:
@@ -179,6 +193,9 @@ class SampleTransform:
             pixels = decode_image(image)
             if tuple(pixels.shape[1:]) != (height, width):
                 raise ValueError(f"decoded size {tuple(pixels.shape[1:])} differs from the row's {(height, width)}")
+            if self.corruption is not None:
+                hwc = corrupt(pixels.permute(1, 2, 0).numpy(), *self.corruption, key=int(image_id))
+                pixels = torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
             layers, labels, crowd = decode_layers(annotations, height, width, self.categories)
         except ValueError as e:
             raise ValueError(f"image {image_id}: {e}") from None

@@ -65,6 +65,7 @@ def baseline_key(cfg: Config) -> str:
     d = cfg.to_dict()
     d.pop("tune", None)
     d.pop("cluster", None)
+    d.pop("study", None)  # how runs are compared, not how one trains: cached baselines keep their keys
     for section, keys in _NOT_RECIPE.items():
         for k in keys:
             d[section].pop(k, None)

@@ -52,10 +52,12 @@ def test_values_accepted_until_now_are_refused(one_line_error, override, needle)
     one_line_error(needle)
 
 
-def test_train_prints_strict_json_with_null_for_undefined_metrics(monkeypatch, capsys):
+def test_train_prints_strict_json_with_null_for_undefined_metrics(monkeypatch, capsys, tmp_path):
     """No val/mask_ap without instances: the result said NaN, which is not JSON."""
     from mtseg import cluster
     from mtseg.train import trainer
+
+    monkeypatch.chdir(tmp_path)  # the default run dir (runs/demo) must not be a checkout's `make demo` output
 
     result = types.SimpleNamespace(
         error=None, metrics={"val/miou": 0.5, "val/mask_ap": math.nan, "val/pq": math.inf, "train/loss": 1.0}
