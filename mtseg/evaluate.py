@@ -145,12 +145,11 @@ class EvalActor:
 
 def export_panoptic_png(export_dir: str, image_id: int, file_name: str, id_map: np.ndarray, segments: list[dict]) -> dict:
     """Write one image's panoptic PNG into ``<export_dir>/panoptic/`` and return its COCO annotation entry."""
-    from mtseg.data.coco_panoptic import write_png
+    from mtseg.data.coco_panoptic import annotation_entry, write_png
 
     png_name = file_name.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png"
     storage.write_bytes(storage.join(export_dir, PANOPTIC_DIR, png_name), write_png(id_map))
-    info = [{k: s[k] for k in ("id", "category_id", "iscrowd", "bbox", "area")} for s in segments]
-    return {"image_id": int(image_id), "file_name": png_name, "segments_info": info}
+    return annotation_entry(image_id, png_name, segments)
 
 
 def check_export_panoptic(loaded: LoadedCheckpoint, export_dir: str | None) -> None:

@@ -300,7 +300,7 @@ def prediction_files(name: str, pred: ImagePrediction, categories: CategoryIndex
         ``<name>_panoptic.png`` with ``<name>_panoptic.json`` (its annotation entry:
         ``file_name`` and ``segments_info``, as in a ``panoptic_<split>.json``).
     """
-    from mtseg.data.coco_panoptic import write_png
+    from mtseg.data.coco_panoptic import annotation_entry, write_png
 
     files = {
         f"{name}_semantic.png": _png(semantic_png(pred.semantic, categories)),
@@ -308,10 +308,8 @@ def prediction_files(name: str, pred: ImagePrediction, categories: CategoryIndex
     }
     if pred.panoptic is not None:
         ids, segments = pred.panoptic
-        info = [{k: s[k] for k in ("id", "category_id", "iscrowd", "bbox", "area")} for s in segments]
-        entry = {"image_id": pred.image_id, "file_name": f"{name}_panoptic.png", "segments_info": info}
         files[f"{name}_panoptic.png"] = write_png(ids)
-        files[f"{name}_panoptic.json"] = json.dumps(entry).encode()
+        files[f"{name}_panoptic.json"] = json.dumps(annotation_entry(pred.image_id, f"{name}_panoptic.png", segments)).encode()
     return files
 
 

@@ -81,6 +81,13 @@ def write_png(id_map: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def annotation_entry(image_id: int, file_name: str, segments: list[dict]) -> dict:
+    """COCO's panoptic annotation entry of one image: its PNG's ``file_name`` and ``segments_info``
+    (each segment's ``id``, ``category_id``, ``iscrowd``, ``bbox``, ``area``; other keys dropped)."""
+    info = [{k: s[k] for k in ("id", "category_id", "iscrowd", "bbox", "area")} for s in segments]
+    return {"image_id": int(image_id), "file_name": file_name, "segments_info": info}
+
+
 def segment_bbox(mask: np.ndarray) -> list[int]:
     """[x, y, w, h] of a non-empty bool mask, integers, as panopticapi's converters write it."""
     ys, xs = np.nonzero(mask)
