@@ -24,6 +24,7 @@ each headline metric's mPC (mean over corruptions and severities) and rPC = mPC 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -359,6 +360,7 @@ def build_eval_dataset(
     export_panoptic: str | None = None,
     corruption: tuple[str, int] | None = None,
     model_ref: Any = None,
+    labeled_fraction: float = 1.0,
 ):
     """The lazy Ray Dataset of per-batch evaluator states (see the module docstring).
 
@@ -371,6 +373,8 @@ def build_eval_dataset(
             (:class:`~mtseg.data.pipeline.SampleTransform`); None or severity 0: clean.
         model_ref: ``ray.put(loaded.model_state)`` done by the caller; evaluations sharing it
             share each worker's built model. Default: put here, for this evaluation.
+        labeled_fraction: < 1: only the images a run with this ``data.labeled_fraction`` trained
+            on with their labels (:func:`mtseg.data.pipeline.is_labeled`), before ``limit``.
 
     Returns:
         (dataset with rows ``{"state", "gt", "images", "panoptic"}``, the split's manifest).
@@ -378,11 +382,13 @@ def build_eval_dataset(
     import ray
     import ray.data
 
-    from mtseg.data.pipeline import ChunkedTransform, SampleTransform, read_split
+    from mtseg.data.pipeline import ChunkedTransform, SampleTransform, read_split, row_is_labeled
     from mtseg.tasks import build_tasks, task_classes
 
     cfg = loaded.cfg
     ds, manifest = read_split(data_uri, split)
+    if labeled_fraction < 1.0:
+        ds = ds.filter(functools.partial(row_is_labeled, fraction=labeled_fraction))
     if limit:
         ds = ds.limit(int(limit))
     transform = SampleTransform.from_config(
@@ -444,6 +450,7 @@ def evaluate_loaded(
     export_panoptic: str | None = None,
     corruption: tuple[str, int] | None = None,
     model_ref: Any = None,
+    labeled_fraction: float = 1.0,
     log: Callable[[str], None] = print,
 ) -> EvaluationResult:
     """Evaluate a loaded checkpoint on a split with Ray Data (``ray.init`` first).
@@ -462,6 +469,8 @@ def evaluate_loaded(
             the very same pass.
         model_ref: the ObjectRef of ``loaded.model_state`` when the caller put it for several
             evaluations (:func:`evaluate_robustness`); default put for this one.
+        labeled_fraction: < 1: only the images a run with this ``data.labeled_fraction`` kept
+            labelled (a semi-supervised run's train-set figures).
 
     Returns:
         An :class:`EvaluationResult` (nothing written).
@@ -495,6 +504,7 @@ def evaluate_loaded(
             export_panoptic=export_panoptic,
             corruption=corruption,
             model_ref=model_ref,
+            labeled_fraction=labeled_fraction,
         )
     except ValueError as e:  # e.g. a split whose manifest lists no shards
         raise PredictError(str(e)) from None
@@ -553,6 +563,7 @@ def evaluate_loaded(
             "batch_size": batch_size,
             "coco_shards": shards,
             "limit": limit,
+            **({"labeled_fraction": labeled_fraction} if labeled_fraction < 1.0 else {}),
             **({"corruption": [corruption[0], int(corruption[1])]} if corruption and corruption[1] else {}),
         },
     )

@@ -149,3 +149,13 @@ def test_model_weights_hub_names_and_urls_point_at_imagenet(weights):
         load_config(None, [f"model.weights={weights}"])
     msg = str(info.value)
     assert msg.startswith(f"model.weights: {weights!r} ") and "use model.weights=imagenet" in msg and "\n" not in msg
+
+
+def test_a_retired_key_at_its_default_loads_and_any_other_value_says_what_replaced_it():
+    from mtseg.config import ConfigError, config_from_dict
+
+    assert config_from_dict({"data": {"unlabeled_uri": ""}}).data.labeled_fraction == 1.0  # old checkpoints load
+    with pytest.raises(ConfigError, match=r"data.unlabeled_uri: no longer a key: .*data.labeled_fraction"):
+        config_from_dict({"data": {"unlabeled_uri": "s3://b/unlabelled"}})
+    with pytest.raises(ConfigError, match="data.labeled_fraction"):
+        config_from_dict({"data": {"labeled_fraction": 0}})

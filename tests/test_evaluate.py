@@ -124,6 +124,15 @@ def test_evaluate_streams_from_seaweedfs_and_matches_the_plain_loop(ray_local, t
                 assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (mode, key)
 
 
+def _image_ids(shard_uri: str) -> list[int]:
+    import pyarrow.parquet as pq
+
+    from mtseg import storage
+
+    fs, path = storage.resolve(shard_uri)
+    return pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
+
+
 @pytest.mark.slow
 def test_evaluate_limit_and_label_space_check(ray_local, trained_checkpoint, tiny_data, tmp_path):
     from mtseg.data.manifest import read_manifest, write_manifest
@@ -136,6 +145,19 @@ def test_evaluate_limit_and_label_space_check(ray_local, trained_checkpoint, tin
     assert result.images == 3  # the ground truth holds the evaluated images only
     assert json.loads((tmp_path / "metrics.json").read_text())["images"] == 3
     assert 0.0 <= result.metrics["val/miou"] <= 1.0
+
+    # A semi-supervised run's train-set figures: only the images it kept labelled, then the limit.
+    from mtseg.data.manifest import shard_uris
+    from mtseg.data.pipeline import is_labeled
+    from mtseg.evaluate import evaluate_loaded, load_for_evaluation
+
+    loaded, data_uri, split = load_for_evaluation(checkpoint_uri, tiny_data, "val2017")
+    ids = [i for uri in shard_uris(tiny_data, "val2017", read_manifest(tiny_data, "val2017")) for i in _image_ids(uri)]
+    kept = [i for i in ids if is_labeled(i, 0.5)]
+    assert 3 <= len(kept) < len(ids)
+    half = evaluate_loaded(loaded, data_uri, split, labeled_fraction=0.5, batch_size=4, log=lambda *a: None)
+    assert half.images == len(kept) and half.setup["labeled_fraction"] == 0.5
+    assert evaluate_loaded(loaded, data_uri, split, labeled_fraction=0.5, limit=2, batch_size=4, log=lambda *a: None).images == 2
 
     # A dataset with another label space is refused before any inference.
     other = f"{tiny_data}-other"

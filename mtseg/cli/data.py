@@ -55,7 +55,16 @@ def cmd_shard(args: argparse.Namespace) -> int:
 def cmd_import_masks(args: argparse.Namespace) -> int:
     from mtseg.data.import_masks import import_masks
 
-    summary = import_masks(args.images, args.masks, args.classes, args.out, args.split, max_bad_fraction=args.max_bad_fraction)
+    summary = import_masks(
+        args.images,
+        args.masks,
+        args.classes,
+        args.out,
+        args.split,
+        max_bad_fraction=args.max_bad_fraction,
+        include=args.include,
+        exclude=args.exclude,
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -114,4 +123,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     masks.add_argument("--out", required=True, help="COCO root to write (local or s3://)")
     masks.add_argument("--split", required=True)
     masks.add_argument("--max-bad-fraction", type=float, default=0.05)
+    masks.add_argument(
+        "--include", action="append", default=[], metavar="GLOB", help="import only stems matching GLOB (repeatable)"
+    )
+    masks.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="leave out stems matching GLOB (repeatable)"
+    )
     masks.set_defaults(fn=cmd_import_masks)

@@ -14,7 +14,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     # A bad arm, option or missing corruption suite fails here, before anything starts.
     arms = check_study(cfg, resume=args.resume, restart=args.restart)
-    from mtseg.cluster import init_local_ray, storage_env
+    from mtseg.cluster import init_local_ray, quiet_progress_bars_unless_tty, storage_env
     from mtseg.train.trainer import preflight
 
     for arm_cfg in arms.values():
@@ -23,6 +23,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         os.environ["RAY_ADDRESS"] = cfg.cluster.address
     # The evaluations' Ray Data progress bars would bury the study's own lines.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    quiet_progress_bars_unless_tty()  # and no colour codes in a log file
     init_local_ray(env=storage_env(credentials=True), dashboard=True, log_to_driver=True)
     outcome = run_study(cfg, resume=args.resume, restart=args.restart)
     print(outcome.markdown)

@@ -30,13 +30,14 @@ values the masks hold.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
 import posixpath
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -412,6 +413,8 @@ def import_masks(
     split: str,
     *,
     max_bad_fraction: float = 0.05,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
     log: Callable[[str], None] = _stderr,
 ) -> dict:
     """Convert images + label-mask PNGs into a COCO panoptic split under ``out``.
@@ -427,11 +430,15 @@ def import_masks(
         split: the split's name (``train``, ``val2017``, ...).
         max_bad_fraction: largest tolerated share of skipped stems among all stems found
             (pairs, images without a mask, masks without an image), in [0, 1].
+        include, exclude: shell patterns (``fnmatch``) on the file stem: only stems matching one
+            of ``include`` (all when empty) and none of ``exclude`` are imported; the others are
+            left out before anything is read, and counted (``left_out``). One video sequence
+            (``0001TP_*``) can so become a split of its own, a domain the model never saw.
         log: receives one line per skipped or ignored file and a few progress lines.
 
     Returns:
         A summary: ``split``, ``annotation_file`` and ``counts`` (``considered`` stems,
-        ``images`` written, ``skipped``, ``ignored_files``, ``segments``, ``things``, ``stuff``)
+        ``left_out`` by the patterns, ``images`` written, ``skipped``, ``ignored_files``, ``segments``, ``things``, ``stuff``)
         and ``skipped`` per reason; ``log`` has named every skipped and ignored file.
 
     Raises:
@@ -474,7 +481,15 @@ def import_masks(
         reasons[reason] += 1
         log(f"skip {name}: {reason} ({detail})")
 
-    stems = sorted(set(image_groups) | set(mask_groups))
+    found = sorted(set(image_groups) | set(mask_groups))
+    stems = [
+        stem
+        for stem in found
+        if (not include or any(fnmatch.fnmatchcase(stem, p) for p in include))
+        and not any(fnmatch.fnmatchcase(stem, p) for p in exclude)
+    ]
+    if found and not stems:
+        raise ImportMasksError(f"split {split}: the --include/--exclude patterns leave none of the {len(found)} stem(s)")
     considered = len(stems)
     pairs: list[tuple[str, str, str]] = []
     for stem in stems:
@@ -534,6 +549,7 @@ def import_masks(
         "annotation_file": storage.redact(json_uri),
         "counts": {
             "considered": considered,
+            "left_out": len(found) - considered,
             "images": len(dataset["images"]),
             "skipped": sum(reasons.values()),
             "ignored_files": len(ignored),

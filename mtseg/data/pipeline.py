@@ -13,10 +13,16 @@ Rows travel in a compact, exact *wire* layout (uint8 ``image``, each task's
 :meth:`~mtseg.tasks.base.Task.target_fields`); :func:`to_torch` turns a batch into the
 contract: ``image`` float32 (B, 3, S, S) in [0, 1], ``image_id`` int64 (B,), ``orig_size``
 int64 (B, 2) as (height, width), and each task's keys in their contract dtype.
+
+Semi-supervised training (``data.labeled_fraction`` < 1) keeps the labels of a fixed share of
+the train images (:func:`is_labeled`, the same images for every seed and arm); the others
+stream without annotations and with ``labeled`` False (bool (B,)), so only self-supervised
+tasks learn from them (:func:`mtseg.tasks.base.image_weights`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +81,28 @@ def batch_fields(image_size: int, tasks: Iterable[TargetBuilder]) -> dict[str, W
     return fields | own
 
 
+#: The per-image flag of a semi-supervised stream: False = the image's labels are withheld.
+LABELED_FIELD = WireField((), np.dtype(np.uint8), torch.bool)
+
+
+def is_labeled(image_id: int, fraction: float) -> bool:
+    """Whether ``image_id`` keeps its labels when only ``fraction`` of a split does.
+
+    A hash (BLAKE2b) of the id alone, not of the seed or the epoch: every run, arm and seed of a
+    study withholds the same images, and a larger fraction keeps every image a smaller one kept.
+    ``fraction`` >= 1 keeps all.
+    """
+    if fraction >= 1.0:
+        return True
+    digest = hashlib.blake2b(b"mtseg-labels:%d" % int(image_id), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64 < fraction
+
+
+def row_is_labeled(row: Mapping[str, Any], *, fraction: float) -> bool:
+    """:func:`is_labeled` of a shard row (``Dataset.filter`` with ``functools.partial``)."""
+    return is_labeled(int(row["image_id"]), fraction)
+
+
 _OWN_FIELDS = stream_fields(1)  # shapes unused: what to_torch does with the stream's own keys
 
 
@@ -115,6 +143,8 @@ class SampleTransform:
         corruption: ``(name, severity)`` of :mod:`mtseg.data.corruptions`, applied to the decoded
             image at its original size, before any resize (as COCO-C corrupts COCO's own
             images), seeded by the image id; severity 0 or None: no corruption call at all.
+        labeled_fraction: < 1: only the images :func:`is_labeled` keeps have annotations; the
+            batch gains ``labeled`` (:data:`LABELED_FIELD`). 1: every image, no ``labeled`` key.
     """
 
     categories: CategoryIndex
@@ -126,6 +156,7 @@ class SampleTransform:
     epoch: int = 0
     seed: int = 0
     corruption: tuple[str, int] | None = None
+    labeled_fraction: float = 1.0
     _transform: Any = field(default=None, init=False, repr=False, compare=False)
     fields: dict[str, WireField] = field(default=None, init=False, repr=False, compare=False)
 
@@ -143,7 +174,12 @@ class SampleTransform:
         # Built once per process (and again after unpickling on a Ray worker, see __setstate__).
         transform = build_transform(self.image_size, train=self.train, scale_min=self.scale_min, hflip=self.hflip)
         object.__setattr__(self, "_transform", transform)
-        object.__setattr__(self, "fields", batch_fields(self.image_size, self.tasks))
+        fields = batch_fields(self.image_size, self.tasks)
+        if not 0.0 < self.labeled_fraction <= 1.0:
+            raise ValueError(f"labeled_fraction: must lie in (0, 1], got {self.labeled_fraction}")
+        if self.labeled_fraction < 1.0:
+            fields["labeled"] = LABELED_FIELD
+        object.__setattr__(self, "fields", fields)
 
     @classmethod
     def from_config(
@@ -157,7 +193,10 @@ class SampleTransform:
         seed: int = 0,
         corruption: tuple[str, int] | None = None,
     ) -> SampleTransform:
-        """The transform ``cfg.data`` asks for, building the targets of ``tasks`` (:func:`mtseg.tasks.build_tasks`)."""
+        """The transform ``cfg.data`` asks for, building the targets of ``tasks`` (:func:`mtseg.tasks.build_tasks`).
+
+        ``data.labeled_fraction`` applies to the training stream only: evaluation reads every label.
+        """
         return cls(
             categories=categories,
             tasks=tuple(tasks.values()),
@@ -168,6 +207,7 @@ class SampleTransform:
             epoch=epoch,
             seed=seed,
             corruption=corruption,
+            labeled_fraction=cfg.data.labeled_fraction if train else 1.0,
         )
 
     def __getstate__(self) -> dict:
@@ -196,7 +236,8 @@ class SampleTransform:
             if self.corruption is not None:
                 hwc = corrupt(pixels.permute(1, 2, 0).numpy(), *self.corruption, key=int(image_id))
                 pixels = torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
-            layers, labels, crowd = decode_layers(annotations, height, width, self.categories)
+            labeled = is_labeled(image_id, self.labeled_fraction)
+            layers, labels, crowd = decode_layers(annotations if labeled else None, height, width, self.categories)
         except ValueError as e:
             raise ValueError(f"image {image_id}: {e}") from None
         seed = sample_seed(self.seed, self.epoch, image_id) if self.train else None
@@ -204,6 +245,8 @@ class SampleTransform:
         values = {"image": pixels.numpy(), "image_id": np.int64(image_id), "orig_size": np.array([height, width], np.int64)}
         for task in self.tasks:
             values.update(task.build_targets(instances))
+        if "labeled" in self.fields:
+            values["labeled"] = np.uint8(labeled)
         return {k: np.asarray(values[k]).astype(f.wire, copy=False) for k, f in self.fields.items()}
 
     def iter_samples(self, batch: pa.Table | pa.RecordBatch) -> Iterator[dict[str, np.ndarray]]:

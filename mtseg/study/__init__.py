@@ -9,7 +9,7 @@ final model (clean val split, corruption suite, train split, extra splits);
 reference arm; :mod:`~mtseg.study.report` draws ``report.html`` from ``results.json``.
 """
 
-from mtseg.study.report import arm_table_markdown, render_html
+from mtseg.study.report import arm_table_markdown, claims_tables_markdown, contrast_table_markdown, render_html
 from mtseg.study.runner import (
     StudyError,
     StudyOutcome,
@@ -29,7 +29,9 @@ __all__ = [
     "arm_table_markdown",
     "build_results",
     "check_study",
+    "claims_tables_markdown",
     "collect_runs",
+    "contrast_table_markdown",
     "delta_m_per_seed",
     "evaluate_run",
     "flags",

@@ -1,7 +1,7 @@
 """A study's report: ``report.html``, one self-contained file drawn from ``results.json`` alone.
 
 It shows the arm table (mean and 95% interval per metric, the difference from the reference arm
-with its interval and p-value, Δm%), the intervals that include 0, plots (each metric per arm
+with its interval and p-value, Δm%), the contrasts between other arms, the intervals that include 0, plots (each metric per arm
 with interval whiskers and the seeds' values, the paired differences, robustness curves when
 corruptions ran) embedded as PNG, and each arm's exact config. Plots are matplotlib Figures
 rendered by Agg (no pyplot, no display).
@@ -71,6 +71,84 @@ def arm_table_markdown(results: dict[str, Any]) -> str:
         cells += [fmt_difference((entry.get("paired") or {}).get(m)) for m in metrics]
         cells.append(fmt_difference(entry.get("delta_m"), 2) if entry.get("delta_m") else "–")
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def contrast_table_markdown(results: dict[str, Any]) -> str:
+    """The study's contrasts (``study.contrasts``) as GitHub markdown, one row each; empty without any."""
+    summary = results["summary"]
+    contrasts = summary.get("contrasts") or {}
+    if not contrasts:
+        return ""
+    metrics = [m for m in results["study"]["metrics"] if m in summary["keys"]]
+    lines = ["| comparison | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for name, by in contrasts.items():
+        lines.append("| " + " | ".join([name, *(fmt_difference(by.get(m)) for m in metrics)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _headline(metric: str, extra_splits: list[str]) -> list[tuple[str, str]]:
+    """The (key, column title) of a metric's headline figures: clean, robustness, generalisation."""
+    name = metric.split("/", 1)[1]
+    return [
+        (metric, name),
+        (f"mpc/{name}", f"mPC {name}"),
+        (f"rpc/{name}", f"rPC {name}"),
+        *((f"{split}/{name}", f"{split} {name}") for split in extra_splits),
+        (f"gap/{name}", f"train−val gap {name}"),
+    ]
+
+
+def claims_tables_markdown(results: dict[str, Any], metric: str = "val/miou", also: tuple[str, ...] = ("val/pq",)) -> str:
+    """The answer to "does it help?" in two GitHub markdown tables, from ``results.json`` alone.
+
+    The first has one row per arm: each headline figure of ``metric`` (clean, mPC and rPC under
+    the corruptions, each extra split, the train−val gap) and of ``also``, mean ± the interval's
+    half-width, then ``metric``'s paired difference from the reference with its interval and
+    p-value. The second has one row per comparison (each arm against the reference, then the
+    study's contrasts) and the paired difference of each headline figure. Figures the study did
+    not measure are left out; an arm without one reads "–".
+    """
+    summary, study = results["summary"], results["study"]
+    keys = set(summary["keys"])
+    conf = int(round(100 * summary.get("confidence", 0.95)))
+    ref = summary["reference"]
+    columns = [(k, t) for k, t in _headline(metric, study.get("extra_splits") or []) if k in keys]
+    columns += [(m, m.split("/", 1)[1]) for m in also if m in keys]
+    name = metric.split("/", 1)[1]
+    head = ["arm", "seeds", *(f"{t} ± {conf}% CI" for _, t in columns), f"Δ {name} vs {ref} [{conf}% CI]", "p"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, entry in summary["arms"].items():
+        cells = [arm + (" (reference)" if arm == ref else ""), str(entry["n_seeds"])]
+        for key, _ in columns:
+            m = entry["metrics"].get(key)
+            cells.append(f"{_fmt(m['mean'], 3)} ± {_fmt(m['half_width'], 3)}" if m and m.get("n") else "–")
+        diff = (entry.get("paired") or {}).get(metric)
+        if diff:
+            sign = "+" if _num(diff["mean"]) > 0 else ""
+            cells += [f"{sign}{_fmt(diff['mean'], 3)} [{_fmt(diff['ci_low'], 3)}, {_fmt(diff['ci_high'], 3)}]"]
+            cells += [f"{_num(diff['p_value']):.2g}" if math.isfinite(_num(diff["p_value"])) else "–"]
+        else:
+            cells += ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    comparisons = [(f"{a} - {ref}", e["paired"]) for a, e in summary["arms"].items() if e.get("paired")]
+    comparisons += list((summary.get("contrasts") or {}).items())
+    if comparisons:
+        head = ["comparison", *(f"Δ {t} [{conf}% CI], p" for _, t in columns)]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for title, by in comparisons:
+            cells = [title]
+            for key, _ in columns:
+                d = by.get(key)
+                if not d or not d.get("n"):
+                    cells.append("–")
+                    continue
+                p = f", p={_num(d['p_value']):.2g}" if math.isfinite(_num(d.get("p_value"))) else ""
+                sign = "+" if _num(d["mean"]) > 0 else ""
+                zero = " (includes 0)" if d.get("includes_zero") else ""
+                cells.append(f"{sign}{_fmt(d['mean'], 3)} [{_fmt(d['ci_low'], 3)}, {_fmt(d['ci_high'], 3)}]{p}{zero}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -273,6 +351,20 @@ def render_html(results: dict[str, Any]) -> str:
                 + "".join(
                     _cell(fmt_difference(e["paired"].get(k)), zero=(e["paired"].get(k) or {}).get("includes_zero"))
                     for _, e in others
+                )
+                + "</tr>"
+            )
+        body.append("</table>")
+    contrasts = summary.get("contrasts") or {}
+    if contrasts:
+        body.append("<h2>Contrasts</h2>")
+        body.append(f"<p>Paired difference a − b [{conf}% interval], p-value, pairs. Highlighted: the interval includes 0.</p>")
+        body.append("<table><tr><th>metric</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in contrasts) + "</tr>")
+        for k in keys:
+            body.append(
+                f"<tr><td>{html.escape(k)}</td>"
+                + "".join(
+                    _cell(fmt_difference(by.get(k)), zero=(by.get(k) or {}).get("includes_zero")) for by in contrasts.values()
                 )
                 + "</tr>"
             )

@@ -28,6 +28,7 @@ from mtseg.config import (
     arm_configs,
     arm_overrides,
     config_from_dict,
+    parse_contrast,
     to_yaml,
 )
 from mtseg.errors import MtsegError
@@ -43,7 +44,7 @@ EVALUATION_FILE = "study_evaluation.json"
 RESULTS_JSON, RESULTS_CSV, RUNS_CSV, REPORT_HTML = "results.json", "results.csv", "runs.csv", "report.html"
 #: Study fields a resume takes from the command line (they change what is evaluated and summarised,
 #: not what was trained); everything else comes from the study's own ``study_config.yaml``.
-EVALUATION_FIELDS = ("reference", "metrics", "corruptions", "severities", "extra_splits", "train_split_limit")
+EVALUATION_FIELDS = ("reference", "metrics", "corruptions", "severities", "extra_splits", "train_split_limit", "contrasts")
 
 
 class StudyError(MtsegError, RuntimeError):
@@ -295,6 +296,7 @@ def evaluation_settings(cfg: Config, arm_cfg: Config, checkpoint: str, meta: dic
         "val_split": arm_cfg.data.val_split,
         "train_split": arm_cfg.data.train_split if st.train_split_limit else None,
         "train_split_limit": st.train_split_limit,
+        "train_labeled_fraction": arm_cfg.data.labeled_fraction,
         "extra_splits": list(st.extra_splits),
         "corruptions": corruptions,
         "severities": severities,
@@ -307,7 +309,8 @@ def evaluate_run(run: dict[str, Any], cfg: Config, arm_cfg: Config, *, log=print
 
     The final model is the run's newest complete checkpoint. It is evaluated with Ray Data (as
     ``mtseg evaluate``) on the clean val split (with the corruption suite when ``study.corruptions``
-    names any), on the first ``study.train_split_limit`` train images, and on each extra split.
+    names any), on the first ``study.train_split_limit`` train images (of those with labels when the
+    arm sets ``data.labeled_fraction``), and on each extra split.
 
     Args:
         run: a row of :func:`collect_runs`.
@@ -340,9 +343,11 @@ def evaluate_run(run: dict[str, Any], cfg: Config, arm_cfg: Config, *, log=print
             return stored
     use_gpu = arm_cfg.train.use_gpu
 
-    def measure(split: str, *, limit: int | None = None) -> dict[str, Any]:
+    def measure(split: str, *, limit: int | None = None, labeled_fraction: float = 1.0) -> dict[str, Any]:
         loaded, data_uri, split = load_for_evaluation(checkpoint, None, split, limit=limit, log=log)
-        return evaluate_loaded(loaded, data_uri, split, limit=limit, use_gpu=use_gpu, log=log).metrics
+        return evaluate_loaded(
+            loaded, data_uri, split, limit=limit, use_gpu=use_gpu, labeled_fraction=labeled_fraction, log=log
+        ).metrics
 
     log(f"[study] {where}: evaluating {checkpoint}")
     splits: dict[str, dict[str, Any]] = {}
@@ -367,7 +372,10 @@ def evaluate_run(run: dict[str, Any], cfg: Config, arm_cfg: Config, *, log=print
     else:
         splits["val"] = measure(settings["val_split"])
     if settings["train_split_limit"]:
-        splits["train"] = measure(settings["train_split"], limit=settings["train_split_limit"])
+        # The gap is to the images the run learned labels from: a semi-supervised run's labelled share.
+        splits["train"] = measure(
+            settings["train_split"], limit=settings["train_split_limit"], labeled_fraction=settings["train_labeled_fraction"]
+        )
     for split in settings["extra_splits"]:
         splits[split] = measure(split)
     record = {
@@ -424,7 +432,13 @@ def build_results(cfg: Config, arms: dict[str, Config], runs: list[dict[str, Any
     lower = lower_is_better(list(st.metrics))
     keys = summary_keys(list(st.metrics), list(st.extra_splits), runs)
     summary = summarize(
-        runs, reference=st.reference, keys=keys, delta_metrics=list(st.metrics), lower_is_better=lower, arms=list(arms)
+        runs,
+        reference=st.reference,
+        keys=keys,
+        delta_metrics=list(st.metrics),
+        lower_is_better=lower,
+        arms=list(arms),
+        contrasts=[parse_contrast(text, list(arms)) for text in st.contrasts],
     )
     return {
         "study": {
@@ -437,6 +451,7 @@ def build_results(cfg: Config, arms: dict[str, Config], runs: list[dict[str, Any
             "severities": severities,
             "extra_splits": list(st.extra_splits),
             "train_split_limit": st.train_split_limit,
+            "contrasts": list(st.contrasts),
             "storage": study_uri(cfg),
         },
         "arms": {
@@ -459,7 +474,8 @@ def _csv_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """``results.csv``: one row per arm and key (and ``delta_m``), with its interval and the comparison with the reference."""
+    """``results.csv``: one row per arm and key (and ``delta_m``), with its interval and the comparison with the
+    reference, then one row per contrast (``arm`` reads ``"a - b"``) and key."""
     rows = []
     for arm, entry in results["summary"]["arms"].items():
         for key, m in entry["metrics"].items():
@@ -496,6 +512,21 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                     "diff_n": dm["n"],
                     "p_value": dm["p_value"],
                     "diff_includes_zero": dm["includes_zero"],
+                }
+            )
+    for name, by in results["summary"].get("contrasts", {}).items():
+        for key, p in by.items():
+            rows.append(
+                {
+                    "arm": name,
+                    "metric": key,
+                    "n": p["n"],
+                    "diff": p["mean"],
+                    "diff_ci_low": p["ci_low"],
+                    "diff_ci_high": p["ci_high"],
+                    "diff_n": p["n"],
+                    "p_value": p["p_value"],
+                    "diff_includes_zero": p["includes_zero"],
                 }
             )
     return _csv_rows(rows)
@@ -545,7 +576,7 @@ def run_study(cfg: Config, *, resume: bool = False, restart: bool = False, log=p
     """
     from ray import tune
 
-    from mtseg.study.report import arm_table_markdown
+    from mtseg.study.report import arm_table_markdown, claims_tables_markdown, contrast_table_markdown
     from mtseg.tasks import task_classes
 
     check_study(cfg, resume=resume, restart=restart)
@@ -605,4 +636,11 @@ def run_study(cfg: Config, *, resume: bool = False, restart: bool = False, log=p
     paths = write_outputs(cfg, results)
     for line in results["flags"]:
         log(f"[study] note: {line}")
-    return StudyOutcome(results=results, paths=paths, markdown=arm_table_markdown(results), grid=grid)
+    return StudyOutcome(
+        results=results,
+        paths=paths,
+        markdown="\n".join(
+            t for t in (arm_table_markdown(results), contrast_table_markdown(results), claims_tables_markdown(results)) if t
+        ),
+        grid=grid,
+    )

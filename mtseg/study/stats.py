@@ -142,6 +142,7 @@ def summarize(
     delta_metrics: Sequence[str],
     lower_is_better: Iterable[str] = (),
     arms: Sequence[str] | None = None,
+    contrasts: Sequence[tuple[str, str]] = (),
     confidence: float = CONFIDENCE,
 ) -> dict[str, Any]:
     """Every arm's intervals, paired differences and Δm% (see the module docstring).
@@ -154,12 +155,14 @@ def summarize(
         delta_metrics: the metrics Δm% averages.
         lower_is_better: metrics where a smaller value is better (for Δm%).
         arms: the arms in the order shown; default the reference, then the others as they come.
+        contrasts: more (arm, other) pairs compared like an arm with the reference, seed by seed.
 
     Returns:
         ``{"confidence", "reference", "keys", "delta_metrics", "lower_is_better", "arms": {arm:
         {"seeds", "n_seeds", "metrics": {key: interval + seeds + values}, "paired": {key: paired
         difference} | None, "delta_m": interval + p_value + seeds + values | None}}}``; the
-        reference arm has no ``paired`` or ``delta_m``.
+        reference arm has no ``paired`` or ``delta_m``. With ``contrasts``, also ``"contrasts":
+        {"arm - other": {key: paired difference}}``.
     """
     lower = sorted(set(lower_is_better))
     by_arm: dict[str, dict[int, dict[str, Any]]] = {}
@@ -203,7 +206,7 @@ def summarize(
                 "values": [dm[s] for s in sorted(dm)],
             }
         out_arms[arm] = entry
-    return {
+    out = {
         "confidence": confidence,
         "reference": reference,
         "keys": list(keys),
@@ -211,6 +214,19 @@ def summarize(
         "lower_is_better": lower,
         "arms": out_arms,
     }
+    if contrasts:
+        out["contrasts"] = {
+            f"{a} - {b}": {
+                key: paired_difference(
+                    {s: m.get(key) for s, m in by_arm.get(a, {}).items()},
+                    {s: m.get(key) for s, m in by_arm.get(b, {}).items()},
+                    confidence=confidence,
+                )
+                for key in keys
+            }
+            for a, b in contrasts
+        }
+    return out
 
 
 def _fmt(x: float) -> str:
@@ -231,6 +247,8 @@ def flags(summary: dict[str, Any]) -> list[str]:
         intervals += [(f"{arm} {key} - {ref}", c) for key, c in (entry.get("paired") or {}).items()]
         if entry.get("delta_m") is not None:
             intervals.append((f"{arm} Δm% vs {ref}", entry["delta_m"]))
+        if arm == ref:
+            intervals += [(f"{name}: {key}", c) for name, by in summary.get("contrasts", {}).items() for key, c in by.items()]
         for what, c in intervals:
             if c["includes_zero"] is None:
                 lines.append(f"{what}: interval undefined (n={c['n']}; needs 2 or more seeds)")

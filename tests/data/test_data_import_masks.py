@@ -167,6 +167,7 @@ def test_round_trip_segments_ids_and_categories(dataset):
     assert [s["category_id"] for s in anns["c.png"]["segments_info"]] == [0, 3, 300]  # 16-bit values
     assert summary["counts"] == {
         "considered": 3,
+        "left_out": 0,
         "images": 3,
         "skipped": 0,
         "ignored_files": 0,
@@ -384,6 +385,16 @@ def test_cli_prints_the_summary(dataset, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"]["images"] == 3 and summary["counts"]["segments"] == 11
     assert (out / "annotations" / f"panoptic_{SPLIT}.json").exists()
+
+    # One sequence as a split of its own: --include and --exclude on the stem, the rest counted as left out.
+    assert main([*argv[:-1], "heldout", "--include", "[ab]", "--exclude", "b"]) == 0
+    counts = json.loads(capsys.readouterr().out)["counts"]
+    assert (counts["considered"], counts["left_out"], counts["images"]) == (1, 2, 1)
+    assert [i["file_name"] for i in json.loads((out / "annotations" / "panoptic_heldout.json").read_text())["images"]] == [
+        "a.jpg"
+    ]
+    assert main([*argv, "--include", "z*"]) == 2
+    assert "the --include/--exclude patterns leave none of the 3 stem(s)" in capsys.readouterr().err
 
     (root / "classes.yaml").write_text("classes: {0: {name: sky}}\n")
     assert main([*argv, "--max-bad-fraction", "0.5"]) == 2

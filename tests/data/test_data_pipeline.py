@@ -17,6 +17,7 @@ from mtseg.data.pipeline import (
     ChunkedTransform,
     SampleTransform,
     categories_of,
+    is_labeled,
     iter_local_batches,
     read_split,
     to_torch,
@@ -116,6 +117,29 @@ def test_images_without_annotations_give_background_targets(shards, cfg, tasks):
     empty = (allb["semantic"] == 0).flatten(1).all(1)
     assert empty.any(), "the synthetic set has images without objects"
     assert not allb["center"][empty].any() and not allb["offset"][empty].any()
+
+
+def test_labeled_fraction_withholds_the_labels_of_a_fixed_share_of_train_images(shards, cfg, tasks):
+    ids = range(20_000)
+    quarter = {i for i in ids if is_labeled(i, 0.25)}
+    half = {i for i in ids if is_labeled(i, 0.5)}
+    assert abs(len(quarter) / len(ids) - 0.25) < 0.01 and abs(len(half) / len(ids) - 0.5) < 0.01
+    assert quarter < half  # a larger share keeps every image a smaller one kept
+    assert all(is_labeled(i, 1.0) for i in range(100))
+
+    semi = load_config(None, [f"data.image_size={SIZE}", "data.batch_size=8", "tasks.patch_size=4", "data.labeled_fraction=0.5"])
+    full = _collect(iter_local_batches(shards, SPLIT, None, cfg, tasks=tasks, train=True, epoch=1, seed=5))
+    part = _collect(iter_local_batches(shards, SPLIT, None, semi, tasks=tasks, train=True, epoch=1, seed=5))
+    assert "labeled" not in full and part["labeled"].dtype == torch.bool
+    keep = torch.tensor([is_labeled(i, 0.5) for i in part["image_id"].tolist()])
+    assert torch.equal(part["labeled"], keep) and keep.any() and not keep.all()
+    assert torch.equal(part["image"], full["image"])  # the same images and crops: only labels differ
+    for key in ("semantic", "supercategory", "boundary", "center", "offset", "thing_mask"):
+        assert torch.equal(part[key][keep], full[key][keep]), key
+        assert not part[key][~keep].any(), key  # withheld: no objects at all
+    assert any(full[key][~keep].any() for key in ("semantic", "boundary"))  # and they had some
+    # Evaluation reads every label.
+    assert "labeled" not in _collect(iter_local_batches(shards, SPLIT, None, semi, tasks=tasks, train=False))
 
 
 def test_validation_is_deterministic_and_training_reproducible(shards, cfg, tasks):

@@ -11,17 +11,28 @@ from mtseg.config import ConfigError, arm_configs, arm_overrides, load_config
 from mtseg.study import StudyError, check_study
 
 REPO_CONFIG = str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "study-synth.yaml")
+CAMVID_STUDY = str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "study.yaml")
+ARMS = {
+    "single": ["semantic"],
+    "mtl": ["semantic", "boundary", "instance"],
+    "mtl_hier": ["semantic", "supercategory", "boundary", "instance"],
+    "mtl_hier_ssl": ["semantic", "supercategory", "boundary", "instance", "reconstruction"],
+}
 
 
-def test_the_synthetic_example_builds_both_arms():
-    cfg = load_config(REPO_CONFIG)
+@pytest.mark.parametrize("path", [REPO_CONFIG, CAMVID_STUDY])
+def test_the_studies_of_the_claims_build_their_four_arms_on_one_recipe(path):
+    cfg = load_config(path)
     arms = arm_configs(cfg)
-    assert list(arms) == ["single", "mtl"] and cfg.study.reference == "single" and cfg.study.seeds == 3
-    assert arms["single"].tasks.names == ["semantic"]
-    assert arms["mtl"].tasks.names == ["semantic", "boundary", "instance"]
+    assert cfg.study.reference == "single" and cfg.study.seeds == 3
+    assert {name: a.tasks.names for name, a in arms.items()} == ARMS
+    assert arms["mtl_hier"].tasks.hierarchical  # p(super) x p(cat | super)
+    # Every arm: the same labelled quarter, schedule and data; only the task set differs.
+    for a in arms.values():
+        assert a.data.labeled_fraction == 0.25 and a.train.epochs == cfg.train.epochs and a.data.uri == cfg.data.uri
+        assert a.to_dict() | {"tasks": {}} == arms["single"].to_dict() | {"tasks": {}}
     # What an arm trains is a plain `mtseg train` config: no study or search of its own.
     assert all(a.study.arms == {} and a.tune.space == {} for a in arms.values())
-    assert arms["mtl"].train.epochs == cfg.train.epochs and arms["mtl"].data.uri == cfg.data.uri
 
 
 def test_arm_values_are_read_like_command_line_overrides_or_taken_typed(study_cfg):
@@ -58,6 +69,9 @@ def test_arm_values_are_read_like_command_line_overrides_or_taken_typed(study_cf
         ({"severities": "mild"}, "study.severities: 'mild' is not a severity list"),
         ({"metrics": ["miou"]}, "study.metrics: 'miou' is not a validation metric"),
         ({"metrics": []}, "study.metrics: at least one metric"),
+        ({"contrasts": ["mtl-single"]}, "study.contrasts: 'mtl-single' is not 'arm - other'"),
+        ({"contrasts": ["mtl - mtl"]}, "study.contrasts: 'mtl - mtl' is not 'arm - other' (two different arms"),
+        ({"contrasts": ["mtl - nope"]}, "study.contrasts: 'mtl - nope': 'nope' is not an arm; arms are single, mtl"),
         ({"extra_splits": ["gap"]}, "study.extra_splits: 'gap' is reserved"),
         ({"name": "../x"}, "study.name: '../x' is not a plain name"),
     ],

@@ -10,12 +10,13 @@ import json
 import math
 import re
 
+import pytest
 import yaml
 
 from mtseg import storage
 from mtseg.config import arm_configs
 from mtseg.study import build_results, render_html, summarize, write_outputs
-from mtseg.study.report import arm_table_markdown
+from mtseg.study.report import arm_table_markdown, claims_tables_markdown, contrast_table_markdown
 
 
 def _same(a, b) -> bool:
@@ -112,3 +113,35 @@ def test_one_seed_reads_as_undefined_not_as_a_number(study_cfg, fake_runs):
     assert "(n=1, no interval)" in page and "[NaN, NaN]" in page
     assert "fewer than 3 seeds" in page
     assert page.count('src="data:image/png;base64,') == 2  # no corruption: no robustness curves
+
+
+def test_contrasts_compare_two_arms_seed_by_seed_and_the_claims_tables_show_every_comparison(tmp_path, study_cfg, fake_runs):
+    cfg = study_cfg(contrasts=["mtl - single", "single - mtl"], train_split_limit=8)
+    results = json.loads(json.dumps(build_results(cfg, arm_configs(cfg), fake_runs([0, 1, 2], corruptions=("fog",)))))
+    summary = results["summary"]
+    forward, backward = summary["contrasts"]["mtl - single"], summary["contrasts"]["single - mtl"]
+    assert _same(forward, summary["arms"]["mtl"]["paired"])  # the same pairs as against the reference
+    assert backward["val/miou"]["mean"] == pytest.approx(-forward["val/miou"]["mean"])
+    assert backward["val/miou"]["p_value"] == pytest.approx(forward["val/miou"]["p_value"])
+    assert results["study"]["contrasts"] == ["mtl - single", "single - mtl"]
+    assert any(line.startswith("mtl - single: val/pq: interval undefined (n=0") for line in results["flags"])
+
+    assert contrast_table_markdown(results).splitlines()[2].startswith("| mtl - single | +0.")
+    tables = claims_tables_markdown(results)
+    arms, comparisons = tables.split("\n\n")
+    head = arms.splitlines()[0]
+    assert head.startswith(
+        "| arm | seeds | miou ± 95% CI | mPC miou ± 95% CI | rPC miou ± 95% CI | train−val gap miou ± 95% CI |"
+    )
+    assert head.endswith("| pq ± 95% CI | Δ miou vs single [95% CI] | p |")
+    m = summary["arms"]["mtl"]["metrics"]["val/miou"]
+    assert f"| mtl | 3 | {m['mean']:.3f} ± {m['half_width']:.3f} |" in arms
+    assert "| single (reference) | 3 |" in arms and arms.splitlines()[2].endswith("| – | – |")
+    assert [line.split(" | ")[0] for line in comparisons.splitlines()[2:]] == [
+        "| mtl - single",
+        "| mtl - single",
+        "| single - mtl",
+    ]
+    assert "<h2>Contrasts</h2>" in render_html(results)
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(write_outputs(cfg, results)["results.csv"]).decode())))
+    assert {r["metric"] for r in rows if r["arm"] == "single - mtl"} == set(summary["keys"])

@@ -99,8 +99,11 @@ def test_an_evaluation_is_reused_while_its_checkpoint_and_settings_match(tmp_pat
     def load_for_evaluation(checkpoint, data_uri, split, *, limit=None, log=print):
         return SimpleNamespace(uri=checkpoint), "data", split
 
-    def evaluate_loaded(loaded, data_uri, split, *, limit=None, use_gpu="auto", log=print):
+    fractions: list[float] = []
+
+    def evaluate_loaded(loaded, data_uri, split, *, limit=None, use_gpu="auto", labeled_fraction=1.0, log=print):
         calls.append((split, limit))
+        fractions.append(labeled_fraction)
         return SimpleNamespace(metrics={"val/miou": 0.5 if split == "val2017" else 0.75, "val/pq": math.nan})
 
     monkeypatch.setattr(mtseg.evaluate, "load_for_evaluation", load_for_evaluation)
@@ -120,6 +123,11 @@ def test_an_evaluation_is_reused_while_its_checkpoint_and_settings_match(tmp_pat
     ckpt.save(str(tmp_path / "runs" / "t0" / "checkpoint_000002"), {"model": {}}, {"epoch": 2, "step": 12})
     assert evaluate_run(run, study_cfg(train_split_limit=8), arm_cfg, log=lambda line: None)["epoch"] == 2
     assert len(calls) == 6
+    assert fractions == [1.0] * 6
+    # A semi-supervised arm's gap is to the train images it kept labelled.
+    semi = arm_configs(study_cfg(train_split_limit=8, arms={"single": {"data.labeled_fraction": 0.25}, "mtl": {}}))["single"]
+    evaluate_run(run, study_cfg(train_split_limit=8), semi, log=lambda line: None)
+    assert calls[-2:] == [("val2017", None), ("train2017", 8)] and fractions[-2:] == [1.0, 0.25]
 
 
 def test_corruptions_run_the_suite_on_the_val_split(tmp_path, study_cfg, monkeypatch):
