@@ -201,20 +201,27 @@ def plot_metrics(results: dict[str, Any]):
 
 
 def plot_differences(results: dict[str, Any]):
-    """Each study metric's (and Δm%'s) paired difference from the reference per arm. None with one arm."""
+    """Each study metric's (and Δm%'s) paired difference per arm from the reference, then per
+    contrast (``study.contrasts``). None when there is nothing to compare."""
     summary = results["summary"]
+    ref = summary["reference"]
     others = [a for a, e in summary["arms"].items() if e.get("paired") is not None]
-    if not others:
+    contrasts = summary.get("contrasts") or {}
+    labels = [f"{a} − {ref}" for a in others] + [name.replace(" - ", " − ") for name in contrasts]
+    if not labels:
         return None
     metrics = [m for m in results["study"]["metrics"] if m in summary["keys"]]
-    panels = [(m, [summary["arms"][a]["paired"].get(m, {}) for a in others]) for m in metrics]
-    panels.append(("Δm% vs " + summary["reference"], [summary["arms"][a]["delta_m"] or {} for a in others]))
+    panels = [
+        (m, [summary["arms"][a]["paired"].get(m, {}) for a in others] + [by.get(m, {}) for by in contrasts.values()])
+        for m in metrics
+    ]
+    panels.append((f"Δm% vs {ref}", [summary["arms"][a]["delta_m"] or {} for a in others] + [{}] * len(contrasts)))
     fig, axes = _figure(len(panels))
     for ax, (title, entries) in zip(axes, panels):
         ax.axhline(0.0, color="k", lw=0.8)
-        _whiskers(ax, list(range(len(others))), entries, "C1")
-        ax.set_xticks(range(len(others)), others, rotation=20)
-        ax.set_title(title if title.startswith("Δm") else f"{title} − {summary['reference']}", fontsize="medium")
+        _whiskers(ax, list(range(len(labels))), entries, "C1")
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize="small")
+        ax.set_title(f"{title}: paired difference" if not title.startswith("Δm") else title, fontsize="medium")
         ax.grid(True, axis="y", alpha=0.35)
     return fig
 
@@ -272,6 +279,24 @@ def plot_robustness(results: dict[str, Any]):
 
 
 # ---------------------------------------------------------------------------- the page
+
+
+#: The report's plots, also written beside it as PNG files: (file name, title, drawing function).
+FIGURES = (
+    ("metrics.png", "metrics per arm", plot_metrics),
+    ("differences.png", "paired differences", plot_differences),
+    ("robustness.png", "robustness curves", plot_robustness),
+)
+
+
+def figures(results: dict[str, Any]) -> dict[str, bytes]:
+    """The report's plots as PNG bytes by file name (a plot with nothing to draw is left out)."""
+    out = {}
+    for name, _, draw in FIGURES:
+        fig = draw(results)
+        if fig is not None:
+            out[name] = png_bytes(fig)
+    return out
 
 
 def _img(fig, alt: str) -> str:
@@ -375,11 +400,7 @@ def render_html(results: dict[str, Any]) -> str:
         body.append("</ul>")
 
     body.append("<h2>Plots</h2>")
-    for name, fn in (
-        ("metrics per arm", plot_metrics),
-        ("paired differences", plot_differences),
-        ("robustness curves", plot_robustness),
-    ):
+    for _, name, fn in FIGURES:
         fig = fn(results)
         if fig is not None:
             body.append(f"<h3>{html.escape(name[0].upper() + name[1:])}</h3>" + _img(fig, name))

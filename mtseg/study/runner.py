@@ -533,8 +533,9 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_outputs(cfg: Config, results: dict[str, Any]) -> dict[str, str]:
-    """Write ``results.json``, ``results.csv``, ``runs.csv`` and ``report.html`` under the study's ``results/``."""
-    from mtseg.study.report import render_html
+    """Write ``results.json``, ``results.csv``, ``runs.csv``, ``report.html`` and the report's plots as PNG files
+    (:data:`mtseg.study.report.FIGURES`) under the study's ``results/``."""
+    from mtseg.study.report import figures, render_html
     from mtseg.train.checkpoint import strict_json
 
     root = storage.join(study_uri(cfg), RESULTS_DIR)
@@ -549,7 +550,11 @@ def write_outputs(cfg: Config, results: dict[str, Any]) -> dict[str, str]:
     storage.write_bytes(paths[RESULTS_JSON], (strict_json(results, indent=2) + "\n").encode())
     storage.write_bytes(paths[RESULTS_CSV], to_csv(summary_rows(results)).encode())
     storage.write_bytes(paths[RUNS_CSV], to_csv(run_rows).encode())
-    storage.write_bytes(paths[REPORT_HTML], render_html(json.loads(strict_json(results))).encode())
+    readable = json.loads(strict_json(results))
+    storage.write_bytes(paths[REPORT_HTML], render_html(readable).encode())
+    for name, png in figures(readable).items():
+        paths[name] = storage.join(root, name)
+        storage.write_bytes(paths[name], png)
     return paths
 
 

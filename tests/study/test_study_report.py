@@ -38,7 +38,8 @@ def test_results_hold_every_run_and_a_summary_anyone_can_recompute(tmp_path, stu
     cfg = study_cfg()
     results = build_results(cfg, arm_configs(cfg), fake_runs([0, 1, 2]))
     paths = write_outputs(cfg, results)
-    assert set(paths) == {"results.json", "results.csv", "runs.csv", "report.html"}
+    assert set(paths) == {"results.json", "results.csv", "runs.csv", "report.html", "metrics.png", "differences.png"}
+    assert storage.read_bytes(paths["differences.png"]).startswith(b"\x89PNG")  # no corruptions: no robustness.png
     assert paths["results.json"] == str(tmp_path / "store" / "s" / "results" / "results.json")
 
     stored = json.loads(storage.read_bytes(paths["results.json"]))  # strict JSON: undefined is null
