@@ -202,7 +202,8 @@ def plot_metrics(results: dict[str, Any]):
 
 def plot_differences(results: dict[str, Any]):
     """Each study metric's (and Δm%'s) paired difference per arm from the reference, then per
-    contrast (``study.contrasts``). None when there is nothing to compare."""
+    contrast (``study.contrasts``); the first metric's mPC, rPC, extra splits and train−val gap too.
+    None when there is nothing to compare."""
     summary = results["summary"]
     ref = summary["reference"]
     others = [a for a, e in summary["arms"].items() if e.get("paired") is not None]
@@ -210,7 +211,10 @@ def plot_differences(results: dict[str, Any]):
     labels = [f"{a} − {ref}" for a in others] + [name.replace(" - ", " − ") for name in contrasts]
     if not labels:
         return None
-    metrics = [m for m in results["study"]["metrics"] if m in summary["keys"]]
+    study_metrics = results["study"]["metrics"]
+    # Each study metric, and the first one's robustness and generalisation figures beside it.
+    headline = [k for k, _ in _headline(study_metrics[0], results["study"].get("extra_splits") or [])] if study_metrics else []
+    metrics = [m for m in dict.fromkeys([*headline, *study_metrics]) if m in summary["keys"]]
     panels = [
         (m, [summary["arms"][a]["paired"].get(m, {}) for a in others] + [by.get(m, {}) for by in contrasts.values()])
         for m in metrics

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -146,3 +147,15 @@ def test_contrasts_compare_two_arms_seed_by_seed_and_the_claims_tables_show_ever
     assert "<h2>Contrasts</h2>" in render_html(results)
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(write_outputs(cfg, results)["results.csv"]).decode())))
     assert {r["metric"] for r in rows if r["arm"] == "single - mtl"} == set(summary["keys"])
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["study-camvid", "study-synth"])
+def test_the_readme_shows_the_committed_studies_as_they_came_out(name):
+    """README § "Does multi-task help?" and benchmarks/reference/<name>.json (the study's results.json) agree."""
+    results = json.loads((ROOT / "benchmarks" / "reference" / f"{name}.json").read_text())
+    assert [(r["arm"], r["state"]) for r in results["runs"]].count((results["study"]["reference"], "TERMINATED")) == 3
+    assert all(r["state"] == "TERMINATED" for r in results["runs"]) and len(results["runs"]) == 12
+    assert claims_tables_markdown(results) in (ROOT / "README.md").read_text()
